@@ -1,0 +1,209 @@
+//! The host/guest ABI: guest memory layout, the hypercall port, hypercall
+//! numbers and the shared ABI page.
+//!
+//! This module is the single definition both sides compile: the host crate
+//! (`snapvm`) re-exports it as `snapvm::abi`. Every value is pinned by a
+//! compile-time assertion at the bottom of the file, so an accidental change
+//! fails the build instead of producing guests that silently disagree with
+//! their host. Changing a value on purpose means bumping [`ABI_VERSION`].
+//!
+//! # Memory layout (guest-physical = guest-virtual, identity-mapped)
+//!
+//! ```text
+//! 0x0000_0000  null guard page            not present: a null dereference faults
+//! 0x0000_1000  ABI page                   user read/write, shared with the host
+//! 0x0000_2000  system area                supervisor only: GDT, IDT, TSS, exception
+//!              .. 0x0010_0000             stubs, CPL0 stacks, page tables
+//! 0x0010_0000  stack guard page           not present: a stack overflow faults
+//! 0x0010_1000  user stack                 grows down from 0x0020_0000
+//! 0x0020_0000  program image and heap     2 MiB pages; ELF segments start here or
+//!              .. memory size             above, the heap follows the image
+//! ```
+
+/// Version of this ABI. A host refuses guests built against another version.
+pub const ABI_VERSION: u32 = 1;
+
+/// Magic value at the start of the ABI page (`"SNAPVMAB"`, little endian).
+pub const ABI_MAGIC: u64 = u64::from_le_bytes(*b"SNAPVMAB");
+
+/// Size of a small page.
+pub const PAGE_SIZE: u64 = 0x1000;
+
+/// Size of a large page; guest memory is a multiple of it.
+pub const HUGE_PAGE_SIZE: u64 = 0x20_0000;
+
+/// Guest address of the ABI page.
+pub const ABI_PAGE_ADDR: u64 = 0x1000;
+
+/// First byte of the supervisor-only system area.
+pub const SYSTEM_AREA_START: u64 = 0x2000;
+
+/// One past the last byte of the system area.
+pub const SYSTEM_AREA_END: u64 = 0x10_0000;
+
+/// Guest address of the (unmapped) page below the user stack.
+pub const STACK_GUARD_ADDR: u64 = 0x10_0000;
+
+/// Lowest usable address of the user stack.
+pub const STACK_BOTTOM: u64 = 0x10_1000;
+
+/// Initial stack pointer region top (the stack grows down from here).
+pub const STACK_TOP: u64 = 0x20_0000;
+
+/// Lowest address a program segment may occupy.
+pub const USER_BASE: u64 = 0x20_0000;
+
+/// The I/O port a guest writes a [`Hypercall`] number to (32-bit `out`).
+pub const PORT_HYPERCALL: u16 = 0xF0;
+
+/// The I/O port the CPL0 exception stubs write to. Not accessible from CPL3.
+pub const PORT_FAULT: u16 = 0xF8;
+
+/// Hypercall numbers, written as a 32-bit value to [`PORT_HYPERCALL`].
+///
+/// Arguments travel in [`AbiPage::args`], results in [`AbiPage::ret`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hypercall {
+    /// Init finished; [`AbiPage::func_table`] and [`AbiPage::input_buf`] are valid.
+    Ready = 1,
+    /// The current request finished; for a call, the output is described by
+    /// [`AbiPage::output_ptr`] and [`AbiPage::output_len`].
+    Done = 2,
+    /// Log a message: `args = [level, ptr, len]`, level 1 (error) ..= 5 (trace).
+    Log = 3,
+    /// Call a host function:
+    /// `args = [name_ptr, name_len, in_ptr, in_len, out_ptr, out_cap]`;
+    /// `ret = [status, len]` with status one of the `HOST_CALL_*` values.
+    HostCall = 4,
+    /// Fetch a host function result that did not fit: `args = [ptr, cap]`;
+    /// `ret = [status, len]`.
+    HostResult = 5,
+    /// The guest panicked:
+    /// `args = [msg_ptr, msg_len, file_ptr, file_len, line, column]`.
+    Panic = 6,
+    /// The guest aborted on purpose: `args = [msg_ptr, msg_len]`.
+    Abort = 7,
+}
+
+impl Hypercall {
+    /// Decodes a hypercall number.
+    pub const fn from_u32(nr: u32) -> Option<Self> {
+        Some(match nr {
+            1 => Self::Ready,
+            2 => Self::Done,
+            3 => Self::Log,
+            4 => Self::HostCall,
+            5 => Self::HostResult,
+            6 => Self::Panic,
+            7 => Self::Abort,
+            _ => return None,
+        })
+    }
+}
+
+/// [`AbiPage::request`]: call function [`AbiPage::func_index`] with
+/// [`AbiPage::input_len`] bytes at [`AbiPage::input_buf`].
+pub const REQUEST_CALL: u64 = 1;
+/// [`AbiPage::request`]: make the input buffer at least
+/// [`AbiPage::input_len`] bytes long, then report `Done`.
+pub const REQUEST_GROW_INPUT: u64 = 2;
+
+/// [`AbiPage::status`] after a request: success.
+pub const STATUS_OK: u64 = 0;
+/// [`AbiPage::status`] after `REQUEST_GROW_INPUT`: the guest is out of memory.
+pub const STATUS_OUT_OF_MEMORY: u64 = 1;
+/// [`AbiPage::status`]: the request was malformed (bad index or kind).
+pub const STATUS_BAD_REQUEST: u64 = 2;
+
+/// Host call status: the result was written to the guest's buffer.
+pub const HOST_CALL_OK: u64 = 0;
+/// Host call status: the result is `ret[1]` bytes, more than the buffer
+/// holds; fetch it with [`Hypercall::HostResult`].
+pub const HOST_CALL_TOO_SMALL: u64 = 1;
+/// Host call status: no host function has that name.
+pub const HOST_CALL_UNKNOWN: u64 = 2;
+/// Host call status: the host function failed; its message is the result.
+pub const HOST_CALL_FAILED: u64 = 3;
+/// Host call status: no result is pending (for `HostResult`).
+pub const HOST_CALL_NO_RESULT: u64 = 4;
+
+/// Longest function name the host accepts, in bytes.
+pub const MAX_FUNCTION_NAME: u64 = 256;
+/// Most functions a guest may export.
+pub const MAX_FUNCTIONS: u64 = 4096;
+
+/// One exported function, as listed in [`AbiPage::func_table`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FuncEntry {
+    /// Guest address of the UTF-8 name.
+    pub name_ptr: u64,
+    /// Length of the name in bytes.
+    pub name_len: u64,
+}
+
+/// The shared page at [`ABI_PAGE_ADDR`].
+///
+/// The host writes the boot fields before the first instruction and the
+/// request fields before resuming the guest; the guest writes everything
+/// else before a hypercall. The host treats every guest-written field as
+/// untrusted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AbiPage {
+    /// [`ABI_MAGIC`], written by the host.
+    pub magic: u64,
+    /// [`ABI_VERSION`], written by the host.
+    pub version: u32,
+    /// The ABI version the guest was built with, written by the guest at `Ready`.
+    pub guest_version: u32,
+    /// Guest memory size in bytes (host → guest, at boot).
+    pub mem_size: u64,
+    /// First byte of the heap (host → guest, at boot).
+    pub heap_start: u64,
+    /// One past the last byte of the heap (host → guest, at boot).
+    pub heap_end: u64,
+    /// Address of the [`FuncEntry`] array (guest → host, at `Ready`).
+    pub func_table: u64,
+    /// Number of entries in the function table (guest → host, at `Ready`).
+    pub func_count: u64,
+    /// Address of the input buffer (guest → host, at `Ready` and after a grow).
+    pub input_buf: u64,
+    /// Capacity of the input buffer in bytes (guest → host).
+    pub input_cap: u64,
+    /// Request kind, `REQUEST_*` (host → guest).
+    pub request: u64,
+    /// Index into the function table (host → guest).
+    pub func_index: u64,
+    /// Input length, or the wanted capacity for a grow (host → guest).
+    pub input_len: u64,
+    /// Address of the output (guest → host, at `Done`).
+    pub output_ptr: u64,
+    /// Length of the output (guest → host, at `Done`).
+    pub output_len: u64,
+    /// Request status, `STATUS_*` (guest → host, at `Done`).
+    pub status: u64,
+    /// Bytes currently allocated on the guest heap (guest → host, at `Done`).
+    pub heap_used: u64,
+    /// Hypercall arguments (guest → host).
+    pub args: [u64; 8],
+    /// Hypercall results (host → guest).
+    pub ret: [u64; 4],
+}
+
+// Pin the ABI: a change to any of these values is a breaking ABI change.
+const _: () = {
+    assert!(ABI_VERSION == 1);
+    assert!(ABI_PAGE_ADDR == 0x1000);
+    assert!(SYSTEM_AREA_START == 0x2000 && SYSTEM_AREA_END == 0x10_0000);
+    assert!(STACK_GUARD_ADDR == 0x10_0000 && STACK_BOTTOM == 0x10_1000);
+    assert!(STACK_TOP == 0x20_0000 && USER_BASE == 0x20_0000);
+    assert!(PORT_HYPERCALL == 0xF0 && PORT_FAULT == 0xF8);
+    assert!(core::mem::size_of::<FuncEntry>() == 16);
+    assert!(core::mem::size_of::<AbiPage>() == 224);
+    assert!(core::mem::size_of::<AbiPage>() as u64 <= PAGE_SIZE);
+    assert!(core::mem::offset_of!(AbiPage, request) == 72);
+    assert!(core::mem::offset_of!(AbiPage, args) == 128);
+    assert!(core::mem::offset_of!(AbiPage, ret) == 192);
+};
