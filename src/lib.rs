@@ -1,1 +1,60 @@
-//! snapvm
+//! # snapvm
+//!
+//! Embeddable KVM micro-VMs for building serverless executors: run other
+//! people's code in a real hardware-isolated VM, call its functions with
+//! bytes in and bytes out, and get every guest failure back as a typed error.
+//!
+//! snapvm is a library, not a service. Your executor owns threads,
+//! scheduling and I/O; snapvm gives it primitives that compose:
+//!
+//! - [`VmInstance`] — a KVM VM with one vCPU running a guest program built
+//!   with the `snapvm-guest` crate. Guest code runs at CPL3 in 64-bit mode;
+//!   faults, panics and timeouts come back as [`VmError`] values.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use snapvm::{GuestProgram, VmConfig, VmInstance};
+//!
+//! # fn main() -> Result<(), snapvm::Error> {
+//! // A static ELF built from a `snapvm-guest` program (see docs/guest-guide.md).
+//! let program = GuestProgram::from_file("target/guest/release/quickstart")
+//!     .map_err(snapvm::VmError::from)?;
+//! let config = VmConfig::new(program)
+//!     .host_function("greeting", |_| Ok(b"Hello".to_vec()));
+//!
+//! // Boots the VM and runs the guest's init until it is ready.
+//! let mut vm = VmInstance::new(&config)?;
+//! let out = vm.invoke("greet", b"world")?;
+//! assert_eq!(out, b"Hello, world!");
+//! # Ok(()) }
+//! ```
+//!
+//! ## Concepts
+//! - **Ready state**: a VM whose guest finished its init function. Every
+//!   call starts from a ready VM.
+//! - **Poisoned**: a guest that panicked, faulted, timed out or broke the
+//!   protocol cannot be resumed; see [`VmState`] and [`VmError::poisons`].
+//! - **Guest ABI**: [`abi`] is the single definition of the memory layout,
+//!   ports and shared structures, compiled by host and guest alike.
+//!
+//! ## Requirements
+//! Linux on x86-64 with read/write access to `/dev/kvm`. [`vm::check_kvm`]
+//! tells whether KVM is usable and, if not, how to fix it. Timeouts use the
+//! real-time signal [`vm::timeout_signal`]; do not use it elsewhere in the
+//! host process.
+//!
+//! ## Cargo features
+//! None yet: the default build is the whole library.
+
+pub mod error;
+pub mod vm;
+
+/// The host/guest ABI, shared with the `snapvm-guest` crate.
+pub use snapvm_guest::abi;
+
+pub use error::{Error, Result};
+pub use vm::{
+    GuestFault, GuestProgram, InvalidGuest, PanicLocation, VmConfig, VmError, VmInstance,
+    VmState, VmStats,
+};

@@ -1,0 +1,149 @@
+//! [`VmConfig`]: everything a [`VmInstance`](super::VmInstance) is built from.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::error::VmError;
+use super::loader::GuestProgram;
+use crate::abi::{HUGE_PAGE_SIZE, MAX_FUNCTION_NAME};
+
+/// Default guest memory size: 64 MiB.
+pub const DEFAULT_MEMORY_SIZE: u64 = 64 << 20;
+/// Largest guest memory size: 64 GiB.
+pub const MAX_MEMORY_SIZE: u64 = 64 << 30;
+/// Smallest guest memory size: 4 MiB.
+pub const MIN_MEMORY_SIZE: u64 = 4 << 20;
+/// Default per-call timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit on one call's output.
+pub const DEFAULT_MAX_OUTPUT: u64 = 256 << 20;
+
+/// The error type host functions return. Its `Display` text is passed to
+/// the guest, which sees `HostError::Failed(message)`.
+pub type HostFnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A function the host offers to guests: input bytes in, output bytes out.
+pub type HostFn = dyn Fn(&[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync;
+
+/// How a VM is built: the guest program, memory size, limits and host
+/// functions. Cheap to clone (the program and functions are shared), so one
+/// config can build any number of VMs, from any thread.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use snapvm::{GuestProgram, VmConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?)
+///     .memory_size(128 << 20)
+///     .timeout(Some(Duration::from_millis(500)))
+///     .host_function("now", |_input| Ok(b"12:00".to_vec()));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct VmConfig {
+    pub(crate) program: GuestProgram,
+    pub(crate) memory_size: u64,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) max_output: u64,
+    pub(crate) host_functions: Arc<HashMap<String, Arc<HostFn>>>,
+}
+
+impl fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<_> = self.host_functions.keys().collect();
+        names.sort();
+        f.debug_struct("VmConfig")
+            .field("program", &self.program)
+            .field("memory_size", &self.memory_size)
+            .field("timeout", &self.timeout)
+            .field("max_output", &self.max_output)
+            .field("host_functions", &names)
+            .finish()
+    }
+}
+
+impl VmConfig {
+    /// A config for `program` with the defaults: 64 MiB of memory, a 10 s
+    /// timeout per call, outputs up to 256 MiB, no host functions.
+    pub fn new(program: GuestProgram) -> Self {
+        Self {
+            program,
+            memory_size: DEFAULT_MEMORY_SIZE,
+            timeout: Some(DEFAULT_TIMEOUT),
+            max_output: DEFAULT_MAX_OUTPUT,
+            host_functions: Arc::default(),
+        }
+    }
+
+    /// Guest memory size in bytes: a multiple of 2 MiB between
+    /// [`MIN_MEMORY_SIZE`] and [`MAX_MEMORY_SIZE`]. The heap is everything
+    /// above the program image.
+    pub fn memory_size(mut self, bytes: u64) -> Self {
+        self.memory_size = bytes;
+        self
+    }
+
+    /// Longest a guest call (or init) may run; `None` for no limit. A call
+    /// that runs longer fails with [`VmError::Timeout`] within twice the limit.
+    pub fn timeout(mut self, limit: Option<Duration>) -> Self {
+        self.timeout = limit;
+        self
+    }
+
+    /// Largest output one call may return; larger ones fail with
+    /// [`VmError::OutputTooLarge`].
+    pub fn max_output(mut self, bytes: u64) -> Self {
+        self.max_output = bytes;
+        self
+    }
+
+    /// Registers a host function the guest can call by `name`
+    /// (`snapvm_guest::host::call`). Registering a name again replaces it.
+    pub fn host_function<F>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(&[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync + 'static,
+    {
+        Arc::make_mut(&mut self.host_functions).insert(name.into(), Arc::new(f));
+        self
+    }
+
+    /// The guest program.
+    pub fn program(&self) -> &GuestProgram {
+        &self.program
+    }
+
+    /// Checks every setting; `VmInstance::new` calls this before creating
+    /// anything.
+    pub fn validate(&self) -> Result<(), VmError> {
+        let size = self.memory_size;
+        if size % HUGE_PAGE_SIZE != 0 || !(MIN_MEMORY_SIZE..=MAX_MEMORY_SIZE).contains(&size) {
+            return Err(VmError::InvalidConfig {
+                field: "memory_size",
+                reason: format!(
+                    "{size} bytes is not a multiple of 2 MiB between {MIN_MEMORY_SIZE} and {MAX_MEMORY_SIZE}"
+                ),
+            });
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return Err(VmError::InvalidConfig {
+                field: "timeout",
+                reason: "a zero timeout would fail every call; use None for no limit".into(),
+            });
+        }
+        if let Some(name) = self
+            .host_functions
+            .keys()
+            .find(|n| n.is_empty() || n.len() as u64 > MAX_FUNCTION_NAME)
+        {
+            return Err(VmError::InvalidConfig {
+                field: "host_function",
+                reason: format!("name {name:?} must be 1..={MAX_FUNCTION_NAME} bytes"),
+            });
+        }
+        self.program.check_fits(size)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,379 @@
+//! Errors of the `vm` module.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A CPU exception raised by guest code, as seen by the guest's CPL0 handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestFault {
+    /// Exception vector: 0 divide error, 6 invalid opcode, 13 general
+    /// protection, 14 page fault, …
+    pub vector: u8,
+    /// The error code the CPU pushed, or 0 for vectors without one.
+    pub error_code: u64,
+    /// Guest instruction pointer of the faulting instruction.
+    pub rip: u64,
+    /// For a page fault (vector 14), the faulting address (CR2).
+    pub addr: Option<u64>,
+}
+
+impl GuestFault {
+    /// Whether this is a page fault on the stack guard page: the guest
+    /// overflowed its stack.
+    pub fn is_stack_overflow(&self) -> bool {
+        self.vector == 14
+            && self.addr.is_some_and(|a| {
+                (crate::abi::STACK_GUARD_ADDR..crate::abi::STACK_BOTTOM).contains(&a)
+            })
+    }
+
+    /// Whether this is a page fault on the null guard page.
+    pub fn is_null_dereference(&self) -> bool {
+        self.vector == 14 && self.addr.is_some_and(|a| a < crate::abi::PAGE_SIZE)
+    }
+
+    /// A short name of the vector (`"#PF"`, `"#DE"`, …).
+    pub fn mnemonic(&self) -> &'static str {
+        const NAMES: [&str; 22] = [
+            "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP",
+            "#SS", "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+        ];
+        NAMES.get(usize::from(self.vector)).copied().unwrap_or("#??")
+    }
+}
+
+impl fmt::Display for GuestFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (vector {}) at rip {:#x}, error code {:#x}",
+            self.mnemonic(),
+            self.vector,
+            self.rip,
+            self.error_code
+        )?;
+        if let Some(addr) = self.addr {
+            write!(f, ", address {addr:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where in the guest's source a panic happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PanicLocation {
+    /// Source file, as the guest's compiler recorded it.
+    pub file: String,
+    /// Line number.
+    pub line: u32,
+    /// Column number.
+    pub column: u32,
+}
+
+impl fmt::Display for PanicLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// Why a guest program image was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidGuest {
+    /// The file could not be read.
+    #[error("cannot read guest program {path}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes are not a parseable 64-bit little-endian ELF file.
+    #[error("not a valid ELF64 little-endian file")]
+    Parse(#[source] elf::ParseError),
+    /// The ELF file is for another machine than x86-64.
+    #[error("ELF machine {machine} is not x86-64")]
+    WrongMachine {
+        /// `e_machine` from the header.
+        machine: u16,
+    },
+    /// The ELF file is position independent (`ET_DYN`) or not an executable.
+    #[error("ELF type {elf_type} is not a static, non-PIE executable (ET_EXEC); link with -static -no-pie")]
+    NotStaticExecutable {
+        /// `e_type` from the header.
+        elf_type: u16,
+    },
+    /// The program asks for a dynamic loader or dynamic linking.
+    #[error("the program is dynamically linked (has {segment}); link with -nostdlib -static")]
+    Dynamic {
+        /// `PT_INTERP` or `PT_DYNAMIC`.
+        segment: &'static str,
+    },
+    /// A loadable segment's file range lies outside the file.
+    #[error("segment {index}: file range {offset:#x}+{size:#x} is outside the {file_len}-byte file")]
+    SegmentOutsideFile {
+        /// Index in the program header table.
+        index: usize,
+        /// `p_offset`.
+        offset: u64,
+        /// `p_filesz`.
+        size: u64,
+        /// Length of the file.
+        file_len: usize,
+    },
+    /// A segment has more file bytes than memory bytes.
+    #[error("segment {index}: file size {file_size:#x} exceeds memory size {mem_size:#x}")]
+    SegmentSizes {
+        /// Index in the program header table.
+        index: usize,
+        /// `p_filesz`.
+        file_size: u64,
+        /// `p_memsz`.
+        mem_size: u64,
+    },
+    /// A segment lies below the user area (overlapping the ABI page, system
+    /// area or stack), or its end overflows.
+    #[error("segment {index} at {vaddr:#x}+{size:#x} is outside the program area (from {min:#x})")]
+    SegmentOutOfRange {
+        /// Index in the program header table.
+        index: usize,
+        /// `p_vaddr`.
+        vaddr: u64,
+        /// `p_memsz`.
+        size: u64,
+        /// Lowest allowed address.
+        min: u64,
+    },
+    /// The program does not fit in the configured guest memory (with a minimal heap).
+    #[error("program image ends at {image_end:#x}, which does not fit in {memory_size:#x} bytes of guest memory with a heap")]
+    TooLarge {
+        /// One past the last byte of the image.
+        image_end: u64,
+        /// Configured guest memory size.
+        memory_size: u64,
+    },
+    /// The program has no loadable segments, or too many.
+    #[error("the program has {count} loadable segments (expected 1..={max})")]
+    SegmentCount {
+        /// Number found.
+        count: usize,
+        /// Most accepted.
+        max: usize,
+    },
+    /// The entry point is not inside an executable loadable segment.
+    #[error("entry point {entry:#x} is not inside an executable segment")]
+    BadEntry {
+        /// `e_entry`.
+        entry: u64,
+    },
+}
+
+/// Errors of [`VmInstance`](super::VmInstance) and [`VmConfig`](super::VmConfig).
+///
+/// Errors marked *poisons* leave the instance in
+/// [`VmState::Poisoned`](super::VmState::Poisoned): the guest stopped in the
+/// middle of something and cannot be resumed. Every other error leaves a
+/// ready instance ready. See [`VmError::poisons`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmError {
+    /// `/dev/kvm` does not exist or cannot be opened.
+    #[error("cannot open {path}: {source}. {hint}")]
+    KvmUnavailable {
+        /// The device path.
+        path: &'static str,
+        /// The error from `open`.
+        #[source]
+        source: std::io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A KVM ioctl failed while setting up or running the VM.
+    #[error("KVM call {step} failed")]
+    Kvm {
+        /// The ioctl or step that failed.
+        step: &'static str,
+        /// The error KVM returned.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be mapped.
+    #[error("cannot map {size} bytes of guest memory")]
+    MapMemory {
+        /// Requested size.
+        size: u64,
+        /// The error from `mmap`.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The per-thread timeout timer could not be created or armed.
+    #[error("cannot set up the timeout timer")]
+    Timer(#[source] std::io::Error),
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {field}: {reason}")]
+    InvalidConfig {
+        /// The setting.
+        field: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The guest program image was rejected before any VM was created.
+    #[error("invalid guest program: {0}")]
+    InvalidGuest(#[from] InvalidGuest),
+    /// The guest was built against another ABI version. *Poisons.*
+    #[error("guest ABI version {guest} does not match host ABI version {host}")]
+    AbiMismatch {
+        /// Version the guest reported.
+        guest: u32,
+        /// [`ABI_VERSION`](crate::abi::ABI_VERSION).
+        host: u32,
+    },
+    /// The instance is poisoned by an earlier error and cannot run guest code.
+    #[error("the VM is poisoned by an earlier error ({cause}) and cannot run")]
+    Poisoned {
+        /// A short description of the poisoning error.
+        cause: String,
+    },
+    /// No exported function has this name. The instance stays ready.
+    #[error("the guest exports no function named {name:?}")]
+    UnknownFunction {
+        /// The name asked for.
+        name: String,
+    },
+    /// The guest panicked. *Poisons.*
+    #[error("guest panicked: {message}{}", location.as_ref().map(|l| format!(" at {l}")).unwrap_or_default())]
+    GuestPanic {
+        /// The panic message.
+        message: String,
+        /// Where it panicked, if the guest said.
+        location: Option<PanicLocation>,
+    },
+    /// The guest called `abort`. *Poisons.*
+    #[error("guest aborted: {message}")]
+    GuestAbort {
+        /// The message passed to `abort`.
+        message: String,
+    },
+    /// The guest raised a CPU exception. *Poisons.*
+    #[error("guest fault: {0}")]
+    GuestFault(GuestFault),
+    /// The guest shut the vCPU down (triple fault). *Poisons.*
+    #[error("guest shut down (triple fault)")]
+    Shutdown,
+    /// The call ran longer than the configured timeout. *Poisons.*
+    #[error("guest call exceeded its {limit:?} timeout")]
+    Timeout {
+        /// The configured limit.
+        limit: Duration,
+    },
+    /// A hypercall pointed outside guest memory or was otherwise malformed. *Poisons.*
+    #[error("bad hypercall {hypercall}: {reason}")]
+    BadHypercall {
+        /// The hypercall's name.
+        hypercall: &'static str,
+        /// What was wrong.
+        reason: HypercallFault,
+    },
+    /// The guest used a hypercall number that does not exist. *Poisons.*
+    #[error("unknown hypercall number {nr}")]
+    UnknownHypercall {
+        /// The number written to the hypercall port.
+        nr: u32,
+    },
+    /// The guest wrote to an I/O port or caused an exit snapvm does not
+    /// handle. *Poisons.*
+    #[error("unexpected VM exit: {exit}")]
+    UnexpectedExit {
+        /// A description of the exit.
+        exit: String,
+    },
+    /// The guest could not allocate room for the input. The instance stays ready.
+    #[error("the guest has no room for a {len}-byte input")]
+    InputTooLarge {
+        /// Input length.
+        len: usize,
+    },
+    /// The guest produced more output than `VmConfig::max_output` allows.
+    /// The instance stays ready.
+    #[error("guest output of {len} bytes exceeds the {limit}-byte limit")]
+    OutputTooLarge {
+        /// Output length the guest reported.
+        len: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The caller's buffer is smaller than the output. The instance stays ready.
+    #[error("output of {needed} bytes does not fit the {capacity}-byte buffer")]
+    OutputBufferTooSmall {
+        /// Output length.
+        needed: usize,
+        /// Buffer length.
+        capacity: usize,
+    },
+}
+
+/// What was wrong with a hypercall.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HypercallFault {
+    /// A buffer lies (partly) outside guest memory or its end overflows.
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A length exceeds the limit for this argument.
+    #[error("length {len} exceeds the limit of {limit}")]
+    TooLong {
+        /// Length given.
+        len: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// A string argument is not UTF-8.
+    #[error("string is not valid UTF-8")]
+    NotUtf8,
+    /// The hypercall is not allowed at this point of the protocol.
+    #[error("not allowed now ({0})")]
+    OutOfSequence(&'static str),
+    /// Two exported functions share a name.
+    #[error("function {0:?} exported twice")]
+    DuplicateFunction(String),
+    /// The guest reported a status the host does not know.
+    #[error("unknown status {0}")]
+    BadStatus(u64),
+}
+
+impl From<super::memory::OutOfRange> for HypercallFault {
+    fn from(e: super::memory::OutOfRange) -> Self {
+        Self::OutOfRange { addr: e.addr, len: e.len }
+    }
+}
+
+impl VmError {
+    /// Whether this error poisons the instance it came from.
+    pub fn poisons(&self) -> bool {
+        matches!(
+            self,
+            Self::AbiMismatch { .. }
+                | Self::Poisoned { .. }
+                | Self::GuestPanic { .. }
+                | Self::GuestAbort { .. }
+                | Self::GuestFault(_)
+                | Self::Shutdown
+                | Self::Timeout { .. }
+                | Self::BadHypercall { .. }
+                | Self::UnknownHypercall { .. }
+                | Self::UnexpectedExit { .. }
+                | Self::Kvm { .. }
+        )
+    }
+
+    pub(crate) fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+        move |source| Self::Kvm { step, source }
+    }
+}

@@ -1,0 +1,197 @@
+//! The KVM resources of one VM: the VM and vCPU fds and guest RAM, plus the
+//! vCPU's initial long-mode, CPL3 state. This file and `memory.rs` own every
+//! resource the VM holds; dropping a [`Machine`] releases all of them.
+
+use std::sync::OnceLock;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use super::error::VmError;
+use super::layout::{self, GDT_ADDR, IDT_ADDR, PML4_ADDR, TSS_ADDR, TSS_SEL, USER_CS, USER_DS};
+use super::memory::GuestRam;
+
+/// Path of the KVM device.
+pub(crate) const KVM_PATH: &str = "/dev/kvm";
+
+/// What the host's KVM supports, read once per process.
+struct HostKvm {
+    kvm: Kvm,
+    cpuid: CpuId,
+    xcr0: Option<u64>,
+}
+
+static HOST: OnceLock<HostKvm> = OnceLock::new();
+
+fn host() -> Result<&'static HostKvm, VmError> {
+    if let Some(host) = HOST.get() {
+        return Ok(host);
+    }
+    let kvm = Kvm::new().map_err(|e| VmError::KvmUnavailable {
+        path: KVM_PATH,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+        hint: kvm_hint(e.errno()),
+    })?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let xcr0 = supported_xcr0(&cpuid);
+    Ok(HOST.get_or_init(|| HostKvm { kvm, cpuid, xcr0 }))
+}
+
+fn kvm_hint(errno: i32) -> &'static str {
+    match errno {
+        libc::ENOENT => {
+            "KVM is not available: load the kvm module (kvm_intel or kvm_amd) or run on a host with virtualization enabled"
+        }
+        libc::EACCES | libc::EPERM => {
+            "this user may not use KVM: add it to the group owning /dev/kvm (usually `kvm`: sudo usermod -aG kvm $USER, then log in again) or grant access with `sudo setfacl -m u:$USER:rw /dev/kvm`"
+        }
+        _ => "check that /dev/kvm exists and is readable and writable by this user",
+    }
+}
+
+/// The XCR0 value to give guests: x87, SSE, AVX and AVX-512 state where the
+/// host supports them, or `None` without XSAVE.
+fn supported_xcr0(cpuid: &CpuId) -> Option<u64> {
+    let entries = cpuid.as_slice();
+    let leaf1 = entries.iter().find(|e| e.function == 1)?;
+    if leaf1.ecx & (1 << 26) == 0 {
+        return None;
+    }
+    let leaf_d = entries.iter().find(|e| e.function == 0xD && e.index == 0)?;
+    let supported = u64::from(leaf_d.eax) | (u64::from(leaf_d.edx) << 32);
+    // x87 | SSE | AVX | opmask | ZMM_Hi256 | Hi16_ZMM
+    Some(supported & 0xE7 | 0x3)
+}
+
+/// Checks that KVM can be opened, with the same error `VmInstance::new` gives.
+pub fn check_kvm() -> Result<(), VmError> {
+    host().map(|_| ())
+}
+
+/// A VM with one vCPU and its memory.
+pub(crate) struct Machine {
+    // Field order is drop order: the vCPU and VM fds close before the RAM
+    // they reference is unmapped.
+    pub(crate) vcpu: VcpuFd,
+    pub(crate) vm: VmFd,
+    pub(crate) ram: GuestRam,
+}
+
+impl Machine {
+    /// Creates a VM and vCPU with `memory_size` bytes of zeroed RAM, its
+    /// system area written and the vCPU in 64-bit mode at CPL3, about to
+    /// execute `entry` with the stack pointer `rsp`.
+    pub(crate) fn new(memory_size: u64, entry: u64, rsp: u64) -> Result<Self, VmError> {
+        let host = host()?;
+        let ram = GuestRam::new(memory_size).map_err(|source| VmError::MapMemory {
+            size: memory_size,
+            source,
+        })?;
+        layout::write_system_area(&ram).map_err(|e| VmError::InvalidConfig {
+            field: "memory_size",
+            reason: format!("too small for the system area ({:#x}+{:#x})", e.addr, e.len),
+        })?;
+        let vm = host.kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_addr(),
+        };
+        // SAFETY: the region describes `ram`, a live mapping of exactly
+        // `memory_size` bytes that outlives the VM fd (field order of
+        // `Machine`), and it is registered in slot 0 of a VM with no other slots.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        let vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+        let machine = Self { vcpu, vm, ram };
+        machine.setup_vcpu(host, entry, rsp)?;
+        Ok(machine)
+    }
+
+    fn setup_vcpu(&self, host: &HostKvm, entry: u64, rsp: u64) -> Result<(), VmError> {
+        self.vcpu.set_cpuid2(&host.cpuid).map_err(VmError::kvm("KVM_SET_CPUID2"))?;
+
+        let mut sregs = self.vcpu.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
+        let flat = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
+            base: 0,
+            limit: 0xFFFF_FFFF,
+            selector,
+            type_,
+            present: 1,
+            dpl: (selector & 3) as u8,
+            db,
+            s: 1,
+            l,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        sregs.cs = flat(USER_CS, 0xB, 1, 0);
+        let data = flat(USER_DS, 0x3, 0, 1);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = kvm_segment {
+            base: TSS_ADDR,
+            limit: layout::TSS_LIMIT,
+            selector: TSS_SEL,
+            type_: 0xB,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 0,
+            l: 0,
+            g: 0,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        sregs.ldt = kvm_segment { unusable: 1, ..Default::default() };
+        sregs.gdt.base = GDT_ADDR;
+        sregs.gdt.limit = (layout::gdt_entries().len() * 8 - 1) as u16;
+        sregs.idt.base = IDT_ADDR;
+        sregs.idt.limit = (layout::VECTORS * 16 - 1) as u16;
+        // PE | MP | ET | NE | WP | PG
+        sregs.cr0 = 0x1 | 0x2 | 0x10 | 0x20 | 0x1_0000 | 0x8000_0000;
+        sregs.cr3 = PML4_ADDR;
+        // PAE | OSFXSR | OSXMMEXCPT, plus OSXSAVE when the host has XSAVE.
+        sregs.cr4 = (1 << 5) | (1 << 9) | (1 << 10);
+        if host.xcr0.is_some() {
+            sregs.cr4 |= 1 << 18;
+        }
+        // LME | LMA | NXE
+        sregs.efer = (1 << 8) | (1 << 10) | (1 << 11);
+        self.vcpu.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))?;
+
+        if let Some(xcr0) = host.xcr0 {
+            let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = xcr0;
+            self.vcpu.set_xcrs(&xcrs).map_err(VmError::kvm("KVM_SET_XCRS"))?;
+        }
+
+        let fpu = kvm_fpu { fcw: 0x37F, mxcsr: 0x1F80, ..Default::default() };
+        self.vcpu.set_fpu(&fpu).map_err(VmError::kvm("KVM_SET_FPU"))?;
+
+        let regs = kvm_regs { rip: entry, rsp, rflags: 0x2, ..Default::default() };
+        self.vcpu.set_regs(&regs).map_err(VmError::kvm("KVM_SET_REGS"))
+    }
+}
+
+/// `KVM_CREATE_VM` + `KVM_CREATE_VCPU` and nothing else (a baseline).
+pub(crate) fn create_empty() -> Result<(), VmError> {
+    let host = host()?;
+    let vm = host.kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+    let _vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+    Ok(())
+}

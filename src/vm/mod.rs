@@ -1,0 +1,581 @@
+//! [`VmInstance`]: a KVM micro-VM running one guest program.
+//!
+//! Building a VM maps its memory, loads the program, sets up 64-bit long
+//! mode with guest code at CPL3 and runs the guest's init function until it
+//! reports *ready*. From then on, [`VmInstance::invoke`] runs one exported
+//! guest function: the host writes the input into guest memory, resumes the
+//! vCPU, and the guest answers with a single exit when the function returns
+//! — one `KVM_RUN` per call.
+//!
+//! # Lifecycle
+//! An instance is [`VmState::Ready`] after construction and after every
+//! successful call. An error for which [`VmError::poisons`] is true (a guest
+//! panic, fault, abort, timeout or protocol violation) leaves it
+//! [`VmState::Poisoned`]: the guest stopped mid-call and every later call
+//! fails with [`VmError::Poisoned`]. Drop it and build (or, with snapshots,
+//! restore) a new one. Other errors — an unknown function name, an output
+//! larger than the limit, a caller buffer too small — leave it ready.
+
+mod config;
+mod error;
+mod layout;
+mod loader;
+mod machine;
+mod memory;
+pub mod raw;
+mod timer;
+
+use std::collections::HashMap;
+use std::mem::offset_of;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuExit;
+
+pub use config::{
+    HostFn, HostFnError, VmConfig, DEFAULT_MAX_OUTPUT, DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT,
+    MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
+};
+pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
+pub use loader::GuestProgram;
+pub use machine::check_kvm;
+pub use timer::timeout_signal;
+
+use crate::abi::{self, AbiPage, Hypercall, ABI_PAGE_ADDR, PORT_FAULT, PORT_HYPERCALL};
+use machine::Machine;
+
+/// Longest log message taken from a guest; longer ones are truncated.
+const MAX_LOG: u64 = 64 * 1024;
+/// Longest panic or abort message taken from a guest.
+const MAX_MESSAGE: u64 = 64 * 1024;
+/// Longest source file name in a panic location.
+const MAX_FILE_NAME: u64 = 4096;
+
+/// The lifecycle state of a [`VmInstance`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VmState {
+    /// Init finished and no call failed in a way that poisons: guest
+    /// functions can be invoked.
+    Ready,
+    /// An earlier error stopped the guest mid-call; the instance cannot run
+    /// guest code again.
+    Poisoned,
+}
+
+/// Counters of one instance, for policies and monitoring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VmStats {
+    /// Guest function calls that returned successfully.
+    pub invocations: u64,
+    /// Bytes allocated on the guest heap after the last call.
+    pub heap_used: u64,
+}
+
+/// Why the vCPU stopped running guest code.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    Ready,
+    Done,
+}
+
+/// A KVM micro-VM with a guest program that has finished its init.
+///
+/// `VmInstance` is `Send`: build it on one thread, call it from another.
+/// Calls take `&mut self`; to serve requests in parallel, use one instance
+/// per thread. Dropping an instance at any point releases its file
+/// descriptors and memory; it owns no threads.
+///
+/// ```no_run
+/// use snapvm::{GuestProgram, VmConfig, VmInstance};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = VmConfig::new(GuestProgram::from_file("quickstart.elf")?);
+/// let mut vm = VmInstance::new(&config)?;
+/// let out = vm.invoke("reverse", b"hello")?;
+/// assert_eq!(out, b"olleh");
+/// # Ok(()) }
+/// ```
+pub struct VmInstance {
+    machine: Machine,
+    functions: HashMap<String, u64>,
+    input_buf: u64,
+    input_cap: u64,
+    state: VmState,
+    poison_cause: String,
+    timeout: Option<Duration>,
+    max_output: u64,
+    host_functions: Arc<HashMap<String, Arc<HostFn>>>,
+    pending_host_result: Option<Vec<u8>>,
+    pending_status: u64,
+    stats: VmStats,
+}
+
+impl std::fmt::Debug for VmInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmInstance")
+            .field("state", &self.state)
+            .field("memory_size", &self.machine.ram.size())
+            .field("functions", &self.functions.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+const fn field(offset: usize) -> u64 {
+    ABI_PAGE_ADDR + offset as u64
+}
+
+const ARGS: u64 = field(offset_of!(AbiPage, args));
+const RET: u64 = field(offset_of!(AbiPage, ret));
+
+impl VmInstance {
+    /// Builds a VM from `config` and runs the guest's init until it is
+    /// ready. The config and program are validated before any KVM object is
+    /// created.
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        config.validate()?;
+        let machine = Machine::new(
+            config.memory_size,
+            config.program.entry(),
+            abi::STACK_TOP - 8,
+        )?;
+        config.program.load(&machine.ram)?;
+        let boot = AbiPage {
+            magic: abi::ABI_MAGIC,
+            version: abi::ABI_VERSION,
+            mem_size: config.memory_size,
+            heap_start: config.program.image_end(),
+            heap_end: config.memory_size,
+            ..AbiPage::default()
+        };
+        let mut vm = Self {
+            machine,
+            functions: HashMap::new(),
+            input_buf: 0,
+            input_cap: 0,
+            state: VmState::Ready,
+            poison_cause: String::new(),
+            timeout: config.timeout,
+            max_output: config.max_output,
+            host_functions: Arc::clone(&config.host_functions),
+            pending_host_result: None,
+            pending_status: 0,
+            stats: VmStats::default(),
+        };
+        vm.write_words(field(0), &abi_boot_words(&boot))?;
+        match vm.run()? {
+            Stop::Ready => vm.read_ready()?,
+            Stop::Done => {
+                return Err(bad("Ready", HypercallFault::OutOfSequence("Done before Ready")));
+            }
+        }
+        Ok(vm)
+    }
+
+    /// The instance's lifecycle state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Counters of this instance.
+    pub fn stats(&self) -> VmStats {
+        self.stats
+    }
+
+    /// Guest memory size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.machine.ram.size()
+    }
+
+    /// Names of the functions the guest exported, in no particular order.
+    pub fn functions(&self) -> impl Iterator<Item = &str> {
+        self.functions.keys().map(String::as_str)
+    }
+
+    /// Calls guest function `name` with `input` and returns its output.
+    pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, VmError> {
+        let (ptr, len) = self.call(name, input)?;
+        let mut out = vec![0; len as usize];
+        self.read_output(ptr, &mut out)?;
+        Ok(out)
+    }
+
+    /// Calls guest function `name` with `input` and writes its output into
+    /// `output`, returning the output length. Allocates nothing on the host.
+    ///
+    /// If the output is longer than `output`, fails with
+    /// [`VmError::OutputBufferTooSmall`] (carrying the needed length) and the
+    /// instance stays ready.
+    pub fn invoke_into(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        output: &mut [u8],
+    ) -> Result<usize, VmError> {
+        let (ptr, len) = self.call(name, input)?;
+        let len = len as usize;
+        let capacity = output.len();
+        let dest = output
+            .get_mut(..len)
+            .ok_or(VmError::OutputBufferTooSmall { needed: len, capacity })?;
+        self.read_output(ptr, dest)?;
+        Ok(len)
+    }
+
+    fn read_output(&mut self, ptr: u64, out: &mut [u8]) -> Result<(), VmError> {
+        let result = self
+            .machine
+            .ram
+            .read(ptr, out)
+            .map_err(|e| bad("Done", e.into()));
+        result.map_err(|e| self.poison(e))
+    }
+
+    /// Runs one call and returns the guest address and length of its output.
+    fn call(&mut self, name: &str, input: &[u8]) -> Result<(u64, u64), VmError> {
+        if self.state == VmState::Poisoned {
+            return Err(VmError::Poisoned { cause: self.poison_cause.clone() });
+        }
+        let index = *self
+            .functions
+            .get(name)
+            .ok_or_else(|| VmError::UnknownFunction { name: name.to_string() })?;
+        let result = self.call_inner(index, input);
+        result.map_err(|e| self.poison(e))
+    }
+
+    fn call_inner(&mut self, index: u64, input: &[u8]) -> Result<(u64, u64), VmError> {
+        let len = input.len() as u64;
+        if len > self.input_cap {
+            self.grow_input(input.len())?;
+        }
+        self.machine.ram.write(self.input_buf, input).map_err(|e| bad("Ready", e.into()))?;
+        self.write_words(field(offset_of!(AbiPage, request)), &[abi::REQUEST_CALL, index, len])?;
+        self.expect_done()?;
+        let [output_ptr, output_len, status, heap_used] =
+            self.read_words::<4>(field(offset_of!(AbiPage, output_ptr)))?;
+        self.stats.heap_used = heap_used;
+        if status != abi::STATUS_OK {
+            return Err(bad("Done", HypercallFault::BadStatus(status)));
+        }
+        self.machine
+            .ram
+            .check(output_ptr, output_len)
+            .map_err(|e| bad("Done", e.into()))?;
+        if output_len > self.max_output {
+            self.stats.invocations += 1;
+            return Err(VmError::OutputTooLarge { len: output_len, limit: self.max_output });
+        }
+        self.stats.invocations += 1;
+        Ok((output_ptr, output_len))
+    }
+
+    /// Asks the guest for an input buffer of at least `len` bytes.
+    fn grow_input(&mut self, len: usize) -> Result<(), VmError> {
+        self.machine.ram.check(0, len as u64).map_err(|_| VmError::InputTooLarge { len })?;
+        self.write_words(
+            field(offset_of!(AbiPage, request)),
+            &[abi::REQUEST_GROW_INPUT, 0, len as u64],
+        )?;
+        self.expect_done()?;
+        let [status] = self.read_words::<1>(field(offset_of!(AbiPage, status)))?;
+        self.read_input_buffer()?;
+        match status {
+            abi::STATUS_OK if self.input_cap >= len as u64 => Ok(()),
+            abi::STATUS_OK => Err(bad("Done", HypercallFault::BadStatus(status))),
+            abi::STATUS_OUT_OF_MEMORY => Err(VmError::InputTooLarge { len }),
+            other => Err(bad("Done", HypercallFault::BadStatus(other))),
+        }
+    }
+
+    fn expect_done(&mut self) -> Result<(), VmError> {
+        match self.run()? {
+            Stop::Done => Ok(()),
+            Stop::Ready => Err(bad("Ready", HypercallFault::OutOfSequence("Ready after init"))),
+        }
+    }
+
+    fn poison(&mut self, error: VmError) -> VmError {
+        if error.poisons() && self.state != VmState::Poisoned {
+            self.state = VmState::Poisoned;
+            self.poison_cause = error.to_string();
+        }
+        error
+    }
+
+    /// Reads the function table and input buffer the guest reported at Ready.
+    fn read_ready(&mut self) -> Result<(), VmError> {
+        let [version_words] = self.read_words::<1>(field(offset_of!(AbiPage, version)))?;
+        let guest_version = (version_words >> 32) as u32;
+        if guest_version != abi::ABI_VERSION {
+            return Err(VmError::AbiMismatch { guest: guest_version, host: abi::ABI_VERSION });
+        }
+        let [table, count] = self.read_words::<2>(field(offset_of!(AbiPage, func_table)))?;
+        if count > abi::MAX_FUNCTIONS {
+            return Err(bad("Ready", HypercallFault::TooLong { len: count, limit: abi::MAX_FUNCTIONS }));
+        }
+        let ram = &self.machine.ram;
+        let entries = ram.read_vec(table, count * 16).map_err(|e| bad("Ready", e.into()))?;
+        let mut functions = HashMap::with_capacity(count as usize);
+        for (index, entry) in entries.chunks_exact(16).enumerate() {
+            let ptr = u64::from_le_bytes(entry[..8].try_into().expect("8-byte slice"));
+            let len = u64::from_le_bytes(entry[8..].try_into().expect("8-byte slice"));
+            let name = read_str(ram, ptr, len, abi::MAX_FUNCTION_NAME, false)
+                .map_err(|e| bad("Ready", e))?;
+            if functions.insert(name.clone(), index as u64).is_some() {
+                return Err(bad("Ready", HypercallFault::DuplicateFunction(name)));
+            }
+        }
+        self.functions = functions;
+        self.read_input_buffer()?;
+        let [heap_used] = self.read_words::<1>(field(offset_of!(AbiPage, heap_used)))?;
+        self.stats.heap_used = heap_used;
+        Ok(())
+    }
+
+    fn read_input_buffer(&mut self) -> Result<(), VmError> {
+        let [buf, cap] = self.read_words::<2>(field(offset_of!(AbiPage, input_buf)))?;
+        self.machine.ram.check(buf, cap).map_err(|e| bad("Ready", e.into()))?;
+        self.input_buf = buf;
+        self.input_cap = cap;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the guest reports Ready or Done, serving the
+    /// hypercalls it makes on the way.
+    fn run(&mut self) -> Result<Stop, VmError> {
+        let deadline = self.timeout.map(|limit| (Instant::now() + limit, limit));
+        if let Some((_, limit)) = deadline {
+            timer::arm(limit).map_err(VmError::Timer)?;
+        }
+        let result = self.run_loop(deadline);
+        if deadline.is_some() {
+            timer::disarm();
+        }
+        result
+    }
+
+    fn run_loop(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Stop, VmError> {
+        loop {
+            let (port, value) = match self.machine.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let mut word = [0u8; 4];
+                    let n = data.len().min(4);
+                    word[..n].copy_from_slice(&data[..n]);
+                    (port, u32::from_le_bytes(word))
+                }
+                Ok(VcpuExit::Shutdown) => return Err(VmError::Shutdown),
+                Ok(VcpuExit::IoIn(port, _)) => {
+                    return Err(VmError::UnexpectedExit { exit: format!("read from I/O port {port:#x}") })
+                }
+                Ok(other) => return Err(VmError::UnexpectedExit { exit: format!("{other:?}") }),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if let Some((at, limit)) = deadline {
+                        if Instant::now() >= at {
+                            return Err(VmError::Timeout { limit });
+                        }
+                    }
+                    continue;
+                }
+                Err(source) => return Err(VmError::Kvm { step: "KVM_RUN", source }),
+            };
+            match port {
+                PORT_HYPERCALL => match Hypercall::from_u32(value) {
+                    Some(Hypercall::Ready) => return Ok(Stop::Ready),
+                    Some(Hypercall::Done) => return Ok(Stop::Done),
+                    Some(Hypercall::Log) => self.hypercall_log()?,
+                    Some(Hypercall::HostCall) => {
+                        if deadline.is_some() {
+                            timer::disarm();
+                        }
+                        let result = self.hypercall_host_call();
+                        if let Some((at, limit)) = deadline {
+                            let left = at.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                return Err(VmError::Timeout { limit });
+                            }
+                            timer::arm(left).map_err(VmError::Timer)?;
+                        }
+                        result?;
+                    }
+                    Some(Hypercall::HostResult) => self.hypercall_host_result()?,
+                    Some(Hypercall::Panic) => return Err(self.hypercall_panic()),
+                    Some(Hypercall::Abort) => return Err(self.hypercall_abort()),
+                    None => return Err(VmError::UnknownHypercall { nr: value }),
+                },
+                PORT_FAULT => return Err(self.read_fault()),
+                _ => {
+                    return Err(VmError::UnexpectedExit { exit: format!("write to I/O port {port:#x}") })
+                }
+            }
+        }
+    }
+
+    fn hypercall_log(&mut self) -> Result<(), VmError> {
+        let [level, ptr, len] = self.read_words::<3>(ARGS)?;
+        let ram = &self.machine.ram;
+        ram.check(ptr, len).map_err(|e| bad("Log", e.into()))?;
+        let text = read_str(ram, ptr, len.min(MAX_LOG), MAX_LOG, true).map_err(|e| bad("Log", e))?;
+        let level = match level {
+            1 => log::Level::Error,
+            2 => log::Level::Warn,
+            3 => log::Level::Info,
+            4 => log::Level::Debug,
+            _ => log::Level::Trace,
+        };
+        log::log!(target: "snapvm::guest", level, "{text}");
+        Ok(())
+    }
+
+    fn hypercall_host_call(&mut self) -> Result<(), VmError> {
+        let [name_ptr, name_len, in_ptr, in_len, out_ptr, out_cap] = self.read_words::<6>(ARGS)?;
+        let ram = &self.machine.ram;
+        let name = read_str(ram, name_ptr, name_len, abi::MAX_FUNCTION_NAME, false)
+            .map_err(|e| bad("HostCall", e))?;
+        let input = ram.read_vec(in_ptr, in_len).map_err(|e| bad("HostCall", e.into()))?;
+        ram.check(out_ptr, out_cap).map_err(|e| bad("HostCall", e.into()))?;
+        let (status, result) = match self.host_functions.get(&name) {
+            None => (abi::HOST_CALL_UNKNOWN, Vec::new()),
+            Some(f) => match f(&input) {
+                Ok(out) => (abi::HOST_CALL_OK, out),
+                Err(e) => (abi::HOST_CALL_FAILED, e.to_string().into_bytes()),
+            },
+        };
+        let len = result.len() as u64;
+        if len <= out_cap {
+            self.machine.ram.write(out_ptr, &result).map_err(|e| bad("HostCall", e.into()))?;
+            self.pending_host_result = None;
+            self.write_words(RET, &[status, len])
+        } else {
+            // Keep the original status in the result so `HostResult` can
+            // report success and failure alike.
+            self.pending_host_result = Some(result);
+            self.pending_status = status;
+            self.write_words(RET, &[abi::HOST_CALL_TOO_SMALL, len])
+        }
+    }
+
+    fn hypercall_host_result(&mut self) -> Result<(), VmError> {
+        let [ptr, cap] = self.read_words::<2>(ARGS)?;
+        let Some(result) = self.pending_host_result.take() else {
+            return self.write_words(RET, &[abi::HOST_CALL_NO_RESULT, 0]);
+        };
+        let len = result.len() as u64;
+        if len > cap {
+            let status = abi::HOST_CALL_TOO_SMALL;
+            self.pending_host_result = Some(result);
+            return self.write_words(RET, &[status, len]);
+        }
+        self.machine.ram.write(ptr, &result).map_err(|e| bad("HostResult", e.into()))?;
+        self.write_words(RET, &[self.pending_status, len])
+    }
+
+    fn hypercall_panic(&mut self) -> VmError {
+        let result = (|| {
+            let [msg_ptr, msg_len, file_ptr, file_len, line, column] = self.read_words::<6>(ARGS)?;
+            let ram = &self.machine.ram;
+            let message = read_str(ram, msg_ptr, msg_len, MAX_MESSAGE, true).map_err(|e| bad("Panic", e))?;
+            let location = if file_len == 0 {
+                None
+            } else {
+                let file = read_str(ram, file_ptr, file_len, MAX_FILE_NAME, true).map_err(|e| bad("Panic", e))?;
+                Some(PanicLocation { file, line: line as u32, column: column as u32 })
+            };
+            Ok(VmError::GuestPanic { message, location })
+        })();
+        result.unwrap_or_else(|e| e)
+    }
+
+    fn hypercall_abort(&mut self) -> VmError {
+        let result = (|| {
+            let [ptr, len] = self.read_words::<2>(ARGS)?;
+            let message = read_str(&self.machine.ram, ptr, len, MAX_MESSAGE, true).map_err(|e| bad("Abort", e))?;
+            Ok(VmError::GuestAbort { message })
+        })();
+        result.unwrap_or_else(|e| e)
+    }
+
+    /// Reads the exception frame the CPL0 stub left on its stack.
+    fn read_fault(&mut self) -> VmError {
+        let regs = match self.machine.vcpu.get_regs() {
+            Ok(regs) => regs,
+            Err(source) => return VmError::Kvm { step: "KVM_GET_REGS", source },
+        };
+        let sregs = match self.machine.vcpu.get_sregs() {
+            Ok(sregs) => sregs,
+            Err(source) => return VmError::Kvm { step: "KVM_GET_SREGS", source },
+        };
+        // Frame: vector, error code, then what the CPU pushed (RIP, CS, ...).
+        let mut frame = [0u8; 24];
+        if self.machine.ram.read(regs.rsp, &mut frame).is_err()
+            || !(abi::SYSTEM_AREA_START..abi::SYSTEM_AREA_END).contains(&regs.rsp)
+        {
+            return VmError::UnexpectedExit { exit: format!("fault exit with stack pointer {:#x}", regs.rsp) };
+        }
+        let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let vector = word(0) as u8;
+        VmError::GuestFault(GuestFault {
+            vector,
+            error_code: word(1),
+            rip: word(2),
+            addr: (vector == 14).then_some(sregs.cr2),
+        })
+    }
+
+    fn read_words<const N: usize>(&self, addr: u64) -> Result<[u64; N], VmError> {
+        let mut bytes = [[0u8; 8]; N];
+        self.machine
+            .ram
+            .read(addr, bytes.as_flattened_mut())
+            .map_err(|e| bad("ABI page", e.into()))?;
+        Ok(bytes.map(u64::from_le_bytes))
+    }
+
+    fn write_words(&self, addr: u64, words: &[u64]) -> Result<(), VmError> {
+        let mut bytes = [0u8; 8 * 32];
+        let len = words.len() * 8;
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        self.machine
+            .ram
+            .write(addr, &bytes[..len])
+            .map_err(|e| bad("ABI page", e.into()))
+    }
+}
+
+fn abi_boot_words(boot: &AbiPage) -> [u64; 5] {
+    [
+        boot.magic,
+        u64::from(boot.version),
+        boot.mem_size,
+        boot.heap_start,
+        boot.heap_end,
+    ]
+}
+
+fn bad(hypercall: &'static str, reason: HypercallFault) -> VmError {
+    VmError::BadHypercall { hypercall, reason }
+}
+
+/// Reads a guest string of `len` bytes (at most `limit`). With `lossy`,
+/// invalid UTF-8 is replaced rather than rejected.
+fn read_str(
+    ram: &memory::GuestRam,
+    ptr: u64,
+    len: u64,
+    limit: u64,
+    lossy: bool,
+) -> Result<String, HypercallFault> {
+    if len > limit {
+        return Err(HypercallFault::TooLong { len, limit });
+    }
+    let bytes = ram.read_vec(ptr, len)?;
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(s),
+        Err(e) if lossy => Ok(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        Err(_) => Err(HypercallFault::NotUtf8),
+    }
+}

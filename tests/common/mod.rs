@@ -1,0 +1,39 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use snapvm::{GuestProgram, VmConfig};
+
+/// Path of a guest program built from `guests/<name>`.
+pub fn guest_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("SNAPVM_GUESTS_DIR")).join(name)
+}
+
+/// A config for guest program `name` with the defaults.
+pub fn config(name: &str) -> VmConfig {
+    VmConfig::new(GuestProgram::from_file(guest_path(name)).expect("guest program builds"))
+}
+
+/// Whether KVM is usable. Without it, prints one skip line and returns
+/// false — unless `SNAPVM_REQUIRE_KVM` is set, in which case it panics.
+pub fn kvm_available(test: &str) -> bool {
+    match snapvm::vm::check_kvm() {
+        Ok(()) => true,
+        Err(e) if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() => {
+            panic!("SNAPVM_REQUIRE_KVM is set but KVM is unusable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped {test}: KVM is unavailable ({e})");
+            false
+        }
+    }
+}
+
+/// Returns early from a test when KVM is unavailable (see [`kvm_available`]).
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !common::kvm_available(module_path!()) {
+            return;
+        }
+    };
+}
