@@ -64,7 +64,8 @@ const _: () = {
 };
 
 /// Largest memory the page-directory area can map.
-pub(crate) const MAX_MAPPED: u64 = ((SYSTEM_AREA_END - PD_ADDR) / PAGE_SIZE) << 30;
+const MAX_MAPPED: u64 = ((SYSTEM_AREA_END - PD_ADDR) / PAGE_SIZE) << 30;
+const _: () = assert!(MAX_MAPPED >= super::config::MAX_MEMORY_SIZE);
 
 /// Writes every system structure for a guest of `ram.size()` bytes.
 pub(crate) fn write_system_area(ram: &GuestRam) -> Result<(), OutOfRange> {
@@ -208,10 +209,5 @@ mod tests {
         assert_eq!(low & 0xFFFF, u64::from(TSS_LIMIT));
         assert_eq!((low >> 16) & 0xFF_FFFF, TSS_ADDR);
         assert_eq!((low >> 40) & 0xFF, 0x8B);
-    }
-
-    #[test]
-    fn max_mapped_covers_the_configured_maximum() {
-        assert!(MAX_MAPPED >= super::super::config::MAX_MEMORY_SIZE);
     }
 }

@@ -68,9 +68,27 @@ fn supported_xcr0(cpuid: &CpuId) -> Option<u64> {
     Some(supported & 0xE7 | 0x3)
 }
 
-/// Checks that KVM can be opened, with the same error `VmInstance::new` gives.
+/// Checks that KVM can be opened, with the same error `VmInstance::new`
+/// gives when it cannot (the error says how to fix it).
 pub fn check_kvm() -> Result<(), VmError> {
     host().map(|_| ())
+}
+
+/// Checks that the KVM device at `path` (normally `/dev/kvm`) can be opened
+/// and answers as KVM.
+pub fn check_kvm_device(path: &std::path::Path) -> Result<(), VmError> {
+    let unavailable = |errno: i32| VmError::KvmUnavailable {
+        path: KVM_PATH,
+        source: std::io::Error::from_raw_os_error(errno),
+        hint: kvm_hint(errno),
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| unavailable(libc::EINVAL))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|e| unavailable(e.errno()))?;
+    if kvm.get_api_version() != 12 {
+        return Err(unavailable(libc::ENOTTY));
+    }
+    Ok(())
 }
 
 /// A VM with one vCPU and its memory.
@@ -78,6 +96,7 @@ pub(crate) struct Machine {
     // Field order is drop order: the vCPU and VM fds close before the RAM
     // they reference is unmapped.
     pub(crate) vcpu: VcpuFd,
+    #[allow(dead_code, reason = "owns the VM fd for the vCPU's and memslot's lifetime")]
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
 }

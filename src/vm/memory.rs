@@ -147,18 +147,6 @@ impl GuestRam {
             .map_err(|_| OutOfRange { addr, len: buf.len() as u64 })
     }
 
-    /// Reads a little-endian `u64` at `addr`.
-    pub(crate) fn read_u64(&self, addr: u64) -> Result<u64, OutOfRange> {
-        let mut bytes = [0u8; 8];
-        self.read(addr, &mut bytes)?;
-        Ok(u64::from_le_bytes(bytes))
-    }
-
-    /// Writes a little-endian `u64` at `addr`.
-    pub(crate) fn write_u64(&self, addr: u64, value: u64) -> Result<(), OutOfRange> {
-        self.write(addr, &value.to_le_bytes())
-    }
-
     /// Reads `len` guest bytes at `addr` into a new vector, after checking the
     /// range (so the allocation is bounded by guest memory size).
     pub(crate) fn read_vec(&self, addr: u64, len: u64) -> Result<Vec<u8>, OutOfRange> {

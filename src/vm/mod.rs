@@ -38,7 +38,7 @@ pub use config::{
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
 pub use loader::GuestProgram;
-pub use machine::check_kvm;
+pub use machine::{check_kvm, check_kvm_device};
 pub use timer::timeout_signal;
 
 use crate::abi::{self, AbiPage, Hypercall, ABI_PAGE_ADDR, PORT_FAULT, PORT_HYPERCALL};
@@ -359,27 +359,13 @@ impl VmInstance {
 
     fn run_loop(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Stop, VmError> {
         loop {
-            let (port, value) = match self.machine.vcpu.run() {
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    let mut word = [0u8; 4];
-                    let n = data.len().min(4);
-                    word[..n].copy_from_slice(&data[..n]);
-                    (port, u32::from_le_bytes(word))
-                }
-                Ok(VcpuExit::Shutdown) => return Err(VmError::Shutdown),
-                Ok(VcpuExit::IoIn(port, _)) => {
-                    return Err(VmError::UnexpectedExit { exit: format!("read from I/O port {port:#x}") })
-                }
-                Ok(other) => return Err(VmError::UnexpectedExit { exit: format!("{other:?}") }),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    if let Some((at, limit)) = deadline {
-                        if Instant::now() >= at {
-                            return Err(VmError::Timeout { limit });
-                        }
+            let Some((port, value)) = io_exit(self.machine.vcpu.run())? else {
+                if let Some((at, limit)) = deadline {
+                    if Instant::now() >= at {
+                        return Err(VmError::Timeout { limit });
                     }
-                    continue;
                 }
-                Err(source) => return Err(VmError::Kvm { step: "KVM_RUN", source }),
+                continue;
             };
             match port {
                 PORT_HYPERCALL => match Hypercall::from_u32(value) {
@@ -554,6 +540,29 @@ fn abi_boot_words(boot: &AbiPage) -> [u64; 5] {
         boot.heap_start,
         boot.heap_end,
     ]
+}
+
+/// Classifies the result of one `KVM_RUN`: an I/O write gives its port and
+/// value, an interrupted run (the timeout signal) gives `None`, and every
+/// other exit is an error.
+pub(crate) fn io_exit(
+    run: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+) -> Result<Option<(u16, u32)>, VmError> {
+    match run {
+        Ok(VcpuExit::IoOut(port, data)) => {
+            let mut word = [0u8; 4];
+            let n = data.len().min(4);
+            word[..n].copy_from_slice(&data[..n]);
+            Ok(Some((port, u32::from_le_bytes(word))))
+        }
+        Ok(VcpuExit::Shutdown) => Err(VmError::Shutdown),
+        Ok(VcpuExit::IoIn(port, _)) => Err(VmError::UnexpectedExit {
+            exit: format!("read from I/O port {port:#x}"),
+        }),
+        Ok(other) => Err(VmError::UnexpectedExit { exit: format!("{other:?}") }),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+        Err(source) => Err(VmError::Kvm { step: "KVM_RUN", source }),
+    }
 }
 
 fn bad(hypercall: &'static str, reason: HypercallFault) -> VmError {

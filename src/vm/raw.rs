@@ -3,8 +3,6 @@
 //! of machine code instead of a guest program. Not a stable API.
 #![doc(hidden)]
 
-use kvm_ioctls::VcpuExit;
-
 use super::error::VmError;
 use super::machine::{self, Machine};
 use crate::abi::{STACK_TOP, USER_BASE};
@@ -28,11 +26,19 @@ impl RawGuest {
     /// Runs the vCPU until its next exit and returns the port of an I/O
     /// write, or an error for any other exit.
     pub fn run_once(&mut self) -> Result<u16, VmError> {
-        match self.machine.vcpu.run() {
-            Ok(VcpuExit::IoOut(port, _)) => Ok(port),
-            Ok(other) => Err(VmError::UnexpectedExit { exit: format!("{other:?}") }),
-            Err(source) => Err(VmError::Kvm { step: "KVM_RUN", source }),
+        loop {
+            if let Some((port, _)) = super::io_exit(self.machine.vcpu.run())? {
+                return Ok(port);
+            }
         }
+    }
+
+    /// Removes the IDT, so that any exception becomes a triple fault.
+    pub fn remove_idt(&mut self) -> Result<(), VmError> {
+        let vcpu = &self.machine.vcpu;
+        let mut sregs = vcpu.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
+        sregs.idt.limit = 0;
+        vcpu.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))
     }
 }
 
