@@ -49,6 +49,11 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("failed to run cargo for the guest programs");
-    assert!(status.success(), "building the guest programs in guests/ failed");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the guest programs");
+    assert!(
+        status.success(),
+        "building the guest programs in guests/ failed"
+    );
 }

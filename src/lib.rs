@@ -55,6 +55,6 @@ pub use snapvm_guest::abi;
 
 pub use error::{Error, Result};
 pub use vm::{
-    GuestFault, GuestProgram, InvalidGuest, PanicLocation, VmConfig, VmError, VmInstance,
-    VmState, VmStats,
+    GuestFault, GuestProgram, InvalidGuest, PanicLocation, VmConfig, VmError, VmInstance, VmState,
+    VmStats,
 };

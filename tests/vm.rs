@@ -11,8 +11,12 @@ use snapvm::{VmConfig, VmError, VmInstance, VmState};
 
 fn testguest() -> VmConfig {
     common::config("testguest")
-        .host_function("double", |input| Ok(input.iter().map(|b| b.wrapping_mul(2)).collect()))
-        .host_function("big", |input| Ok(vec![input.first().copied().unwrap_or(7); 1 << 20]))
+        .host_function("double", |input| {
+            Ok(input.iter().map(|b| b.wrapping_mul(2)).collect())
+        })
+        .host_function("big", |input| {
+            Ok(vec![input.first().copied().unwrap_or(7); 1 << 20])
+        })
         .host_function("fail", |_| Err("nope".into()))
 }
 
@@ -27,7 +31,10 @@ fn poisoning_error(name: &str) -> VmError {
     let err = vm.invoke(name, b"").expect_err("the call must fail");
     assert!(err.poisons(), "{err:?} should poison");
     assert_eq!(vm.state(), VmState::Poisoned);
-    assert!(matches!(vm.invoke("empty", b""), Err(VmError::Poisoned { .. })));
+    assert!(matches!(
+        vm.invoke("empty", b""),
+        Err(VmError::Poisoned { .. })
+    ));
     err
 }
 
@@ -68,7 +75,10 @@ fn invoke_into_reports_a_small_buffer_and_the_vm_stays_ready() {
     let mut vm = vm();
     let mut out = [0u8; 4];
     match vm.invoke_into("echo", b"too long", &mut out) {
-        Err(VmError::OutputBufferTooSmall { needed: 8, capacity: 4 }) => {}
+        Err(VmError::OutputBufferTooSmall {
+            needed: 8,
+            capacity: 4,
+        }) => {}
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(vm.state(), VmState::Ready);
@@ -175,13 +185,19 @@ fn an_infinite_loop_times_out_within_twice_the_limit() {
     let start = Instant::now();
     let err = vm.invoke("infinite_loop", b"").unwrap_err();
     let elapsed = start.elapsed();
-    assert!(matches!(err, VmError::Timeout { limit: l } if l == limit), "{err:?}");
+    assert!(
+        matches!(err, VmError::Timeout { limit: l } if l == limit),
+        "{err:?}"
+    );
     assert!(elapsed >= limit && elapsed < 2 * limit, "took {elapsed:?}");
     assert_eq!(vm.state(), VmState::Poisoned);
     // The thread is free: another VM on it works, and its timer still fires.
     let mut other = VmInstance::new(&testguest().timeout(Some(limit))).unwrap();
     assert_eq!(other.invoke("echo", b"after").unwrap(), b"after");
-    assert!(matches!(other.invoke("infinite_loop", b""), Err(VmError::Timeout { .. })));
+    assert!(matches!(
+        other.invoke("infinite_loop", b""),
+        Err(VmError::Timeout { .. })
+    ));
 }
 
 #[test]
@@ -189,16 +205,28 @@ fn hostile_hypercalls_are_typed_errors() {
     require_kvm!();
     assert!(matches!(
         poisoning_error("bad_log_pointer"),
-        VmError::BadHypercall { hypercall: "Log", reason: HypercallFault::OutOfRange { .. } }
+        VmError::BadHypercall {
+            hypercall: "Log",
+            reason: HypercallFault::OutOfRange { .. }
+        }
     ));
     assert!(matches!(
         poisoning_error("overflowing_length"),
-        VmError::BadHypercall { hypercall: "HostCall", reason: HypercallFault::OutOfRange { .. } }
+        VmError::BadHypercall {
+            hypercall: "HostCall",
+            reason: HypercallFault::OutOfRange { .. }
+        }
     ));
-    assert!(matches!(poisoning_error("unknown_hypercall"), VmError::UnknownHypercall { nr: 0xDEAD }));
+    assert!(matches!(
+        poisoning_error("unknown_hypercall"),
+        VmError::UnknownHypercall { nr: 0xDEAD }
+    ));
     assert!(matches!(
         poisoning_error("output_outside_memory"),
-        VmError::BadHypercall { hypercall: "Done", reason: HypercallFault::OutOfRange { .. } }
+        VmError::BadHypercall {
+            hypercall: "Done",
+            reason: HypercallFault::OutOfRange { .. }
+        }
     ));
 }
 
@@ -213,7 +241,10 @@ fn oversized_output_is_rejected_and_the_vm_stays_ready() {
     }
     assert_eq!(vm.state(), VmState::Ready);
     let one_mib = (1u64 << 20).to_le_bytes();
-    assert_eq!(vm.invoke("output_of_size", &one_mib).unwrap().len(), 1 << 20);
+    assert_eq!(
+        vm.invoke("output_of_size", &one_mib).unwrap().len(),
+        1 << 20
+    );
 }
 
 #[test]
@@ -222,10 +253,15 @@ fn inputs_the_guest_cannot_hold_are_rejected_without_poisoning() {
     let mut vm = vm();
     // Larger than guest memory: rejected before the guest runs.
     let huge = vec![0u8; 80 << 20];
-    assert!(matches!(vm.invoke("echo", &huge), Err(VmError::InputTooLarge { len }) if len == 80 << 20));
+    assert!(
+        matches!(vm.invoke("echo", &huge), Err(VmError::InputTooLarge { len }) if len == 80 << 20)
+    );
     // Fits in memory but not in the heap: the guest says it is out of memory.
     let large = vec![0u8; 63 << 20];
-    assert!(matches!(vm.invoke("echo", &large), Err(VmError::InputTooLarge { .. })));
+    assert!(matches!(
+        vm.invoke("echo", &large),
+        Err(VmError::InputTooLarge { .. })
+    ));
     assert_eq!(vm.invoke("echo", b"still fine").unwrap(), b"still fine");
 }
 
@@ -245,14 +281,23 @@ fn guest_out_of_memory_is_a_guest_panic() {
 fn host_functions_are_called_synchronously() {
     require_kvm!();
     let mut vm = vm();
-    assert_eq!(vm.invoke("host_call", b"double\n\x01\x02\x03").unwrap(), b"ok:\x02\x04\x06");
+    assert_eq!(
+        vm.invoke("host_call", b"double\n\x01\x02\x03").unwrap(),
+        b"ok:\x02\x04\x06"
+    );
     // A result larger than the guest's first buffer takes the second path.
     let big = vm.invoke("host_call", b"big\n\x09").unwrap();
     assert_eq!(&big[..3], b"ok:");
     assert_eq!(big.len(), 3 + (1 << 20));
     assert!(big[3..].iter().all(|&b| b == 9));
-    assert_eq!(vm.invoke("host_call", b"fail\n").unwrap(), b"err:host function failed: nope");
-    assert_eq!(vm.invoke("host_call", b"missing\n").unwrap(), b"err:no such host function");
+    assert_eq!(
+        vm.invoke("host_call", b"fail\n").unwrap(),
+        b"err:host function failed: nope"
+    );
+    assert_eq!(
+        vm.invoke("host_call", b"missing\n").unwrap(),
+        b"err:no such host function"
+    );
 }
 
 struct Capture(Mutex<Vec<(log::Level, String, String)>>);
@@ -262,7 +307,11 @@ impl log::Log for Capture {
         true
     }
     fn log(&self, record: &log::Record<'_>) {
-        let entry = (record.level(), record.target().to_string(), record.args().to_string());
+        let entry = (
+            record.level(),
+            record.target().to_string(),
+            record.args().to_string(),
+        );
         self.0.lock().unwrap().push(entry);
     }
     fn flush(&self) {}
@@ -276,7 +325,11 @@ fn guest_logs_reach_the_log_facade() {
     log::set_max_level(log::LevelFilter::Trace);
     vm().invoke("log", b"hi").unwrap();
     let records = capture.0.lock().unwrap();
-    assert!(records.contains(&(log::Level::Info, "snapvm::guest".into(), "guest says hi".into())));
+    assert!(records.contains(&(
+        log::Level::Info,
+        "snapvm::guest".into(),
+        "guest says hi".into()
+    )));
     assert!(records.contains(&(log::Level::Warn, "snapvm::guest".into(), "a warning".into())));
 }
 
@@ -331,19 +384,35 @@ fn triple_fault_is_a_shutdown_error() {
 #[test]
 fn invalid_configurations_are_rejected_before_any_vm_exists() {
     require_kvm!();
-    for (size, what) in [(3 << 20, "not 2 MiB aligned"), (2 << 20, "too small"), (128 << 30, "too big")] {
+    for (size, what) in [
+        (3 << 20, "not 2 MiB aligned"),
+        (2 << 20, "too small"),
+        (128 << 30, "too big"),
+    ] {
         assert!(
-            matches!(VmInstance::new(&testguest().memory_size(size)), Err(VmError::InvalidConfig { field: "memory_size", .. })),
+            matches!(
+                VmInstance::new(&testguest().memory_size(size)),
+                Err(VmError::InvalidConfig {
+                    field: "memory_size",
+                    ..
+                })
+            ),
             "{what}"
         );
     }
     assert!(matches!(
         VmInstance::new(&testguest().timeout(Some(Duration::ZERO))),
-        Err(VmError::InvalidConfig { field: "timeout", .. })
+        Err(VmError::InvalidConfig {
+            field: "timeout",
+            ..
+        })
     ));
     assert!(matches!(
         VmInstance::new(&testguest().host_function("", |_| Ok(Vec::new()))),
-        Err(VmError::InvalidConfig { field: "host_function", .. })
+        Err(VmError::InvalidConfig {
+            field: "host_function",
+            ..
+        })
     ));
 }
 
@@ -364,7 +433,13 @@ fn missing_kvm_device_is_explained() {
     let err = snapvm::vm::check_kvm_device(std::path::Path::new("/nonexistent/kvm")).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, VmError::KvmUnavailable { .. }), "{err:?}");
-    assert!(text.contains("kvm module") || text.contains("KVM is not available"), "{text}");
+    assert!(
+        text.contains("kvm module") || text.contains("KVM is not available"),
+        "{text}"
+    );
     let not_kvm = snapvm::vm::check_kvm_device(std::path::Path::new("/dev/null")).unwrap_err();
-    assert!(matches!(not_kvm, VmError::KvmUnavailable { .. }), "{not_kvm:?}");
+    assert!(
+        matches!(not_kvm, VmError::KvmUnavailable { .. }),
+        "{not_kvm:?}"
+    );
 }

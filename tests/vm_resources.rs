@@ -20,11 +20,17 @@ fn a_thousand_vms_release_every_fd_and_their_memory() {
     require_kvm!();
     let config = common::config("testguest");
     // Warm up once so process-wide caches (KVM handle, CPUID) exist.
-    VmInstance::new(&config).unwrap().invoke("echo", b"x").unwrap();
+    VmInstance::new(&config)
+        .unwrap()
+        .invoke("echo", b"x")
+        .unwrap();
     let (fds, rss) = (open_fds(), rss_kib());
     for i in 0..1000u32 {
         let mut vm = VmInstance::new(&config).unwrap();
-        assert_eq!(vm.invoke("echo", &i.to_le_bytes()).unwrap(), i.to_le_bytes());
+        assert_eq!(
+            vm.invoke("echo", &i.to_le_bytes()).unwrap(),
+            i.to_le_bytes()
+        );
     }
     assert_eq!(open_fds(), fds, "file descriptors leaked");
     let grown = rss_kib().saturating_sub(rss);

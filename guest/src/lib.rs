@@ -39,9 +39,7 @@ pub mod abi;
 mod rt;
 
 #[cfg(feature = "runtime")]
-pub use rt::{
-    abort, heap_used, host, log_message, Exports, GuestFn, LogLevel, __start,
-};
+pub use rt::{__start, abort, heap_used, host, log_message, Exports, GuestFn, LogLevel};
 
 /// Declares the guest's init function and the program entry point.
 ///

@@ -39,7 +39,10 @@ impl GuestFault {
             "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP",
             "#SS", "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
         ];
-        NAMES.get(usize::from(self.vector)).copied().unwrap_or("#??")
+        NAMES
+            .get(usize::from(self.vector))
+            .copied()
+            .unwrap_or("#??")
     }
 }
 
@@ -112,7 +115,9 @@ pub enum InvalidGuest {
         segment: &'static str,
     },
     /// A loadable segment's file range lies outside the file.
-    #[error("segment {index}: file range {offset:#x}+{size:#x} is outside the {file_len}-byte file")]
+    #[error(
+        "segment {index}: file range {offset:#x}+{size:#x} is outside the {file_len}-byte file"
+    )]
     SegmentOutsideFile {
         /// Index in the program header table.
         index: usize,
@@ -350,7 +355,10 @@ pub enum HypercallFault {
 
 impl From<super::memory::OutOfRange> for HypercallFault {
     fn from(e: super::memory::OutOfRange) -> Self {
-        Self::OutOfRange { addr: e.addr, len: e.len }
+        Self::OutOfRange {
+            addr: e.addr,
+            len: e.len,
+        }
     }
 }
 

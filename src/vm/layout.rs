@@ -87,7 +87,9 @@ fn write_page_tables(ram: &GuestRam) -> Result<(), OutOfRange> {
     write_entries(ram, PML4_ADDR, &[PDPT_ADDR | table])?;
 
     let gibs = size.div_ceil(1 << 30);
-    let pdpt: Vec<u64> = (0..gibs).map(|i| (PD_ADDR + i * PAGE_SIZE) | table).collect();
+    let pdpt: Vec<u64> = (0..gibs)
+        .map(|i| (PD_ADDR + i * PAGE_SIZE) | table)
+        .collect();
     write_entries(ram, PDPT_ADDR, &pdpt)?;
 
     // 2 MiB pages for everything above the first 2 MiB; the first entry

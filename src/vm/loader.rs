@@ -91,10 +91,11 @@ impl GuestProgram {
     pub(crate) fn load(&self, ram: &GuestRam) -> Result<(), InvalidGuest> {
         for seg in &self.image.segments {
             let data = &self.image.bytes[seg.offset..seg.offset + seg.file_size];
-            ram.write(seg.vaddr, data).map_err(|_| InvalidGuest::TooLarge {
-                image_end: self.image.image_end,
-                memory_size: ram.size(),
-            })?;
+            ram.write(seg.vaddr, data)
+                .map_err(|_| InvalidGuest::TooLarge {
+                    image_end: self.image.image_end,
+                    memory_size: ram.size(),
+                })?;
         }
         Ok(())
     }
@@ -107,24 +108,42 @@ fn parse(bytes: &[u8]) -> Result<Image, InvalidGuest> {
         return Err(InvalidGuest::Parse(elf::ParseError::UnsupportedElfClass(1)));
     }
     if ehdr.e_machine != EM_X86_64 {
-        return Err(InvalidGuest::WrongMachine { machine: ehdr.e_machine });
+        return Err(InvalidGuest::WrongMachine {
+            machine: ehdr.e_machine,
+        });
     }
     if ehdr.e_type != ET_EXEC {
-        return Err(InvalidGuest::NotStaticExecutable { elf_type: ehdr.e_type });
+        return Err(InvalidGuest::NotStaticExecutable {
+            elf_type: ehdr.e_type,
+        });
     }
-    let table = file.segments().ok_or(InvalidGuest::SegmentCount { count: 0, max: MAX_SEGMENTS })?;
+    let table = file.segments().ok_or(InvalidGuest::SegmentCount {
+        count: 0,
+        max: MAX_SEGMENTS,
+    })?;
     let mut segments = Vec::new();
     let mut entry_ok = false;
     let mut image_end = USER_BASE;
     for (index, ph) in table.iter().enumerate() {
         match ph.p_type {
-            PT_INTERP => return Err(InvalidGuest::Dynamic { segment: "PT_INTERP" }),
-            PT_DYNAMIC => return Err(InvalidGuest::Dynamic { segment: "PT_DYNAMIC" }),
+            PT_INTERP => {
+                return Err(InvalidGuest::Dynamic {
+                    segment: "PT_INTERP",
+                })
+            }
+            PT_DYNAMIC => {
+                return Err(InvalidGuest::Dynamic {
+                    segment: "PT_DYNAMIC",
+                })
+            }
             PT_LOAD => {}
             _ => continue,
         }
         if segments.len() == MAX_SEGMENTS {
-            return Err(InvalidGuest::SegmentCount { count: table.len(), max: MAX_SEGMENTS });
+            return Err(InvalidGuest::SegmentCount {
+                count: table.len(),
+                max: MAX_SEGMENTS,
+            });
         }
         if ph.p_filesz > ph.p_memsz {
             return Err(InvalidGuest::SegmentSizes {
@@ -173,10 +192,20 @@ fn parse(bytes: &[u8]) -> Result<Image, InvalidGuest> {
         });
     }
     if segments.is_empty() {
-        return Err(InvalidGuest::SegmentCount { count: 0, max: MAX_SEGMENTS });
+        return Err(InvalidGuest::SegmentCount {
+            count: 0,
+            max: MAX_SEGMENTS,
+        });
     }
     if !entry_ok {
-        return Err(InvalidGuest::BadEntry { entry: ehdr.e_entry });
+        return Err(InvalidGuest::BadEntry {
+            entry: ehdr.e_entry,
+        });
     }
-    Ok(Image { bytes: Vec::new(), segments, entry: ehdr.e_entry, image_end })
+    Ok(Image {
+        bytes: Vec::new(),
+        segments,
+        entry: ehdr.e_entry,
+        image_end,
+    })
 }

@@ -96,7 +96,10 @@ pub(crate) struct Machine {
     // Field order is drop order: the vCPU and VM fds close before the RAM
     // they reference is unmapped.
     pub(crate) vcpu: VcpuFd,
-    #[allow(dead_code, reason = "owns the VM fd for the vCPU's and memslot's lifetime")]
+    #[allow(
+        dead_code,
+        reason = "owns the VM fd for the vCPU's and memslot's lifetime"
+    )]
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
 }
@@ -115,7 +118,10 @@ impl Machine {
             field: "memory_size",
             reason: format!("too small for the system area ({:#x}+{:#x})", e.addr, e.len),
         })?;
-        let vm = host.kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+        let vm = host
+            .kvm
+            .create_vm()
+            .map_err(VmError::kvm("KVM_CREATE_VM"))?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -135,9 +141,14 @@ impl Machine {
     }
 
     fn setup_vcpu(&self, host: &HostKvm, entry: u64, rsp: u64) -> Result<(), VmError> {
-        self.vcpu.set_cpuid2(&host.cpuid).map_err(VmError::kvm("KVM_SET_CPUID2"))?;
+        self.vcpu
+            .set_cpuid2(&host.cpuid)
+            .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
 
-        let mut sregs = self.vcpu.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
+        let mut sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(VmError::kvm("KVM_GET_SREGS"))?;
         let flat = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
             base: 0,
             limit: 0xFFFF_FFFF,
@@ -175,7 +186,10 @@ impl Machine {
             unusable: 0,
             padding: 0,
         };
-        sregs.ldt = kvm_segment { unusable: 1, ..Default::default() };
+        sregs.ldt = kvm_segment {
+            unusable: 1,
+            ..Default::default()
+        };
         sregs.gdt.base = GDT_ADDR;
         sregs.gdt.limit = (layout::gdt_entries().len() * 8 - 1) as u16;
         sregs.idt.base = IDT_ADDR;
@@ -190,27 +204,50 @@ impl Machine {
         }
         // LME | LMA | NXE
         sregs.efer = (1 << 8) | (1 << 10) | (1 << 11);
-        self.vcpu.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))?;
+        self.vcpu
+            .set_sregs(&sregs)
+            .map_err(VmError::kvm("KVM_SET_SREGS"))?;
 
         if let Some(xcr0) = host.xcr0 {
-            let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+            let mut xcrs = kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
             xcrs.xcrs[0].xcr = 0;
             xcrs.xcrs[0].value = xcr0;
-            self.vcpu.set_xcrs(&xcrs).map_err(VmError::kvm("KVM_SET_XCRS"))?;
+            self.vcpu
+                .set_xcrs(&xcrs)
+                .map_err(VmError::kvm("KVM_SET_XCRS"))?;
         }
 
-        let fpu = kvm_fpu { fcw: 0x37F, mxcsr: 0x1F80, ..Default::default() };
-        self.vcpu.set_fpu(&fpu).map_err(VmError::kvm("KVM_SET_FPU"))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37F,
+            mxcsr: 0x1F80,
+            ..Default::default()
+        };
+        self.vcpu
+            .set_fpu(&fpu)
+            .map_err(VmError::kvm("KVM_SET_FPU"))?;
 
-        let regs = kvm_regs { rip: entry, rsp, rflags: 0x2, ..Default::default() };
-        self.vcpu.set_regs(&regs).map_err(VmError::kvm("KVM_SET_REGS"))
+        let regs = kvm_regs {
+            rip: entry,
+            rsp,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.vcpu
+            .set_regs(&regs)
+            .map_err(VmError::kvm("KVM_SET_REGS"))
     }
 }
 
 /// `KVM_CREATE_VM` + `KVM_CREATE_VCPU` and nothing else (a baseline).
 pub(crate) fn create_empty() -> Result<(), VmError> {
     let host = host()?;
-    let vm = host.kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+    let vm = host
+        .kvm
+        .create_vm()
+        .map_err(VmError::kvm("KVM_CREATE_VM"))?;
     let _vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
     Ok(())
 }

@@ -95,7 +95,8 @@ pub(crate) struct OutOfRange {
 impl GuestRam {
     /// Maps `size` bytes of zeroed guest memory.
     pub(crate) fn new(size: u64) -> io::Result<Self> {
-        let size = usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let size =
+            usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
         let mapping = AlignedMapping::new(size)?;
         // SAFETY: `mapping` is a live mapping of exactly `size` bytes with
         // these protection and flags; it outlives `region` (field order).
@@ -136,7 +137,10 @@ impl GuestRam {
         self.check(addr, buf.len() as u64)?;
         self.region
             .read_slice(buf, MemoryRegionAddress(addr))
-            .map_err(|_| OutOfRange { addr, len: buf.len() as u64 })
+            .map_err(|_| OutOfRange {
+                addr,
+                len: buf.len() as u64,
+            })
     }
 
     /// Copies `buf` into guest memory at `addr`.
@@ -144,7 +148,10 @@ impl GuestRam {
         self.check(addr, buf.len() as u64)?;
         self.region
             .write_slice(buf, MemoryRegionAddress(addr))
-            .map_err(|_| OutOfRange { addr, len: buf.len() as u64 })
+            .map_err(|_| OutOfRange {
+                addr,
+                len: buf.len() as u64,
+            })
     }
 
     /// Reads `len` guest bytes at `addr` into a new vector, after checking the

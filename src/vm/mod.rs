@@ -168,7 +168,10 @@ impl VmInstance {
         match vm.run()? {
             Stop::Ready => vm.read_ready()?,
             Stop::Done => {
-                return Err(bad("Ready", HypercallFault::OutOfSequence("Done before Ready")));
+                return Err(bad(
+                    "Ready",
+                    HypercallFault::OutOfSequence("Done before Ready"),
+                ));
             }
         }
         Ok(vm)
@@ -217,9 +220,10 @@ impl VmInstance {
         let (ptr, len) = self.call(name, input)?;
         let len = len as usize;
         let capacity = output.len();
-        let dest = output
-            .get_mut(..len)
-            .ok_or(VmError::OutputBufferTooSmall { needed: len, capacity })?;
+        let dest = output.get_mut(..len).ok_or(VmError::OutputBufferTooSmall {
+            needed: len,
+            capacity,
+        })?;
         self.read_output(ptr, dest)?;
         Ok(len)
     }
@@ -236,12 +240,16 @@ impl VmInstance {
     /// Runs one call and returns the guest address and length of its output.
     fn call(&mut self, name: &str, input: &[u8]) -> Result<(u64, u64), VmError> {
         if self.state == VmState::Poisoned {
-            return Err(VmError::Poisoned { cause: self.poison_cause.clone() });
+            return Err(VmError::Poisoned {
+                cause: self.poison_cause.clone(),
+            });
         }
         let index = *self
             .functions
             .get(name)
-            .ok_or_else(|| VmError::UnknownFunction { name: name.to_string() })?;
+            .ok_or_else(|| VmError::UnknownFunction {
+                name: name.to_string(),
+            })?;
         let result = self.call_inner(index, input);
         result.map_err(|e| self.poison(e))
     }
@@ -251,8 +259,14 @@ impl VmInstance {
         if len > self.input_cap {
             self.grow_input(input.len())?;
         }
-        self.machine.ram.write(self.input_buf, input).map_err(|e| bad("Ready", e.into()))?;
-        self.write_words(field(offset_of!(AbiPage, request)), &[abi::REQUEST_CALL, index, len])?;
+        self.machine
+            .ram
+            .write(self.input_buf, input)
+            .map_err(|e| bad("Ready", e.into()))?;
+        self.write_words(
+            field(offset_of!(AbiPage, request)),
+            &[abi::REQUEST_CALL, index, len],
+        )?;
         self.expect_done()?;
         let [output_ptr, output_len, status, heap_used] =
             self.read_words::<4>(field(offset_of!(AbiPage, output_ptr)))?;
@@ -266,7 +280,10 @@ impl VmInstance {
             .map_err(|e| bad("Done", e.into()))?;
         if output_len > self.max_output {
             self.stats.invocations += 1;
-            return Err(VmError::OutputTooLarge { len: output_len, limit: self.max_output });
+            return Err(VmError::OutputTooLarge {
+                len: output_len,
+                limit: self.max_output,
+            });
         }
         self.stats.invocations += 1;
         Ok((output_ptr, output_len))
@@ -274,7 +291,10 @@ impl VmInstance {
 
     /// Asks the guest for an input buffer of at least `len` bytes.
     fn grow_input(&mut self, len: usize) -> Result<(), VmError> {
-        self.machine.ram.check(0, len as u64).map_err(|_| VmError::InputTooLarge { len })?;
+        self.machine
+            .ram
+            .check(0, len as u64)
+            .map_err(|_| VmError::InputTooLarge { len })?;
         self.write_words(
             field(offset_of!(AbiPage, request)),
             &[abi::REQUEST_GROW_INPUT, 0, len as u64],
@@ -293,7 +313,10 @@ impl VmInstance {
     fn expect_done(&mut self) -> Result<(), VmError> {
         match self.run()? {
             Stop::Done => Ok(()),
-            Stop::Ready => Err(bad("Ready", HypercallFault::OutOfSequence("Ready after init"))),
+            Stop::Ready => Err(bad(
+                "Ready",
+                HypercallFault::OutOfSequence("Ready after init"),
+            )),
         }
     }
 
@@ -310,14 +333,25 @@ impl VmInstance {
         let [version_words] = self.read_words::<1>(field(offset_of!(AbiPage, version)))?;
         let guest_version = (version_words >> 32) as u32;
         if guest_version != abi::ABI_VERSION {
-            return Err(VmError::AbiMismatch { guest: guest_version, host: abi::ABI_VERSION });
+            return Err(VmError::AbiMismatch {
+                guest: guest_version,
+                host: abi::ABI_VERSION,
+            });
         }
         let [table, count] = self.read_words::<2>(field(offset_of!(AbiPage, func_table)))?;
         if count > abi::MAX_FUNCTIONS {
-            return Err(bad("Ready", HypercallFault::TooLong { len: count, limit: abi::MAX_FUNCTIONS }));
+            return Err(bad(
+                "Ready",
+                HypercallFault::TooLong {
+                    len: count,
+                    limit: abi::MAX_FUNCTIONS,
+                },
+            ));
         }
         let ram = &self.machine.ram;
-        let entries = ram.read_vec(table, count * 16).map_err(|e| bad("Ready", e.into()))?;
+        let entries = ram
+            .read_vec(table, count * 16)
+            .map_err(|e| bad("Ready", e.into()))?;
         let mut functions = HashMap::with_capacity(count as usize);
         for (index, entry) in entries.chunks_exact(16).enumerate() {
             let ptr = u64::from_le_bytes(entry[..8].try_into().expect("8-byte slice"));
@@ -337,7 +371,10 @@ impl VmInstance {
 
     fn read_input_buffer(&mut self) -> Result<(), VmError> {
         let [buf, cap] = self.read_words::<2>(field(offset_of!(AbiPage, input_buf)))?;
-        self.machine.ram.check(buf, cap).map_err(|e| bad("Ready", e.into()))?;
+        self.machine
+            .ram
+            .check(buf, cap)
+            .map_err(|e| bad("Ready", e.into()))?;
         self.input_buf = buf;
         self.input_cap = cap;
         Ok(())
@@ -393,7 +430,9 @@ impl VmInstance {
                 },
                 PORT_FAULT => return Err(self.read_fault()),
                 _ => {
-                    return Err(VmError::UnexpectedExit { exit: format!("write to I/O port {port:#x}") })
+                    return Err(VmError::UnexpectedExit {
+                        exit: format!("write to I/O port {port:#x}"),
+                    })
                 }
             }
         }
@@ -403,7 +442,8 @@ impl VmInstance {
         let [level, ptr, len] = self.read_words::<3>(ARGS)?;
         let ram = &self.machine.ram;
         ram.check(ptr, len).map_err(|e| bad("Log", e.into()))?;
-        let text = read_str(ram, ptr, len.min(MAX_LOG), MAX_LOG, true).map_err(|e| bad("Log", e))?;
+        let text =
+            read_str(ram, ptr, len.min(MAX_LOG), MAX_LOG, true).map_err(|e| bad("Log", e))?;
         let level = match level {
             1 => log::Level::Error,
             2 => log::Level::Warn,
@@ -420,8 +460,11 @@ impl VmInstance {
         let ram = &self.machine.ram;
         let name = read_str(ram, name_ptr, name_len, abi::MAX_FUNCTION_NAME, false)
             .map_err(|e| bad("HostCall", e))?;
-        let input = ram.read_vec(in_ptr, in_len).map_err(|e| bad("HostCall", e.into()))?;
-        ram.check(out_ptr, out_cap).map_err(|e| bad("HostCall", e.into()))?;
+        let input = ram
+            .read_vec(in_ptr, in_len)
+            .map_err(|e| bad("HostCall", e.into()))?;
+        ram.check(out_ptr, out_cap)
+            .map_err(|e| bad("HostCall", e.into()))?;
         let (status, result) = match self.host_functions.get(&name) {
             None => (abi::HOST_CALL_UNKNOWN, Vec::new()),
             Some(f) => match f(&input) {
@@ -431,7 +474,10 @@ impl VmInstance {
         };
         let len = result.len() as u64;
         if len <= out_cap {
-            self.machine.ram.write(out_ptr, &result).map_err(|e| bad("HostCall", e.into()))?;
+            self.machine
+                .ram
+                .write(out_ptr, &result)
+                .map_err(|e| bad("HostCall", e.into()))?;
             self.pending_host_result = None;
             self.write_words(RET, &[status, len])
         } else {
@@ -454,20 +500,30 @@ impl VmInstance {
             self.pending_host_result = Some(result);
             return self.write_words(RET, &[status, len]);
         }
-        self.machine.ram.write(ptr, &result).map_err(|e| bad("HostResult", e.into()))?;
+        self.machine
+            .ram
+            .write(ptr, &result)
+            .map_err(|e| bad("HostResult", e.into()))?;
         self.write_words(RET, &[self.pending_status, len])
     }
 
     fn hypercall_panic(&mut self) -> VmError {
         let result = (|| {
-            let [msg_ptr, msg_len, file_ptr, file_len, line, column] = self.read_words::<6>(ARGS)?;
+            let [msg_ptr, msg_len, file_ptr, file_len, line, column] =
+                self.read_words::<6>(ARGS)?;
             let ram = &self.machine.ram;
-            let message = read_str(ram, msg_ptr, msg_len, MAX_MESSAGE, true).map_err(|e| bad("Panic", e))?;
+            let message =
+                read_str(ram, msg_ptr, msg_len, MAX_MESSAGE, true).map_err(|e| bad("Panic", e))?;
             let location = if file_len == 0 {
                 None
             } else {
-                let file = read_str(ram, file_ptr, file_len, MAX_FILE_NAME, true).map_err(|e| bad("Panic", e))?;
-                Some(PanicLocation { file, line: line as u32, column: column as u32 })
+                let file = read_str(ram, file_ptr, file_len, MAX_FILE_NAME, true)
+                    .map_err(|e| bad("Panic", e))?;
+                Some(PanicLocation {
+                    file,
+                    line: line as u32,
+                    column: column as u32,
+                })
             };
             Ok(VmError::GuestPanic { message, location })
         })();
@@ -477,7 +533,8 @@ impl VmInstance {
     fn hypercall_abort(&mut self) -> VmError {
         let result = (|| {
             let [ptr, len] = self.read_words::<2>(ARGS)?;
-            let message = read_str(&self.machine.ram, ptr, len, MAX_MESSAGE, true).map_err(|e| bad("Abort", e))?;
+            let message = read_str(&self.machine.ram, ptr, len, MAX_MESSAGE, true)
+                .map_err(|e| bad("Abort", e))?;
             Ok(VmError::GuestAbort { message })
         })();
         result.unwrap_or_else(|e| e)
@@ -487,20 +544,33 @@ impl VmInstance {
     fn read_fault(&mut self) -> VmError {
         let regs = match self.machine.vcpu.get_regs() {
             Ok(regs) => regs,
-            Err(source) => return VmError::Kvm { step: "KVM_GET_REGS", source },
+            Err(source) => {
+                return VmError::Kvm {
+                    step: "KVM_GET_REGS",
+                    source,
+                }
+            }
         };
         let sregs = match self.machine.vcpu.get_sregs() {
             Ok(sregs) => sregs,
-            Err(source) => return VmError::Kvm { step: "KVM_GET_SREGS", source },
+            Err(source) => {
+                return VmError::Kvm {
+                    step: "KVM_GET_SREGS",
+                    source,
+                }
+            }
         };
         // Frame: vector, error code, then what the CPU pushed (RIP, CS, ...).
         let mut frame = [0u8; 24];
         if self.machine.ram.read(regs.rsp, &mut frame).is_err()
             || !(abi::SYSTEM_AREA_START..abi::SYSTEM_AREA_END).contains(&regs.rsp)
         {
-            return VmError::UnexpectedExit { exit: format!("fault exit with stack pointer {:#x}", regs.rsp) };
+            return VmError::UnexpectedExit {
+                exit: format!("fault exit with stack pointer {:#x}", regs.rsp),
+            };
         }
-        let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let word =
+            |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         let vector = word(0) as u8;
         VmError::GuestFault(GuestFault {
             vector,
@@ -559,9 +629,14 @@ pub(crate) fn io_exit(
         Ok(VcpuExit::IoIn(port, _)) => Err(VmError::UnexpectedExit {
             exit: format!("read from I/O port {port:#x}"),
         }),
-        Ok(other) => Err(VmError::UnexpectedExit { exit: format!("{other:?}") }),
+        Ok(other) => Err(VmError::UnexpectedExit {
+            exit: format!("{other:?}"),
+        }),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
-        Err(source) => Err(VmError::Kvm { step: "KVM_RUN", source }),
+        Err(source) => Err(VmError::Kvm {
+            step: "KVM_RUN",
+            source,
+        }),
     }
 }
 

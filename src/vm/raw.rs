@@ -16,10 +16,13 @@ impl RawGuest {
     /// Builds a VM of `memory_size` bytes running `code` at CPL3.
     pub fn new(code: &[u8], memory_size: u64) -> Result<Self, VmError> {
         let machine = Machine::new(memory_size, USER_BASE, STACK_TOP - 8)?;
-        machine.ram.write(USER_BASE, code).map_err(|e| VmError::InvalidConfig {
-            field: "code",
-            reason: format!("does not fit at {:#x}", e.addr),
-        })?;
+        machine
+            .ram
+            .write(USER_BASE, code)
+            .map_err(|e| VmError::InvalidConfig {
+                field: "code",
+                reason: format!("does not fit at {:#x}", e.addr),
+            })?;
         Ok(Self { machine })
     }
 
@@ -38,7 +41,8 @@ impl RawGuest {
         let vcpu = &self.machine.vcpu;
         let mut sregs = vcpu.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
         sregs.idt.limit = 0;
-        vcpu.set_sregs(&sregs).map_err(VmError::kvm("KVM_SET_SREGS"))
+        vcpu.set_sregs(&sregs)
+            .map_err(VmError::kvm("KVM_SET_SREGS"))
     }
 }
 

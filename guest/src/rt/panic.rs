@@ -45,7 +45,12 @@ fn on_panic(info: &PanicInfo<'_>) -> ! {
         .location()
         .map_or(("", 0, 0), |l| (l.file(), l.line(), l.column()));
     if nested {
-        super::report_panic("panicked while formatting a panic message", file, line, column);
+        super::report_panic(
+            "panicked while formatting a panic message",
+            file,
+            line,
+            column,
+        );
     }
     // SAFETY: single-threaded guest, and a panic never returns, so this is the
     // only live reference to the buffer (a nested panic is caught above).
