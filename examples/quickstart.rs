@@ -18,7 +18,12 @@ impl log::Log for PrintLogger {
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            println!("  [{} {}] {}", record.level(), record.target(), record.args());
+            println!(
+                "  [{} {}] {}",
+                record.level(),
+                record.target(),
+                record.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -68,7 +73,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             t.elapsed()
         })
         .collect();
-    println!("empty invoke: median {:?} over {} calls", median(samples), 2000);
+    println!(
+        "empty invoke: median {:?} over {} calls",
+        median(samples),
+        2000
+    );
 
     let input = vec![0x5Au8; 1 << 20];
     let mut output = vec![0u8; 1 << 20];
@@ -86,6 +95,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => println!("unknown function -> {e}"),
         Ok(_) => unreachable!("the guest exports no such function"),
     }
-    println!("VM state: {:?}, {} calls served", vm.state(), vm.stats().invocations);
+    println!(
+        "VM state: {:?}, {} calls served",
+        vm.state(),
+        vm.stats().invocations
+    );
     Ok(())
 }

@@ -26,7 +26,10 @@ fn phdrs(b: &[u8]) -> (Vec<usize>, usize) {
     let phoff = u64_at(b, 32) as usize;
     let count = usize::from(u16_at(b, 56));
     let all: Vec<usize> = (0..count).map(|i| phoff + i * 56).collect();
-    let load = *all.iter().find(|&&p| b[p..p + 4] == 1u32.to_le_bytes()).unwrap();
+    let load = *all
+        .iter()
+        .find(|&&p| b[p..p + 4] == 1u32.to_le_bytes())
+        .unwrap();
     (all, load)
 }
 
@@ -47,7 +50,10 @@ fn truncated_files_are_rejected() {
     for len in [0, 1, 16, 63, 64, load + 20, full.len() / 2, full.len() - 1] {
         let err = reject(full[..len].to_vec());
         assert!(
-            matches!(err, InvalidGuest::Parse(_) | InvalidGuest::SegmentOutsideFile { .. }),
+            matches!(
+                err,
+                InvalidGuest::Parse(_) | InvalidGuest::SegmentOutsideFile { .. }
+            ),
             "length {len}: {err:?}"
         );
     }
@@ -57,14 +63,20 @@ fn truncated_files_are_rejected() {
 fn wrong_machine_is_rejected() {
     let mut b = elf();
     b[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
-    assert!(matches!(reject(b), InvalidGuest::WrongMachine { machine: 183 }));
+    assert!(matches!(
+        reject(b),
+        InvalidGuest::WrongMachine { machine: 183 }
+    ));
 }
 
 #[test]
 fn position_independent_executables_are_rejected() {
     let mut b = elf();
     b[16..18].copy_from_slice(&3u16.to_le_bytes()); // ET_DYN
-    assert!(matches!(reject(b), InvalidGuest::NotStaticExecutable { elf_type: 3 }));
+    assert!(matches!(
+        reject(b),
+        InvalidGuest::NotStaticExecutable { elf_type: 3 }
+    ));
 }
 
 #[test]
@@ -85,7 +97,10 @@ fn segments_outside_the_program_area_are_rejected() {
         let (_, load) = phdrs(&b);
         put_u64(&mut b, load + 16, vaddr);
         assert!(
-            matches!(reject(b), InvalidGuest::SegmentOutOfRange { .. } | InvalidGuest::BadEntry { .. }),
+            matches!(
+                reject(b),
+                InvalidGuest::SegmentOutOfRange { .. } | InvalidGuest::BadEntry { .. }
+            ),
             "vaddr {vaddr:#x}"
         );
     }
@@ -112,7 +127,10 @@ fn absurd_sizes_are_rejected() {
 fn an_entry_point_outside_executable_segments_is_rejected() {
     let mut b = elf();
     put_u64(&mut b, 24, 0x1000);
-    assert!(matches!(reject(b), InvalidGuest::BadEntry { entry: 0x1000 }));
+    assert!(matches!(
+        reject(b),
+        InvalidGuest::BadEntry { entry: 0x1000 }
+    ));
 }
 
 #[test]
@@ -122,7 +140,10 @@ fn a_program_larger_than_guest_memory_is_rejected_by_validation() {
     let memsz = u64_at(&b, load + 40);
     put_u64(&mut b, load + 40, memsz + (8 << 20)); // a large .bss
     let config = VmConfig::new(GuestProgram::from_bytes(b).unwrap()).memory_size(8 << 20);
-    assert!(matches!(config.validate(), Err(VmError::InvalidGuest(InvalidGuest::TooLarge { .. }))));
+    assert!(matches!(
+        config.validate(),
+        Err(VmError::InvalidGuest(InvalidGuest::TooLarge { .. }))
+    ));
 }
 
 #[test]

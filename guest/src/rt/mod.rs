@@ -167,7 +167,7 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
                 let want = abi_read!(input_len) as usize;
                 let grown = want
                     .checked_sub(input.len())
-                    .map_or(true, |extra| input.try_reserve_exact(extra).is_ok());
+                    .is_none_or(|extra| input.try_reserve_exact(extra).is_ok());
                 if grown && want > input.len() {
                     input.resize(want, 0);
                 }

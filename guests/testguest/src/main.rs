@@ -59,7 +59,9 @@ fn null_deref(_: &[u8]) -> Vec<u8> {
 
 fn div_zero(_: &[u8]) -> Vec<u8> {
     // SAFETY: deliberately raises #DE; touches no memory.
-    unsafe { asm!("xor edx, edx", "xor ecx, ecx", "mov eax, 1", "div ecx", out("eax") _, out("ecx") _, out("edx") _) };
+    unsafe {
+        asm!("xor edx, edx", "xor ecx, ecx", "mov eax, 1", "div ecx", out("eax") _, out("ecx") _, out("edx") _)
+    };
     Vec::new()
 }
 
@@ -134,7 +136,14 @@ fn overflowing_length(_: &[u8]) -> Vec<u8> {
     let name = b"double";
     raw_hypercall(
         Hypercall::HostCall as u32,
-        &[name.as_ptr() as u64, name.len() as u64, 0x20_0000, u64::MAX - 0x1000, 0x20_0000, 16],
+        &[
+            name.as_ptr() as u64,
+            name.len() as u64,
+            0x20_0000,
+            u64::MAX - 0x1000,
+            0x20_0000,
+            16,
+        ],
     );
     Vec::new()
 }
@@ -181,7 +190,10 @@ fn log(input: &[u8]) -> Vec<u8> {
 /// Calls the host function named by the input's first line with the rest,
 /// and returns `ok:<output>` or `err:<description>`.
 fn host_call(input: &[u8]) -> Vec<u8> {
-    let split = input.iter().position(|&b| b == b'\n').unwrap_or(input.len());
+    let split = input
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(input.len());
     let name = core::str::from_utf8(&input[..split]).unwrap_or("");
     let arg = input.get(split + 1..).unwrap_or(&[]);
     match snapvm_guest::host::call(name, arg) {
