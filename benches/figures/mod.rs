@@ -29,7 +29,17 @@ pub enum Target {
     /// `value / baseline` (or `value` when there is no baseline) must be <= this.
     AtMost(f64),
     /// `value / baseline` (or `value`) must be >= this.
+    #[allow(dead_code, reason = "for throughput figures, e.g. the store's")]
     AtLeast(f64),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::AtMost(limit) => write!(f, "<= {limit}"),
+            Target::AtLeast(limit) => write!(f, ">= {limit}"),
+        }
+    }
 }
 
 /// One line of the report.
@@ -45,12 +55,33 @@ pub struct Figure {
     pub baseline: Option<(String, f64)>,
     /// The target, if the figure has one.
     pub target: Option<Target>,
+    /// The noise around `value`: its 10th and 90th percentiles, when the
+    /// value is a median of samples.
+    pub spread: Option<(f64, f64)>,
+    /// Number of samples behind `value`, when it is a statistic of samples.
+    pub samples: Option<usize>,
 }
 
 impl Figure {
     /// A figure with no baseline and no target.
     pub fn plain(name: &str, value: f64, unit: &'static str) -> Self {
-        Self { name: name.to_string(), value, unit, baseline: None, target: None }
+        Self {
+            name: name.to_string(),
+            value,
+            unit,
+            baseline: None,
+            target: None,
+            spread: None,
+            samples: None,
+        }
+    }
+
+    /// A figure whose value is the median of `stats`, with its spread.
+    pub fn of(name: &str, stats: &Stats, unit: &'static str) -> Self {
+        let mut figure = Self::plain(name, stats.median, unit);
+        figure.spread = Some((stats.p10, stats.p90));
+        figure.samples = Some(stats.count);
+        figure
     }
 
     /// Adds the baseline figure `base` (its name and value).
@@ -80,7 +111,47 @@ impl Figure {
     }
 }
 
+/// Median and spread of a set of samples.
+#[derive(Clone, Copy, Debug)]
+pub struct Stats {
+    /// The median.
+    pub median: f64,
+    /// The 10th percentile.
+    pub p10: f64,
+    /// The 90th percentile.
+    pub p90: f64,
+    /// How many samples.
+    pub count: usize,
+}
+
+impl Stats {
+    /// Statistics of `values` (sorted in place).
+    pub fn of(values: &mut [f64]) -> Self {
+        assert!(!values.is_empty(), "no samples");
+        values.sort_by(f64::total_cmp);
+        let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+        let (p10, p90) = (at(0.1), at(0.9));
+        Self {
+            median: median(values),
+            p10,
+            p90,
+            count: values.len(),
+        }
+    }
+}
+
+/// Wall time of one run of `f`, in µs.
+pub fn time_us(f: impl FnOnce()) -> f64 {
+    let start = Instant::now();
+    f();
+    start.elapsed().as_secs_f64() * 1e6
+}
+
 /// Median of `samples` in microseconds.
+#[allow(
+    dead_code,
+    reason = "helper for the figure modules; not every module uses it"
+)]
 pub fn median_us(samples: &mut [Duration]) -> f64 {
     assert!(!samples.is_empty(), "no samples");
     samples.sort_unstable();
@@ -88,6 +159,10 @@ pub fn median_us(samples: &mut [Duration]) -> f64 {
 }
 
 /// Runs `f` `n` times and returns the median wall time of one run, in µs.
+#[allow(
+    dead_code,
+    reason = "helper for the figure modules; not every module uses it"
+)]
 pub fn time_median_us(n: usize, mut f: impl FnMut()) -> f64 {
     let mut samples: Vec<Duration> = (0..n)
         .map(|_| {
