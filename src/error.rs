@@ -1,7 +1,8 @@
 //! The crate-level error: one variant per primitive, each wrapping that
 //! module's own error enum.
 
-use crate::vm::VmError;
+use crate::snapshot::SnapshotError;
+use crate::vm::{InvalidGuest, VmError};
 
 /// Any error snapvm returns. Match on the variant to reach the module's own
 /// error type, or use the module error directly where only one primitive is
@@ -12,6 +13,15 @@ pub enum Error {
     /// A VM failed to start, a guest failed, or KVM refused something.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// A snapshot could not be taken, saved, loaded or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+impl From<InvalidGuest> for Error {
+    fn from(e: InvalidGuest) -> Self {
+        Self::Vm(VmError::InvalidGuest(e))
+    }
 }
 
 /// `Result` with [`Error`].

@@ -48,13 +48,15 @@
 //! None yet: the default build is the whole library.
 
 pub mod error;
+pub mod snapshot;
 pub mod vm;
 
 /// The host/guest ABI, shared with the `snapvm-guest` crate.
 pub use snapvm_guest::abi;
 
 pub use error::{Error, Result};
+pub use snapshot::{RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
 pub use vm::{
-    GuestFault, GuestProgram, InvalidGuest, PanicLocation, VmConfig, VmError, VmInstance, VmState,
-    VmStats,
+    Generation, GuestFault, GuestProgram, InvalidGuest, PanicLocation, VmConfig, VmError,
+    VmInstance, VmState, VmStats,
 };

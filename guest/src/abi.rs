@@ -190,6 +190,11 @@ pub struct AbiPage {
     pub args: [u64; 8],
     /// Hypercall results (host → guest).
     pub ret: [u64; 4],
+    /// Generation of this VM lifetime (host → guest): a new random value at
+    /// boot and at every restore, written before the guest runs again.
+    pub generation: u64,
+    /// 256 bits of fresh entropy (host → guest), written with `generation`.
+    pub entropy: [u64; 4],
 }
 
 // Pin the ABI: a change to any of these values is a breaking ABI change.
@@ -201,9 +206,10 @@ const _: () = {
     assert!(STACK_TOP == 0x20_0000 && USER_BASE == 0x20_0000);
     assert!(PORT_HYPERCALL == 0xF0 && PORT_FAULT == 0xF8);
     assert!(core::mem::size_of::<FuncEntry>() == 16);
-    assert!(core::mem::size_of::<AbiPage>() == 224);
+    assert!(core::mem::size_of::<AbiPage>() == 264);
     assert!(core::mem::size_of::<AbiPage>() as u64 <= PAGE_SIZE);
     assert!(core::mem::offset_of!(AbiPage, request) == 72);
     assert!(core::mem::offset_of!(AbiPage, args) == 128);
     assert!(core::mem::offset_of!(AbiPage, ret) == 192);
+    assert!(core::mem::offset_of!(AbiPage, generation) == 224);
 };

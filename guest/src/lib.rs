@@ -39,7 +39,10 @@ pub mod abi;
 mod rt;
 
 #[cfg(feature = "runtime")]
-pub use rt::{__start, abort, heap_used, host, log_message, Exports, GuestFn, LogLevel};
+pub use rt::{
+    __start, abort, generation, heap_used, host, log_message, on_restore, random_bytes, random_u64,
+    Exports, GuestFn, LogLevel,
+};
 
 /// Declares the guest's init function and the program entry point.
 ///

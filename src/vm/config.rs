@@ -49,6 +49,7 @@ pub struct VmConfig {
     pub(crate) timeout: Option<Duration>,
     pub(crate) max_output: u64,
     pub(crate) host_functions: Arc<HashMap<String, Arc<HostFn>>>,
+    pub(crate) dirty_tracking: bool,
 }
 
 impl fmt::Debug for VmConfig {
@@ -61,6 +62,7 @@ impl fmt::Debug for VmConfig {
             .field("timeout", &self.timeout)
             .field("max_output", &self.max_output)
             .field("host_functions", &names)
+            .field("dirty_tracking", &self.dirty_tracking)
             .finish()
     }
 }
@@ -75,6 +77,7 @@ impl VmConfig {
             timeout: Some(DEFAULT_TIMEOUT),
             max_output: DEFAULT_MAX_OUTPUT,
             host_functions: Arc::default(),
+            dirty_tracking: false,
         }
     }
 
@@ -110,9 +113,29 @@ impl VmConfig {
         self
     }
 
+    /// Tracks the guest pages written after a snapshot (KVM dirty logging),
+    /// so [`VmInstance::snapshot_diff`](super::VmInstance::snapshot_diff)
+    /// can capture only those. Off by default: on hosts without hardware
+    /// dirty logging every first write to a page after a snapshot costs an
+    /// extra fault.
+    pub fn dirty_tracking(mut self, on: bool) -> Self {
+        self.dirty_tracking = on;
+        self
+    }
+
     /// The guest program.
     pub fn program(&self) -> &GuestProgram {
         &self.program
+    }
+
+    /// The configured guest memory size in bytes.
+    pub fn memory_size_bytes(&self) -> u64 {
+        self.memory_size
+    }
+
+    /// Whether dirty-page tracking is on (see [`Self::dirty_tracking`]).
+    pub fn dirty_tracking_enabled(&self) -> bool {
+        self.dirty_tracking
     }
 
     /// Checks every setting; `VmInstance::new` calls this before creating

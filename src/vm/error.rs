@@ -213,6 +213,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// The operating system could not provide fresh entropy.
+    #[error("cannot read fresh entropy from the operating system")]
+    Entropy(#[source] std::io::Error),
     /// The per-thread timeout timer could not be created or armed.
     #[error("cannot set up the timeout timer")]
     Timer(#[source] std::io::Error),

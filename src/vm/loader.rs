@@ -12,6 +12,7 @@ use elf::abi::{EM_X86_64, ET_EXEC, PF_X, PT_DYNAMIC, PT_INTERP, PT_LOAD};
 use elf::endian::LittleEndian;
 use elf::file::Class;
 use elf::ElfBytes;
+use sha2::Digest;
 
 use super::error::InvalidGuest;
 use super::memory::GuestRam;
@@ -32,6 +33,7 @@ struct Segment {
 
 #[derive(Debug)]
 struct Image {
+    digest: [u8; 32],
     bytes: Vec<u8>,
     segments: Vec<Segment>,
     entry: u64,
@@ -61,8 +63,18 @@ impl GuestProgram {
         let bytes = bytes.into();
         let parsed = parse(&bytes)?;
         Ok(Self {
-            image: Arc::new(Image { bytes, ..parsed }),
+            image: Arc::new(Image {
+                digest: sha2::Sha256::digest(&bytes).into(),
+                bytes,
+                ..parsed
+            }),
         })
+    }
+
+    /// SHA-256 of the ELF file: snapshots record it, and restoring checks
+    /// that the config runs the same program.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.image.digest
     }
 
     /// The entry point address.
@@ -203,6 +215,7 @@ fn parse(bytes: &[u8]) -> Result<Image, InvalidGuest> {
         });
     }
     Ok(Image {
+        digest: [0; 32],
         bytes: Vec::new(),
         segments,
         entry: ehdr.e_entry,

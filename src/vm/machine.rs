@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use kvm_bindings::{
     kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId,
-    KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -102,6 +102,7 @@ pub(crate) struct Machine {
     )]
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
+    dirty_log: bool,
 }
 
 impl Machine {
@@ -109,7 +110,6 @@ impl Machine {
     /// system area written and the vCPU in 64-bit mode at CPL3, about to
     /// execute `entry` with the stack pointer `rsp`.
     pub(crate) fn new(memory_size: u64, entry: u64, rsp: u64) -> Result<Self, VmError> {
-        let host = host()?;
         let ram = GuestRam::new(memory_size).map_err(|source| VmError::MapMemory {
             size: memory_size,
             source,
@@ -118,26 +118,67 @@ impl Machine {
             field: "memory_size",
             reason: format!("too small for the system area ({:#x}+{:#x})", e.addr, e.len),
         })?;
+        let machine = Self::create(ram, false)?;
+        machine.setup_vcpu(host()?, entry, rsp)?;
+        Ok(machine)
+    }
+
+    /// Creates a VM and one vCPU over `ram`, registered as memory slot 0,
+    /// with dirty-page logging if asked. The vCPU state is KVM's reset state.
+    pub(crate) fn create(ram: GuestRam, dirty_log: bool) -> Result<Self, VmError> {
+        let host = host()?;
         let vm = host
             .kvm
             .create_vm()
             .map_err(VmError::kvm("KVM_CREATE_VM"))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_addr(),
-        };
-        // SAFETY: the region describes `ram`, a live mapping of exactly
-        // `memory_size` bytes that outlives the VM fd (field order of
-        // `Machine`), and it is registered in slot 0 of a VM with no other slots.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        set_memslot(&vm, &ram, dirty_log)?;
         let vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
-        let machine = Self { vcpu, vm, ram };
-        machine.setup_vcpu(host, entry, rsp)?;
-        Ok(machine)
+        Ok(Self {
+            vcpu,
+            vm,
+            ram,
+            dirty_log,
+        })
+    }
+
+    /// Turns dirty-page logging of guest memory on or off.
+    pub(crate) fn set_dirty_log(&mut self, on: bool) -> Result<(), VmError> {
+        if self.dirty_log != on {
+            set_memslot(&self.vm, &self.ram, on)?;
+            self.dirty_log = on;
+        }
+        Ok(())
+    }
+
+    /// Returns (and clears) the bitmap of pages the guest wrote since the
+    /// last call, one bit per 4 KiB page. Requires dirty logging.
+    pub(crate) fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
+        self.vm
+            .get_dirty_log(0, self.ram.size() as usize)
+            .map_err(VmError::kvm("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// The CPUID a vCPU on this host actually presents after being given
+    /// everything KVM reports as supported. Some KVM implementations (PVM)
+    /// present more than `KVM_GET_SUPPORTED_CPUID` lists, so snapshots are
+    /// checked against this, read once per process from a probe vCPU.
+    pub(crate) fn effective_cpuid() -> Result<&'static CpuId, VmError> {
+        static EFFECTIVE: OnceLock<CpuId> = OnceLock::new();
+        if let Some(cpuid) = EFFECTIVE.get() {
+            return Ok(cpuid);
+        }
+        let host = host()?;
+        let vm = host
+            .kvm
+            .create_vm()
+            .map_err(VmError::kvm("KVM_CREATE_VM"))?;
+        let vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&host.cpuid)
+            .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
+        let cpuid = vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::kvm("KVM_GET_CPUID2"))?;
+        Ok(EFFECTIVE.get_or_init(|| cpuid))
     }
 
     fn setup_vcpu(&self, host: &HostKvm, entry: u64, rsp: u64) -> Result<(), VmError> {
@@ -239,6 +280,24 @@ impl Machine {
             .set_regs(&regs)
             .map_err(VmError::kvm("KVM_SET_REGS"))
     }
+}
+
+fn set_memslot(vm: &VmFd, ram: &GuestRam, dirty_log: bool) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_addr(),
+    };
+    // SAFETY: the region describes `ram`, a live mapping of exactly its size
+    // that outlives the VM fd (field order of `Machine`), registered (or
+    // re-registered with other flags) as slot 0, the VM's only slot.
+    unsafe { vm.set_user_memory_region(region) }.map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))
 }
 
 /// `KVM_CREATE_VM` + `KVM_CREATE_VCPU` and nothing else (a baseline).

@@ -3,6 +3,7 @@
 //! the rest of the crate goes through bounds-checked `vm-memory` calls.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use vm_memory::{Bytes, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
@@ -22,8 +23,18 @@ unsafe impl Send for AlignedMapping {}
 // goes through `vm-memory`'s volatile accessors.
 unsafe impl Sync for AlignedMapping {}
 
+/// What backs guest memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Backing<'a> {
+    /// Zeroed anonymous memory, advised for transparent huge pages.
+    Anonymous,
+    /// A private copy-on-write mapping of `len` bytes of a file at `offset`:
+    /// reads come from the file (sharing its page cache), writes stay private.
+    File { fd: BorrowedFd<'a>, offset: u64 },
+}
+
 impl AlignedMapping {
-    fn new(size: usize) -> io::Result<Self> {
+    fn new(size: usize, backing: Backing<'_>) -> io::Result<Self> {
         let align = HUGE_PAGE_SIZE as usize;
         let padded = size
             .checked_add(align)
@@ -46,6 +57,29 @@ impl AlignedMapping {
         }
         let start = raw as usize;
         let aligned = start.next_multiple_of(align);
+        if let Backing::File { fd, offset } = backing {
+            let offset = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: replaces `[aligned, aligned + size)`, which lies inside
+            // the reservation made above and is owned by no one else, with a
+            // private mapping of the file (MAP_FIXED over our own pages).
+            let mapped = unsafe {
+                libc::mmap(
+                    aligned as *mut libc::c_void,
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    fd.as_raw_fd(),
+                    offset,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                let err = io::Error::last_os_error();
+                // SAFETY: unmapping the whole reservation made above.
+                unsafe { libc::munmap(raw, padded) };
+                return Err(err);
+            }
+        }
         let head = aligned - start;
         let tail = padded - head - size;
         // SAFETY: `[start, start + head)` and `[aligned + size, start + padded)`
@@ -93,11 +127,16 @@ pub(crate) struct OutOfRange {
 }
 
 impl GuestRam {
-    /// Maps `size` bytes of zeroed guest memory.
+    /// Maps `size` bytes of zeroed anonymous guest memory.
     pub(crate) fn new(size: u64) -> io::Result<Self> {
+        Self::with_backing(size, Backing::Anonymous)
+    }
+
+    /// Maps `size` bytes of guest memory with the given backing.
+    pub(crate) fn with_backing(size: u64, backing: Backing<'_>) -> io::Result<Self> {
         let size =
             usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        let mapping = AlignedMapping::new(size)?;
+        let mapping = AlignedMapping::new(size, backing)?;
         // SAFETY: `mapping` is a live mapping of exactly `size` bytes with
         // these protection and flags; it outlives `region` (field order).
         let mmap = unsafe {
@@ -161,5 +200,84 @@ impl GuestRam {
         let mut out = vec![0u8; len as usize];
         self.read(addr, &mut out)?;
         Ok(out)
+    }
+
+    /// Which 4 KiB pages are resident (have ever been touched), one byte per
+    /// page with bit 0 set for resident pages.
+    pub(crate) fn resident_pages(&self) -> io::Result<Vec<u8>> {
+        let pages = self.mapping.size / crate::abi::PAGE_SIZE as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range is our own live mapping and `vec` has one byte
+        // per page of it, as `mincore` requires.
+        let rc = unsafe {
+            libc::mincore(
+                self.mapping.addr.as_ptr().cast(),
+                self.mapping.size,
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(vec)
+    }
+
+    /// The whole of guest memory as a byte slice.
+    ///
+    /// # Safety
+    /// The vCPU must not run while the slice is alive (guest writes would
+    /// alias it). Callers hold `&mut` to the VM, which keeps the vCPU stopped.
+    pub(crate) unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is live for `&self`'s lifetime, readable, and
+        // the caller guarantees nothing writes to it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.mapping.addr.as_ptr(), self.mapping.size) }
+    }
+
+    /// Copies `src` into guest memory at `addr` with a plain `memcpy`
+    /// (faster than the volatile copy for large restores).
+    pub(crate) fn copy_in(&self, addr: u64, src: &[u8]) -> Result<(), OutOfRange> {
+        self.check(addr, src.len() as u64)?;
+        // SAFETY: the range was checked to lie inside our live mapping; `src`
+        // is host memory outside guest RAM (the snapshot image), so the
+        // regions do not overlap; the vCPU is stopped (callers hold `&mut`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                self.mapping.addr.as_ptr().add(addr as usize),
+                src.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes of guest memory at `addr`.
+    pub(crate) fn zero(&self, addr: u64, len: u64) -> Result<(), OutOfRange> {
+        self.check(addr, len)?;
+        // SAFETY: the range was checked to lie inside our live mapping.
+        unsafe {
+            std::ptr::write_bytes(
+                self.mapping.addr.as_ptr().add(addr as usize),
+                0,
+                len as usize,
+            )
+        };
+        Ok(())
+    }
+
+    /// Drops the contents of the whole memory: anonymous memory reads back
+    /// as zeroes, a private file mapping as the file's contents.
+    pub(crate) fn discard_all(&self) -> io::Result<()> {
+        // SAFETY: our own live mapping; MADV_DONTNEED only drops its pages.
+        let rc = unsafe {
+            libc::madvise(
+                self.mapping.addr.as_ptr().cast(),
+                self.mapping.size,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }

@@ -20,8 +20,8 @@ mod config;
 mod error;
 mod layout;
 mod loader;
-mod machine;
-mod memory;
+pub(crate) mod machine;
+pub(crate) mod memory;
 pub mod raw;
 mod timer;
 
@@ -98,18 +98,52 @@ enum Stop {
 /// # Ok(()) }
 /// ```
 pub struct VmInstance {
-    machine: Machine,
-    functions: HashMap<String, u64>,
-    input_buf: u64,
-    input_cap: u64,
-    state: VmState,
+    pub(crate) machine: Machine,
+    pub(crate) functions: HashMap<String, u64>,
+    pub(crate) input_buf: u64,
+    pub(crate) input_cap: u64,
+    pub(crate) state: VmState,
     poison_cause: String,
     timeout: Option<Duration>,
     max_output: u64,
     host_functions: Arc<HashMap<String, Arc<HostFn>>>,
     pending_host_result: Option<Vec<u8>>,
     pending_status: u64,
-    stats: VmStats,
+    pub(crate) stats: VmStats,
+    pub(crate) generation: Generation,
+    /// Dirty-page tracking: on when the config asked for it.
+    pub(crate) dirty_tracking: bool,
+    /// Guest pages the host wrote since the dirty log was last taken (the
+    /// KVM log only sees guest writes).
+    pub(crate) host_dirty: Vec<(u64, u64)>,
+    /// The snapshot this VM's memory is tracked against, if any.
+    pub(crate) base: Option<crate::snapshot::SnapshotId>,
+    /// The snapshot whose image backs this VM's memory (lazy restore).
+    pub(crate) backing: Option<crate::snapshot::Snapshot>,
+    /// SHA-256 of the guest program this VM runs.
+    pub(crate) program_digest: [u8; 32],
+}
+
+/// The generation of a VM lifetime: a random 64-bit value given to the
+/// guest at boot and at every restore, so restored copies of one snapshot
+/// can tell themselves apart. Not ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Generation(pub u64);
+
+impl std::fmt::Display for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Fresh randomness from the operating system.
+pub(crate) fn fresh_entropy() -> Result<(Generation, [u64; 4]), VmError> {
+    let mut bytes = [0u8; 40];
+    getrandom::fill(&mut bytes).map_err(|e| VmError::Entropy(std::io::Error::from(e)))?;
+    let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    // Zero is what a never-written ABI page holds: avoid it.
+    let generation = Generation(word(0).max(1));
+    Ok((generation, [word(1), word(2), word(3), word(4)]))
 }
 
 impl std::fmt::Debug for VmInstance {
@@ -150,7 +184,24 @@ impl VmInstance {
             heap_end: config.memory_size,
             ..AbiPage::default()
         };
-        let mut vm = Self {
+        let mut vm = Self::from_machine(machine, config);
+        vm.write_words(field(0), &abi_boot_words(&boot))?;
+        vm.new_generation()?;
+        match vm.run()? {
+            Stop::Ready => vm.read_ready()?,
+            Stop::Done => {
+                return Err(bad(
+                    "Ready",
+                    HypercallFault::OutOfSequence("Done before Ready"),
+                ));
+            }
+        }
+        Ok(vm)
+    }
+
+    /// An instance around `machine` with no guest state yet.
+    pub(crate) fn from_machine(machine: Machine, config: &VmConfig) -> Self {
+        Self {
             machine,
             functions: HashMap::new(),
             input_buf: 0,
@@ -163,18 +214,29 @@ impl VmInstance {
             pending_host_result: None,
             pending_status: 0,
             stats: VmStats::default(),
-        };
-        vm.write_words(field(0), &abi_boot_words(&boot))?;
-        match vm.run()? {
-            Stop::Ready => vm.read_ready()?,
-            Stop::Done => {
-                return Err(bad(
-                    "Ready",
-                    HypercallFault::OutOfSequence("Done before Ready"),
-                ));
-            }
+            generation: Generation(0),
+            dirty_tracking: config.dirty_tracking,
+            host_dirty: Vec::new(),
+            base: None,
+            backing: None,
+            program_digest: *config.program.digest(),
         }
-        Ok(vm)
+    }
+
+    /// Gives the guest a new generation and fresh entropy (before it runs again).
+    pub(crate) fn new_generation(&mut self) -> Result<(), VmError> {
+        let (generation, entropy) = fresh_entropy()?;
+        let mut words = [0u64; 5];
+        words[0] = generation.0;
+        words[1..].copy_from_slice(&entropy);
+        self.write_words(field(offset_of!(AbiPage, generation)), &words)?;
+        self.generation = generation;
+        Ok(())
+    }
+
+    /// The generation of this VM lifetime (see [`Generation`]).
+    pub fn generation(&self) -> Generation {
+        self.generation
     }
 
     /// The instance's lifecycle state.
@@ -263,6 +325,7 @@ impl VmInstance {
             .ram
             .write(self.input_buf, input)
             .map_err(|e| bad("Ready", e.into()))?;
+        self.note_host_write(self.input_buf, len);
         self.write_words(
             field(offset_of!(AbiPage, request)),
             &[abi::REQUEST_CALL, index, len],
@@ -318,6 +381,13 @@ impl VmInstance {
                 HypercallFault::OutOfSequence("Ready after init"),
             )),
         }
+    }
+
+    /// Marks the instance ready again (after its state was replaced).
+    pub(crate) fn clear_poison(&mut self) {
+        self.state = VmState::Ready;
+        self.poison_cause.clear();
+        self.pending_host_result = None;
     }
 
     fn poison(&mut self, error: VmError) -> VmError {
@@ -478,6 +548,7 @@ impl VmInstance {
                 .ram
                 .write(out_ptr, &result)
                 .map_err(|e| bad("HostCall", e.into()))?;
+            self.note_host_write(out_ptr, len);
             self.pending_host_result = None;
             self.write_words(RET, &[status, len])
         } else {
@@ -504,6 +575,7 @@ impl VmInstance {
             .ram
             .write(ptr, &result)
             .map_err(|e| bad("HostResult", e.into()))?;
+        self.note_host_write(ptr, len);
         self.write_words(RET, &[self.pending_status, len])
     }
 
@@ -578,6 +650,13 @@ impl VmInstance {
             rip: word(2),
             addr: (vector == 14).then_some(sregs.cr2),
         })
+    }
+
+    /// Records a host write into guest memory for dirty tracking.
+    fn note_host_write(&mut self, addr: u64, len: u64) {
+        if self.dirty_tracking && len > 0 {
+            self.host_dirty.push((addr, len));
+        }
     }
 
     fn read_words<const N: usize>(&self, addr: u64) -> Result<[u64; N], VmError> {

@@ -3,6 +3,7 @@
 mod alloc_impl;
 mod mem;
 mod panic;
+mod restore;
 
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -15,6 +16,7 @@ use alloc::vec::Vec;
 use crate::abi::{self, AbiPage, FuncEntry, Hypercall};
 
 pub use alloc_impl::heap_used;
+pub use restore::{generation, on_restore, random_bytes, random_u64};
 
 /// A function the guest exports: input bytes in, output bytes out.
 pub type GuestFn = fn(&[u8]) -> Vec<u8>;
@@ -88,6 +90,13 @@ macro_rules! abi_write {
     }};
 }
 
+/// Reads the generation and entropy the host wrote.
+pub(crate) fn abi_read_generation() -> (u64, [u64; 4]) {
+    let generation = abi_read!(generation);
+    let entropy = abi_read!(entropy);
+    (generation, entropy)
+}
+
 /// Writes hypercall argument `i`.
 fn set_arg(i: usize, value: u64) {
     // SAFETY: as for `abi_read!`; `i` indexes a fixed-size array and is
@@ -124,6 +133,7 @@ fn hypercall(nr: Hypercall) {
 #[doc(hidden)]
 pub fn __start(init: fn(&mut Exports)) -> ! {
     alloc_impl::init(abi_read!(heap_start), abi_read!(heap_end));
+    restore::refresh();
 
     let mut exports = Exports { funcs: Vec::new() };
     init(&mut exports);
@@ -147,6 +157,9 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
 
     let mut output: Vec<u8> = Vec::new();
     loop {
+        if restore::refresh() {
+            restore::run_hooks();
+        }
         let status = match abi_read!(request) {
             abi::REQUEST_CALL => {
                 // Free the previous output before running the next call.

@@ -1,0 +1,147 @@
+//! Errors of the `snapshot` module.
+
+use std::path::PathBuf;
+
+use super::SnapshotId;
+use crate::vm::VmError;
+
+/// Why a snapshot could not be taken, saved, loaded or restored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The VM failed (creating the restored VM, or reading its state).
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Only a ready VM can be captured: a poisoned one stopped mid-call.
+    #[error("the VM is poisoned and cannot be captured")]
+    NotReady,
+    /// Reading or writing a snapshot file (or its in-memory image) failed.
+    #[error("{step} failed{}", path.as_ref().map(|p| format!(" for {}", p.display())).unwrap_or_default())]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// The file, when there is one.
+        path: Option<PathBuf>,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Snapshot files must be regular files, not symbolic links.
+    #[error("{path} is a symbolic link; snapshot files must be regular files")]
+    Symlink {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The file does not start with the snapshot magic.
+    #[error("not a snapvm snapshot (bad magic)")]
+    BadMagic,
+    /// The file uses a format version this build cannot read.
+    #[error(
+        "snapshot format version {found} is not supported (this build reads version {supported})"
+    )]
+    UnsupportedVersion {
+        /// Version in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// A section ends past the end of the file or of its parent section.
+    #[error("snapshot {section} is truncated: needs {needed} bytes, {available} available")]
+    Truncated {
+        /// Which section.
+        section: &'static str,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// A section's checksum does not match its contents.
+    #[error("snapshot {section} checksum mismatch: the file is corrupt")]
+    ChecksumMismatch {
+        /// Which section.
+        section: &'static str,
+    },
+    /// A memory block's checksum does not match (corrupt memory image).
+    #[error("snapshot memory block {block} is corrupt (checksum mismatch)")]
+    CorruptMemory {
+        /// Index of the 2 MiB block.
+        block: u64,
+    },
+    /// A field holds a value that cannot be right.
+    #[error("malformed snapshot {section}: {reason}")]
+    Malformed {
+        /// Which section.
+        section: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The snapshot's memory is larger than allowed.
+    #[error("snapshot memory of {snapshot} bytes exceeds the limit of {limit} bytes")]
+    MemoryTooLarge {
+        /// Size in the snapshot.
+        snapshot: u64,
+        /// The limit (the config's memory size, or the loader's maximum).
+        limit: u64,
+    },
+    /// The config's memory size differs from the snapshot's.
+    #[error("snapshot memory is {snapshot} bytes but the config asks for {config}")]
+    MemorySizeMismatch {
+        /// Size in the snapshot.
+        snapshot: u64,
+        /// Size in the config.
+        config: u64,
+    },
+    /// The config's guest program is not the program the snapshot was taken from.
+    #[error("the config's guest program differs from the one the snapshot was taken from")]
+    ProgramMismatch,
+    /// This host's CPU (as KVM exposes it) lacks features the snapshot's
+    /// guest may use.
+    #[error("this host cannot run the snapshot: CPUID leaf {leaf:#x}.{index} {register} lacks bits {missing:#010x}")]
+    CpuMismatch {
+        /// CPUID leaf.
+        leaf: u32,
+        /// CPUID sub-leaf.
+        index: u32,
+        /// `eax`, `ebx`, `ecx` or `edx`.
+        register: &'static str,
+        /// Feature bits the snapshot has and this host lacks.
+        missing: u32,
+    },
+    /// A diff snapshot was applied to a base it was not taken against.
+    #[error("diff snapshot expects base {expected}, got {found}")]
+    WrongBase {
+        /// The base the diff was taken against.
+        expected: SnapshotId,
+        /// The base given.
+        found: SnapshotId,
+    },
+    /// A diff snapshot file was loaded without its base.
+    #[error("snapshot is a diff against {base}; load it with Snapshot::load_diff")]
+    BaseRequired {
+        /// The base it needs.
+        base: SnapshotId,
+    },
+    /// A diff was requested from a VM that does not track dirty pages
+    /// against that base.
+    #[error("the VM does not track dirty pages against snapshot {base}: enable VmConfig::dirty_tracking and take the base from (or restore from) this VM")]
+    NotTracking {
+        /// The base asked for.
+        base: SnapshotId,
+    },
+    /// The snapshot file changed after it was loaded.
+    #[error("snapshot file {path} changed after it was loaded")]
+    FileChanged {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+impl SnapshotError {
+    pub(crate) fn io(
+        step: &'static str,
+        path: Option<&std::path::Path>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.map(ToOwned::to_owned);
+        move |source| Self::Io { step, path, source }
+    }
+}

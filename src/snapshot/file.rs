@@ -1,0 +1,523 @@
+//! The snapshot file format (see `docs/snapshot-format.md`): a fixed header,
+//! a checksummed state section, and the memory image stored page-aligned and
+//! sparse (zero pages are holes) so it can be mapped directly.
+//!
+//! Loading treats the file as untrusted: every length is checked against the
+//! file size and the section it lives in before anything is allocated, and
+//! every malformation is a [`SnapshotError`].
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
+};
+use sha2::{Digest, Sha256};
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::cpu::CpuState;
+use super::image::{Extent, FileIdentity, MemoryImage, BLOCK_SIZE};
+use super::{GuestState, Inner, Snapshot, SnapshotError, SnapshotId};
+use crate::abi::{MAX_FUNCTIONS, MAX_FUNCTION_NAME, PAGE_SIZE};
+use crate::vm::{Generation, MAX_MEMORY_SIZE};
+
+/// `"SNAPVMSN"`.
+pub(crate) const MAGIC: [u8; 8] = *b"SNAPVMSN";
+/// The format version this build writes and reads.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed header.
+pub(crate) const HEADER_SIZE: u64 = 128;
+/// Largest state section accepted.
+const MAX_STATE: u64 = 16 << 20;
+/// Header flag: the snapshot is a diff.
+const FLAG_DIFF: u32 = 1;
+/// Extent flag (top bit of the page count): a run of zero pages.
+const EXTENT_ZERO: u64 = 1 << 63;
+
+const _: () = assert!(HEADER_SIZE <= PAGE_SIZE);
+
+/// The fixed header, little endian:
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 8 | magic `SNAPVMSN` |
+/// | 8 | 4 | format version |
+/// | 12 | 4 | flags (bit 0: diff) |
+/// | 16 | 8 | state offset |
+/// | 24 | 8 | state length |
+/// | 32 | 8 | memory offset (page aligned) |
+/// | 40 | 8 | memory size |
+/// | 48 | 32 | SHA-256 of the state section |
+/// | 80 | 32 | SHA-256 of bytes 0..80 |
+/// | 112 | 16 | zero |
+struct Header {
+    flags: u32,
+    state_offset: u64,
+    state_len: u64,
+    memory_offset: u64,
+    memory_size: u64,
+    state_digest: [u8; 32],
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_SIZE as usize] {
+        let mut b = [0u8; HEADER_SIZE as usize];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        b[16..24].copy_from_slice(&self.state_offset.to_le_bytes());
+        b[24..32].copy_from_slice(&self.state_len.to_le_bytes());
+        b[32..40].copy_from_slice(&self.memory_offset.to_le_bytes());
+        b[40..48].copy_from_slice(&self.memory_size.to_le_bytes());
+        b[48..80].copy_from_slice(&self.state_digest);
+        let digest: [u8; 32] = Sha256::digest(&b[..80]).into();
+        b[80..112].copy_from_slice(&digest);
+        b
+    }
+
+    fn decode(b: &[u8; HEADER_SIZE as usize], file_len: u64) -> Result<Self, SnapshotError> {
+        if b[0..8] != MAGIC {
+            return Err(SnapshotError::BadMagic);
+        }
+        let mut r = Reader::new(&b[8..80], "header");
+        let version = r.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let digest: [u8; 32] = Sha256::digest(&b[..80]).into();
+        if b[80..112] != digest {
+            return Err(SnapshotError::ChecksumMismatch { section: "header" });
+        }
+        let h = Header {
+            flags: r.u32()?,
+            state_offset: r.u64()?,
+            state_len: r.u64()?,
+            memory_offset: r.u64()?,
+            memory_size: r.u64()?,
+            state_digest: r.array()?,
+        };
+        let malformed = |reason| SnapshotError::Malformed {
+            section: "header",
+            reason,
+        };
+        if h.flags & !FLAG_DIFF != 0 {
+            return Err(malformed("unknown flags"));
+        }
+        if h.state_offset != HEADER_SIZE || h.state_len > MAX_STATE {
+            return Err(malformed("state section out of place or too large"));
+        }
+        if h.memory_size == 0 || h.memory_size % BLOCK_SIZE != 0 {
+            return Err(malformed("memory size is not a positive multiple of 2 MiB"));
+        }
+        if h.memory_size > MAX_MEMORY_SIZE {
+            return Err(SnapshotError::MemoryTooLarge {
+                snapshot: h.memory_size,
+                limit: MAX_MEMORY_SIZE,
+            });
+        }
+        let state_end = h.state_offset + h.state_len;
+        if h.memory_offset % PAGE_SIZE != 0 || h.memory_offset < state_end {
+            return Err(malformed("memory image not page aligned after the state"));
+        }
+        let needed = h
+            .memory_offset
+            .checked_add(h.memory_size)
+            .ok_or(malformed("memory image end overflows"))?;
+        if needed > file_len {
+            return Err(SnapshotError::Truncated {
+                section: "memory image",
+                needed,
+                available: file_len,
+            });
+        }
+        Ok(h)
+    }
+}
+
+/// A bounds-checked little-endian reader over a section.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    section: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], section: &'static str) -> Self {
+        Self { bytes, section }
+    }
+
+    fn take(&mut self, n: u64) -> Result<&'a [u8], SnapshotError> {
+        let available = self.bytes.len() as u64;
+        if n > available {
+            return Err(SnapshotError::Truncated {
+                section: self.section,
+                needed: n,
+                available,
+            });
+        }
+        let (head, rest) = self.bytes.split_at(n as usize);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
+        Ok(self.take(N as u64)?.try_into().expect("exact length"))
+    }
+
+    fn u32(&mut self) -> Result<u32, SnapshotError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A count of items of at least `min_size` bytes each, checked against
+    /// what is left so a lying count cannot cause a large allocation.
+    fn count(&mut self, min_size: u64, limit: u64) -> Result<usize, SnapshotError> {
+        let n = self.u64()?;
+        let fits = n
+            .checked_mul(min_size)
+            .is_some_and(|total| total <= self.bytes.len() as u64);
+        if n > limit || !fits {
+            return Err(SnapshotError::Malformed {
+                section: self.section,
+                reason: "item count exceeds the section",
+            });
+        }
+        Ok(n as usize)
+    }
+
+    /// A kernel structure stored as a length-prefixed copy of its bytes.
+    fn kvm<T: FromBytes>(&mut self) -> Result<T, SnapshotError> {
+        let len = self.u64()?;
+        if len != std::mem::size_of::<T>() as u64 {
+            return Err(SnapshotError::Malformed {
+                section: self.section,
+                reason: "CPU structure has the wrong size",
+            });
+        }
+        let bytes = self.take(len)?;
+        T::read_from_bytes(bytes).map_err(|_| SnapshotError::Malformed {
+            section: self.section,
+            reason: "CPU structure",
+        })
+    }
+
+    fn finish(self) -> Result<(), SnapshotError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(SnapshotError::Malformed {
+                section: self.section,
+                reason: "trailing bytes",
+            })
+        }
+    }
+}
+
+fn put_kvm<T: IntoBytes + zerocopy::Immutable>(out: &mut Vec<u8>, value: &T) {
+    let bytes = value.as_bytes();
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Encodes the state section.
+fn encode_state(s: &Inner) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&s.id.0);
+    out.extend_from_slice(&s.base.as_ref().map_or([0; 16], |b| b.id().0));
+    out.extend_from_slice(&s.program_digest);
+    put_u64(&mut out, s.generation.0);
+    let g = &s.guest;
+    for v in [g.input_buf, g.input_cap, g.heap_used, g.invocations] {
+        put_u64(&mut out, v);
+    }
+    put_u64(&mut out, g.functions.len() as u64);
+    for (name, index) in &g.functions {
+        put_u64(&mut out, *index);
+        put_u64(&mut out, name.len() as u64);
+        out.extend_from_slice(name.as_bytes());
+    }
+    let c = &s.cpu;
+    put_kvm(&mut out, &c.regs);
+    put_kvm(&mut out, &c.sregs);
+    put_kvm(&mut out, &c.xsave);
+    put_kvm(&mut out, &c.xcrs);
+    put_kvm(&mut out, &c.debugregs);
+    put_kvm(&mut out, &c.events);
+    put_u64(&mut out, c.msrs.len() as u64);
+    c.msrs.iter().for_each(|m| put_kvm(&mut out, m));
+    put_u64(&mut out, c.cpuid.len() as u64);
+    c.cpuid.iter().for_each(|e| put_kvm(&mut out, e));
+    let m = &s.memory;
+    put_u64(&mut out, m.extents.len() as u64);
+    for e in &m.extents {
+        put_u64(&mut out, e.first_page);
+        put_u64(&mut out, e.pages | if e.zero { EXTENT_ZERO } else { 0 });
+    }
+    put_u64(&mut out, m.block_crc.len() as u64);
+    for crc in &m.block_crc {
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+    out
+}
+
+/// Writes `snapshot` to `path` (replacing it atomically: a temporary file in
+/// the same directory, synced, then renamed).
+pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError> {
+    let s = &snapshot.inner;
+    let state = encode_state(s);
+    let memory_offset = (HEADER_SIZE + state.len() as u64).next_multiple_of(PAGE_SIZE);
+    let header = Header {
+        flags: if s.base.is_some() { FLAG_DIFF } else { 0 },
+        state_offset: HEADER_SIZE,
+        state_len: state.len() as u64,
+        memory_offset,
+        memory_size: s.memory.size(),
+        state_digest: Sha256::digest(&state).into(),
+    };
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let io = |step| SnapshotError::io(step, Some(path));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io("creating the snapshot file"))?;
+    let result = (|| {
+        file.write_all(&header.encode())
+            .map_err(io("writing the header"))?;
+        file.write_all(&state).map_err(io("writing the state"))?;
+        file.set_len(memory_offset + s.memory.size())
+            .map_err(io("sizing the snapshot file"))?;
+        for e in s.memory.extents.iter().filter(|e| !e.zero) {
+            file.write_all_at(s.memory.data(e), memory_offset + e.addr())
+                .map_err(io("writing memory"))?;
+        }
+        file.sync_all().map_err(io("syncing the snapshot file"))?;
+        std::fs::rename(&tmp, path).map_err(io("renaming the snapshot file"))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads a snapshot file. `base` must be given for a diff snapshot.
+pub(crate) fn load(path: &Path, base: Option<&Snapshot>) -> Result<Snapshot, SnapshotError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => SnapshotError::Symlink {
+                path: path.to_path_buf(),
+            },
+            _ => SnapshotError::io("opening the snapshot file", Some(path))(e),
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(SnapshotError::io("stat", Some(path)))?;
+    if !meta.is_file() {
+        return Err(SnapshotError::Malformed {
+            section: "file",
+            reason: "not a regular file",
+        });
+    }
+    let file_len = meta.len();
+    let mut header = [0u8; HEADER_SIZE as usize];
+    if file_len < HEADER_SIZE {
+        return Err(SnapshotError::Truncated {
+            section: "header",
+            needed: HEADER_SIZE,
+            available: file_len,
+        });
+    }
+    file.read_exact_at(&mut header, 0)
+        .map_err(SnapshotError::io("reading the header", Some(path)))?;
+    let h = Header::decode(&header, file_len)?;
+    // The state length is bounded by MAX_STATE and by the file (checked in
+    // `decode`), so this allocation is bounded.
+    let mut state = vec![0u8; h.state_len as usize];
+    file.read_exact_at(&mut state, h.state_offset)
+        .map_err(SnapshotError::io("reading the state", Some(path)))?;
+    let digest: [u8; 32] = Sha256::digest(&state).into();
+    if digest != h.state_digest {
+        return Err(SnapshotError::ChecksumMismatch { section: "state" });
+    }
+    let source = FileIdentity::of(&file, path.to_path_buf())
+        .map_err(SnapshotError::io("stat", Some(path)))?;
+    decode_state(&state, &h, file, source, base)
+}
+
+fn decode_state(
+    state: &[u8],
+    h: &Header,
+    file: File,
+    source: FileIdentity,
+    base: Option<&Snapshot>,
+) -> Result<Snapshot, SnapshotError> {
+    let mut r = Reader::new(state, "state");
+    let malformed = |reason| SnapshotError::Malformed {
+        section: "state",
+        reason,
+    };
+    let id = SnapshotId(r.array()?);
+    let base_id = SnapshotId(r.array()?);
+    let is_diff = h.flags & FLAG_DIFF != 0;
+    let base = match (is_diff, base) {
+        (false, _) if base_id.0 != [0; 16] => {
+            return Err(malformed("a full snapshot names a base"))
+        }
+        (false, _) => None,
+        (true, None) => return Err(SnapshotError::BaseRequired { base: base_id }),
+        (true, Some(b)) if b.id() != base_id => {
+            return Err(SnapshotError::WrongBase {
+                expected: base_id,
+                found: b.id(),
+            })
+        }
+        (true, Some(b)) if b.memory_size() != h.memory_size => {
+            return Err(malformed("diff and base memory sizes differ"))
+        }
+        (true, Some(b)) => Some(b.clone()),
+    };
+    let program_digest = r.array()?;
+    let generation = Generation(r.u64()?);
+    let (input_buf, input_cap, heap_used, invocations) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+    let pages = h.memory_size / PAGE_SIZE;
+    if input_buf
+        .checked_add(input_cap)
+        .is_none_or(|end| end > h.memory_size)
+    {
+        return Err(malformed("input buffer outside memory"));
+    }
+    let count = r.count(16, MAX_FUNCTIONS)?;
+    let mut functions = Vec::with_capacity(count);
+    for _ in 0..count {
+        let index = r.u64()?;
+        let len = r.u64()?;
+        if len == 0 || len > MAX_FUNCTION_NAME {
+            return Err(malformed("function name length"));
+        }
+        let name = std::str::from_utf8(r.take(len)?)
+            .map_err(|_| malformed("function name is not UTF-8"))?;
+        if index != functions.len() as u64 {
+            return Err(malformed("function indices out of order"));
+        }
+        functions.push((name.to_string(), index));
+    }
+    let cpu = CpuState {
+        regs: r.kvm::<kvm_regs>()?,
+        sregs: r.kvm::<kvm_sregs>()?,
+        xsave: r.kvm::<kvm_xsave>()?,
+        xcrs: r.kvm::<kvm_xcrs>()?,
+        debugregs: r.kvm::<kvm_debugregs>()?,
+        events: r.kvm::<kvm_vcpu_events>()?,
+        msrs: {
+            let n = r.count(8 + std::mem::size_of::<kvm_msr_entry>() as u64, 256)?;
+            (0..n)
+                .map(|_| r.kvm::<kvm_msr_entry>())
+                .collect::<Result<_, _>>()?
+        },
+        cpuid: {
+            let n = r.count(8 + std::mem::size_of::<kvm_cpuid_entry2>() as u64, 256)?;
+            (0..n)
+                .map(|_| r.kvm::<kvm_cpuid_entry2>())
+                .collect::<Result<_, _>>()?
+        },
+    };
+    let n = r.count(16, pages)?;
+    let mut extents = Vec::with_capacity(n);
+    let mut next_free = 0u64;
+    for _ in 0..n {
+        let first_page = r.u64()?;
+        let raw = r.u64()?;
+        let (zero, count) = (raw & EXTENT_ZERO != 0, raw & !EXTENT_ZERO);
+        let end = first_page
+            .checked_add(count)
+            .ok_or(malformed("extent end overflows"))?;
+        if count == 0 || first_page < next_free || end > pages {
+            return Err(malformed(
+                "extents must be non-empty, sorted, disjoint and inside memory",
+            ));
+        }
+        if zero && !is_diff {
+            return Err(malformed("a full snapshot lists zero pages"));
+        }
+        next_free = end;
+        extents.push(Extent {
+            first_page,
+            pages: count,
+            zero,
+        });
+    }
+    let blocks = r.count(4, h.memory_size / BLOCK_SIZE)?;
+    if blocks as u64 != h.memory_size / BLOCK_SIZE {
+        return Err(malformed("one checksum per 2 MiB block expected"));
+    }
+    let block_crc = (0..blocks)
+        .map(|_| r.u32())
+        .collect::<Result<Vec<_>, _>>()?;
+    r.finish()?;
+    let memory = MemoryImage::from_file(
+        file,
+        h.memory_offset,
+        h.memory_size,
+        extents,
+        block_crc,
+        source,
+    )?;
+    Ok(Snapshot {
+        inner: Arc::new(Inner {
+            id,
+            base,
+            program_digest,
+            generation,
+            cpu,
+            guest: GuestState {
+                functions,
+                input_buf,
+                input_cap,
+                heap_used,
+                invocations,
+            },
+            memory,
+        }),
+    })
+}
+
+impl Snapshot {
+    /// Writes the snapshot to `path` (atomically replacing any file there).
+    /// A diff is written alone; save its base separately.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), SnapshotError> {
+        save(self, path.as_ref())
+    }
+
+    /// Loads a full snapshot file. The header and state are verified now;
+    /// each 2 MiB block of memory is verified the first time a restore uses
+    /// it. The file must not change while the snapshot is loaded (checked
+    /// before each restore) and must not be a symbolic link.
+    pub fn load(path: impl AsRef<Path>) -> Result<Snapshot, SnapshotError> {
+        load(path.as_ref(), None)
+    }
+
+    /// Loads a diff snapshot file taken against `base`.
+    pub fn load_diff(path: impl AsRef<Path>, base: &Snapshot) -> Result<Snapshot, SnapshotError> {
+        load(path.as_ref(), Some(base))
+    }
+}

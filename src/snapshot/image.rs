@@ -1,0 +1,333 @@
+//! Memory images: the guest memory of a snapshot, held as a sparse image
+//! in a file (a memfd for snapshots taken in this process, the snapshot
+//! file itself after loading) plus the list of pages it stores.
+//!
+//! A full snapshot stores every page that is not all zero; a diff stores
+//! every page written since its base (data pages, and zero pages marked as
+//! such). Each 2 MiB block of guest memory has a CRC32 of the data pages it
+//! holds, verified the first time the block is used.
+
+use std::fs::File;
+use std::os::fd::{AsFd, FromRawFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use memmap2::{Mmap, MmapOptions};
+
+use super::SnapshotError;
+use crate::abi::PAGE_SIZE;
+use crate::vm::memory::{Backing, GuestRam};
+
+/// Guest memory covered by one checksum.
+pub(crate) const BLOCK_SIZE: u64 = 2 << 20;
+const BLOCK_PAGES: u64 = BLOCK_SIZE / PAGE_SIZE;
+
+/// A run of pages, either stored in the image or known to be all zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Extent {
+    pub(crate) first_page: u64,
+    pub(crate) pages: u64,
+    pub(crate) zero: bool,
+}
+
+impl Extent {
+    pub(crate) fn addr(&self) -> u64 {
+        self.first_page * PAGE_SIZE
+    }
+    pub(crate) fn len(&self) -> u64 {
+        self.pages * PAGE_SIZE
+    }
+}
+
+/// Identity of a loaded snapshot file, to notice later modification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FileIdentity {
+    pub(crate) path: PathBuf,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileIdentity {
+    pub(crate) fn of(file: &File, path: PathBuf) -> std::io::Result<Self> {
+        let m = file.metadata()?;
+        Ok(Self {
+            path,
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+}
+
+/// The memory of one snapshot (full or diff).
+pub(crate) struct MemoryImage {
+    file: File,
+    offset: u64,
+    size: u64,
+    map: Mmap,
+    pub(crate) extents: Vec<Extent>,
+    pub(crate) block_crc: Vec<u32>,
+    verified: Vec<AtomicBool>,
+    pub(crate) source: Option<FileIdentity>,
+}
+
+fn memfd(size: u64) -> Result<File, SnapshotError> {
+    // SAFETY: the name is a NUL-terminated literal; the returned fd is new
+    // and owned by the `File` built from it (checked for failure first).
+    let fd = unsafe { libc::memfd_create(c"snapvm-snapshot".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(SnapshotError::io("memfd_create", None)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `fd` is a fresh, valid descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(SnapshotError::io("sizing the memory image", None))?;
+    Ok(file)
+}
+
+fn map(file: &File, offset: u64, size: u64) -> Result<Mmap, SnapshotError> {
+    // SAFETY: a read-only shared mapping of the image. Snapshot images are
+    // never written after creation (memfds are private to this process;
+    // files must not change while loaded, which is checked before each
+    // restore, see `FileIdentity`), and all reads go through bounds-checked
+    // slices of the mapping.
+    unsafe {
+        MmapOptions::new()
+            .offset(offset)
+            .len(size as usize)
+            .map(file)
+    }
+    .map_err(SnapshotError::io("mapping the memory image", None))
+}
+
+/// Appends page `page` (zero or not) to `extents`, merging with the last run.
+fn push_page(extents: &mut Vec<Extent>, page: u64, zero: bool) {
+    if let Some(last) = extents.last_mut() {
+        if last.zero == zero && last.first_page + last.pages == page {
+            last.pages += 1;
+            return;
+        }
+    }
+    extents.push(Extent {
+        first_page: page,
+        pages: 1,
+        zero,
+    });
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: reinterpreting initialised bytes as u128 is sound for any
+        // bit pattern; `align_to` puts misaligned bytes in head and tail.
+        unsafe { page.align_to::<u128>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+impl MemoryImage {
+    /// Captures every non-zero page of `ram` (a full snapshot).
+    pub(crate) fn capture_full(ram: &GuestRam) -> Result<Self, SnapshotError> {
+        let resident = ram
+            .resident_pages()
+            .map_err(SnapshotError::io("mincore", None))?;
+        // SAFETY: the caller holds `&mut VmInstance`, so the vCPU is stopped.
+        let memory = unsafe { ram.as_slice() };
+        let mut extents = Vec::new();
+        for (page, flags) in resident.iter().enumerate() {
+            if flags & 1 == 0 {
+                continue;
+            }
+            let start = page * PAGE_SIZE as usize;
+            if !is_zero(&memory[start..start + PAGE_SIZE as usize]) {
+                push_page(&mut extents, page as u64, false);
+            }
+        }
+        Self::write(memory, ram.size(), extents)
+    }
+
+    /// Captures the pages listed in `dirty` (a diff): data pages and zero pages.
+    pub(crate) fn capture_pages(
+        ram: &GuestRam,
+        dirty: impl Iterator<Item = u64>,
+    ) -> Result<Self, SnapshotError> {
+        // SAFETY: as in `capture_full`.
+        let memory = unsafe { ram.as_slice() };
+        let mut extents = Vec::new();
+        for page in dirty {
+            let start = (page * PAGE_SIZE) as usize;
+            push_page(
+                &mut extents,
+                page,
+                is_zero(&memory[start..start + PAGE_SIZE as usize]),
+            );
+        }
+        Self::write(memory, ram.size(), extents)
+    }
+
+    fn write(memory: &[u8], size: u64, extents: Vec<Extent>) -> Result<Self, SnapshotError> {
+        let file = memfd(size)?;
+        let mut crc = vec![crc32fast::Hasher::new(); (size / BLOCK_SIZE) as usize];
+        for e in extents.iter().filter(|e| !e.zero) {
+            let bytes = &memory[e.addr() as usize..(e.addr() + e.len()) as usize];
+            file.write_all_at(bytes, e.addr())
+                .map_err(SnapshotError::io("writing the memory image", None))?;
+            for (i, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                crc[((e.first_page + i as u64) / BLOCK_PAGES) as usize].update(page);
+            }
+        }
+        let block_crc = crc.into_iter().map(|h| h.finalize()).collect();
+        let map = map(&file, 0, size)?;
+        let verified = (0..size / BLOCK_SIZE)
+            .map(|_| AtomicBool::new(true))
+            .collect();
+        Ok(Self {
+            file,
+            offset: 0,
+            size,
+            map,
+            extents,
+            block_crc,
+            verified,
+            source: None,
+        })
+    }
+
+    /// An image stored in a snapshot file at `offset` (already validated:
+    /// extents inside memory, one CRC per block, file long enough).
+    pub(crate) fn from_file(
+        file: File,
+        offset: u64,
+        size: u64,
+        extents: Vec<Extent>,
+        block_crc: Vec<u32>,
+        source: FileIdentity,
+    ) -> Result<Self, SnapshotError> {
+        let map = map(&file, offset, size)?;
+        let verified = block_crc.iter().map(|_| AtomicBool::new(false)).collect();
+        Ok(Self {
+            file,
+            offset,
+            size,
+            map,
+            extents,
+            block_crc,
+            verified,
+            source: Some(source),
+        })
+    }
+
+    /// Guest memory size.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes of page data stored.
+    pub(crate) fn stored_bytes(&self) -> u64 {
+        self.extents
+            .iter()
+            .filter(|e| !e.zero)
+            .map(Extent::len)
+            .sum()
+    }
+
+    /// The stored bytes of `extent`.
+    pub(crate) fn data(&self, extent: &Extent) -> &[u8] {
+        &self.map[extent.addr() as usize..(extent.addr() + extent.len()) as usize]
+    }
+
+    /// The file and offset holding the image, for a private file mapping.
+    pub(crate) fn backing(&self) -> Backing<'_> {
+        Backing::File {
+            fd: self.file.as_fd(),
+            offset: self.offset,
+        }
+    }
+
+    /// Checks that a loaded file has not changed since it was loaded.
+    pub(crate) fn check_unchanged(&self) -> Result<(), SnapshotError> {
+        if let Some(source) = &self.source {
+            let now = FileIdentity::of(&self.file, source.path.clone())
+                .map_err(SnapshotError::io("stat", Some(&source.path)))?;
+            if &now != source {
+                return Err(SnapshotError::FileChanged {
+                    path: source.path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies the CRC of every block that holds data and was not verified yet.
+    pub(crate) fn verify_all(&self) -> Result<(), SnapshotError> {
+        (0..self.block_crc.len() as u64).try_for_each(|b| self.verify_block(b))
+    }
+
+    fn verify_block(&self, block: u64) -> Result<(), SnapshotError> {
+        let flag = &self.verified[block as usize];
+        if flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let (start, end) = (block * BLOCK_PAGES, (block + 1) * BLOCK_PAGES);
+        let mut hasher = crc32fast::Hasher::new();
+        for e in self
+            .extents
+            .iter()
+            .filter(|e| !e.zero && e.first_page < end && e.first_page + e.pages > start)
+        {
+            let from = e.first_page.max(start);
+            let to = (e.first_page + e.pages).min(end);
+            hasher.update(&self.map[(from * PAGE_SIZE) as usize..(to * PAGE_SIZE) as usize]);
+        }
+        if hasher.finalize() != self.block_crc[block as usize] {
+            return Err(SnapshotError::CorruptMemory { block });
+        }
+        flag.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes the image's pages into `ram` (zero extents are zeroed),
+    /// verifying each block on its first use.
+    pub(crate) fn apply(&self, ram: &GuestRam) -> Result<(), SnapshotError> {
+        let mut last_verified = u64::MAX;
+        for e in &self.extents {
+            if !e.zero {
+                let first = e.first_page / BLOCK_PAGES;
+                let last = (e.first_page + e.pages - 1) / BLOCK_PAGES;
+                for block in first..=last {
+                    if block != last_verified {
+                        self.verify_block(block)?;
+                        last_verified = block;
+                    }
+                }
+            }
+            let done = if e.zero {
+                ram.zero(e.addr(), e.len())
+            } else {
+                ram.copy_in(e.addr(), self.data(e))
+            };
+            done.map_err(|_| SnapshotError::Malformed {
+                section: "memory",
+                reason: "extent outside guest memory",
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes in `ram` every page this image stores data for.
+    pub(crate) fn zero_data_pages(&self, ram: &GuestRam) -> Result<(), SnapshotError> {
+        for e in self.extents.iter().filter(|e| !e.zero) {
+            ram.zero(e.addr(), e.len())
+                .map_err(|_| SnapshotError::Malformed {
+                    section: "memory",
+                    reason: "extent outside guest memory",
+                })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,411 @@
+//! [`Snapshot`]: a VM captured in its ready state (or any point between
+//! calls), restored far faster than booting.
+//!
+//! ```no_run
+//! use snapvm::{GuestProgram, Snapshot, VmConfig, VmInstance};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = VmConfig::new(GuestProgram::from_file("guest.elf")?);
+//! let mut template = VmInstance::new(&config)?;   // boots and runs init
+//! let ready = template.snapshot()?;               // the ready state
+//! ready.save("ready.snap")?;                      // optional: to disk
+//!
+//! // Every request gets a fresh copy, with its own entropy and generation.
+//! let mut vm = VmInstance::restore(&config, &ready)?;
+//! let out = vm.invoke("handle", b"request")?;
+//! # Ok(()) }
+//! ```
+//!
+//! # What a snapshot holds
+//! All vCPU state the guest can observe (general, segment, control and
+//! debug registers, x87/SSE/AVX state and XCR0, the MSRs a guest can use,
+//! pending events, the CPUID it sees), its memory (every non-zero page), and
+//! the host's view of the guest (exported functions, input buffer).
+//!
+//! # Full and diff snapshots
+//! A full snapshot stores every non-zero page. With
+//! [`VmConfig::dirty_tracking`](crate::VmConfig::dirty_tracking), a VM
+//! tracks the pages written after a snapshot was taken from it (or after it
+//! was restored from one), and [`VmInstance::snapshot_diff`] stores only
+//! those; restoring a diff restores its base first. Use diffs for frequent
+//! checkpoints of a VM that changes little; use full snapshots as the
+//! template many VMs restore from.
+//!
+//! # Uniqueness
+//! Every restore gives the guest a new [`Generation`] and 256 bits of fresh
+//! entropy before any guest instruction runs. `snapvm-guest` reseeds its
+//! generator and runs the guest's restore hooks before the next call. What
+//! the guest derived from randomness *before* the snapshot (and did not
+//! regenerate in a hook) is, by construction, shared by every copy.
+
+mod cpu;
+mod error;
+mod file;
+mod image;
+mod pool;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use error::SnapshotError;
+pub use pool::ShellPool;
+
+use crate::vm::machine::Machine;
+use crate::vm::memory::GuestRam;
+use crate::vm::{Generation, VmConfig, VmError, VmInstance, VmState};
+use cpu::CpuState;
+use image::MemoryImage;
+
+/// Identifies a snapshot; diffs name their base by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SnapshotId(pub [u8; 16]);
+
+impl SnapshotId {
+    fn random() -> Result<Self, SnapshotError> {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| VmError::Entropy(e.into()))?;
+        Ok(Self(id))
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SnapshotId({self})")
+    }
+}
+
+/// How a restored VM gets its memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RestoreStrategy {
+    /// Copy the snapshot's non-zero pages into fresh anonymous memory backed
+    /// by transparent huge pages. Each VM owns its memory; guest page faults
+    /// stay rare. The default: measured faster on the KVM hosts snapvm is
+    /// developed on (see `docs/performance.md`).
+    #[default]
+    Eager,
+    /// Map the snapshot image privately (copy-on-write): nothing is copied
+    /// up front and all VMs share the image's page cache, but every page is
+    /// faulted in 4 KiB at a time on first touch. Best for density.
+    Lazy,
+}
+
+/// The host's view of a ready guest.
+#[derive(Clone, Debug)]
+pub(crate) struct GuestState {
+    pub(crate) functions: Vec<(String, u64)>,
+    pub(crate) input_buf: u64,
+    pub(crate) input_cap: u64,
+    pub(crate) heap_used: u64,
+    pub(crate) invocations: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: SnapshotId,
+    pub(crate) base: Option<Snapshot>,
+    pub(crate) program_digest: [u8; 32],
+    pub(crate) generation: Generation,
+    pub(crate) cpu: CpuState,
+    pub(crate) guest: GuestState,
+    pub(crate) memory: MemoryImage,
+}
+
+/// A captured VM: vCPU state, memory and guest state. Cheap to clone;
+/// restore it any number of times, from any thread.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("id", &self.inner.id)
+            .field("base", &self.base_id())
+            .field("memory_size", &self.memory_size())
+            .field("stored_bytes", &self.stored_bytes())
+            .finish()
+    }
+}
+
+impl Snapshot {
+    /// This snapshot's id.
+    pub fn id(&self) -> SnapshotId {
+        self.inner.id
+    }
+
+    /// For a diff snapshot, the id of its base.
+    pub fn base_id(&self) -> Option<SnapshotId> {
+        self.inner.base.as_ref().map(Snapshot::id)
+    }
+
+    /// Whether this is a diff snapshot.
+    pub fn is_diff(&self) -> bool {
+        self.inner.base.is_some()
+    }
+
+    /// Guest memory size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.inner.memory.size()
+    }
+
+    /// Bytes of page data this snapshot stores (not counting its base).
+    pub fn stored_bytes(&self) -> u64 {
+        self.inner.memory.stored_bytes()
+    }
+
+    /// The generation of the VM at the moment it was captured.
+    pub fn generation(&self) -> Generation {
+        self.inner.generation
+    }
+
+    /// The chain from the full snapshot at the root to `self`.
+    fn chain(&self) -> Vec<&Snapshot> {
+        let mut chain = vec![self];
+        while let Some(base) = &chain[chain.len() - 1].inner.base {
+            chain.push(base);
+        }
+        chain.reverse();
+        chain
+    }
+
+    /// Checks that a VM built from `config` can take this snapshot's state.
+    fn check_restorable(&self, config: &VmConfig) -> Result<(), SnapshotError> {
+        config.validate()?;
+        let (snapshot, limit) = (self.memory_size(), config.memory_size_bytes());
+        if snapshot > limit {
+            return Err(SnapshotError::MemoryTooLarge { snapshot, limit });
+        }
+        if snapshot != limit {
+            return Err(SnapshotError::MemorySizeMismatch {
+                snapshot,
+                config: limit,
+            });
+        }
+        if config.program().digest() != &self.inner.program_digest {
+            return Err(SnapshotError::ProgramMismatch);
+        }
+        self.inner
+            .cpu
+            .check_compatible(Machine::effective_cpuid()?)?;
+        self.chain()
+            .iter()
+            .try_for_each(|s| s.inner.memory.check_unchanged())
+    }
+
+    /// Builds guest memory holding this snapshot's contents.
+    fn build_ram(&self, strategy: RestoreStrategy) -> Result<GuestRam, SnapshotError> {
+        let chain = self.chain();
+        let size = self.memory_size();
+        let map_err = |source| VmError::MapMemory { size, source };
+        let (ram, rest) = match strategy {
+            RestoreStrategy::Eager => (GuestRam::new(size).map_err(map_err)?, &chain[..]),
+            RestoreStrategy::Lazy => {
+                let root = &chain[0].inner.memory;
+                root.verify_all()?;
+                (
+                    GuestRam::with_backing(size, root.backing()).map_err(map_err)?,
+                    &chain[1..],
+                )
+            }
+        };
+        rest.iter().try_for_each(|s| s.inner.memory.apply(&ram))?;
+        Ok(ram)
+    }
+
+    /// Turns `machine` (memory already holding the snapshot) into a ready VM.
+    fn finish_restore(
+        &self,
+        machine: Machine,
+        config: &VmConfig,
+    ) -> Result<VmInstance, SnapshotError> {
+        self.inner.cpu.apply(&machine.vcpu)?;
+        let mut vm = VmInstance::from_machine(machine, config);
+        self.install_guest_state(&mut vm)?;
+        if config.dirty_tracking_enabled() {
+            vm.machine.take_dirty_log()?;
+            vm.base = Some(self.id());
+        }
+        Ok(vm)
+    }
+
+    fn install_guest_state(&self, vm: &mut VmInstance) -> Result<(), SnapshotError> {
+        let guest = &self.inner.guest;
+        vm.functions = guest.functions.iter().cloned().collect();
+        vm.input_buf = guest.input_buf;
+        vm.input_cap = guest.input_cap;
+        vm.stats.heap_used = guest.heap_used;
+        vm.stats.invocations = guest.invocations;
+        vm.program_digest = self.inner.program_digest;
+        vm.state = VmState::Ready;
+        vm.host_dirty.clear();
+        // Fresh entropy and a new generation before any guest instruction.
+        vm.new_generation()?;
+        Ok(())
+    }
+}
+
+impl VmInstance {
+    /// Captures this VM. It must be ready (not poisoned); it stays ready and
+    /// unchanged.
+    pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
+        let memory = MemoryImage::capture_full(&self.machine.ram)?;
+        self.capture(memory, None)
+    }
+
+    /// Captures only the pages written since `base` was taken from (or
+    /// restored into) this VM, plus the complete vCPU and guest state.
+    /// Needs [`VmConfig::dirty_tracking`]. The next diff is taken against
+    /// the snapshot this call returns.
+    pub fn snapshot_diff(&mut self, base: &Snapshot) -> Result<Snapshot, SnapshotError> {
+        if self.base != Some(base.id()) || !self.dirty_tracking {
+            return Err(SnapshotError::NotTracking { base: base.id() });
+        }
+        if self.state != VmState::Ready {
+            return Err(SnapshotError::NotReady);
+        }
+        let pages = self.dirty_pages()?;
+        let memory = MemoryImage::capture_pages(&self.machine.ram, pages.into_iter())?;
+        self.capture(memory, Some(base.clone()))
+    }
+
+    /// The pages written since the dirty log was last taken (guest writes
+    /// from KVM's log, host writes recorded by the VM, and the ABI page).
+    fn dirty_pages(&mut self) -> Result<Vec<u64>, SnapshotError> {
+        let bitmap = self.machine.take_dirty_log()?;
+        let mut pages: Vec<u64> = bitmap
+            .iter()
+            .enumerate()
+            .flat_map(|(i, word)| {
+                (0..64)
+                    .filter(move |b| word & (1 << b) != 0)
+                    .map(move |b| i as u64 * 64 + b)
+            })
+            .collect();
+        pages.push(crate::abi::ABI_PAGE_ADDR / crate::abi::PAGE_SIZE);
+        for (addr, len) in self.host_dirty.drain(..) {
+            let first = addr / crate::abi::PAGE_SIZE;
+            let last = (addr + len - 1) / crate::abi::PAGE_SIZE;
+            pages.extend(first..=last);
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        Ok(pages)
+    }
+
+    fn capture(
+        &mut self,
+        memory: MemoryImage,
+        base: Option<Snapshot>,
+    ) -> Result<Snapshot, SnapshotError> {
+        if self.state != VmState::Ready {
+            return Err(SnapshotError::NotReady);
+        }
+        let cpu = CpuState::capture(&self.machine.vcpu)?;
+        let mut functions: Vec<(String, u64)> = self
+            .functions
+            .iter()
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        functions.sort_by_key(|(_, index)| *index);
+        let inner = Inner {
+            id: SnapshotId::random()?,
+            base,
+            program_digest: self.program_digest,
+            generation: self.generation,
+            cpu,
+            guest: GuestState {
+                functions,
+                input_buf: self.input_buf,
+                input_cap: self.input_cap,
+                heap_used: self.stats.heap_used,
+                invocations: self.stats.invocations,
+            },
+            memory,
+        };
+        if self.dirty_tracking {
+            // Start tracking against the new snapshot.
+            self.machine.set_dirty_log(true)?;
+            self.machine.take_dirty_log()?;
+            self.host_dirty.clear();
+            self.base = Some(inner.id);
+        }
+        Ok(Snapshot {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Builds a new VM from `snapshot` with the default
+    /// [`RestoreStrategy`]. The config supplies the limits and host
+    /// functions; its program and memory size must match the snapshot's.
+    pub fn restore(config: &VmConfig, snapshot: &Snapshot) -> Result<VmInstance, SnapshotError> {
+        Self::restore_with(config, snapshot, RestoreStrategy::default())
+    }
+
+    /// Builds a new VM from `snapshot` with the given memory strategy.
+    pub fn restore_with(
+        config: &VmConfig,
+        snapshot: &Snapshot,
+        strategy: RestoreStrategy,
+    ) -> Result<VmInstance, SnapshotError> {
+        snapshot.check_restorable(config)?;
+        let ram = snapshot.build_ram(strategy)?;
+        let machine = Machine::create(ram, config.dirty_tracking_enabled())?;
+        let mut vm = snapshot.finish_restore(machine, config)?;
+        if strategy == RestoreStrategy::Lazy {
+            vm.backing = Some(snapshot.chain()[0].clone());
+        }
+        Ok(vm)
+    }
+
+    /// Rewinds this VM to `snapshot` in place, keeping its KVM objects. A
+    /// poisoned VM becomes ready again.
+    pub fn restore_in_place(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+        if snapshot.memory_size() != self.memory_size() {
+            return Err(SnapshotError::MemorySizeMismatch {
+                snapshot: snapshot.memory_size(),
+                config: self.memory_size(),
+            });
+        }
+        if snapshot.inner.program_digest != self.program_digest {
+            return Err(SnapshotError::ProgramMismatch);
+        }
+        let chain = snapshot.chain();
+        chain
+            .iter()
+            .try_for_each(|s| s.inner.memory.check_unchanged())?;
+        let ram = &self.machine.ram;
+        ram.discard_all().map_err(|source| VmError::MapMemory {
+            size: ram.size(),
+            source,
+        })?;
+        // A file-backed VM reads its backing image again after the discard.
+        // If that image is the chain's root, it already holds the root's
+        // pages; otherwise clear what it stores first.
+        let mut skip = 0;
+        if let Some(backing) = &self.backing {
+            if backing.id() == chain[0].id() {
+                skip = 1;
+            } else {
+                backing.inner.memory.zero_data_pages(ram)?;
+            }
+        }
+        chain[skip..]
+            .iter()
+            .try_for_each(|s| s.inner.memory.apply(ram))?;
+        snapshot.inner.cpu.apply(&self.machine.vcpu)?;
+        snapshot.install_guest_state(self)?;
+        self.clear_poison();
+        if self.dirty_tracking {
+            self.machine.take_dirty_log()?;
+            self.base = Some(snapshot.id());
+        }
+        Ok(())
+    }
+}
