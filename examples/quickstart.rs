@@ -1,5 +1,6 @@
 //! The snapvm quick start: boot a micro-VM running the `quickstart` guest
-//! (guests/quickstart), call its functions, and print what each step costs.
+//! (guests/quickstart), call its functions, capture its ready state, restore
+//! copies of it to serve requests, and print what each step costs.
 //!
 //! ```text
 //! cargo run --release --example quickstart
@@ -7,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use snapvm::{GuestProgram, VmConfig, VmInstance};
+use snapvm::{GuestProgram, ShellPool, Snapshot, VmConfig, VmInstance};
 
 /// Prints guest log messages (they arrive through the `log` facade).
 struct PrintLogger;
@@ -100,5 +101,60 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vm.state(),
         vm.stats().invocations
     );
+
+    // 6. Capture the ready state: a fresh VM right after init.
+    let mut template = VmInstance::new(&config)?;
+    let start = Instant::now();
+    let ready = template.snapshot()?;
+    println!(
+        "\nsnapshot of the ready VM in {:?} ({} KiB of non-zero pages stored)",
+        start.elapsed(),
+        ready.stored_bytes() / 1024
+    );
+    let path = std::env::temp_dir().join(format!("snapvm-quickstart-{}.snap", std::process::id()));
+    ready.save(&path)?;
+    let start = Instant::now();
+    let ready = Snapshot::load(&path)?;
+    println!(
+        "saved to {} and loaded back in {:?}",
+        path.display(),
+        start.elapsed()
+    );
+
+    // 7. Serve requests from restored copies: each is a new VM with its own
+    //    entropy and generation, restored instead of booted.
+    let mut restore_times = Vec::new();
+    for i in 0..8 {
+        let start = Instant::now();
+        let mut copy = VmInstance::restore(&config, &ready)?;
+        let out = copy.invoke("reverse", format!("request {i}").as_bytes())?;
+        restore_times.push(start.elapsed());
+        if i < 3 {
+            println!(
+                "  copy {i}: generation {} answered {:?}",
+                copy.generation(),
+                String::from_utf8_lossy(&out)
+            );
+        }
+    }
+    println!(
+        "restore + first request: median {:?} (8 copies)",
+        median(restore_times)
+    );
+
+    // 8. A pool of pre-created VM shells takes VM creation off the request path.
+    let pool = ShellPool::new(&config, 4)?;
+    let mut pooled_times = Vec::new();
+    for _ in 0..4 {
+        let start = Instant::now();
+        let mut copy = pool.restore(&config, &ready)?;
+        copy.invoke("empty", b"")?;
+        pooled_times.push(start.elapsed());
+    }
+    println!(
+        "pooled restore + first request: median {:?}",
+        median(pooled_times)
+    );
+    std::fs::remove_file(&path)?;
     Ok(())
 }

@@ -10,6 +10,10 @@
 //! - [`VmInstance`] — a KVM VM with one vCPU running a guest program built
 //!   with the `snapvm-guest` crate. Guest code runs at CPL3 in 64-bit mode;
 //!   faults, panics and timeouts come back as [`VmError`] values.
+//! - [`Snapshot`] — a VM captured in its ready state (after init) and
+//!   restored far faster than booting: into a new VM, into a pre-created
+//!   shell from a [`ShellPool`], or in place. Every restore gives the guest
+//!   fresh entropy and a new [`Generation`], so copies are not clones.
 //!
 //! ## Quick start
 //!
@@ -17,9 +21,8 @@
 //! use snapvm::{GuestProgram, VmConfig, VmInstance};
 //!
 //! # fn main() -> Result<(), snapvm::Error> {
-//! // A static ELF built from a `snapvm-guest` program (see docs/guest-guide.md).
-//! let program = GuestProgram::from_file("target/guest/release/quickstart")
-//!     .map_err(snapvm::VmError::from)?;
+//! // A static ELF built from a `snapvm-guest` program (docs/guest-guide.md).
+//! let program = GuestProgram::from_file("guest/target/release/my-guest")?;
 //! let config = VmConfig::new(program)
 //!     .host_function("greeting", |_| Ok(b"Hello".to_vec()));
 //!
@@ -27,6 +30,11 @@
 //! let mut vm = VmInstance::new(&config)?;
 //! let out = vm.invoke("greet", b"world")?;
 //! assert_eq!(out, b"Hello, world!");
+//!
+//! // Capture the ready state once; serve each request from a fresh copy.
+//! let ready = vm.snapshot()?;
+//! let mut copy = VmInstance::restore(&config, &ready)?;
+//! copy.invoke("greet", b"again")?;
 //! # Ok(()) }
 //! ```
 //!
@@ -35,6 +43,9 @@
 //!   call starts from a ready VM.
 //! - **Poisoned**: a guest that panicked, faulted, timed out or broke the
 //!   protocol cannot be resumed; see [`VmState`] and [`VmError::poisons`].
+//! - **Full and diff snapshots**: a full snapshot stores every non-zero
+//!   page; a diff ([`VmInstance::snapshot_diff`]) stores the pages written
+//!   since its base. See the [`snapshot`] module and `docs/snapshots.md`.
 //! - **Guest ABI**: [`abi`] is the single definition of the memory layout,
 //!   ports and shared structures, compiled by host and guest alike.
 //!

@@ -217,6 +217,7 @@ pub enum VmError {
     #[error("cannot read fresh entropy from the operating system")]
     Entropy(#[source] std::io::Error),
     /// The per-thread timeout timer could not be created or armed.
+    /// *Poisons* (it may fail while the guest is stopped mid-call).
     #[error("cannot set up the timeout timer")]
     Timer(#[source] std::io::Error),
     /// A configuration value is out of range.
@@ -381,6 +382,7 @@ impl VmError {
                 | Self::UnknownHypercall { .. }
                 | Self::UnexpectedExit { .. }
                 | Self::Kvm { .. }
+                | Self::Timer(_)
         )
     }
 

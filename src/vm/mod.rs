@@ -317,6 +317,7 @@ impl VmInstance {
     }
 
     fn call_inner(&mut self, index: u64, input: &[u8]) -> Result<(u64, u64), VmError> {
+        self.pending_host_result = None;
         let len = input.len() as u64;
         if len > self.input_cap {
             self.grow_input(input.len())?;
@@ -342,7 +343,6 @@ impl VmInstance {
             .check(output_ptr, output_len)
             .map_err(|e| bad("Done", e.into()))?;
         if output_len > self.max_output {
-            self.stats.invocations += 1;
             return Err(VmError::OutputTooLarge {
                 len: output_len,
                 limit: self.max_output,
