@@ -266,15 +266,14 @@ fn inputs_the_guest_cannot_hold_are_rejected_without_poisoning() {
 }
 
 #[test]
-fn guest_out_of_memory_is_a_guest_panic() {
+fn guest_out_of_memory_is_a_typed_error() {
     require_kvm!();
     let mut vm = vm();
     match vm.invoke("alloc_mib", &[100]) {
-        Err(VmError::GuestPanic { message, .. }) => {
-            assert!(message.contains("memory allocation"), "{message}")
-        }
+        Err(VmError::GuestOutOfMemory { requested, .. }) => assert_eq!(requested, 100 << 20),
         other => panic!("unexpected {other:?}"),
     }
+    assert_eq!(vm.state(), VmState::Poisoned);
 }
 
 #[test]

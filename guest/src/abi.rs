@@ -84,6 +84,11 @@ pub enum Hypercall {
     Panic = 6,
     /// The guest aborted on purpose: `args = [msg_ptr, msg_len]`.
     Abort = 7,
+    /// Preserve a memory region across resets: `args = [ptr, len]`;
+    /// `ret = [status]` with status one of the `PRESERVE_*` values.
+    Preserve = 8,
+    /// The guest ran out of heap: `args = [requested_bytes]`. Never returns.
+    OutOfMemory = 9,
 }
 
 impl Hypercall {
@@ -97,6 +102,8 @@ impl Hypercall {
             5 => Self::HostResult,
             6 => Self::Panic,
             7 => Self::Abort,
+            8 => Self::Preserve,
+            9 => Self::OutOfMemory,
             _ => return None,
         })
     }
@@ -127,6 +134,16 @@ pub const HOST_CALL_UNKNOWN: u64 = 2;
 pub const HOST_CALL_FAILED: u64 = 3;
 /// Host call status: no result is pending (for `HostResult`).
 pub const HOST_CALL_NO_RESULT: u64 = 4;
+
+/// Preserve status: the region will survive resets.
+pub const PRESERVE_OK: u64 = 0;
+/// Preserve status: the region is not inside the program area of guest memory.
+pub const PRESERVE_OUT_OF_RANGE: u64 = 1;
+/// Preserve status: the VM's limit on preserved bytes or regions is exceeded.
+pub const PRESERVE_TOO_LARGE: u64 = 2;
+
+/// [`AbiPage::garbage`] when the guest reported no garbage measure.
+pub const GARBAGE_UNREPORTED: u64 = u64::MAX;
 
 /// Longest function name the host accepts, in bytes.
 pub const MAX_FUNCTION_NAME: u64 = 256;
@@ -195,6 +212,13 @@ pub struct AbiPage {
     pub generation: u64,
     /// 256 bits of fresh entropy (host → guest), written with `generation`.
     pub entropy: [u64; 4],
+    /// Garbage bytes as the guest measures them (guest → host, at `Done`),
+    /// or [`GARBAGE_UNREPORTED`].
+    pub garbage: u64,
+    /// Guest address of the scratch disk, 0 if none (host → guest, at boot).
+    pub disk_addr: u64,
+    /// Size of the scratch disk in bytes (host → guest, at boot).
+    pub disk_size: u64,
 }
 
 // Pin the ABI: a change to any of these values is a breaking ABI change.
@@ -206,10 +230,11 @@ const _: () = {
     assert!(STACK_TOP == 0x20_0000 && USER_BASE == 0x20_0000);
     assert!(PORT_HYPERCALL == 0xF0 && PORT_FAULT == 0xF8);
     assert!(core::mem::size_of::<FuncEntry>() == 16);
-    assert!(core::mem::size_of::<AbiPage>() == 264);
+    assert!(core::mem::size_of::<AbiPage>() == 288);
     assert!(core::mem::size_of::<AbiPage>() as u64 <= PAGE_SIZE);
     assert!(core::mem::offset_of!(AbiPage, request) == 72);
     assert!(core::mem::offset_of!(AbiPage, args) == 128);
     assert!(core::mem::offset_of!(AbiPage, ret) == 192);
     assert!(core::mem::offset_of!(AbiPage, generation) == 224);
+    assert!(core::mem::offset_of!(AbiPage, garbage) == 264);
 };

@@ -97,6 +97,20 @@ impl CpuState {
         Ok(())
     }
 
+    /// Restores the registers guest code at CPL3 can change (general and
+    /// segment registers, x87/SSE/AVX state), or everything with `full`.
+    /// CPL3 code cannot change control registers, XCR0, MSRs or debug
+    /// registers, so a reset of a ready VM needs only these three ioctls.
+    pub(crate) fn apply_registers(&self, vcpu: &VcpuFd, full: bool) -> Result<(), SnapshotError> {
+        if full {
+            return self.apply(vcpu);
+        }
+        vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        // SAFETY: as in `apply`.
+        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))
+    }
+
     /// Checks that `host` (the CPUID KVM supports here) has every feature
     /// bit the snapshot's CPUID advertises to the guest.
     pub(crate) fn check_compatible(&self, host: &CpuId) -> Result<(), SnapshotError> {

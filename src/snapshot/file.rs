@@ -95,6 +95,12 @@ impl Header {
         if b[80..112] != digest {
             return Err(SnapshotError::ChecksumMismatch { section: "header" });
         }
+        if b[112..] != [0; 16] {
+            return Err(SnapshotError::Malformed {
+                section: "header",
+                reason: "reserved bytes are not zero",
+            });
+        }
         let h = Header {
             flags: r.u32()?,
             state_offset: r.u64()?,
@@ -243,6 +249,11 @@ fn encode_state(s: &Inner) -> Vec<u8> {
     for v in [g.input_buf, g.input_cap, g.heap_used, g.invocations] {
         put_u64(&mut out, v);
     }
+    put_u64(&mut out, g.preserved.len() as u64);
+    for &(addr, len) in &g.preserved {
+        put_u64(&mut out, addr);
+        put_u64(&mut out, len);
+    }
     put_u64(&mut out, g.functions.len() as u64);
     for (name, index) in &g.functions {
         put_u64(&mut out, *index);
@@ -319,9 +330,11 @@ pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError
 
 /// Reads a snapshot file. `base` must be given for a diff snapshot.
 pub(crate) fn load(path: &Path, base: Option<&Snapshot>) -> Result<Snapshot, SnapshotError> {
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is then
+    // rejected as not a regular file); it changes nothing for regular files.
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => SnapshotError::Symlink {
@@ -329,6 +342,23 @@ pub(crate) fn load(path: &Path, base: Option<&Snapshot>) -> Result<Snapshot, Sna
             },
             _ => SnapshotError::io("opening the snapshot file", Some(path))(e),
         })?;
+    load_from(file, path, base)
+}
+
+/// Loads a snapshot from `bytes` held in an anonymous in-memory file, through
+/// the same path as [`Snapshot::load`]. The entry point of the fuzz target.
+#[doc(hidden)]
+pub fn fuzz_load(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+    let path = Path::new("<fuzz input>");
+    let mut file = super::image::memfd(0)?;
+    file.write_all(bytes)
+        .map_err(SnapshotError::io("writing the fuzz input", Some(path)))?;
+    load_from(file, path, None)
+}
+
+/// Reads a snapshot from an open `file`; `path` names it in errors and in
+/// the identity checked before each restore.
+fn load_from(file: File, path: &Path, base: Option<&Snapshot>) -> Result<Snapshot, SnapshotError> {
     let meta = file
         .metadata()
         .map_err(SnapshotError::io("stat", Some(path)))?;
@@ -399,6 +429,15 @@ fn decode_state(
     let program_digest = r.array()?;
     let generation = Generation(r.u64()?);
     let (input_buf, input_cap, heap_used, invocations) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+    let regions = r.count(16, crate::vm::MAX_PRESERVED_REGIONS as u64)?;
+    let mut preserved = Vec::with_capacity(regions);
+    for _ in 0..regions {
+        let (addr, len) = (r.u64()?, r.u64()?);
+        if addr.checked_add(len).is_none_or(|end| end > h.memory_size) {
+            return Err(malformed("preserved region outside memory"));
+        }
+        preserved.push((addr, len));
+    }
     let pages = h.memory_size / PAGE_SIZE;
     if input_buf
         .checked_add(input_cap)
@@ -495,6 +534,7 @@ fn decode_state(
                 input_cap,
                 heap_used,
                 invocations,
+                preserved,
             },
             memory,
         }),

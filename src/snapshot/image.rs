@@ -75,7 +75,7 @@ pub(crate) struct MemoryImage {
     pub(crate) source: Option<FileIdentity>,
 }
 
-fn memfd(size: u64) -> Result<File, SnapshotError> {
+pub(crate) fn memfd(size: u64) -> Result<File, SnapshotError> {
     // SAFETY: the name is a NUL-terminated literal; the returned fd is new
     // and owned by the `File` built from it (checked for failure first).
     let fd = unsafe { libc::memfd_create(c"snapvm-snapshot".as_ptr(), libc::MFD_CLOEXEC) };
@@ -289,6 +289,25 @@ impl MemoryImage {
         }
         flag.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Page `page` of this image: `Some(Some(bytes))` if stored (block
+    /// verified), `Some(None)` if recorded as zero, `None` if not in the image.
+    pub(crate) fn page(&self, page: u64) -> Result<Option<Option<&[u8]>>, SnapshotError> {
+        let i = self
+            .extents
+            .partition_point(|e| e.first_page + e.pages <= page);
+        match self.extents.get(i) {
+            Some(e) if e.first_page <= page => {
+                if e.zero {
+                    return Ok(Some(None));
+                }
+                self.verify_block(page / BLOCK_PAGES)?;
+                let start = (page * PAGE_SIZE) as usize;
+                Ok(Some(Some(&self.map[start..start + PAGE_SIZE as usize])))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Writes the image's pages into `ram` (zero extents are zeroed),

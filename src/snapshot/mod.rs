@@ -48,6 +48,8 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use error::SnapshotError;
+#[doc(hidden)]
+pub use file::fuzz_load;
 pub use pool::ShellPool;
 
 use crate::vm::machine::Machine;
@@ -104,6 +106,7 @@ pub(crate) struct GuestState {
     pub(crate) input_cap: u64,
     pub(crate) heap_used: u64,
     pub(crate) invocations: u64,
+    pub(crate) preserved: Vec<(u64, u64)>,
 }
 
 pub(crate) struct Inner {
@@ -175,10 +178,21 @@ impl Snapshot {
         chain
     }
 
+    /// The contents of guest page `page` in this snapshot (through its
+    /// chain): `Some(bytes)` for a stored page, `None` for a zero page.
+    fn page(&self, page: u64) -> Result<Option<&[u8]>, SnapshotError> {
+        for s in self.chain().into_iter().rev() {
+            if let Some(found) = s.inner.memory.page(page)? {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+
     /// Checks that a VM built from `config` can take this snapshot's state.
     fn check_restorable(&self, config: &VmConfig) -> Result<(), SnapshotError> {
         config.validate()?;
-        let (snapshot, limit) = (self.memory_size(), config.memory_size_bytes());
+        let (snapshot, limit) = (self.memory_size(), config.total_memory());
         if snapshot > limit {
             return Err(SnapshotError::MemoryTooLarge { snapshot, limit });
         }
@@ -230,6 +244,7 @@ impl Snapshot {
         self.install_guest_state(&mut vm)?;
         if config.dirty_tracking_enabled() {
             vm.machine.take_dirty_log()?;
+            vm.host_dirty.clear();
             vm.base = Some(self.id());
         }
         Ok(vm)
@@ -243,8 +258,8 @@ impl Snapshot {
         vm.stats.heap_used = guest.heap_used;
         vm.stats.invocations = guest.invocations;
         vm.program_digest = self.inner.program_digest;
+        vm.preserved = guest.preserved.clone();
         vm.state = VmState::Ready;
-        vm.host_dirty.clear();
         // Fresh entropy and a new generation before any guest instruction.
         vm.new_generation()?;
         Ok(())
@@ -278,8 +293,8 @@ impl VmInstance {
     /// The pages written since the dirty log was last taken (guest writes
     /// from KVM's log, host writes recorded by the VM, and the ABI page).
     fn dirty_pages(&mut self) -> Result<Vec<u64>, SnapshotError> {
-        let bitmap = self.machine.take_dirty_log()?;
-        let mut pages: Vec<u64> = bitmap
+        self.collect_dirty()?;
+        let mut pages: Vec<u64> = std::mem::take(&mut self.dirty_acc)
             .iter()
             .enumerate()
             .flat_map(|(i, word)| {
@@ -326,6 +341,7 @@ impl VmInstance {
                 input_cap: self.input_cap,
                 heap_used: self.stats.heap_used,
                 invocations: self.stats.invocations,
+                preserved: self.preserved.clone(),
             },
             memory,
         };
@@ -333,6 +349,7 @@ impl VmInstance {
             // Start tracking against the new snapshot.
             self.machine.set_dirty_log(true)?;
             self.machine.take_dirty_log()?;
+            self.dirty_acc.clear();
             self.host_dirty.clear();
             self.base = Some(inner.id);
         }
@@ -380,6 +397,53 @@ impl VmInstance {
         chain
             .iter()
             .try_for_each(|s| s.inner.memory.check_unchanged())?;
+        // Bytes the guest asked to keep, read before memory is rewound.
+        let preserved = self.read_preserved()?;
+        if self.dirty_tracking && self.base == Some(snapshot.id()) {
+            self.reset_dirty_pages(snapshot)?;
+        } else {
+            self.reset_all_pages(&chain)?;
+        }
+        let ready = self.state == VmState::Ready;
+        snapshot
+            .inner
+            .cpu
+            .apply_registers(&self.machine.vcpu, !ready)?;
+        snapshot.install_guest_state(self)?;
+        self.clear_poison();
+        self.write_preserved(preserved)?;
+        if self.dirty_tracking && self.base != Some(snapshot.id()) {
+            self.machine.set_dirty_log(true)?;
+            self.machine.take_dirty_log()?;
+            self.dirty_acc.clear();
+            self.base = Some(snapshot.id());
+        }
+        Ok(())
+    }
+
+    /// Rewinds only the pages written since the VM was last at `snapshot`:
+    /// the cost follows what the guest touched, not the memory size.
+    fn reset_dirty_pages(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+        let pages = self.dirty_pages()?;
+        let ram = &self.machine.ram;
+        let outside = || SnapshotError::Malformed {
+            section: "memory",
+            reason: "dirty page outside guest memory",
+        };
+        for page in pages {
+            let addr = page * crate::abi::PAGE_SIZE;
+            match snapshot.page(page)? {
+                Some(bytes) => ram.copy_in(addr, bytes).map_err(|_| outside())?,
+                None => ram
+                    .zero(addr, crate::abi::PAGE_SIZE)
+                    .map_err(|_| outside())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewinds all of memory to the snapshot chain.
+    fn reset_all_pages(&mut self, chain: &[&Snapshot]) -> Result<(), SnapshotError> {
         let ram = &self.machine.ram;
         ram.discard_all().map_err(|source| VmError::MapMemory {
             size: ram.size(),
@@ -399,12 +463,38 @@ impl VmInstance {
         chain[skip..]
             .iter()
             .try_for_each(|s| s.inner.memory.apply(ram))?;
-        snapshot.inner.cpu.apply(&self.machine.vcpu)?;
-        snapshot.install_guest_state(self)?;
-        self.clear_poison();
-        if self.dirty_tracking {
-            self.machine.take_dirty_log()?;
-            self.base = Some(snapshot.id());
+        self.host_dirty.clear();
+        self.dirty_acc.clear();
+        Ok(())
+    }
+
+    fn read_preserved(&self) -> Result<Vec<(u64, Vec<u8>)>, SnapshotError> {
+        self.preserved
+            .iter()
+            .map(|&(addr, len)| {
+                let bytes =
+                    self.machine
+                        .ram
+                        .read_vec(addr, len)
+                        .map_err(|_| SnapshotError::Malformed {
+                            section: "guest state",
+                            reason: "preserved region outside guest memory",
+                        })?;
+                Ok((addr, bytes))
+            })
+            .collect()
+    }
+
+    fn write_preserved(&mut self, preserved: Vec<(u64, Vec<u8>)>) -> Result<(), SnapshotError> {
+        for (addr, bytes) in preserved {
+            self.machine
+                .ram
+                .write(addr, &bytes)
+                .map_err(|_| SnapshotError::Malformed {
+                    section: "guest state",
+                    reason: "preserved region outside guest memory",
+                })?;
+            self.note_host_write(addr, bytes.len() as u64);
         }
         Ok(())
     }

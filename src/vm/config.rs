@@ -50,6 +50,79 @@ pub struct VmConfig {
     pub(crate) max_output: u64,
     pub(crate) host_functions: Arc<HashMap<String, Arc<HostFn>>>,
     pub(crate) dirty_tracking: bool,
+    pub(crate) max_preserved: u64,
+    pub(crate) scratch_disk: Option<ScratchDisk>,
+}
+
+/// Default limit on the bytes a guest may preserve across resets.
+pub const DEFAULT_MAX_PRESERVED: u64 = 1 << 20;
+/// Largest scratch disk: 4 GiB.
+pub const MAX_DISK_SIZE: u64 = 4 << 30;
+
+/// A scratch disk: an image whose contents the guest reads and writes
+/// through `snapvm_guest::disk`. The guest works on a private copy held in
+/// VM memory (above the heap): writes never reach the image, snapshots
+/// include the disk, and a reset returns it to its ready-state contents.
+#[derive(Clone)]
+pub struct ScratchDisk {
+    bytes: Arc<Vec<u8>>,
+    size: u64,
+}
+
+impl fmt::Debug for ScratchDisk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScratchDisk")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl ScratchDisk {
+    /// Reads a disk image file (at most 4 GiB). The disk's size is the
+    /// file's, rounded up to 2 MiB with zeroes.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self, VmError> {
+        let path = path.as_ref();
+        let invalid = |reason: String| VmError::InvalidConfig {
+            field: "scratch_disk",
+            reason,
+        };
+        let len = std::fs::metadata(path)
+            .map_err(|e| invalid(format!("{}: {e}", path.display())))?
+            .len();
+        if len > MAX_DISK_SIZE {
+            return Err(invalid(format!(
+                "{len} bytes exceeds the {MAX_DISK_SIZE}-byte limit"
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        Ok(Self::from_bytes(bytes))
+    }
+
+    /// A disk holding `bytes` (rounded up to 2 MiB with zeroes).
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        let size = (bytes.len() as u64).max(1).next_multiple_of(HUGE_PAGE_SIZE);
+        Self {
+            bytes: Arc::new(bytes),
+            size,
+        }
+    }
+
+    /// An all-zero disk of `size` bytes (rounded up to 2 MiB).
+    pub fn zeroed(size: u64) -> Self {
+        Self {
+            bytes: Arc::new(Vec::new()),
+            size: size.max(1).next_multiple_of(HUGE_PAGE_SIZE),
+        }
+    }
+
+    /// Disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl fmt::Debug for VmConfig {
@@ -63,6 +136,8 @@ impl fmt::Debug for VmConfig {
             .field("max_output", &self.max_output)
             .field("host_functions", &names)
             .field("dirty_tracking", &self.dirty_tracking)
+            .field("max_preserved", &self.max_preserved)
+            .field("scratch_disk", &self.scratch_disk)
             .finish()
     }
 }
@@ -78,6 +153,8 @@ impl VmConfig {
             max_output: DEFAULT_MAX_OUTPUT,
             host_functions: Arc::default(),
             dirty_tracking: false,
+            max_preserved: DEFAULT_MAX_PRESERVED,
+            scratch_disk: None,
         }
     }
 
@@ -123,6 +200,25 @@ impl VmConfig {
         self
     }
 
+    /// Largest total size of the regions a guest may preserve across resets
+    /// (`snapvm_guest::preserve`); default 1 MiB.
+    pub fn max_preserved(mut self, bytes: u64) -> Self {
+        self.max_preserved = bytes;
+        self
+    }
+
+    /// Attaches a scratch disk (see [`ScratchDisk`]).
+    pub fn scratch_disk(mut self, disk: ScratchDisk) -> Self {
+        self.scratch_disk = Some(disk);
+        self
+    }
+
+    /// Guest memory plus the scratch disk: the size of the VM's memory
+    /// (and of its snapshots).
+    pub fn total_memory(&self) -> u64 {
+        self.memory_size + self.scratch_disk.as_ref().map_or(0, ScratchDisk::size)
+    }
+
     /// The guest program.
     pub fn program(&self) -> &GuestProgram {
         &self.program
@@ -164,6 +260,12 @@ impl VmConfig {
             return Err(VmError::InvalidConfig {
                 field: "host_function",
                 reason: format!("name {name:?} must be 1..={MAX_FUNCTION_NAME} bytes"),
+            });
+        }
+        if self.total_memory() > MAX_MEMORY_SIZE {
+            return Err(VmError::InvalidConfig {
+                field: "scratch_disk",
+                reason: format!("memory plus disk exceeds {MAX_MEMORY_SIZE} bytes"),
             });
         }
         self.program.check_fits(size)?;

@@ -259,6 +259,14 @@ pub enum VmError {
         /// Where it panicked, if the guest said.
         location: Option<PanicLocation>,
     },
+    /// The guest ran out of heap memory. *Poisons.*
+    #[error("guest out of memory: an allocation of {requested} bytes failed with {heap_used} bytes in use")]
+    GuestOutOfMemory {
+        /// Size of the allocation that failed.
+        requested: u64,
+        /// Heap bytes in use when it failed.
+        heap_used: u64,
+    },
     /// The guest called `abort`. *Poisons.*
     #[error("guest aborted: {message}")]
     GuestAbort {
@@ -375,6 +383,7 @@ impl VmError {
                 | Self::Poisoned { .. }
                 | Self::GuestPanic { .. }
                 | Self::GuestAbort { .. }
+                | Self::GuestOutOfMemory { .. }
                 | Self::GuestFault(_)
                 | Self::Shutdown
                 | Self::Timeout { .. }

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 
 pub use config::{
-    HostFn, HostFnError, VmConfig, DEFAULT_MAX_OUTPUT, DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT,
-    MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
+    HostFn, HostFnError, ScratchDisk, VmConfig, DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED,
+    DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE, MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
 pub use loader::GuestProgram;
@@ -71,6 +71,9 @@ pub struct VmStats {
     pub invocations: u64,
     /// Bytes allocated on the guest heap after the last call.
     pub heap_used: u64,
+    /// The guest's own garbage measure after the last call, if it reports
+    /// one (`snapvm_guest::report_garbage`).
+    pub guest_garbage: Option<u64>,
 }
 
 /// Why the vCPU stopped running guest code.
@@ -122,7 +125,18 @@ pub struct VmInstance {
     pub(crate) backing: Option<crate::snapshot::Snapshot>,
     /// SHA-256 of the guest program this VM runs.
     pub(crate) program_digest: [u8; 32],
+    /// Regions (address, length) the guest asked to keep across resets.
+    pub(crate) preserved: Vec<(u64, u64)>,
+    /// Pages (one bit each) the guest wrote since `base`, gathered from
+    /// KVM's dirty log (which clears on every read).
+    pub(crate) dirty_acc: Vec<u64>,
+    max_preserved: u64,
+    /// End of the program area (the heap); the scratch disk lies above.
+    heap_end: u64,
 }
+
+/// Most regions a guest may preserve.
+pub const MAX_PRESERVED_REGIONS: usize = 64;
 
 /// The generation of a VM lifetime: a random 64-bit value given to the
 /// guest at boot and at every restore, so restored copies of one snapshot
@@ -171,11 +185,20 @@ impl VmInstance {
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
         config.validate()?;
         let machine = Machine::new(
-            config.memory_size,
+            config.total_memory(),
             config.program.entry(),
             abi::STACK_TOP - 8,
         )?;
         config.program.load(&machine.ram)?;
+        if let Some(disk) = &config.scratch_disk {
+            machine
+                .ram
+                .write(config.memory_size, disk.bytes())
+                .map_err(|_| VmError::InvalidConfig {
+                    field: "scratch_disk",
+                    reason: "does not fit after guest memory".into(),
+                })?;
+        }
         let boot = AbiPage {
             magic: abi::ABI_MAGIC,
             version: abi::ABI_VERSION,
@@ -186,6 +209,12 @@ impl VmInstance {
         };
         let mut vm = Self::from_machine(machine, config);
         vm.write_words(field(0), &abi_boot_words(&boot))?;
+        if let Some(disk) = &config.scratch_disk {
+            vm.write_words(
+                field(offset_of!(AbiPage, disk_addr)),
+                &[config.memory_size, disk.size()],
+            )?;
+        }
         vm.new_generation()?;
         match vm.run()? {
             Stop::Ready => vm.read_ready()?,
@@ -220,6 +249,10 @@ impl VmInstance {
             base: None,
             backing: None,
             program_digest: *config.program.digest(),
+            preserved: Vec::new(),
+            dirty_acc: Vec::new(),
+            max_preserved: config.max_preserved,
+            heap_end: config.memory_size,
         }
     }
 
@@ -334,7 +367,9 @@ impl VmInstance {
         self.expect_done()?;
         let [output_ptr, output_len, status, heap_used] =
             self.read_words::<4>(field(offset_of!(AbiPage, output_ptr)))?;
+        let [garbage] = self.read_words::<1>(field(offset_of!(AbiPage, garbage)))?;
         self.stats.heap_used = heap_used;
+        self.stats.guest_garbage = (garbage != abi::GARBAGE_UNREPORTED).then_some(garbage);
         if status != abi::STATUS_OK {
             return Err(bad("Done", HypercallFault::BadStatus(status)));
         }
@@ -496,6 +531,16 @@ impl VmInstance {
                     Some(Hypercall::HostResult) => self.hypercall_host_result()?,
                     Some(Hypercall::Panic) => return Err(self.hypercall_panic()),
                     Some(Hypercall::Abort) => return Err(self.hypercall_abort()),
+                    Some(Hypercall::Preserve) => self.hypercall_preserve()?,
+                    Some(Hypercall::OutOfMemory) => {
+                        let [requested] = self.read_words::<1>(ARGS)?;
+                        let [heap_used] =
+                            self.read_words::<1>(field(offset_of!(AbiPage, heap_used)))?;
+                        return Err(VmError::GuestOutOfMemory {
+                            requested,
+                            heap_used,
+                        });
+                    }
                     None => return Err(VmError::UnknownHypercall { nr: value }),
                 },
                 PORT_FAULT => return Err(self.read_fault()),
@@ -558,6 +603,29 @@ impl VmInstance {
             self.pending_status = status;
             self.write_words(RET, &[abi::HOST_CALL_TOO_SMALL, len])
         }
+    }
+
+    fn hypercall_preserve(&mut self) -> Result<(), VmError> {
+        let [addr, len] = self.read_words::<2>(ARGS)?;
+        let in_program_area = addr >= abi::USER_BASE
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.heap_end);
+        let total: u64 = self.preserved.iter().map(|(_, l)| l).sum::<u64>() + len;
+        let status = if !in_program_area || len == 0 {
+            abi::PRESERVE_OUT_OF_RANGE
+        } else if total > self.max_preserved || self.preserved.len() >= MAX_PRESERVED_REGIONS {
+            abi::PRESERVE_TOO_LARGE
+        } else {
+            self.preserved.push((addr, len));
+            abi::PRESERVE_OK
+        };
+        self.write_words(RET, &[status])
+    }
+
+    /// The regions the guest asked to keep across resets.
+    pub fn preserved_regions(&self) -> &[(u64, u64)] {
+        &self.preserved
     }
 
     fn hypercall_host_result(&mut self) -> Result<(), VmError> {
@@ -652,8 +720,35 @@ impl VmInstance {
         })
     }
 
+    /// Reads KVM's dirty log into the VM's running set and returns how many
+    /// pages the guest wrote since the previous read (0 without tracking).
+    pub(crate) fn collect_dirty(&mut self) -> Result<u64, VmError> {
+        if !self.dirty_tracking || self.base.is_none() {
+            return Ok(0);
+        }
+        let log = self.machine.take_dirty_log()?;
+        if self.dirty_acc.len() < log.len() {
+            self.dirty_acc.resize(log.len(), 0);
+        }
+        let mut written = 0;
+        for (acc, word) in self.dirty_acc.iter_mut().zip(&log) {
+            written += u64::from(word.count_ones());
+            *acc |= word;
+        }
+        Ok(written)
+    }
+
+    /// Pages the guest wrote since the VM was last at its tracked snapshot
+    /// (as of the last [`Self::collect_dirty`]).
+    pub(crate) fn dirty_since_base(&self) -> u64 {
+        self.dirty_acc
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
     /// Records a host write into guest memory for dirty tracking.
-    fn note_host_write(&mut self, addr: u64, len: u64) {
+    pub(crate) fn note_host_write(&mut self, addr: u64, len: u64) {
         if self.dirty_tracking && len > 0 {
             self.host_dirty.push((addr, len));
         }

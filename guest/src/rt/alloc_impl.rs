@@ -11,13 +11,22 @@ use super::GuestCell;
 struct GuestAllocator {
     heap: GuestCell<Heap>,
     used: GuestCell<usize>,
+    /// Size of the last allocation that failed (0: none since the last reset).
+    failed: GuestCell<usize>,
 }
 
 #[global_allocator]
 static ALLOCATOR: GuestAllocator = GuestAllocator {
     heap: GuestCell::new(Heap::empty()),
     used: GuestCell::new(0),
+    failed: GuestCell::new(0),
 };
+
+/// Takes (and clears) the size of the last failed allocation.
+pub(crate) fn take_failed_allocation() -> usize {
+    // SAFETY: single-threaded guest (see `GuestCell`).
+    unsafe { core::mem::take(&mut *ALLOCATOR.failed.get()) }
+}
 
 /// Hands the heap region `[start, end)` to the allocator. Called once at boot.
 pub(crate) fn init(start: u64, end: u64) {
@@ -48,7 +57,11 @@ unsafe impl GlobalAlloc for GuestAllocator {
                 unsafe { *self.used.get() += layout.size() };
                 block.as_ptr()
             }
-            Err(()) => ptr::null_mut(),
+            Err(()) => {
+                // SAFETY: as above.
+                unsafe { *self.failed.get() = layout.size() };
+                ptr::null_mut()
+            }
         }
     }
 

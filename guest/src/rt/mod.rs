@@ -146,6 +146,7 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
         })
         .collect();
 
+    abi_write!(garbage, abi::GARBAGE_UNREPORTED);
     let mut input: Vec<u8> = alloc::vec![0; INITIAL_INPUT_CAPACITY];
     abi_write!(guest_version, abi::ABI_VERSION);
     abi_write!(func_table, table.as_ptr() as u64);
@@ -160,6 +161,7 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
         if restore::refresh() {
             restore::run_hooks();
         }
+        alloc_impl::take_failed_allocation();
         let status = match abi_read!(request) {
             abi::REQUEST_CALL => {
                 // Free the previous output before running the next call.
@@ -240,6 +242,133 @@ pub fn abort(message: &str) -> ! {
         set_arg(0, message.as_ptr() as u64);
         set_arg(1, message.len() as u64);
         hypercall(Hypercall::Abort);
+    }
+}
+
+pub(crate) fn report_out_of_memory(requested: usize) -> ! {
+    loop {
+        set_arg(0, requested as u64);
+        hypercall(Hypercall::OutOfMemory);
+    }
+}
+
+/// Why [`preserve`] refused a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreserveError {
+    /// The region is not inside the program's memory (image and heap).
+    OutOfRange,
+    /// The VM's limit on preserved bytes or regions would be exceeded.
+    TooLarge,
+    /// The host answered with an unknown status.
+    Protocol(u64),
+}
+
+/// Asks the host to carry `value`'s bytes across resets: when the host
+/// resets this VM to its ready state, everything returns to that state
+/// except preserved regions, which keep their current contents. Typical
+/// use: a request counter or a warm cache in a `static`.
+pub fn preserve<T: ?Sized>(value: &'static T) -> Result<(), PreserveError> {
+    preserve_region(
+        (value as *const T).cast::<u8>() as u64,
+        core::mem::size_of_val(value) as u64,
+    )
+}
+
+/// Like [`preserve`], for a raw address range.
+pub fn preserve_region(addr: u64, len: u64) -> Result<(), PreserveError> {
+    set_arg(0, addr);
+    set_arg(1, len);
+    hypercall(Hypercall::Preserve);
+    match ret(0) {
+        abi::PRESERVE_OK => Ok(()),
+        abi::PRESERVE_OUT_OF_RANGE => Err(PreserveError::OutOfRange),
+        abi::PRESERVE_TOO_LARGE => Err(PreserveError::TooLarge),
+        other => Err(PreserveError::Protocol(other)),
+    }
+}
+
+/// Reports the guest's own measure of garbage (bytes that a collector could
+/// free), for restore policies such as `GuestGarbageAbove`. Without a
+/// report, the host uses the heap growth since the ready state.
+pub fn report_garbage(bytes: u64) {
+    abi_write!(garbage, bytes.min(abi::GARBAGE_UNREPORTED - 1));
+}
+
+/// The scratch disk the host attached (`VmConfig::scratch_disk`): a byte
+/// array backed by an image file. Writes stay in this VM and never reach
+/// the image; a reset returns the disk to its ready-state contents.
+pub mod disk {
+    use super::*;
+
+    /// Size of a disk block.
+    pub const BLOCK_SIZE: usize = 4096;
+
+    /// Why a disk access failed.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum DiskError {
+        /// No scratch disk is attached.
+        NoDisk,
+        /// The access runs past the end of the disk.
+        OutOfRange,
+    }
+
+    fn region() -> Result<(u64, u64), DiskError> {
+        let (addr, size) = (abi_read!(disk_addr), abi_read!(disk_size));
+        if addr == 0 {
+            Err(DiskError::NoDisk)
+        } else {
+            Ok((addr, size))
+        }
+    }
+
+    fn range(offset: u64, len: usize) -> Result<u64, DiskError> {
+        let (addr, size) = region()?;
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(addr + offset),
+            _ => Err(DiskError::OutOfRange),
+        }
+    }
+
+    /// Disk size in bytes (0 without a disk).
+    pub fn size() -> u64 {
+        region().map_or(0, |(_, size)| size)
+    }
+
+    /// Reads `buf.len()` bytes at byte `offset`.
+    pub fn read(offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let src = range(offset, buf.len())?;
+        // SAFETY: the host maps the disk at `disk_addr` for `disk_size`
+        // bytes, readable and writable at CPL3; the range is checked above.
+        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Writes `data` at byte `offset`.
+    pub fn write(offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        let dest = range(offset, data.len())?;
+        // SAFETY: as for `read`.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), dest as *mut u8, data.len()) };
+        Ok(())
+    }
+
+    /// Reads block `index` (of [`BLOCK_SIZE`] bytes).
+    pub fn read_block(index: u64, buf: &mut [u8; BLOCK_SIZE]) -> Result<(), DiskError> {
+        read(
+            index
+                .checked_mul(BLOCK_SIZE as u64)
+                .ok_or(DiskError::OutOfRange)?,
+            buf,
+        )
+    }
+
+    /// Writes block `index` (of [`BLOCK_SIZE`] bytes).
+    pub fn write_block(index: u64, data: &[u8; BLOCK_SIZE]) -> Result<(), DiskError> {
+        write(
+            index
+                .checked_mul(BLOCK_SIZE as u64)
+                .ok_or(DiskError::OutOfRange)?,
+            data,
+        )
     }
 }
 

@@ -58,6 +58,12 @@ fn on_panic(info: &PanicInfo<'_>) -> ! {
     buffer.len = 0;
     let _ = write!(buffer, "{}", info.message());
     let message = core::str::from_utf8(&buffer.bytes[..buffer.len]).unwrap_or("<invalid utf-8>");
+    // `alloc`'s allocation-failure handler panics with this message: report
+    // it as what it is, so the host can tell out-of-memory from a bug.
+    let failed = super::alloc_impl::take_failed_allocation();
+    if failed != 0 && message.starts_with("memory allocation of") {
+        super::report_out_of_memory(failed);
+    }
     super::report_panic(message, file, line, column)
 }
 
