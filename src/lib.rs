@@ -14,6 +14,10 @@
 //!   restored far faster than booting: into a new VM, into a pre-created
 //!   shell from a [`ShellPool`], or in place. Every restore gives the guest
 //!   fresh entropy and a new [`Generation`], so copies are not clones.
+//! - [`RestorePolicy`] and [`ManagedVm`] — after every call, keep the VM or
+//!   rewind it to its ready state: single-request isolation, garbage
+//!   collection by restore, or every N calls, keeping the state the guest
+//!   asked to preserve. A reset copies back only the pages the call wrote.
 //!
 //! ## Quick start
 //!
@@ -59,6 +63,7 @@
 //! None yet: the default build is the whole library.
 
 pub mod error;
+pub mod policy;
 pub mod snapshot;
 pub mod vm;
 
@@ -66,6 +71,7 @@ pub mod vm;
 pub use snapvm_guest::abi;
 
 pub use error::{Error, Result};
+pub use policy::{Decision, InvokeStats, ManagedVm, RestorePolicy};
 pub use snapshot::{RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
 pub use vm::{
     Generation, GuestFault, GuestProgram, InvalidGuest, PanicLocation, VmConfig, VmError,

@@ -321,6 +321,14 @@ pub enum VmError {
         /// The configured limit.
         limit: u64,
     },
+    /// A host request named guest memory that does not exist.
+    #[error("guest memory range {addr:#x}+{len:#x} is out of range")]
+    MemoryOutOfRange {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
     /// The caller's buffer is smaller than the output. The instance stays ready.
     #[error("output of {needed} bytes does not fit the {capacity}-byte buffer")]
     OutputBufferTooSmall {

@@ -623,6 +623,18 @@ impl VmInstance {
         self.write_words(RET, &[status])
     }
 
+    /// Copies guest memory at `addr` into `buf`, for inspection (debuggers,
+    /// tests). The vCPU is stopped whenever the caller holds the VM.
+    pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.machine
+            .ram
+            .read(addr, buf)
+            .map_err(|e| VmError::MemoryOutOfRange {
+                addr: e.addr,
+                len: e.len,
+            })
+    }
+
     /// The regions the guest asked to keep across resets.
     pub fn preserved_regions(&self) -> &[(u64, u64)] {
         &self.preserved

@@ -19,6 +19,8 @@ snapvm_guest::entry!(init);
 
 fn init(exports: &mut Exports) {
     regenerate_token();
+    // Survives resets: the host carries these bytes into the rewound VM.
+    snapvm_guest::preserve(&PRESERVED_COUNTER).expect("preserve a counter");
     snapvm_guest::on_restore(regenerate_token);
     snapvm_guest::on_restore(count_restore);
     exports
@@ -38,6 +40,28 @@ fn init(exports: &mut Exports) {
         })
         .export("state_dump", state_dump)
         .export("write_pages", write_pages)
+        .export("bump", bump)
+        .export("leak_kib", leak_kib)
+        .export("report_garbage", |input| {
+            snapvm_guest::report_garbage(u64::from(input.first().copied().unwrap_or(0)) << 20);
+            Vec::new()
+        })
+        .export("preserve_bad", preserve_bad)
+        .export("scribble", scribble)
+        .export("disk_write", |input| {
+            let ok = snapvm_guest::disk::write(0, input).is_ok();
+            vec![u8::from(ok)]
+        })
+        .export("disk_read", |input| {
+            let mut buf = vec![0u8; usize::from(input.first().copied().unwrap_or(0))];
+            match snapvm_guest::disk::read(0, &mut buf) {
+                Ok(()) => buf,
+                Err(_) => b"error".to_vec(),
+            }
+        })
+        .export("disk_size", |_| {
+            snapvm_guest::disk::size().to_le_bytes().to_vec()
+        })
         .export("empty", |_| Vec::new())
         .export("echo", |input| input.to_vec())
         .export("counter", counter)
@@ -65,6 +89,84 @@ fn init(exports: &mut Exports) {
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 static TOKEN: AtomicU64 = AtomicU64::new(0);
 static RESTORES: AtomicU64 = AtomicU64::new(0);
+static PRESERVED_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Increments the preserved counter and the ordinary one; returns both.
+fn bump(_: &[u8]) -> Vec<u8> {
+    let kept = PRESERVED_COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
+    let plain = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut out = kept.to_le_bytes().to_vec();
+    out.extend_from_slice(&plain.to_le_bytes());
+    out
+}
+
+/// Leaks as many KiB as the first input byte says (default 1).
+fn leak_kib(input: &[u8]) -> Vec<u8> {
+    let kib = usize::from(input.first().copied().unwrap_or(1));
+    core::mem::forget(vec![0x55u8; kib << 10]);
+    Vec::new()
+}
+
+/// Asks to preserve a region outside the program area and one larger than
+/// the limit; returns the two results as status bytes.
+fn preserve_bad(_: &[u8]) -> Vec<u8> {
+    let code = |r: Result<(), snapvm_guest::PreserveError>| match r {
+        Ok(()) => 0u8,
+        Err(snapvm_guest::PreserveError::OutOfRange) => 1,
+        Err(snapvm_guest::PreserveError::TooLarge) => 2,
+        Err(_) => 3,
+    };
+    let outside = snapvm_guest::preserve_region(mem_size() - 8, 4096);
+    let abi_page = snapvm_guest::preserve_region(abi::ABI_PAGE_ADDR, 8);
+    let huge = snapvm_guest::preserve_region(abi::USER_BASE, 64 << 20);
+    let too_much = snapvm_guest::preserve_region(abi::USER_BASE, 2 << 20);
+    vec![code(outside), code(abi_page), code(huge), code(too_much)]
+}
+
+/// Writes pseudo-random bytes over every page it may write: the whole heap
+/// above the current break, static data, the unused stack below this frame
+/// and the ABI page (input: a seed byte).
+fn scribble(input: &[u8]) -> Vec<u8> {
+    let mut x = u64::from(input.first().copied().unwrap_or(1)) | 0x9E37_79B9_0000_0000;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let page = abi::ABI_PAGE_ADDR as *const AbiPage;
+    // SAFETY: the ABI page is mapped read/write at CPL3.
+    let (heap_start, heap_end) = unsafe {
+        (
+            core::ptr::addr_of!((*page).heap_start).read_volatile(),
+            core::ptr::addr_of!((*page).heap_end).read_volatile(),
+        )
+    };
+    // The top 64 KiB of the heap region (free memory), one word per page.
+    let mut addr = heap_end - (64 << 10);
+    while addr < heap_end {
+        // SAFETY: free heap memory that nothing references; aligned.
+        unsafe { (addr as *mut u64).write_volatile(next()) };
+        addr += 512;
+    }
+    // The unused stack: well below this frame.
+    let here = &x as *const u64 as u64;
+    let mut addr = abi::STACK_BOTTOM;
+    while addr + 0x4000 < here {
+        // SAFETY: stack memory below the live frames, unused.
+        unsafe { (addr as *mut u64).write_volatile(next()) };
+        addr += 1024;
+    }
+    // Hostile writes to the ABI page's host-owned fields.
+    // SAFETY: the ABI page is mapped read/write at CPL3.
+    unsafe {
+        core::ptr::addr_of_mut!((*(page as *mut AbiPage)).magic).write_volatile(next());
+        core::ptr::addr_of_mut!((*(page as *mut AbiPage)).heap_end).write_volatile(next());
+        core::ptr::addr_of_mut!((*(page as *mut AbiPage)).entropy).write_volatile([0; 4]);
+    }
+    let _ = heap_start;
+    write_pages(&[255, next() as u8])
+}
 
 /// A secret cached at init; regenerated by a restore hook so restored
 /// copies never share it.

@@ -1,0 +1,299 @@
+//! Restore policies: when to rewind a VM to its ready state.
+//!
+//! After every call, a [`RestorePolicy`] looks at the call's
+//! [`InvokeStats`] and decides to [`Decision::Keep`] the VM as it is or
+//! [`Decision::Reset`] it to the ready snapshot. Three uses:
+//!
+//! - **Isolation** — [`Always`]: every request starts from the ready state;
+//!   nothing one request leaves behind (data, secrets, corrupted state) is
+//!   seen by the next.
+//! - **Garbage by restore** — [`GuestGarbageAbove`]: instead of collecting
+//!   garbage item by item, rewind to a snapshot taken before it
+//!   accumulated, keeping what the guest asked to preserve
+//!   (`snapvm_guest::preserve`).
+//! - **Amortized resets** — [`EveryN`], [`DirtyAbove`], [`OnError`], and any
+//!   combination ([`any`], [`all`], [`RestorePolicy::or`],
+//!   [`RestorePolicy::and`]) or closure.
+//!
+//! [`ManagedVm`] applies a policy to a VM. A reset rewinds only the pages
+//! the guest wrote since the last reset (KVM dirty logging), so its cost
+//! follows what a request touched, not the size of the guest; see
+//! `docs/policies.md` for the mechanism and its measured cost.
+//!
+//! ```no_run
+//! use snapvm::policy::{EveryN, ManagedVm, OnError, RestorePolicy};
+//! use snapvm::{GuestProgram, VmConfig, VmInstance};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = VmConfig::new(GuestProgram::from_file("guest.elf")?).dirty_tracking(true);
+//! let mut template = VmInstance::new(&config)?;
+//! let ready = template.snapshot()?;
+//! let mut vm = ManagedVm::new(
+//!     VmInstance::restore(&config, &ready)?,
+//!     ready,
+//!     EveryN(100).or(OnError),
+//! )?;
+//! let out = vm.invoke("handle", b"request")?;
+//! # Ok(()) }
+//! ```
+
+mod managed;
+
+use std::time::Duration;
+
+pub use managed::ManagedVm;
+
+/// What a policy decides after a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Keep the VM as the call left it.
+    Keep,
+    /// Rewind the VM to its ready snapshot (keeping preserved regions).
+    Reset,
+}
+
+/// How a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The function returned its output.
+    Success,
+    /// The call failed but the VM is still ready (e.g. output too large).
+    Failed,
+    /// The call poisoned the VM (panic, fault, timeout, …). A poisoned VM is
+    /// always reset, whatever the policy says.
+    Poisoned,
+}
+
+/// What a policy knows about the call that just ended.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct InvokeStats<'a> {
+    /// The function called.
+    pub function: &'a str,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Wall time of the call.
+    pub elapsed: Duration,
+    /// 4 KiB pages the guest wrote during this call.
+    pub pages_dirtied: u64,
+    /// Distinct 4 KiB pages written since the last reset.
+    pub dirty_pages_since_reset: u64,
+    /// Calls since the last reset, this one included.
+    pub invocations_since_reset: u64,
+    /// Guest heap bytes in use after the call.
+    pub heap_used: u64,
+    /// Heap growth since the ready state: memory allocated and not freed.
+    pub heap_growth: u64,
+    /// The guest's own garbage measure, if it reports one.
+    pub guest_garbage: Option<u64>,
+}
+
+impl InvokeStats<'_> {
+    /// The garbage measure policies use: the guest's own report if it made
+    /// one, otherwise the heap growth since the ready state.
+    pub fn garbage(&self) -> u64 {
+        self.guest_garbage.unwrap_or(self.heap_growth)
+    }
+}
+
+/// Decides, after each call, whether to keep or reset a VM.
+///
+/// Any `Fn(&InvokeStats) -> Decision` is a policy.
+pub trait RestorePolicy: Send + Sync {
+    /// The decision for the call described by `stats`.
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision;
+
+    /// Resets when either policy says so.
+    fn or<P: RestorePolicy>(self, other: P) -> Any<Self, P>
+    where
+        Self: Sized,
+    {
+        any(self, other)
+    }
+
+    /// Resets only when both policies say so.
+    fn and<P: RestorePolicy>(self, other: P) -> All<Self, P>
+    where
+        Self: Sized,
+    {
+        all(self, other)
+    }
+}
+
+impl<F> RestorePolicy for F
+where
+    F: Fn(&InvokeStats<'_>) -> Decision + Send + Sync,
+{
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        self(stats)
+    }
+}
+
+impl RestorePolicy for Box<dyn RestorePolicy> {
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        (**self).decide(stats)
+    }
+}
+
+fn reset_if(condition: bool) -> Decision {
+    if condition {
+        Decision::Reset
+    } else {
+        Decision::Keep
+    }
+}
+
+/// Reset after every call: single-request isolation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Always;
+
+impl RestorePolicy for Always {
+    fn decide(&self, _: &InvokeStats<'_>) -> Decision {
+        Decision::Reset
+    }
+}
+
+/// Never reset (except after a poisoning error, which always resets).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Never;
+
+impl RestorePolicy for Never {
+    fn decide(&self, _: &InvokeStats<'_>) -> Decision {
+        Decision::Keep
+    }
+}
+
+/// Reset after every `n` calls (`EveryN(1)` is [`Always`]).
+#[derive(Clone, Copy, Debug)]
+pub struct EveryN(pub u64);
+
+impl RestorePolicy for EveryN {
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        reset_if(stats.invocations_since_reset >= self.0)
+    }
+}
+
+/// Reset once more than this many bytes of guest memory were written since
+/// the last reset (the cost of the next reset grows with it).
+#[derive(Clone, Copy, Debug)]
+pub struct DirtyAbove(pub u64);
+
+impl RestorePolicy for DirtyAbove {
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        reset_if(stats.dirty_pages_since_reset * crate::abi::PAGE_SIZE > self.0)
+    }
+}
+
+/// Reset once the guest's garbage exceeds this many bytes: the guest's own
+/// report (`snapvm_guest::report_garbage`) if it makes one, otherwise the
+/// heap growth since the ready state, which the `snapvm-guest` allocator
+/// reports after every call.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestGarbageAbove(pub u64);
+
+impl RestorePolicy for GuestGarbageAbove {
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        reset_if(stats.garbage() > self.0)
+    }
+}
+
+/// Reset after any failed call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OnError;
+
+impl RestorePolicy for OnError {
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        reset_if(stats.outcome != Outcome::Success)
+    }
+}
+
+/// Resets when either policy says so (see [`any`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Any<A, B>(pub A, pub B);
+
+impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for Any<A, B> {
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        reset_if(self.0.decide(stats) == Decision::Reset || self.1.decide(stats) == Decision::Reset)
+    }
+}
+
+/// Resets only when both policies say so (see [`all`]).
+#[derive(Clone, Copy, Debug)]
+pub struct All<A, B>(pub A, pub B);
+
+impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for All<A, B> {
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        reset_if(self.0.decide(stats) == Decision::Reset && self.1.decide(stats) == Decision::Reset)
+    }
+}
+
+/// A policy that resets when `a` or `b` does.
+pub fn any<A: RestorePolicy, B: RestorePolicy>(a: A, b: B) -> Any<A, B> {
+    Any(a, b)
+}
+
+/// A policy that resets only when both `a` and `b` do.
+pub fn all<A: RestorePolicy, B: RestorePolicy>(a: A, b: B) -> All<A, B> {
+    All(a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(
+        calls: u64,
+        dirty: u64,
+        growth: u64,
+        garbage: Option<u64>,
+        outcome: Outcome,
+    ) -> InvokeStats<'static> {
+        InvokeStats {
+            function: "f",
+            outcome,
+            elapsed: Duration::ZERO,
+            pages_dirtied: dirty,
+            dirty_pages_since_reset: dirty,
+            invocations_since_reset: calls,
+            heap_used: growth,
+            heap_growth: growth,
+            guest_garbage: garbage,
+        }
+    }
+
+    #[test]
+    fn built_in_policies_decide_as_documented() {
+        let ok = stats(3, 10, 1000, None, Outcome::Success);
+        assert_eq!(Always.decide(&ok), Decision::Reset);
+        assert_eq!(Never.decide(&ok), Decision::Keep);
+        assert_eq!(EveryN(3).decide(&ok), Decision::Reset);
+        assert_eq!(EveryN(4).decide(&ok), Decision::Keep);
+        assert_eq!(DirtyAbove(10 * 4096).decide(&ok), Decision::Keep);
+        assert_eq!(DirtyAbove(10 * 4096 - 1).decide(&ok), Decision::Reset);
+        assert_eq!(GuestGarbageAbove(999).decide(&ok), Decision::Reset);
+        assert_eq!(GuestGarbageAbove(1000).decide(&ok), Decision::Keep);
+        // A guest-reported measure replaces the heap growth.
+        let reported = stats(3, 10, 1000, Some(5), Outcome::Success);
+        assert_eq!(GuestGarbageAbove(999).decide(&reported), Decision::Keep);
+        assert_eq!(OnError.decide(&ok), Decision::Keep);
+        assert_eq!(
+            OnError.decide(&stats(1, 0, 0, None, Outcome::Failed)),
+            Decision::Reset
+        );
+    }
+
+    #[test]
+    fn combinators_and_closures_compose() {
+        let ok = stats(2, 0, 0, None, Outcome::Success);
+        let failed = stats(2, 0, 0, None, Outcome::Failed);
+        assert_eq!(EveryN(5).or(OnError).decide(&ok), Decision::Keep);
+        assert_eq!(EveryN(5).or(OnError).decide(&failed), Decision::Reset);
+        assert_eq!(all(EveryN(2), OnError).decide(&ok), Decision::Keep);
+        assert_eq!(all(EveryN(2), OnError).decide(&failed), Decision::Reset);
+        let even = |s: &InvokeStats<'_>| reset_if(s.invocations_since_reset % 2 == 0);
+        assert_eq!(any(Never, even).decide(&ok), Decision::Reset);
+        let boxed: Box<dyn RestorePolicy> = Box::new(Never.and(Always));
+        assert_eq!(boxed.decide(&ok), Decision::Keep);
+    }
+}

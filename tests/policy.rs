@@ -1,0 +1,253 @@
+//! Restore policies and resets on real KVM: isolation, garbage collection
+//! by restore, preserved state, the scratch disk, hostile guests.
+
+mod common;
+
+use snapvm::policy::{
+    Always, DirtyAbove, EveryN, GuestGarbageAbove, InvokeStats, ManagedVm, Never, OnError,
+    RestorePolicy,
+};
+use snapvm::vm::ScratchDisk;
+use snapvm::{Decision, Snapshot, VmConfig, VmError, VmInstance};
+
+fn config() -> VmConfig {
+    common::config("testguest").dirty_tracking(true)
+}
+
+fn ready(config: &VmConfig) -> Snapshot {
+    VmInstance::new(config).unwrap().snapshot().unwrap()
+}
+
+fn managed<P: RestorePolicy>(config: &VmConfig, policy: P) -> ManagedVm<P> {
+    let ready = ready(config);
+    let vm = VmInstance::restore(config, &ready).unwrap();
+    ManagedVm::new(vm, ready, policy).unwrap()
+}
+
+fn words(out: &[u8]) -> Vec<u64> {
+    out.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn always_gives_every_request_the_ready_state() {
+    require_kvm!();
+    let config = config().scratch_disk(ScratchDisk::from_bytes(b"ready disk".to_vec()));
+    let mut vm = managed(&config, Always);
+    for _ in 0..5 {
+        // The ordinary counter is back at its ready value every time.
+        assert_eq!(words(&vm.invoke("counter", b"").unwrap()), [1]);
+        // So is the scratch disk.
+        assert_eq!(vm.invoke("disk_read", &[10]).unwrap(), b"ready disk");
+        assert_eq!(vm.invoke("disk_write", b"scribbled!").unwrap(), [1]);
+        assert_eq!(vm.invoke("disk_read", &[10]).unwrap(), b"ready disk");
+    }
+    assert_eq!(vm.resets(), 20);
+}
+
+#[test]
+fn never_and_every_n_keep_state_between_resets() {
+    require_kvm!();
+    let config = config();
+    let mut kept = managed(&config, Never);
+    for expected in 1..=5u64 {
+        assert_eq!(words(&kept.invoke("counter", b"").unwrap()), [expected]);
+    }
+    let mut every3 = managed(&config, EveryN(3));
+    let seen: Vec<u64> = (0..7)
+        .map(|_| words(&every3.invoke("counter", b"").unwrap())[0])
+        .collect();
+    assert_eq!(seen, [1, 2, 3, 1, 2, 3, 1]);
+}
+
+#[test]
+fn combinators_and_closures_are_policies() {
+    require_kvm!();
+    let config = config();
+    let mut vm = managed(&config, EveryN(100).or(OnError));
+    assert_eq!(words(&vm.invoke("counter", b"").unwrap()), [1]);
+    assert_eq!(words(&vm.invoke("counter", b"").unwrap()), [2]);
+    assert!(vm.invoke("no_such_function", b"").is_err());
+    assert_eq!(
+        words(&vm.invoke("counter", b"").unwrap()),
+        [1],
+        "reset after the failed call"
+    );
+
+    let only_after_echo = |s: &InvokeStats<'_>| {
+        if s.function == "echo" {
+            Decision::Reset
+        } else {
+            Decision::Keep
+        }
+    };
+    let mut vm = managed(&config, only_after_echo);
+    vm.invoke("counter", b"").unwrap();
+    assert_eq!(words(&vm.invoke("counter", b"").unwrap()), [2]);
+    vm.invoke("echo", b"x").unwrap();
+    assert_eq!(words(&vm.invoke("counter", b"").unwrap()), [1]);
+
+    let mut dirty = managed(&config, DirtyAbove(64 * 4096));
+    dirty.invoke("write_pages", &[16, 1]).unwrap();
+    assert_eq!(dirty.resets(), 0);
+    dirty.invoke("write_pages", &[100, 1]).unwrap();
+    assert_eq!(dirty.resets(), 1);
+}
+
+#[test]
+fn a_poisoned_vm_is_always_reset() {
+    require_kvm!();
+    let config = config();
+    let mut vm = managed(&config, Never);
+    vm.invoke("counter", b"").unwrap();
+    assert!(matches!(
+        vm.invoke("panic", b""),
+        Err(snapvm::Error::Vm(VmError::GuestPanic { .. }))
+    ));
+    assert_eq!(vm.vm().state(), snapvm::VmState::Ready);
+    assert_eq!(words(&vm.invoke("counter", b"").unwrap()), [1]);
+}
+
+#[test]
+fn a_leaking_guest_runs_100k_requests_under_garbage_policy() {
+    require_kvm!();
+    let config = config();
+    let mut vm = managed(&config, GuestGarbageAbove(8 << 20));
+    for i in 0..100_000u32 {
+        vm.invoke("leak_kib", &[1])
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+    }
+    // 100,000 KiB leaked in a 64 MiB guest: only resets made it possible.
+    assert!(vm.resets() >= 10, "{} resets", vm.resets());
+}
+
+#[test]
+fn without_a_policy_the_leaking_guest_runs_out_of_memory() {
+    require_kvm!();
+    let mut vm = VmInstance::new(&config()).unwrap();
+    let err = (0..200_000)
+        .find_map(|_| vm.invoke("leak_kib", &[64]).err())
+        .expect("the guest must run out of memory");
+    assert!(matches!(err, VmError::GuestOutOfMemory { .. }), "{err:?}");
+}
+
+#[test]
+fn guest_reported_garbage_drives_the_policy() {
+    require_kvm!();
+    let mut vm = managed(&config(), GuestGarbageAbove(10 << 20));
+    vm.invoke("report_garbage", &[5]).unwrap();
+    assert_eq!(vm.resets(), 0);
+    vm.invoke("report_garbage", &[20]).unwrap();
+    assert_eq!(vm.resets(), 1);
+}
+
+#[test]
+fn a_preserved_counter_survives_1000_resets() {
+    require_kvm!();
+    let mut vm = managed(&config(), Always);
+    for i in 1..=1000u64 {
+        // Preserved counter keeps counting; the ordinary one restarts.
+        assert_eq!(words(&vm.invoke("bump", b"").unwrap()), [i, 1]);
+    }
+    assert_eq!(vm.resets(), 1000);
+    assert_eq!(vm.vm().preserved_regions().len(), 1);
+}
+
+#[test]
+fn bad_preserved_regions_are_refused_with_typed_errors() {
+    require_kvm!();
+    let mut vm = VmInstance::new(&config().max_preserved(1 << 20)).unwrap();
+    // outside memory, the ABI page, larger than memory, over the limit
+    assert_eq!(vm.invoke("preserve_bad", b"").unwrap(), [1, 1, 1, 2]);
+    assert_eq!(vm.preserved_regions().len(), 1);
+}
+
+/// Pages that may legitimately differ after a reset: the ABI page (new
+/// generation and entropy) and the preserved counter.
+fn compare_with_ready(vm: &VmInstance, reference: &VmInstance) {
+    let preserved: Vec<(u64, u64)> = vm.preserved_regions().to_vec();
+    let size = vm.memory_size();
+    let mut a = vec![0u8; 2 << 20];
+    let mut b = vec![0u8; 2 << 20];
+    let mut addr = 0;
+    while addr < size {
+        vm.read_memory(addr, &mut a).unwrap();
+        reference.read_memory(addr, &mut b).unwrap();
+        for page in 0..a.len() / 4096 {
+            let at = addr + page as u64 * 4096;
+            if at == snapvm::abi::ABI_PAGE_ADDR
+                || preserved
+                    .iter()
+                    .any(|&(p, l)| at <= p && p < at + 4096 || (p..p + l).contains(&at))
+            {
+                continue;
+            }
+            assert!(
+                a[page * 4096..][..4096] == b[page * 4096..][..4096],
+                "page {at:#x} differs after reset"
+            );
+        }
+        addr += a.len() as u64;
+    }
+}
+
+#[test]
+fn hostile_writes_all_over_memory_are_fully_reset() {
+    require_kvm!();
+    let config = config();
+    let ready = ready(&config);
+    let reference = VmInstance::restore(&config, &ready).unwrap();
+    let mut vm = ManagedVm::new(
+        VmInstance::restore(&config, &ready).unwrap(),
+        ready.clone(),
+        Always,
+    )
+    .unwrap();
+    for seed in 1..=3u8 {
+        vm.invoke("scribble", &[seed]).unwrap();
+        compare_with_ready(vm.vm(), &reference);
+    }
+    // Writes that fault (the page tables are supervisor-only) poison, and
+    // the poisoned VM is reset fully.
+    assert!(vm.invoke("write_system_area", b"").is_err());
+    compare_with_ready(vm.vm(), &reference);
+    assert_eq!(words(&vm.invoke("counter", b"").unwrap()), [1]);
+}
+
+#[test]
+fn reset_matches_a_naive_oracle_for_random_write_sequences() {
+    require_kvm!();
+    let config = config();
+    let ready = ready(&config);
+    let reference = VmInstance::restore(&config, &ready).unwrap();
+    let mut vm =
+        ManagedVm::new(VmInstance::restore(&config, &ready).unwrap(), ready, Never).unwrap();
+    let mut x = 0x1234_5678_9abc_def0u64;
+    for _ in 0..6 {
+        for _ in 0..(x % 5) + 1 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let input = [(x % 256) as u8, (x >> 8) as u8];
+            match x % 3 {
+                0 => vm.invoke("write_pages", &input).unwrap(),
+                1 => vm
+                    .invoke("echo", &vec![input[1]; (x % 300_000) as usize])
+                    .unwrap(),
+                _ => vm.invoke("leak_kib", &input).unwrap(),
+            };
+        }
+        vm.reset().unwrap();
+        compare_with_ready(vm.vm(), &reference);
+    }
+}
+
+#[test]
+fn a_managed_vm_needs_dirty_tracking() {
+    require_kvm!();
+    let config = common::config("testguest");
+    let ready = ready(&config);
+    let vm = VmInstance::restore(&config, &ready).unwrap();
+    assert!(ManagedVm::new(vm, ready, Always).is_err());
+}
