@@ -42,6 +42,9 @@ fn main() -> ExitCode {
     let ctx = Ctx { quick };
     let start = Instant::now();
     let mut all = figures::vm::measure(&ctx);
+    // The snapshot figures are judged against the VM module's `kvm.create_us`.
+    let snapshot = figures::snapshot::measure(&ctx, &all);
+    all.extend(snapshot);
     all.extend(figures::store::measure(&ctx));
 
     print!("{}", table(&all));

@@ -1,6 +1,9 @@
 //! The figures of `cargo bench --bench report`, one module per primitive.
-//! Each module exposes `pub fn measure(ctx: &Ctx) -> Vec<Figure>`.
+//! Each module exposes `pub fn measure(ctx: &Ctx) -> Vec<Figure>`; a module
+//! whose figures are judged against another module's baselines also takes
+//! the figures measured so far (`measure(ctx, &so_far)`).
 
+pub mod snapshot;
 pub mod store;
 pub mod vm;
 
