@@ -73,12 +73,20 @@ impl CpuState {
 
     /// Applies the state to a vCPU (CPUID first: it decides which other
     /// state KVM accepts).
-    pub(crate) fn apply(&self, vcpu: &VcpuFd) -> Result<(), SnapshotError> {
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| SnapshotError::Malformed {
-            section: "cpu",
-            reason: "too many CPUID entries",
-        })?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    /// `KVM_SET_CPUID2` is skipped when `current` (the CPUID the vCPU
+    /// already has) equals the snapshot's: it is the most expensive call.
+    pub(crate) fn apply(
+        &self,
+        vcpu: &VcpuFd,
+        current: Option<&[kvm_cpuid_entry2]>,
+    ) -> Result<(), SnapshotError> {
+        if current != Some(self.cpuid.as_slice()) {
+            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| SnapshotError::Malformed {
+                section: "cpu",
+                reason: "too many CPUID entries",
+            })?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        }
         vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
         // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy structure, which is
@@ -101,9 +109,14 @@ impl CpuState {
     /// segment registers, x87/SSE/AVX state), or everything with `full`.
     /// CPL3 code cannot change control registers, XCR0, MSRs or debug
     /// registers, so a reset of a ready VM needs only these three ioctls.
-    pub(crate) fn apply_registers(&self, vcpu: &VcpuFd, full: bool) -> Result<(), SnapshotError> {
+    pub(crate) fn apply_registers(
+        &self,
+        vcpu: &VcpuFd,
+        current_cpuid: Option<&[kvm_cpuid_entry2]>,
+        full: bool,
+    ) -> Result<(), SnapshotError> {
         if full {
-            return self.apply(vcpu);
+            return self.apply(vcpu, current_cpuid);
         }
         vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         // SAFETY: as in `apply`.

@@ -1,35 +1,78 @@
-//! [`ShellPool`]: VMs created ahead of time, so that `KVM_CREATE_VM` and
-//! memory setup are not on the request path.
+//! [`ShellPool`]: VMs created and warmed up ahead of time, so that
+//! `KVM_CREATE_VM`, memory setup and a VM's one-time first-run costs are not
+//! on the request path.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use super::{RestoreStrategy, Snapshot, SnapshotError};
+use super::image::BLOCK_SIZE;
+use super::{Snapshot, SnapshotError, SnapshotId};
+use crate::abi::{
+    PAGE_SIZE, PORT_HYPERCALL, STACK_TOP, SYSTEM_AREA_END, SYSTEM_AREA_START, USER_BASE,
+};
 use crate::vm::machine::Machine;
 use crate::vm::memory::GuestRam;
 use crate::vm::{VmConfig, VmError, VmInstance};
+
+/// `out 0xF0, eax; jmp $-2`: the warm-up program a new shell runs once.
+const WARM_UP: &[u8] = &[0xE7, 0xF0, 0xEB, 0xFC];
 
 struct Shared {
     memory_size: u64,
     dirty_tracking: bool,
     capacity: usize,
+    /// 2 MiB blocks to allocate in every new shell (where the snapshot the
+    /// pool was made for stores data).
+    prefault: Vec<u64>,
     shells: Mutex<Vec<Machine>>,
     wake: Condvar,
     stop: AtomicBool,
 }
 
-fn new_shell(memory_size: u64, dirty_tracking: bool) -> Result<Machine, VmError> {
-    let ram = GuestRam::new(memory_size).map_err(|source| VmError::MapMemory {
-        size: memory_size,
-        source,
-    })?;
-    Machine::create(ram, dirty_tracking)
+/// Creates a shell: a VM whose vCPU ran a two-instruction program once (so
+/// KVM's one-time costs of a VM's first run are paid here), with its
+/// memory zeroed again and the blocks in `prefault` allocated.
+fn new_shell(memory_size: u64, dirty_tracking: bool, prefault: &[u64]) -> Result<Machine, VmError> {
+    let mut machine = Machine::new(memory_size, USER_BASE, STACK_TOP - 8)?;
+    let setup = |_| VmError::InvalidConfig {
+        field: "memory_size",
+        reason: "too small for a VM shell".into(),
+    };
+    machine.ram.write(USER_BASE, WARM_UP).map_err(setup)?;
+    loop {
+        match crate::vm::io_exit(machine.vcpu.run())? {
+            Some((PORT_HYPERCALL, _)) => break,
+            Some((port, _)) => {
+                return Err(VmError::UnexpectedExit {
+                    exit: format!("warm-up wrote to port {port:#x}"),
+                })
+            }
+            None => continue,
+        }
+    }
+    // Back to all-zero memory: the system structures and the program page
+    // are the only bytes the warm-up wrote (the CPU only set accessed bits
+    // in the page tables, which lie in the system area).
+    let ram = &machine.ram;
+    ram.zero(SYSTEM_AREA_START, SYSTEM_AREA_END - SYSTEM_AREA_START)
+        .map_err(setup)?;
+    ram.zero(USER_BASE, PAGE_SIZE).map_err(setup)?;
+    for &block in prefault {
+        ram.populate(block * BLOCK_SIZE, BLOCK_SIZE);
+    }
+    if dirty_tracking {
+        machine.set_dirty_log(true)?;
+    }
+    Ok(machine)
 }
 
-/// A pool of empty VM shells (a VM, its vCPU and zeroed memory) for one
-/// memory size, refilled by a background thread. Restoring into a shell
-/// skips VM creation.
+/// A pool of warm VM shells for one memory size, refilled by a background
+/// thread. A shell is a VM and vCPU that have run once (paying KVM's
+/// one-time costs of a first run), with zeroed memory whose host pages are
+/// already allocated where the pool's snapshot stores data. Restoring into
+/// one skips VM creation, memory allocation and those first-run costs.
 ///
 /// Dropping the pool stops and joins its thread and frees every shell.
 ///
@@ -39,12 +82,15 @@ fn new_shell(memory_size: u64, dirty_tracking: bool) -> Result<Machine, VmError>
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?);
 /// let ready = VmInstance::new(&config)?.snapshot()?;
-/// let pool = ShellPool::new(&config, 8)?;
+/// let pool = ShellPool::for_snapshot(&config, &ready, 8)?;
 /// let mut vm = pool.restore(&config, &ready)?;
 /// # Ok(()) }
 /// ```
 pub struct ShellPool {
     shared: Arc<Shared>,
+    /// Per snapshot: whether its page tables are the ones warm shells were
+    /// built with (only then is a warm shell used for it).
+    layout_ok: Mutex<HashMap<SnapshotId, bool>>,
     refill: Option<JoinHandle<()>>,
 }
 
@@ -62,17 +108,46 @@ impl ShellPool {
     /// Creates a pool of up to `capacity` shells sized for `config`, fills
     /// it, and starts the background refill thread.
     pub fn new(config: &VmConfig, capacity: usize) -> Result<Self, SnapshotError> {
+        Self::build(config, capacity, Vec::new())
+    }
+
+    /// Like [`Self::new`], with shells prepared for `snapshot`: the host
+    /// memory of the 2 MiB blocks where it stores data is allocated ahead of
+    /// time, so restoring it copies into memory that is already there.
+    pub fn for_snapshot(
+        config: &VmConfig,
+        snapshot: &Snapshot,
+        capacity: usize,
+    ) -> Result<Self, SnapshotError> {
+        let mut blocks: Vec<u64> = snapshot
+            .chain()
+            .iter()
+            .flat_map(|s| s.inner.memory.extents.iter())
+            .filter(|e| !e.zero)
+            .flat_map(|e| e.addr() / BLOCK_SIZE..=(e.addr() + e.len() - 1) / BLOCK_SIZE)
+            .collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        Self::build(config, capacity, blocks)
+    }
+
+    fn build(
+        config: &VmConfig,
+        capacity: usize,
+        prefault: Vec<u64>,
+    ) -> Result<Self, SnapshotError> {
         config.validate()?;
         let capacity = capacity.max(1);
         let (memory_size, dirty_tracking) =
-            (config.memory_size_bytes(), config.dirty_tracking_enabled());
+            (config.total_memory(), config.dirty_tracking_enabled());
         let shells = (0..capacity)
-            .map(|_| new_shell(memory_size, dirty_tracking))
+            .map(|_| new_shell(memory_size, dirty_tracking, &prefault))
             .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
             memory_size,
             dirty_tracking,
             capacity,
+            prefault,
             shells: Mutex::new(shells),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -84,6 +159,7 @@ impl ShellPool {
             .map_err(SnapshotError::io("starting the shell pool thread", None))?;
         Ok(Self {
             shared,
+            layout_ok: Mutex::new(HashMap::new()),
             refill: Some(refill),
         })
     }
@@ -93,14 +169,14 @@ impl ShellPool {
         self.shared.shells.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    /// Restores `snapshot` into a pooled shell (or a new one if the pool is
+    /// Restores `snapshot` into a pooled shell (or a new VM if the pool is
     /// empty). Same checks and result as [`VmInstance::restore`].
     pub fn restore(
         &self,
         config: &VmConfig,
         snapshot: &Snapshot,
     ) -> Result<VmInstance, SnapshotError> {
-        if config.memory_size_bytes() != self.shared.memory_size
+        if config.total_memory() != self.shared.memory_size
             || config.dirty_tracking_enabled() != self.shared.dirty_tracking
         {
             return Err(VmError::InvalidConfig {
@@ -111,25 +187,81 @@ impl ShellPool {
             .into());
         }
         snapshot.check_restorable(config)?;
-        let shell = self.shared.shells.lock().ok().and_then(|mut s| s.pop());
-        self.shared.wake.notify_one();
+        let shell = if self.layout_matches(snapshot)? {
+            let shell = self.shared.shells.lock().ok().and_then(|mut s| s.pop());
+            self.shared.wake.notify_one();
+            shell
+        } else {
+            None
+        };
         let machine = match shell {
             Some(machine) => machine,
-            None => new_shell(self.shared.memory_size, self.shared.dirty_tracking)?,
+            None => {
+                let size = self.shared.memory_size;
+                let ram =
+                    GuestRam::new(size).map_err(|source| VmError::MapMemory { size, source })?;
+                Machine::create(ram, self.shared.dirty_tracking)?
+            }
         };
         snapshot
             .chain()
             .iter()
             .try_for_each(|s| s.inner.memory.apply(&machine.ram))?;
-        let _ = RestoreStrategy::Eager;
         snapshot.finish_restore(machine, config)
+    }
+
+    /// Whether `snapshot`'s page tables translate exactly like the ones a
+    /// warm shell's vCPU already walked. KVM keeps what it derived from the
+    /// page tables during the warm-up; a snapshot from a build with another
+    /// memory layout gets a fresh VM instead.
+    fn layout_matches(&self, snapshot: &Snapshot) -> Result<bool, SnapshotError> {
+        if let Some(&known) = self
+            .layout_ok
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&snapshot.id()).copied())
+            .as_ref()
+        {
+            return Ok(known);
+        }
+        let reference =
+            GuestRam::new(self.shared.memory_size).map_err(|source| VmError::MapMemory {
+                size: self.shared.memory_size,
+                source,
+            })?;
+        crate::vm::write_system_area(&reference)?;
+        let mut expected = vec![0u8; PAGE_SIZE as usize];
+        let mut same = true;
+        for page in crate::vm::page_table_pages(self.shared.memory_size) {
+            reference
+                .read(page * PAGE_SIZE, &mut expected)
+                .map_err(|_| VmError::MemoryOutOfRange {
+                    addr: page * PAGE_SIZE,
+                    len: PAGE_SIZE,
+                })?;
+            let actual = snapshot.page(page)?.unwrap_or(&[0; PAGE_SIZE as usize]);
+            // Compare translations, ignoring the accessed and dirty bits the
+            // CPU sets in page-table entries.
+            const AD: u64 = (1 << 5) | (1 << 6);
+            same &= expected
+                .chunks_exact(8)
+                .zip(actual.chunks_exact(8))
+                .all(|(e, a)| {
+                    let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                    let a = u64::from_le_bytes(a.try_into().expect("8 bytes"));
+                    e & !AD == a & !AD
+                });
+        }
+        if let Ok(mut known) = self.layout_ok.lock() {
+            known.insert(snapshot.id(), same);
+        }
+        Ok(same)
     }
 }
 
 fn refill(shared: &Shared) {
-    let mut shells = match shared.shells.lock() {
-        Ok(guard) => guard,
-        Err(_) => return,
+    let Ok(mut shells) = shared.shells.lock() else {
+        return;
     };
     while !shared.stop.load(Ordering::Acquire) {
         if shells.len() >= shared.capacity {
@@ -140,7 +272,7 @@ fn refill(shared: &Shared) {
             continue;
         }
         drop(shells);
-        let shell = new_shell(shared.memory_size, shared.dirty_tracking);
+        let shell = new_shell(shared.memory_size, shared.dirty_tracking, &shared.prefault);
         shells = match shared.shells.lock() {
             Ok(guard) => guard,
             Err(_) => return,

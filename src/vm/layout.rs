@@ -76,6 +76,23 @@ pub(crate) fn write_system_area(ram: &GuestRam) -> Result<(), OutOfRange> {
     write_stubs(ram)
 }
 
+/// [`write_system_area`] for callers outside `vm`, with a typed error.
+pub(crate) fn write_system_area_checked(ram: &GuestRam) -> Result<(), super::VmError> {
+    write_system_area(ram).map_err(|e| super::VmError::MemoryOutOfRange {
+        addr: e.addr,
+        len: e.len,
+    })
+}
+
+/// Guest page numbers of every page-table page for a guest of `size` bytes.
+pub(crate) fn page_table_pages(size: u64) -> impl Iterator<Item = u64> {
+    let gibs = size.div_ceil(1 << 30);
+    [PML4_ADDR, PDPT_ADDR, PT0_ADDR]
+        .into_iter()
+        .chain((0..gibs).map(|i| PD_ADDR + i * PAGE_SIZE))
+        .map(|addr| addr / PAGE_SIZE)
+}
+
 fn write_entries(ram: &GuestRam, addr: u64, entries: &[u64]) -> Result<(), OutOfRange> {
     let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
     ram.write(addr, &bytes)

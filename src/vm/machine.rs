@@ -103,6 +103,9 @@ pub(crate) struct Machine {
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
     dirty_log: bool,
+    /// The CPUID last given to the vCPU (as the vCPU reports it), so a
+    /// restore can skip `KVM_SET_CPUID2` when nothing changes.
+    pub(crate) cpuid: Option<Vec<kvm_bindings::kvm_cpuid_entry2>>,
 }
 
 impl Machine {
@@ -118,8 +121,13 @@ impl Machine {
             field: "memory_size",
             reason: format!("too small for the system area ({:#x}+{:#x})", e.addr, e.len),
         })?;
-        let machine = Self::create(ram, false)?;
+        let mut machine = Self::create(ram, false)?;
         machine.setup_vcpu(host()?, entry, rsp)?;
+        machine.cpuid = machine
+            .vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .ok()
+            .map(|c| c.as_slice().to_vec());
         Ok(machine)
     }
 
@@ -138,6 +146,7 @@ impl Machine {
             vm,
             ram,
             dirty_log,
+            cpuid: None,
         })
     }
 

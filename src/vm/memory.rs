@@ -264,6 +264,24 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Allocates host memory for `[addr, addr + len)` now (without changing
+    /// its contents), so later first touches do not fault. Advisory: errors
+    /// are ignored, the memory is then allocated on first touch as usual.
+    pub(crate) fn populate(&self, addr: u64, len: u64) {
+        if self.check(addr, len).is_err() {
+            return;
+        }
+        // SAFETY: the range was checked to lie inside our live mapping;
+        // MADV_POPULATE_WRITE (Linux 5.14+) only faults pages in.
+        unsafe {
+            libc::madvise(
+                self.mapping.addr.as_ptr().add(addr as usize).cast(),
+                len as usize,
+                libc::MADV_POPULATE_WRITE,
+            );
+        }
+    }
+
     /// Drops the contents of the whole memory: anonymous memory reads back
     /// as zeroes, a private file mapping as the file's contents.
     pub(crate) fn discard_all(&self) -> io::Result<()> {

@@ -798,6 +798,8 @@ fn abi_boot_words(boot: &AbiPage) -> [u64; 5] {
     ]
 }
 
+pub(crate) use layout::{page_table_pages, write_system_area_checked as write_system_area};
+
 /// Classifies the result of one `KVM_RUN`: an I/O write gives its port and
 /// value, an interrupted run (the timeout signal) gives `None`, and every
 /// other exit is an error.

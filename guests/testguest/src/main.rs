@@ -215,8 +215,15 @@ fn state_dump(_: &[u8]) -> Vec<u8> {
     push(u64::from(fcw));
     for leaf in [0u32, 1, 7, 0xD, 0x8000_0001] {
         let r = core::arch::x86_64::__cpuid_count(leaf, 0);
-        // Leaf 1 EBX holds the initial APIC id and CLFLUSH size: per vCPU, kept.
-        for v in [r.eax, r.ebx, r.ecx, r.edx] {
+        // Leaf 1 EBX bits 31:24 are the initial APIC id. Where CPUID runs
+        // natively at CPL3 (KVM without VT-x) it is the id of the physical
+        // core the vCPU thread happens to run on, not VM state: masked.
+        let ebx = if leaf == 1 {
+            r.ebx & 0x00FF_FFFF
+        } else {
+            r.ebx
+        };
+        for v in [r.eax, ebx, r.ecx, r.edx] {
             push(u64::from(v));
         }
     }
