@@ -5,7 +5,8 @@
 //!
 //! The byte-level cases double as the seed corpus of the `snapshot_file`
 //! fuzz target: each also goes through `snapvm::snapshot::fuzz_load`, which
-//! must agree with `Snapshot::load`.
+//! must agree with `Snapshot::load`, and with `SNAPVM_FUZZ_CORPUS=<dir>` set
+//! they are written to `<dir>` as seeds (see `fuzz/fuzz_targets/`).
 //!
 //! The helpers below follow `docs/snapshot-format.md`, independently of the
 //! crate's own encoder.
@@ -29,8 +30,12 @@ const CPUID_ENTRY: usize = 40;
 /// Bytes of `struct kvm_msr_entry`.
 const MSR_ENTRY: usize = 16;
 
+/// Guest memory of the fixtures: small, so that each corrupt copy is cheap
+/// to write, yet several 2 MiB blocks.
+const MEMORY: u64 = 16 << 20;
+
 fn config() -> VmConfig {
-    common::config("testguest")
+    common::config("testguest").memory_size(MEMORY)
 }
 
 fn dir() -> PathBuf {
@@ -84,6 +89,7 @@ fn fix_digests(b: &mut [u8]) {
 /// Where the fields of a state section are (absolute file offsets).
 #[derive(Debug)]
 struct StateMap {
+    preserved: usize,
     functions: usize,
     first_name: (usize, usize),
     /// Offset of each length-prefixed CPU structure's length.
@@ -101,6 +107,8 @@ struct StateMap {
 
 fn map_state(b: &[u8]) -> StateMap {
     let mut at = HEADER + 16 + 16 + 32 + 8 + 4 * 8;
+    let preserved = at;
+    at += 8 + 16 * get_u64(b, at) as usize;
     let functions = at;
     let n = get_u64(b, at);
     at += 8;
@@ -149,6 +157,7 @@ fn map_state(b: &[u8]) -> StateMap {
         "the state map covers the section"
     );
     StateMap {
+        preserved,
         functions,
         first_name,
         cpu_structs,
@@ -223,9 +232,27 @@ fn write_sparse(name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// With `SNAPVM_FUZZ_CORPUS=<dir>`, saves a case as a seed of the
+/// `snapshot_file` fuzz target: mode byte 2 (pad the memory image with
+/// zeros) and the bytes before the memory image (at most 64 KiB).
+fn save_seed(name: &str, bytes: &[u8]) {
+    let Some(dir) = std::env::var_os("SNAPVM_FUZZ_CORPUS") else {
+        return;
+    };
+    let end = if bytes.len() >= HEADER {
+        memory_offset(bytes).min(bytes.len()).min(64 << 10)
+    } else {
+        bytes.len()
+    };
+    let seed = [&[2u8][..], &bytes[..end]].concat();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(Path::new(&dir).join(name), seed).unwrap();
+}
+
 /// Loads `bytes` both from a file and through the fuzz entry point; the
 /// two must agree.
 fn load(name: &str, bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+    save_seed(name, bytes);
     let path = write_sparse(name, bytes);
     let from_file = Snapshot::load(&path);
     let fuzzed = snapvm::snapshot::fuzz_load(bytes);
@@ -457,7 +484,7 @@ fn lengths_that_overflow_or_lie_are_rejected() {
         (32, 0),
         (32, 4096 - 1),
         (32, memory_offset(f) as u64 + 1),
-        (32, u64::MAX & !4095),
+        (32, !4095),
         (40, 0),
         (40, 4096),
         (40, (2 << 20) + 4096),
@@ -475,7 +502,7 @@ fn lengths_that_overflow_or_lie_are_rejected() {
             "field {at} = {v:#x}: {e:?}"
         );
     }
-    for v in [(64 << 30) + (2 << 20), 1 << 62, u64::MAX & !((2 << 20) - 1)] {
+    for v in [(64 << 30) + (2 << 20), 1 << 62, !((2 << 20) - 1)] {
         let e = load_err(&format!("memsize-{v:x}.snap"), &patched(40, v));
         assert!(
             matches!(e, SnapshotError::MemoryTooLarge { snapshot, .. } if snapshot == v),
@@ -484,7 +511,7 @@ fn lengths_that_overflow_or_lie_are_rejected() {
     }
     let truncated = [
         (40, 64 << 30),
-        (40, 128 << 20),
+        (40, 2 * MEMORY),
         (32, 1 << 40),
         (32, 1 << 63),
     ];
@@ -543,6 +570,7 @@ fn state_sections_with_lying_counts_are_malformed() {
         cases.push((name.to_string(), b));
     };
     for (name, at) in [
+        ("preserved", map.preserved),
         ("functions", map.functions),
         ("msrs", map.msr_count),
         ("cpuid", map.cpuid_count),
@@ -580,6 +608,7 @@ fn state_sections_with_lying_counts_are_malformed() {
         put_u64(b, input_buf + 8, u64::MAX)
     });
     patch("full-names-a-base", &|b| b[HEADER + 16] = 1);
+    patch("preserved-count-65", &|b| put_u64(b, map.preserved, 65));
 
     let pages = get_u64(f, 40) / PAGE as u64;
     let ext = &map.extents;
@@ -635,6 +664,22 @@ fn state_sections_with_lying_counts_are_malformed() {
         ("state-ends-in-header", HEADER + 10..map.end, vec![]),
         ("empty-state", HEADER..map.end, vec![]),
         (
+            "preserved-outside-memory",
+            map.preserved..map.functions,
+            [1u64, MEMORY - 8, 16]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "preserved-overflows",
+            map.preserved..map.functions,
+            [1u64, u64::MAX, 2]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
             "name-longer-than-256",
             name_len_at..name_at + name_len,
             [&300u64.to_le_bytes()[..], &[b'a'; 300]].concat(),
@@ -683,10 +728,10 @@ fn state_sections_with_lying_counts_are_malformed() {
 fn memory_larger_than_the_config_allows_fails_the_restore() {
     require_kvm!();
     let snap = Snapshot::load(&fixture().full_path).unwrap();
-    let e = VmInstance::restore(&config().memory_size(32 << 20), &snap).unwrap_err();
+    let e = VmInstance::restore(&config().memory_size(MEMORY / 2), &snap).unwrap_err();
     assert!(
         matches!(e, SnapshotError::MemoryTooLarge { snapshot, limit }
-            if snapshot == 64 << 20 && limit == 32 << 20),
+            if snapshot == MEMORY && limit == MEMORY / 2),
         "{e:?}"
     );
 }
@@ -717,7 +762,7 @@ fn diffs_need_their_own_base() {
         Err(SnapshotError::WrongBase { .. })
     ));
     let mut vm = VmInstance::restore(&config(), &diff).unwrap();
-    assert_eq!(counter(&mut vm), 2);
+    assert_eq!(counter(&mut vm), 3);
 
     // A diff's flag cleared (digests fixed): a full snapshot naming a base.
     let mut b = f.diff.clone();
@@ -739,7 +784,7 @@ fn diffs_need_their_own_base() {
     ));
 
     // A base of another memory size carrying the right id.
-    let big = config().memory_size(128 << 20);
+    let big = config().memory_size(2 * MEMORY);
     let mut big_base = {
         let p = dir().join("big-base.snap");
         VmInstance::new(&big)
