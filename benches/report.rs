@@ -45,6 +45,9 @@ fn main() -> ExitCode {
     // The snapshot figures are judged against the VM module's `kvm.create_us`.
     let snapshot = figures::snapshot::measure(&ctx, &all);
     all.extend(snapshot);
+    // The reset figures are judged against the VM module's `kvm.exit_us`.
+    let reset = figures::reset::measure(&ctx, &all);
+    all.extend(reset);
     all.extend(figures::store::measure(&ctx));
 
     print!("{}", table(&all));

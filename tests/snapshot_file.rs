@@ -107,6 +107,7 @@ struct StateMap {
 
 fn map_state(b: &[u8]) -> StateMap {
     let mut at = HEADER + 16 + 16 + 32 + 8 + 4 * 8;
+    at += 8; // guest flags
     let preserved = at;
     at += 8 + 16 * get_u64(b, at) as usize;
     let functions = at;

@@ -219,7 +219,16 @@ pub struct AbiPage {
     pub disk_addr: u64,
     /// Size of the scratch disk in bytes (host → guest, at boot).
     pub disk_size: u64,
+    /// `GUEST_FLAG_*` bits (guest → host, at `Ready`).
+    pub guest_flags: u64,
 }
+
+/// [`AbiPage::guest_flags`]: right before and after every `Ready` and
+/// `Done` hypercall (the points a VM is captured at and reset to), the guest
+/// itself puts its x87/SSE/AVX state in the initial state (`xrstor` of an
+/// all-init area). A host rewinding such a guest to one of those points
+/// need not restore the vector state.
+pub const GUEST_FLAG_RESETS_VECTOR_STATE: u64 = 1;
 
 // Pin the ABI: a change to any of these values is a breaking ABI change.
 const _: () = {
@@ -230,7 +239,7 @@ const _: () = {
     assert!(STACK_TOP == 0x20_0000 && USER_BASE == 0x20_0000);
     assert!(PORT_HYPERCALL == 0xF0 && PORT_FAULT == 0xF8);
     assert!(core::mem::size_of::<FuncEntry>() == 16);
-    assert!(core::mem::size_of::<AbiPage>() == 288);
+    assert!(core::mem::size_of::<AbiPage>() == 296);
     assert!(core::mem::size_of::<AbiPage>() as u64 <= PAGE_SIZE);
     assert!(core::mem::offset_of!(AbiPage, request) == 72);
     assert!(core::mem::offset_of!(AbiPage, args) == 128);

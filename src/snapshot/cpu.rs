@@ -6,7 +6,7 @@ use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
     kvm_xsave, CpuId, Msrs,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 
 use super::SnapshotError;
 use crate::vm::VmError;
@@ -28,6 +28,42 @@ pub(crate) const SAVED_MSRS: [u32; 11] = [
     0xC000_0103, // TSC_AUX
 ];
 
+/// Loads registers still pending in `kvm_run` (see
+/// [`CpuState::apply_registers`]) with ioctls, so the getters see them.
+fn flush_sync_regs(vcpu: &mut VcpuFd) -> Result<(), SnapshotError> {
+    let dirty = vcpu.get_kvm_run().kvm_dirty_regs;
+    let shared = vcpu.sync_regs();
+    if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_SREGS) != 0 {
+        vcpu.set_sregs(&shared.sregs)
+            .map_err(kvm("KVM_SET_SREGS"))?;
+    }
+    if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) != 0 {
+        vcpu.set_regs(&shared.regs).map_err(kvm("KVM_SET_REGS"))?;
+    }
+    clear_sync_regs(vcpu);
+    Ok(())
+}
+
+fn clear_sync_regs(vcpu: &mut VcpuFd) {
+    vcpu.clear_sync_dirty_reg(SyncReg::Register);
+    vcpu.clear_sync_dirty_reg(SyncReg::SystemRegister);
+}
+
+/// Which registers a restore writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Registers {
+    /// Everything (a new VM, or one stopped anywhere).
+    All,
+    /// What CPL3 code can change: general and segment registers and the
+    /// x87/SSE/AVX state. It cannot change control registers, XCR0, MSRs or
+    /// debug registers.
+    UserMode,
+    /// General and segment registers: for a guest that resets its own
+    /// vector state around the hypercall the VM is rewound to
+    /// (`GUEST_FLAG_RESETS_VECTOR_STATE`).
+    NoVector,
+}
+
 /// The state of one vCPU.
 pub(crate) struct CpuState {
     pub(crate) regs: kvm_regs,
@@ -46,7 +82,8 @@ fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
 
 impl CpuState {
     /// Reads the state of a stopped vCPU.
-    pub(crate) fn capture(vcpu: &VcpuFd) -> Result<Self, SnapshotError> {
+    pub(crate) fn capture(vcpu: &mut VcpuFd) -> Result<Self, SnapshotError> {
+        flush_sync_regs(vcpu)?;
         let mut msrs = Msrs::from_entries(&SAVED_MSRS.map(|index| kvm_msr_entry {
             index,
             ..Default::default()
@@ -77,9 +114,12 @@ impl CpuState {
     /// already has) equals the snapshot's: it is the most expensive call.
     pub(crate) fn apply(
         &self,
-        vcpu: &VcpuFd,
+        vcpu: &mut VcpuFd,
         current: Option<&[kvm_cpuid_entry2]>,
     ) -> Result<(), SnapshotError> {
+        // Registers handed over in `kvm_run` but not loaded yet would
+        // override what is set here on the next run.
+        clear_sync_regs(vcpu);
         if current != Some(self.cpuid.as_slice()) {
             let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| SnapshotError::Malformed {
                 section: "cpu",
@@ -105,23 +145,37 @@ impl CpuState {
         Ok(())
     }
 
-    /// Restores the registers guest code at CPL3 can change (general and
-    /// segment registers, x87/SSE/AVX state), or everything with `full`.
-    /// CPL3 code cannot change control registers, XCR0, MSRs or debug
-    /// registers, so a reset of a ready VM needs only these three ioctls.
+    /// Restores the given set of registers (see [`Registers`]).
+    ///
+    /// With `sync_regs`, the general and system registers are handed to KVM
+    /// in the shared `kvm_run` area and loaded on the next `KVM_RUN`,
+    /// instead of with two ioctls of their own.
     pub(crate) fn apply_registers(
         &self,
-        vcpu: &VcpuFd,
+        vcpu: &mut VcpuFd,
         current_cpuid: Option<&[kvm_cpuid_entry2]>,
-        full: bool,
+        which: Registers,
+        sync_regs: bool,
     ) -> Result<(), SnapshotError> {
-        if full {
-            return self.apply(vcpu, current_cpuid);
+        match which {
+            Registers::All => return self.apply(vcpu, current_cpuid),
+            Registers::UserMode => {
+                // SAFETY: as in `apply`.
+                unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+            }
+            Registers::NoVector => {}
         }
-        vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        // SAFETY: as in `apply`.
-        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
-        vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))
+        if sync_regs {
+            let shared = vcpu.sync_regs_mut();
+            shared.regs = self.regs;
+            shared.sregs = self.sregs;
+            vcpu.set_sync_dirty_reg(SyncReg::Register);
+            vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+            Ok(())
+        } else {
+            vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))
+        }
     }
 
     /// Checks that `host` (the CPUID KVM supports here) has every feature

@@ -249,6 +249,7 @@ fn encode_state(s: &Inner) -> Vec<u8> {
     for v in [g.input_buf, g.input_cap, g.heap_used, g.invocations] {
         put_u64(&mut out, v);
     }
+    put_u64(&mut out, u64::from(g.resets_cpu));
     put_u64(&mut out, g.preserved.len() as u64);
     for &(addr, len) in &g.preserved {
         put_u64(&mut out, addr);
@@ -429,6 +430,11 @@ fn decode_state(
     let program_digest = r.array()?;
     let generation = Generation(r.u64()?);
     let (input_buf, input_cap, heap_used, invocations) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+    let resets_cpu = match r.u64()? {
+        0 => false,
+        1 => true,
+        _ => return Err(malformed("guest flags")),
+    };
     let regions = r.count(16, crate::vm::MAX_PRESERVED_REGIONS as u64)?;
     let mut preserved = Vec::with_capacity(regions);
     for _ in 0..regions {
@@ -535,6 +541,7 @@ fn decode_state(
                 heap_used,
                 invocations,
                 preserved,
+                resets_cpu,
             },
             memory,
         }),

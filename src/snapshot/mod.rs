@@ -114,6 +114,7 @@ pub(crate) struct GuestState {
     pub(crate) heap_used: u64,
     pub(crate) invocations: u64,
     pub(crate) preserved: Vec<(u64, u64)>,
+    pub(crate) resets_cpu: bool,
 }
 
 pub(crate) struct Inner {
@@ -246,15 +247,16 @@ impl Snapshot {
         mut machine: Machine,
         config: &VmConfig,
     ) -> Result<VmInstance, SnapshotError> {
+        let current = machine.cpuid.take();
         self.inner
             .cpu
-            .apply(&machine.vcpu, machine.cpuid.as_deref())?;
+            .apply(&mut machine.vcpu, current.as_deref())?;
         machine.cpuid = Some(self.inner.cpu.cpuid.clone());
         let mut vm = VmInstance::from_machine(machine, config);
         self.install_guest_state(&mut vm)?;
         if config.dirty_tracking_enabled() {
             vm.machine.take_dirty_log()?;
-            vm.host_dirty.clear();
+            vm.clear_dirty();
             vm.base = Some(self.id());
         }
         Ok(vm)
@@ -269,6 +271,7 @@ impl Snapshot {
         vm.stats.invocations = guest.invocations;
         vm.program_digest = self.inner.program_digest;
         vm.preserved = guest.preserved.clone();
+        vm.guest_resets_cpu = guest.resets_cpu;
         vm.state = VmState::Ready;
         // Fresh entropy and a new generation before any guest instruction.
         vm.new_generation()?;
@@ -303,25 +306,7 @@ impl VmInstance {
     /// The pages written since the dirty log was last taken (guest writes
     /// from KVM's log, host writes recorded by the VM, and the ABI page).
     fn dirty_pages(&mut self) -> Result<Vec<u64>, SnapshotError> {
-        self.collect_dirty()?;
-        let mut pages: Vec<u64> = std::mem::take(&mut self.dirty_acc)
-            .iter()
-            .enumerate()
-            .flat_map(|(i, word)| {
-                (0..64)
-                    .filter(move |b| word & (1 << b) != 0)
-                    .map(move |b| i as u64 * 64 + b)
-            })
-            .collect();
-        pages.push(crate::abi::ABI_PAGE_ADDR / crate::abi::PAGE_SIZE);
-        for (addr, len) in self.host_dirty.drain(..) {
-            let first = addr / crate::abi::PAGE_SIZE;
-            let last = (addr + len - 1) / crate::abi::PAGE_SIZE;
-            pages.extend(first..=last);
-        }
-        pages.sort_unstable();
-        pages.dedup();
-        Ok(pages)
+        Ok(self.take_dirty_pages()?)
     }
 
     fn capture(
@@ -332,7 +317,7 @@ impl VmInstance {
         if self.state != VmState::Ready {
             return Err(SnapshotError::NotReady);
         }
-        let cpu = CpuState::capture(&self.machine.vcpu)?;
+        let cpu = CpuState::capture(&mut self.machine.vcpu)?;
         let mut functions: Vec<(String, u64)> = self
             .functions
             .iter()
@@ -352,6 +337,7 @@ impl VmInstance {
                 heap_used: self.stats.heap_used,
                 invocations: self.stats.invocations,
                 preserved: self.preserved.clone(),
+                resets_cpu: self.guest_resets_cpu,
             },
             memory,
         };
@@ -359,7 +345,7 @@ impl VmInstance {
             // Start tracking against the new snapshot.
             self.machine.set_dirty_log(true)?;
             self.machine.take_dirty_log()?;
-            self.dirty_acc.clear();
+            self.clear_dirty();
             self.host_dirty.clear();
             self.base = Some(inner.id);
         }
@@ -414,12 +400,20 @@ impl VmInstance {
         } else {
             self.reset_all_pages(&chain)?;
         }
-        let ready = self.state == VmState::Ready;
+        // A ready VM's vCPU is where a call left it: at CPL3, with only the
+        // state CPL3 code can change. A poisoned one may be anywhere.
+        let registers = match (self.state, snapshot.inner.guest.resets_cpu) {
+            (VmState::Ready, true) => cpu::Registers::NoVector,
+            (VmState::Ready, false) => cpu::Registers::UserMode,
+            _ => cpu::Registers::All,
+        };
         let current = self.machine.cpuid.as_deref();
-        snapshot
-            .inner
-            .cpu
-            .apply_registers(&self.machine.vcpu, current, !ready)?;
+        snapshot.inner.cpu.apply_registers(
+            &mut self.machine.vcpu,
+            current,
+            registers,
+            Machine::sync_regs_supported(),
+        )?;
         self.machine.cpuid = Some(snapshot.inner.cpu.cpuid.clone());
         snapshot.install_guest_state(self)?;
         self.clear_poison();
@@ -427,7 +421,7 @@ impl VmInstance {
         if self.dirty_tracking && self.base != Some(snapshot.id()) {
             self.machine.set_dirty_log(true)?;
             self.machine.take_dirty_log()?;
-            self.dirty_acc.clear();
+            self.clear_dirty();
             self.base = Some(snapshot.id());
         }
         Ok(())
@@ -475,8 +469,7 @@ impl VmInstance {
         chain[skip..]
             .iter()
             .try_for_each(|s| s.inner.memory.apply(ram))?;
-        self.host_dirty.clear();
-        self.dirty_acc.clear();
+        self.clear_dirty();
         Ok(())
     }
 

@@ -20,6 +20,9 @@ pub(crate) const KVM_PATH: &str = "/dev/kvm";
 /// What the host's KVM supports, read once per process.
 struct HostKvm {
     kvm: Kvm,
+    /// KVM can load general and system registers from `kvm_run` on entry
+    /// (`KVM_CAP_SYNC_REGS`), saving an ioctl each.
+    sync_regs: bool,
     cpuid: CpuId,
     xcr0: Option<u64>,
 }
@@ -39,7 +42,14 @@ fn host() -> Result<&'static HostKvm, VmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let xcr0 = supported_xcr0(&cpuid);
-    Ok(HOST.get_or_init(|| HostKvm { kvm, cpuid, xcr0 }))
+    let wanted = (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS) as i32;
+    let sync_regs = kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs) & wanted == wanted;
+    Ok(HOST.get_or_init(|| HostKvm {
+        kvm,
+        sync_regs,
+        cpuid,
+        xcr0,
+    }))
 }
 
 fn kvm_hint(errno: i32) -> &'static str {
@@ -165,6 +175,12 @@ impl Machine {
         self.vm
             .get_dirty_log(0, self.ram.size() as usize)
             .map_err(VmError::kvm("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Whether registers can be handed to KVM through `kvm_run` (see
+    /// [`HostKvm::sync_regs`]).
+    pub(crate) fn sync_regs_supported() -> bool {
+        host().is_ok_and(|h| h.sync_regs)
     }
 
     /// The CPUID a vCPU on this host actually presents after being given

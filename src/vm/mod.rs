@@ -130,6 +130,14 @@ pub struct VmInstance {
     /// Pages (one bit each) the guest wrote since `base`, gathered from
     /// KVM's dirty log (which clears on every read).
     pub(crate) dirty_acc: Vec<u64>,
+    /// The guest restores its own vector state around every `Ready`/`Done`
+    /// (`GUEST_FLAG_RESETS_VECTOR_STATE`).
+    pub(crate) guest_resets_cpu: bool,
+    /// Bits set in `dirty_acc`.
+    dirty_count: u64,
+    /// The dirty log was read after the vCPU last ran (reading it again
+    /// would return nothing new).
+    dirty_fresh: bool,
     max_preserved: u64,
     /// End of the program area (the heap); the scratch disk lies above.
     heap_end: u64,
@@ -251,6 +259,9 @@ impl VmInstance {
             program_digest: *config.program.digest(),
             preserved: Vec::new(),
             dirty_acc: Vec::new(),
+            dirty_count: 0,
+            guest_resets_cpu: false,
+            dirty_fresh: false,
             max_preserved: config.max_preserved,
             heap_end: config.memory_size,
         }
@@ -468,6 +479,8 @@ impl VmInstance {
             }
         }
         self.functions = functions;
+        let [flags] = self.read_words::<1>(field(offset_of!(AbiPage, guest_flags)))?;
+        self.guest_resets_cpu = flags & abi::GUEST_FLAG_RESETS_VECTOR_STATE != 0;
         self.read_input_buffer()?;
         let [heap_used] = self.read_words::<1>(field(offset_of!(AbiPage, heap_used)))?;
         self.stats.heap_used = heap_used;
@@ -488,6 +501,7 @@ impl VmInstance {
     /// Runs the vCPU until the guest reports Ready or Done, serving the
     /// hypercalls it makes on the way.
     fn run(&mut self) -> Result<Stop, VmError> {
+        self.dirty_fresh = false;
         let deadline = self.timeout.map(|limit| (Instant::now() + limit, limit));
         if let Some((_, limit)) = deadline {
             timer::arm(limit).map_err(VmError::Timer)?;
@@ -735,17 +749,21 @@ impl VmInstance {
     /// Reads KVM's dirty log into the VM's running set and returns how many
     /// pages the guest wrote since the previous read (0 without tracking).
     pub(crate) fn collect_dirty(&mut self) -> Result<u64, VmError> {
-        if !self.dirty_tracking || self.base.is_none() {
+        if !self.dirty_tracking || self.base.is_none() || self.dirty_fresh {
             return Ok(0);
         }
         let log = self.machine.take_dirty_log()?;
+        self.dirty_fresh = true;
         if self.dirty_acc.len() < log.len() {
             self.dirty_acc.resize(log.len(), 0);
         }
         let mut written = 0;
-        for (acc, word) in self.dirty_acc.iter_mut().zip(&log) {
-            written += u64::from(word.count_ones());
-            *acc |= word;
+        for (acc, &word) in self.dirty_acc.iter_mut().zip(&log) {
+            if word != 0 {
+                written += u64::from(word.count_ones());
+                self.dirty_count += u64::from((word & !*acc).count_ones());
+                *acc |= word;
+            }
         }
         Ok(written)
     }
@@ -753,10 +771,38 @@ impl VmInstance {
     /// Pages the guest wrote since the VM was last at its tracked snapshot
     /// (as of the last [`Self::collect_dirty`]).
     pub(crate) fn dirty_since_base(&self) -> u64 {
-        self.dirty_acc
-            .iter()
-            .map(|w| u64::from(w.count_ones()))
-            .sum()
+        self.dirty_count
+    }
+
+    /// Takes the set of pages written since the tracked snapshot (guest
+    /// writes from KVM's log, host writes, and the ABI page, which every
+    /// call writes), sorted and without duplicates, and starts a new set.
+    pub(crate) fn take_dirty_pages(&mut self) -> Result<Vec<u64>, VmError> {
+        self.collect_dirty()?;
+        let page_size = abi::PAGE_SIZE;
+        let mut pages = Vec::with_capacity(self.dirty_count as usize + 1 + self.host_dirty.len());
+        pages.push(ABI_PAGE_ADDR / page_size);
+        for (i, acc) in self.dirty_acc.iter_mut().enumerate() {
+            let mut word = std::mem::take(acc);
+            while word != 0 {
+                pages.push(i as u64 * 64 + u64::from(word.trailing_zeros()));
+                word &= word - 1;
+            }
+        }
+        self.dirty_count = 0;
+        for (addr, len) in self.host_dirty.drain(..) {
+            pages.extend(addr / page_size..=(addr + len - 1) / page_size);
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        Ok(pages)
+    }
+
+    /// Forgets every recorded write (after memory was rewound wholesale).
+    pub(crate) fn clear_dirty(&mut self) {
+        self.dirty_acc.iter_mut().for_each(|w| *w = 0);
+        self.dirty_count = 0;
+        self.host_dirty.clear();
     }
 
     /// Records a host write into guest memory for dirty tracking.

@@ -127,6 +127,68 @@ fn hypercall(nr: Hypercall) {
     }
 }
 
+/// An XSAVE area whose header marks every component as in its initial
+/// state; `xrstor` from it resets x87, SSE, AVX and AVX-512 state (MXCSR is
+/// taken from the legacy area: its default, 0x1F80).
+#[repr(C, align(64))]
+struct InitialXsave([u8; 576]);
+
+static INITIAL_XSAVE: InitialXsave = InitialXsave({
+    let mut area = [0u8; 576];
+    let mxcsr = 0x1F80u32.to_le_bytes();
+    area[24] = mxcsr[0];
+    area[25] = mxcsr[1];
+    area[26] = mxcsr[2];
+    area[27] = mxcsr[3];
+    area
+});
+
+/// Whether the CPU lets this guest use XSAVE (CPUID.1:ECX.OSXSAVE).
+fn has_xsave() -> bool {
+    core::arch::x86_64::__cpuid(1).ecx & (1 << 27) != 0
+}
+
+/// A `Ready` or `Done` hypercall after which the guest resets its segment
+/// and vector state (see [`abi::GUEST_FLAG_RESETS_VECTOR_STATE`]): when the
+/// host rewinds the VM to this point it restores only the general
+/// registers, and this code, running first, restores the rest. It runs
+/// before the exit too, so a snapshot taken here holds the same state.
+#[inline(always)]
+fn hypercall_resetting(nr: Hypercall) {
+    // SAFETY: `xrstor` reads the aligned, read-only INITIAL_XSAVE area and
+    // puts every enabled vector component in its initial state (declared by
+    // `clobber_abi`: the x87, XMM/YMM/ZMM and mask registers are all
+    // caller-saved in the System V ABI); `out` exits to the host as in
+    // `hypercall`.
+    unsafe {
+        core::arch::asm!(
+            "xor ecx, ecx",
+            "xgetbv",
+            "xrstor [rdi]",
+            "mov eax, esi",
+            "mov edx, {port}",
+            "out dx, eax",
+            "xor ecx, ecx",
+            "xgetbv",
+            "xrstor [rdi]",
+            port = const abi::PORT_HYPERCALL,
+            in("rdi") &INITIAL_XSAVE,
+            in("esi") nr as u32,
+            clobber_abi("sysv64"),
+            options(nostack)
+        );
+    }
+}
+
+/// Issues `Ready`/`Done`, resetting CPU state around it when the CPU has XSAVE.
+fn hypercall_stop(nr: Hypercall, resets: bool) {
+    if resets {
+        hypercall_resetting(nr);
+    } else {
+        hypercall(nr);
+    }
+}
+
 /// Boots the guest: sets up the heap, runs `init`, reports ready and then
 /// serves requests forever. Called by the `_start` that [`entry!`](crate::entry)
 /// defines; not for direct use.
@@ -154,7 +216,16 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
     abi_write!(input_buf, input.as_ptr() as u64);
     abi_write!(input_cap, input.len() as u64);
     abi_write!(heap_used, heap_used() as u64);
-    hypercall(Hypercall::Ready);
+    let resets = has_xsave();
+    abi_write!(
+        guest_flags,
+        if resets {
+            abi::GUEST_FLAG_RESETS_VECTOR_STATE
+        } else {
+            0
+        }
+    );
+    hypercall_stop(Hypercall::Ready, resets);
 
     let mut output: Vec<u8> = Vec::new();
     loop {
@@ -198,7 +269,7 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
         };
         abi_write!(status, status);
         abi_write!(heap_used, heap_used() as u64);
-        hypercall(Hypercall::Done);
+        hypercall_stop(Hypercall::Done, resets);
     }
 }
 

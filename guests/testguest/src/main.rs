@@ -59,6 +59,8 @@ fn init(exports: &mut Exports) {
                 Err(_) => b"error".to_vec(),
             }
         })
+        .export("dirty_cpu_state", dirty_cpu_state)
+        .export("read_cpu_state", read_cpu_state)
         .export("disk_size", |_| {
             snapvm_guest::disk::size().to_le_bytes().to_vec()
         })
@@ -98,6 +100,35 @@ fn bump(_: &[u8]) -> Vec<u8> {
     let mut out = kept.to_le_bytes().to_vec();
     out.extend_from_slice(&plain.to_le_bytes());
     out
+}
+
+/// Leaves register state behind: DS and ES loaded with the user data
+/// selector (where they started out null) and MXCSR set to round toward
+/// zero. A reset must undo all of it.
+fn dirty_cpu_state(_: &[u8]) -> Vec<u8> {
+    let mxcsr: u32 = 0x7F80;
+    // SAFETY: loading the flat user data selector into DS/ES is allowed at
+    // CPL3 and 64-bit code does not use their bases; the MXCSR value is valid.
+    unsafe {
+        asm!("mov eax, 0x1b", "mov ds, ax", "mov es, ax", out("eax") _);
+        asm!("ldmxcsr [{}]", in(reg) &mxcsr);
+    }
+    Vec::new()
+}
+
+/// Reports DS, ES and MXCSR as the function finds them.
+fn read_cpu_state(_: &[u8]) -> Vec<u8> {
+    let (ds, es): (u16, u16);
+    let mut mxcsr = 0u32;
+    // SAFETY: reads of registers permitted at CPL3.
+    unsafe {
+        asm!("mov {0:x}, ds", "mov {1:x}, es", out(reg) ds, out(reg) es);
+        asm!("stmxcsr [{}]", in(reg) &mut mxcsr);
+    }
+    [u64::from(ds), u64::from(es), u64::from(mxcsr)]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
 }
 
 /// Leaks as many KiB as the first input byte says (default 1).
