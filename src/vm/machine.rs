@@ -113,6 +113,9 @@ pub(crate) struct Machine {
     pub(crate) vm: VmFd,
     pub(crate) ram: GuestRam,
     dirty_log: bool,
+    /// KVM leaves pages writable after `KVM_GET_DIRTY_LOG` until they are
+    /// cleared explicitly (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
+    manual_protect: bool,
     /// The CPUID last given to the vCPU (as the vCPU reports it), so a
     /// restore can skip `KVM_SET_CPUID2` when nothing changes.
     pub(crate) cpuid: Option<Vec<kvm_bindings::kvm_cpuid_entry2>>,
@@ -149,6 +152,7 @@ impl Machine {
             .kvm
             .create_vm()
             .map_err(VmError::kvm("KVM_CREATE_VM"))?;
+        let manual_protect = enable_manual_protect(&vm);
         set_memslot(&vm, &ram, dirty_log)?;
         let vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
         Ok(Self {
@@ -156,6 +160,7 @@ impl Machine {
             vm,
             ram,
             dirty_log,
+            manual_protect,
             cpuid: None,
         })
     }
@@ -169,12 +174,64 @@ impl Machine {
         Ok(())
     }
 
-    /// Returns (and clears) the bitmap of pages the guest wrote since the
-    /// last call, one bit per 4 KiB page. Requires dirty logging.
+    /// Returns the bitmap of pages the guest wrote since they were last
+    /// cleared, one bit per 4 KiB page, and clears (write-protects) them all.
     pub(crate) fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
+        let log = self.peek_dirty_log()?;
+        self.clear_dirty_log(&log)?;
+        Ok(log)
+    }
+
+    /// Returns the bitmap of pages the guest wrote since they were last
+    /// cleared. With manual protection the pages stay writable and their
+    /// bits set until [`Self::clear_dirty_log`]; without it, KVM clears and
+    /// write-protects them now.
+    pub(crate) fn peek_dirty_log(&self) -> Result<Vec<u64>, VmError> {
         self.vm
             .get_dirty_log(0, self.ram.size() as usize)
             .map_err(VmError::kvm("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Clears the given bits of the dirty log and write-protects those pages
+    /// again, so the next guest write to each is logged. A page left out
+    /// stays writable and keeps its bit set: it is reported dirty by every
+    /// later read. (A no-op without manual protection.)
+    pub(crate) fn clear_dirty_log(&self, bitmap: &[u64]) -> Result<(), VmError> {
+        if !self.manual_protect || bitmap.iter().all(|&w| w == 0) {
+            return Ok(());
+        }
+        let pages = self.ram.size() / crate::abi::PAGE_SIZE;
+        if (bitmap.len() as u64) * 64 < pages {
+            return Err(VmError::MemoryOutOfRange {
+                addr: 0,
+                len: self.ram.size(),
+            });
+        }
+        let clear = kvm_bindings::kvm_clear_dirty_log {
+            slot: 0,
+            num_pages: u32::try_from(pages).map_err(|_| VmError::MemoryOutOfRange {
+                addr: 0,
+                len: self.ram.size(),
+            })?,
+            first_page: 0,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: bitmap.as_ptr() as *mut libc::c_void,
+            },
+        };
+        // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits (a multiple of
+        // 64: memory is a multiple of 2 MiB) from `dirty_bitmap`, which
+        // points at `bitmap`, checked above to hold at least that many bits,
+        // and alive for the call; it writes nothing back.
+        let rc = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(&self.vm, kvm_clear_dirty_log_ioctl(), &clear)
+        };
+        if rc != 0 {
+            return Err(VmError::Kvm {
+                step: "KVM_CLEAR_DIRTY_LOG",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
     }
 
     /// Whether registers can be handed to KVM through `kvm_run` (see
@@ -305,6 +362,34 @@ impl Machine {
             .set_regs(&regs)
             .map_err(VmError::kvm("KVM_SET_REGS"))
     }
+}
+
+vmm_sys_util::ioctl_iowr_nr!(
+    kvm_clear_dirty_log_ioctl,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
+
+/// Turns on manual dirty-log protection where KVM offers it; returns
+/// whether it is on.
+fn enable_manual_protect(vm: &VmFd) -> bool {
+    let cap = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+    let supported = vm.check_extension_raw(u64::from(cap)) as u32;
+    if supported & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE == 0 {
+        return false;
+    }
+    let enable = kvm_bindings::kvm_enable_cap {
+        cap,
+        args: [
+            u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&enable).is_ok()
 }
 
 fn set_memslot(vm: &VmFd, ram: &GuestRam, dirty_log: bool) -> Result<(), VmError> {

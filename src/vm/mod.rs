@@ -133,6 +133,12 @@ pub struct VmInstance {
     /// The guest restores its own vector state around every `Ready`/`Done`
     /// (`GUEST_FLAG_RESETS_VECTOR_STATE`).
     pub(crate) guest_resets_cpu: bool,
+    /// The pages of the previous `take_dirty_pages`, to find hot pages.
+    dirty_prev: Vec<u64>,
+    /// Scratch bitmap of pages to write-protect again.
+    dirty_clear: Vec<u64>,
+    /// Counts `take_dirty_pages` calls, for [`HOT_PERIOD`].
+    hot_round: u64,
     /// Bits set in `dirty_acc`.
     dirty_count: u64,
     /// The dirty log was read after the vCPU last ran (reading it again
@@ -142,6 +148,12 @@ pub struct VmInstance {
     /// End of the program area (the heap); the scratch disk lies above.
     heap_end: u64,
 }
+
+/// Most pages kept writable between resets (see
+/// [`VmInstance::take_dirty_pages`]): bounds the copy every reset does.
+pub(crate) const HOT_PAGES: usize = 64;
+/// Resets after which the kept-writable pages are write-protected again.
+pub(crate) const HOT_PERIOD: u64 = 256;
 
 /// Most regions a guest may preserve.
 pub const MAX_PRESERVED_REGIONS: usize = 64;
@@ -260,6 +272,9 @@ impl VmInstance {
             preserved: Vec::new(),
             dirty_acc: Vec::new(),
             dirty_count: 0,
+            dirty_prev: Vec::new(),
+            dirty_clear: Vec::new(),
+            hot_round: 0,
             guest_resets_cpu: false,
             dirty_fresh: false,
             max_preserved: config.max_preserved,
@@ -752,7 +767,7 @@ impl VmInstance {
         if !self.dirty_tracking || self.base.is_none() || self.dirty_fresh {
             return Ok(0);
         }
-        let log = self.machine.take_dirty_log()?;
+        let log = self.machine.peek_dirty_log()?;
         self.dirty_fresh = true;
         if self.dirty_acc.len() < log.len() {
             self.dirty_acc.resize(log.len(), 0);
@@ -760,8 +775,9 @@ impl VmInstance {
         let mut written = 0;
         for (acc, &word) in self.dirty_acc.iter_mut().zip(&log) {
             if word != 0 {
-                written += u64::from(word.count_ones());
-                self.dirty_count += u64::from((word & !*acc).count_ones());
+                let new = u64::from((word & !*acc).count_ones());
+                written += new;
+                self.dirty_count += new;
                 *acc |= word;
             }
         }
@@ -777,18 +793,49 @@ impl VmInstance {
     /// Takes the set of pages written since the tracked snapshot (guest
     /// writes from KVM's log, host writes, and the ABI page, which every
     /// call writes), sorted and without duplicates, and starts a new set.
+    ///
+    /// Pages written in two successive sets (a call's stack, the ABI page,
+    /// the runtime's own data) are left writable instead of being
+    /// write-protected again, up to [`HOT_PAGES`]: KVM keeps reporting them
+    /// dirty, so they are always rewound, and the guest's next write to
+    /// them costs no fault. Every [`HOT_PERIOD`] sets they are protected
+    /// again, so pages that cooled down stop being copied.
     pub(crate) fn take_dirty_pages(&mut self) -> Result<Vec<u64>, VmError> {
         self.collect_dirty()?;
         let page_size = abi::PAGE_SIZE;
         let mut pages = Vec::with_capacity(self.dirty_count as usize + 1 + self.host_dirty.len());
         pages.push(ABI_PAGE_ADDR / page_size);
-        for (i, acc) in self.dirty_acc.iter_mut().enumerate() {
-            let mut word = std::mem::take(acc);
-            while word != 0 {
-                pages.push(i as u64 * 64 + u64::from(word.trailing_zeros()));
-                word &= word - 1;
+        self.hot_round += 1;
+        let rehot = self.hot_round % HOT_PERIOD == 0;
+        if self.dirty_prev.len() < self.dirty_acc.len() {
+            self.dirty_prev.resize(self.dirty_acc.len(), 0);
+        }
+        let mut hot_left = HOT_PAGES;
+        let mut clear = std::mem::take(&mut self.dirty_clear);
+        clear.clear();
+        clear.resize(self.dirty_acc.len(), 0);
+        for (i, (acc, prev)) in self
+            .dirty_acc
+            .iter_mut()
+            .zip(self.dirty_prev.iter_mut())
+            .enumerate()
+        {
+            let word = std::mem::take(acc);
+            let mut hot = if rehot { 0 } else { word & *prev };
+            while hot.count_ones() as usize > hot_left {
+                hot &= hot - 1;
+            }
+            hot_left -= hot.count_ones() as usize;
+            clear[i] = word & !hot;
+            *prev = word;
+            let mut bits = word;
+            while bits != 0 {
+                pages.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
             }
         }
+        self.machine.clear_dirty_log(&clear)?;
+        self.dirty_clear = clear;
         self.dirty_count = 0;
         for (addr, len) in self.host_dirty.drain(..) {
             pages.extend(addr / page_size..=(addr + len - 1) / page_size);
@@ -798,9 +845,11 @@ impl VmInstance {
         Ok(pages)
     }
 
-    /// Forgets every recorded write (after memory was rewound wholesale).
+    /// Forgets every recorded write (after memory was rewound wholesale and
+    /// the dirty log cleared).
     pub(crate) fn clear_dirty(&mut self) {
         self.dirty_acc.iter_mut().for_each(|w| *w = 0);
+        self.dirty_prev.iter_mut().for_each(|w| *w = 0);
         self.dirty_count = 0;
         self.host_dirty.clear();
     }
