@@ -2,6 +2,7 @@
 //! module's own error enum.
 
 use crate::snapshot::SnapshotError;
+use crate::store::StoreError;
 use crate::vm::{InvalidGuest, VmError};
 
 /// Any error snapvm returns. Match on the variant to reach the module's own
@@ -16,6 +17,9 @@ pub enum Error {
     /// A snapshot could not be taken, saved, loaded or restored.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The convergent store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl From<InvalidGuest> for Error {

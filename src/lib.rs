@@ -18,6 +18,16 @@
 //!   rewind it to its ready state: single-request isolation, garbage
 //!   collection by restore, or every N calls, keeping the state the guest
 //!   asked to preserve. A reset copies back only the pages the call wrote.
+//! - [`store::ConvergentStore`] — data sets (such as snapshot images) kept as
+//!   fixed-size blocks under convergent encryption: each block is encrypted
+//!   with a key derived from its own content and a salt, so identical blocks
+//!   are stored once across data sets, owners and machines sharing a
+//!   backend, while the backend holds only ciphertext. A salt set
+//!   ([`store::Redundancy`]) bounds how many ciphertexts one plaintext may
+//!   have. Backends: a local directory ([`store::FsBackend`]), memory
+//!   ([`store::MemoryBackend`]) and, with the `s3` feature, any
+//!   S3-compatible object store (`store::S3Backend`). The store depends on
+//!   nothing else in the crate.
 //!
 //! ## Quick start
 //!
@@ -60,11 +70,13 @@
 //! host process.
 //!
 //! ## Cargo features
-//! None yet: the default build is the whole library.
+//! - `s3` (off by default): `store::S3Backend`, an S3-compatible backend for
+//!   the store built on the `object_store` crate.
 
 pub mod error;
 pub mod policy;
 pub mod snapshot;
+pub mod store;
 pub mod vm;
 
 /// The host/guest ABI, shared with the `snapvm-guest` crate.
@@ -73,6 +85,10 @@ pub use snapvm_guest::abi;
 pub use error::{Error, Result};
 pub use policy::{Decision, InvokeStats, ManagedVm, RestorePolicy};
 pub use snapshot::{RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
+pub use store::{
+    Backend, ConvergentStore, FsBackend, Manifest, ManifestId, ManifestKey, MemoryBackend,
+    Redundancy, SaltSelector, StoreConfig, StoreError,
+};
 pub use vm::{
     Generation, GuestFault, GuestProgram, InvalidGuest, PanicLocation, VmConfig, VmError,
     VmInstance, VmState, VmStats,

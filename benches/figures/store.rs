@@ -1,8 +1,131 @@
-//! ConvergentStore figures (filled in with the store module).
+//! ConvergentStore figures.
+//!
+//! - `crypto.limit_mbps`: the crypto this store format requires per byte,
+//!   with the bare primitives and nothing else, on one core: per 64 KiB
+//!   block, SHA-256 of (domain, salt, plaintext) for the key, AES-256-GCM
+//!   encryption into a second buffer, SHA-256 of the ciphertext for the id.
+//! - `store.ingest_mbps`: `ConvergentStore::put` of the same bytes from a
+//!   reader, one thread, into a fresh `FsBackend` on tmpfs (fsync on, which
+//!   tmpfs makes cheap). Target: at least 0.7 × `crypto.limit_mbps`.
+//! - `store.ingest_mbps_all`: the same with `ingest_threads = 2`.
+//! - `store.read_mbps`: `ConvergentStore::get` of that data set into a sink,
+//!   default settings (two threads).
 
-use super::{Ctx, Figure};
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use sha2::{Digest, Sha256};
+use snapvm::store::{ConvergentStore, FsBackend, ManifestKey, StoreConfig};
+
+use super::{median, Ctx, Figure, Target};
+
+const BLOCK: usize = 64 * 1024;
+
+fn data(len: usize) -> Vec<u8> {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn mbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / 1e6 / secs
+}
+
+fn crypto_limit(data: &[u8]) -> f64 {
+    let mut out = Vec::with_capacity(BLOCK + 16);
+    let salt = [0u8; 32];
+    let start = Instant::now();
+    for block in data.chunks(BLOCK) {
+        let mut h = Sha256::new();
+        h.update(b"snapvm-store-v1 block-key\0");
+        h.update(salt);
+        h.update(block);
+        let key: [u8; 32] = h.finalize().into();
+        out.clear();
+        out.extend_from_slice(block);
+        let tag = Aes256Gcm::new(&key.into())
+            .encrypt_in_place_detached(Nonce::from_slice(&[0; 12]), b"", &mut out)
+            .expect("block fits");
+        out.extend_from_slice(&tag);
+        std::hint::black_box(Sha256::digest(&out));
+    }
+    mbps(data.len(), start.elapsed().as_secs_f64())
+}
+
+fn scratch_root() -> PathBuf {
+    let shm = PathBuf::from("/dev/shm");
+    let base = if shm.is_dir() {
+        shm
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("snapvm-bench-store-{}", std::process::id()))
+}
+
+fn store(root: &std::path::Path, threads: usize) -> ConvergentStore {
+    let config = StoreConfig {
+        ingest_threads: threads,
+        ..StoreConfig::default()
+    };
+    let backend = FsBackend::open(root).expect("scratch store");
+    ConvergentStore::new(&config, backend, ManifestKey::from_bytes([1; 32])).expect("store")
+}
+
+/// One timed put into a fresh store; returns MB/s.
+fn ingest(data: &[u8], threads: usize, root: &std::path::Path) -> f64 {
+    let _ = std::fs::remove_dir_all(root);
+    let s = store(root, threads);
+    let start = Instant::now();
+    s.put(Cursor::new(data), b"").expect("put");
+    let secs = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(root);
+    mbps(data.len(), secs)
+}
 
 /// Measures the store figures.
-pub fn measure(_ctx: &Ctx) -> Vec<Figure> {
-    Vec::new()
+pub fn measure(ctx: &Ctx) -> Vec<Figure> {
+    let len = if ctx.quick { 32 << 20 } else { 128 << 20 };
+    let samples = ctx.samples(9, 5);
+    let data = data(len);
+    let root = scratch_root();
+
+    // Interleave the samples so that load from other processes on this
+    // shared machine hits the figure and its baseline alike.
+    let (mut c, mut one, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..samples {
+        c.push(crypto_limit(&data));
+        one.push(ingest(&data, 1, &root));
+        all.push(ingest(&data, 2, &root));
+    }
+    let crypto = Figure::plain("crypto.limit_mbps", median(&mut c), "MB/s");
+    let one = Figure::plain("store.ingest_mbps", median(&mut one), "MB/s")
+        .against(&crypto)
+        .target(Target::AtLeast(0.7));
+    let all = Figure::plain("store.ingest_mbps_all", median(&mut all), "MB/s").against(&crypto);
+
+    let _ = std::fs::remove_dir_all(&root);
+    let s = store(&root, StoreConfig::default().ingest_threads);
+    let id = s.put(Cursor::new(&data), b"").expect("put").manifest;
+    let mut v: Vec<f64> = (0..samples)
+        .map(|_| {
+            let start = Instant::now();
+            s.get(&id, std::io::sink()).expect("get");
+            mbps(len, start.elapsed().as_secs_f64())
+        })
+        .collect();
+    let read = Figure::plain("store.read_mbps", median(&mut v), "MB/s").against(&crypto);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&root);
+
+    vec![crypto, one, all, read]
 }

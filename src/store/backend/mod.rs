@@ -1,0 +1,229 @@
+//! Where stored objects live: the [`Backend`] trait and its implementations.
+//!
+//! A backend is a flat map from [`ObjectName`] to immutable bytes. It knows
+//! nothing about blocks, keys or manifests. Every object is written once and
+//! never modified; the store only ever creates, reads, lists and deletes.
+
+mod fs;
+mod memory;
+#[cfg(feature = "s3")]
+mod s3;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use fs::{Durability, FsBackend};
+pub use memory::MemoryBackend;
+#[cfg(feature = "s3")]
+pub use s3::{S3Backend, S3Config};
+
+use super::error::BackendError;
+use super::ids::{BlockId, ManifestId, HASH_LEN};
+
+/// The kinds of object a store holds, each in its own namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Namespace {
+    /// Encrypted blocks, named by [`BlockId`].
+    Blocks,
+    /// Sealed manifests, named by [`ManifestId`].
+    Manifests,
+    /// Write leases of puts in progress (see the GC protocol in `docs/store.md`).
+    Leases,
+    /// Markers of garbage-collection sweeps in progress.
+    Sweeps,
+}
+
+impl Namespace {
+    /// Every namespace.
+    pub const ALL: [Namespace; 4] = [
+        Namespace::Blocks,
+        Namespace::Manifests,
+        Namespace::Leases,
+        Namespace::Sweeps,
+    ];
+
+    /// The namespace's directory or key prefix: `blocks`, `manifests`,
+    /// `leases` or `sweeps`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Namespace::Blocks => "blocks",
+            Namespace::Manifests => "manifests",
+            Namespace::Leases => "leases",
+            Namespace::Sweeps => "sweeps",
+        }
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The name of one object: a namespace and a 32-byte id. Displays as
+/// `namespace/<64 hex digits>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectName {
+    /// The namespace.
+    pub namespace: Namespace,
+    /// The id within the namespace.
+    pub id: [u8; HASH_LEN],
+}
+
+impl ObjectName {
+    /// The object holding block `id`.
+    pub const fn block(id: &BlockId) -> Self {
+        Self {
+            namespace: Namespace::Blocks,
+            id: *id.as_bytes(),
+        }
+    }
+
+    /// The object holding manifest `id`.
+    pub const fn manifest(id: &ManifestId) -> Self {
+        Self {
+            namespace: Namespace::Manifests,
+            id: *id.as_bytes(),
+        }
+    }
+
+    /// The id as 64 lowercase hex digits.
+    pub fn hex(&self) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(2 * HASH_LEN);
+        for b in self.id {
+            s.push(DIGITS[(b >> 4) as usize] as char);
+            s.push(DIGITS[(b & 15) as usize] as char);
+        }
+        s
+    }
+
+    /// Parses a 64-hex-digit object id (as found in a listing); `None` for
+    /// anything else, which listings skip.
+    pub fn parse(namespace: Namespace, hex: &str) -> Option<Self> {
+        hex.parse::<BlockId>()
+            .ok()
+            .filter(|_| hex.bytes().all(|c| !c.is_ascii_uppercase()))
+            .map(|id| Self {
+                namespace,
+                id: *id.as_bytes(),
+            })
+    }
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, BlockId::from_bytes(self.id))
+    }
+}
+
+impl fmt::Debug for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A backend operation, for error context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Op {
+    /// [`Backend::put_if_absent`].
+    Put,
+    /// [`Backend::get`].
+    Get,
+    /// [`Backend::has`].
+    Has,
+    /// [`Backend::delete`].
+    Delete,
+    /// [`Backend::remove_incomplete`].
+    Cleanup,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Put => "put",
+            Op::Get => "get",
+            Op::Has => "has",
+            Op::Delete => "delete",
+            Op::Cleanup => "cleanup",
+        })
+    }
+}
+
+/// What [`Backend::put_if_absent`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object was written.
+    Stored,
+    /// An object of that name already existed; nothing was written.
+    AlreadyPresent,
+}
+
+/// Object storage for a [`ConvergentStore`](super::ConvergentStore).
+///
+/// Requirements on an implementation:
+/// - `put_if_absent` is atomic: a reader (in any process) sees the whole
+///   object or none of it, also after a crash at any point. It must not
+///   return before the object is durable in the backend's sense.
+/// - After `put_if_absent` or `delete` returns, `get`, `has` and `list` in
+///   any process observe it (read-after-write and list-after-write
+///   consistency). The garbage-collection protocol relies on this.
+/// - Names are content addresses (or random, for leases): writing an
+///   existing name again may overwrite it with identical bytes.
+pub trait Backend: Send + Sync {
+    /// Stores `bytes` under `name` unless an object of that name exists.
+    fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError>;
+
+    /// Reads an object; `Ok(None)` if it does not exist. An object longer
+    /// than `limit` bytes is an error ([`BackendError::TooLarge`]), checked
+    /// before its bytes are read.
+    fn get(&self, name: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError>;
+
+    /// Whether an object exists.
+    fn has(&self, name: &ObjectName) -> Result<bool, BackendError>;
+
+    /// Deletes an object; deleting a missing object is not an error.
+    fn delete(&self, name: &ObjectName) -> Result<(), BackendError>;
+
+    /// Every object in `namespace`, in no particular order. Entries whose
+    /// names are not 64 lowercase hex digits are skipped.
+    fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError>;
+
+    /// Removes leftovers of writes interrupted more than `older_than` ago
+    /// (for example temporary files of a killed process). Returns how many
+    /// were removed. Backends whose writes leave nothing behind keep the
+    /// default, which does nothing.
+    fn remove_incomplete(&self, older_than: Duration) -> Result<u64, BackendError> {
+        let _ = older_than;
+        Ok(0)
+    }
+}
+
+macro_rules! forward_backend {
+    ($($ty:ty),*) => {$(
+        impl<B: Backend + ?Sized> Backend for $ty {
+            fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError> {
+                (**self).put_if_absent(name, bytes)
+            }
+            fn get(&self, name: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError> {
+                (**self).get(name, limit)
+            }
+            fn has(&self, name: &ObjectName) -> Result<bool, BackendError> {
+                (**self).has(name)
+            }
+            fn delete(&self, name: &ObjectName) -> Result<(), BackendError> {
+                (**self).delete(name)
+            }
+            fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError> {
+                (**self).list(namespace)
+            }
+            fn remove_incomplete(&self, older_than: Duration) -> Result<u64, BackendError> {
+                (**self).remove_incomplete(older_than)
+            }
+        }
+    )*};
+}
+
+forward_backend!(Arc<B>, Box<B>, &B);

@@ -1,0 +1,514 @@
+//! Garbage collection, verification, and the lease protocol that keeps
+//! them safe next to concurrent puts.
+//!
+//! # Protocol
+//!
+//! Two kinds of marker objects, each a random 32-byte name holding a magic
+//! and a creation time (`docs/store-format.md`):
+//!
+//! - a **write lease** (`leases/`), held by every put from before its first
+//!   block until after its manifest is stored;
+//! - a **sweep marker** (`sweeps/`), held by every `gc` while it deletes.
+//!
+//! A put first writes its lease, *then* lists sweep markers and waits while
+//! a live one exists. A gc first writes its marker, *then* lists leases and
+//! defers (deletes its marker, deletes nothing) while a live one exists.
+//! With a backend that has read-after-write and list-after-write
+//! consistency, one of the two always sees the other: either the put's lease
+//! was listed by the gc (which defers), or the gc's marker was listed by the
+//! put (which waits until the sweep is over). So a sweep never runs while a
+//! put is between "block deduplicated against" and "manifest stored", and a
+//! block a live manifest references is never deleted.
+//!
+//! Markers are live for `lease_ttl` after their creation time; holders
+//! renew them (write a new one, delete the old) every `lease_ttl / 3`. A
+//! marker left by a killed process stops counting after `lease_ttl` and is
+//! removed by the next gc. A marker that was not renewed before it expired
+//! has *lapsed*: someone may have taken its holder for dead. A put whose
+//! lease lapsed refuses to commit ([`StoreError::LeaseExpired`]); a gc whose
+//! marker lapsed stops deleting ([`GcReport::interrupted`]). Clocks of processes sharing a backend
+//! must agree to well within `lease_ttl`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::block::MAX_BLOCK_SIZE;
+use super::crypto::{self, TAG_LEN};
+use super::ids::{BlockId, ManifestId};
+use super::manifest::{self, Manifest, ManifestError, SealedHeader};
+use super::{ConvergentStore, Namespace, ObjectName, Op, StoreError};
+
+/// Magic of a write lease object.
+pub const LEASE_MAGIC: [u8; 8] = *b"SNAPVMLS";
+/// Magic of a sweep marker object.
+pub const SWEEP_MAGIC: [u8; 8] = *b"SNAPVMSW";
+
+/// What [`ConvergentStore::gc`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GcReport {
+    /// The sweep did not run because puts were in flight (their number);
+    /// nothing was deleted. Call `gc` again later.
+    pub deferred: Option<usize>,
+    /// Manifests found (all owners).
+    pub manifests: u64,
+    /// Blocks found.
+    pub blocks: u64,
+    /// Unreferenced blocks deleted.
+    pub deleted_blocks: u64,
+    /// Expired leases and sweep markers of dead processes removed.
+    pub expired_markers: u64,
+    /// Leftovers of interrupted writes removed (e.g. temporary files).
+    pub incomplete_removed: u64,
+    /// The sweep stopped early because its marker lapsed (the process
+    /// stalled for longer than the lease TTL); run gc again.
+    pub interrupted: bool,
+}
+
+/// One problem found by [`ConvergentStore::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// A block whose bytes do not hash to its id.
+    CorruptBlock {
+        /// The block.
+        block: BlockId,
+    },
+    /// A block a manifest references that is not stored.
+    MissingBlock {
+        /// The block.
+        block: BlockId,
+        /// A manifest that references it.
+        manifest: ManifestId,
+    },
+    /// A manifest whose bytes do not hash to its id, whose clear header does
+    /// not parse, or (for the owner's manifests) that does not open.
+    CorruptManifest {
+        /// The manifest.
+        manifest: ManifestId,
+        /// Why, when the format said so (`None`: hash mismatch).
+        error: Option<ManifestError>,
+    },
+}
+
+/// What [`ConvergentStore::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyReport {
+    /// Manifests checked.
+    pub manifests: u64,
+    /// Blocks checked (every stored block is read and hashed).
+    pub blocks: u64,
+    /// Bytes of blocks read.
+    pub block_bytes: u64,
+    /// Stored blocks no manifest references: garbage for the next gc, not
+    /// a problem (a put in flight or interrupted leaves some).
+    pub unreferenced_blocks: u64,
+    /// Every problem found, in no particular order.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// Whether no problem was found.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random_name(namespace: Namespace) -> Result<ObjectName, StoreError> {
+    let mut id = [0u8; 32];
+    getrandom::fill(&mut id).map_err(StoreError::Random)?;
+    Ok(ObjectName { namespace, id })
+}
+
+fn marker_bytes(magic: [u8; 8]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&magic);
+    b[8..].copy_from_slice(&now_millis().to_le_bytes());
+    b
+}
+
+/// A held marker (write lease or sweep marker), renewed as its holder works.
+pub(super) struct Marker<'a> {
+    store: &'a ConvergentStore,
+    name: ObjectName,
+    magic: [u8; 8],
+    written: Instant,
+    /// Whether a predecessor of this marker expired before it was renewed:
+    /// then there was a moment when others considered the holder dead.
+    lapsed: bool,
+    released: bool,
+}
+
+impl<'a> Marker<'a> {
+    fn write(
+        store: &'a ConvergentStore,
+        namespace: Namespace,
+        magic: [u8; 8],
+    ) -> Result<Self, StoreError> {
+        let name = random_name(namespace)?;
+        // Taken before the write, so our view of the age is never younger
+        // than the timestamp others read.
+        let written = Instant::now();
+        store
+            .backend
+            .put_if_absent(&name, &marker_bytes(magic))
+            .map_err(|source| StoreError::Backend {
+                op: Op::Put,
+                object: name,
+                source,
+            })?;
+        Ok(Self {
+            store,
+            name,
+            magic,
+            written,
+            lapsed: false,
+            released: false,
+        })
+    }
+
+    /// Writes a fresh marker and drops the old one once a third of the TTL
+    /// has passed.
+    fn renew_if_due(&mut self) -> Result<(), StoreError> {
+        if self.written.elapsed() < self.store.config.lease_ttl / 3 {
+            return Ok(());
+        }
+        let lapsed = self.lapsed || self.written.elapsed() >= self.store.config.lease_ttl;
+        let mut fresh = Self::write(self.store, self.name.namespace, self.magic)?;
+        fresh.lapsed = lapsed;
+        let old = std::mem::replace(self, fresh);
+        drop(old);
+        Ok(())
+    }
+
+    /// Whether others have considered the marker live without a break since
+    /// it was first written.
+    fn is_fresh(&self) -> bool {
+        !self.lapsed && self.written.elapsed() < self.store.config.lease_ttl
+    }
+
+    fn release(&mut self) {
+        if !self.released {
+            self.released = true;
+            // Best effort: a marker left behind expires after the TTL.
+            let _ = self.store.backend.delete(&self.name);
+        }
+    }
+}
+
+impl Drop for Marker<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The write lease a put holds; see the module docs.
+pub(super) struct WriteLease<'a>(Marker<'a>);
+
+impl<'a> WriteLease<'a> {
+    /// Writes a lease, then waits until no live sweep marker exists. If the
+    /// lease lapsed while waiting (nothing was deduplicated yet, so no harm
+    /// done), starts over with a new one.
+    pub(super) fn acquire(store: &'a ConvergentStore) -> Result<Self, StoreError> {
+        loop {
+            let mut lease = WriteLease(Marker::write(store, Namespace::Leases, LEASE_MAGIC)?);
+            let mut pause = Duration::from_millis(10);
+            while live_markers(store, Namespace::Sweeps, SWEEP_MAGIC, None)?.live > 0 {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+                lease.renew_if_due()?;
+            }
+            if lease.0.is_fresh() {
+                return Ok(lease);
+            }
+        }
+    }
+
+    pub(super) fn renew_if_due(&mut self) -> Result<(), StoreError> {
+        self.0.renew_if_due()
+    }
+
+    /// Fails with [`StoreError::LeaseExpired`] if the lease may have been
+    /// considered dead by a concurrent gc.
+    pub(super) fn check_fresh(&self) -> Result<(), StoreError> {
+        if self.0.is_fresh() {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseExpired)
+        }
+    }
+
+    pub(super) fn release(mut self) {
+        self.0.release();
+    }
+}
+
+struct MarkerScan {
+    live: usize,
+    expired: Vec<ObjectName>,
+}
+
+/// Lists markers of one kind, sorting them into live and expired. `mine` is
+/// skipped. An unreadable marker counts as expired.
+fn live_markers(
+    store: &ConvergentStore,
+    namespace: Namespace,
+    magic: [u8; 8],
+    mine: Option<&ObjectName>,
+) -> Result<MarkerScan, StoreError> {
+    let names = store
+        .backend
+        .list(namespace)
+        .map_err(|source| StoreError::List {
+            namespace: namespace.as_str(),
+            source,
+        })?;
+    let ttl = store.config.lease_ttl.as_millis() as u64;
+    let now = now_millis();
+    let mut scan = MarkerScan {
+        live: 0,
+        expired: Vec::new(),
+    };
+    for name in names {
+        if Some(&name) == mine {
+            continue;
+        }
+        let bytes = match store.backend.get(&name, 64) {
+            Ok(Some(b)) => b,
+            Ok(None) => continue, // released meanwhile
+            Err(source) => {
+                return Err(StoreError::Backend {
+                    op: Op::Get,
+                    object: name,
+                    source,
+                })
+            }
+        };
+        let created = (bytes.len() == 16 && bytes[..8] == magic)
+            .then(|| u64::from_le_bytes(bytes[8..16].try_into().unwrap_or([0; 8])));
+        match created {
+            Some(t) if now.saturating_sub(t) < ttl => scan.live += 1,
+            _ => scan.expired.push(name),
+        }
+    }
+    Ok(scan)
+}
+
+fn list(store: &ConvergentStore, namespace: Namespace) -> Result<Vec<ObjectName>, StoreError> {
+    store
+        .backend
+        .list(namespace)
+        .map_err(|source| StoreError::List {
+            namespace: namespace.as_str(),
+            source,
+        })
+}
+
+fn delete(store: &ConvergentStore, name: &ObjectName) -> Result<(), StoreError> {
+    store
+        .backend
+        .delete(name)
+        .map_err(|source| StoreError::Backend {
+            op: Op::Delete,
+            object: *name,
+            source,
+        })
+}
+
+pub(super) fn gc(
+    store: &ConvergentStore,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<GcReport, StoreError> {
+    let mut report = GcReport::default();
+    let mut marker = Marker::write(store, Namespace::Sweeps, SWEEP_MAGIC)?;
+    let leases = live_markers(store, Namespace::Leases, LEASE_MAGIC, None)?;
+    if leases.live > 0 {
+        marker.release();
+        report.deferred = Some(leases.live);
+        return Ok(report);
+    }
+    for name in &leases.expired {
+        delete(store, name)?;
+        report.expired_markers += 1;
+    }
+
+    // Everything any manifest references, read from the clear headers: no
+    // owner's key is needed, and every owner's manifests count.
+    let mut referenced = std::collections::HashSet::new();
+    for name in list(store, Namespace::Manifests)? {
+        marker.renew_if_due()?;
+        let id = ManifestId::from_bytes(name.id);
+        let bytes = match store.fetch_manifest(&id) {
+            Ok(b) => b,
+            Err(StoreError::ManifestMissing { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        // A manifest whose references cannot be read makes every block
+        // potentially live: refuse to sweep rather than guess.
+        let header = SealedHeader::parse(&bytes).map_err(|source| StoreError::Manifest {
+            manifest: id,
+            source,
+        })?;
+        referenced.extend(header.refs);
+        report.manifests += 1;
+    }
+
+    let blocks = list(store, Namespace::Blocks)?;
+    report.blocks = blocks.len() as u64;
+    for (i, name) in blocks.iter().enumerate() {
+        if i % 256 == 0 {
+            progress(i as u64, report.blocks);
+        }
+        marker.renew_if_due()?;
+        if referenced.contains(&BlockId::from_bytes(name.id)) {
+            continue;
+        }
+        if !marker.is_fresh() {
+            // The marker lapsed (this process stalled past the TTL): puts may
+            // have started meanwhile. Stop deleting.
+            report.interrupted = true;
+            break;
+        }
+        delete(store, name)?;
+        report.deleted_blocks += 1;
+    }
+    progress(report.blocks, report.blocks);
+
+    let mine = marker.name;
+    for name in live_markers(store, Namespace::Sweeps, SWEEP_MAGIC, Some(&mine))?.expired {
+        delete(store, &name)?;
+        report.expired_markers += 1;
+    }
+    report.incomplete_removed = store
+        .backend
+        .remove_incomplete(store.config.lease_ttl)
+        .map_err(|source| StoreError::Backend {
+            op: Op::Cleanup,
+            object: mine,
+            source,
+        })?;
+    marker.release();
+    Ok(report)
+}
+
+pub(super) fn verify(
+    store: &ConvergentStore,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<VerifyReport, StoreError> {
+    let mut report = VerifyReport::default();
+    let mine = manifest::key_id(&store.key);
+    // Block -> one manifest referencing it.
+    let mut referenced: HashMap<BlockId, ManifestId> = HashMap::new();
+    let manifests = list(store, Namespace::Manifests)?;
+    let blocks = list(store, Namespace::Blocks)?;
+    let total = (manifests.len() + blocks.len()) as u64;
+    let mut done = 0u64;
+    for name in manifests {
+        let id = ManifestId::from_bytes(name.id);
+        done += 1;
+        progress(done, total);
+        let bytes = match store
+            .backend
+            .get(&name, store.config.max_manifest_len as u64)
+        {
+            Ok(Some(b)) => b,
+            Ok(None) => continue,
+            Err(super::BackendError::TooLarge { .. }) => {
+                report.problems.push(Problem::CorruptManifest {
+                    manifest: id,
+                    error: None,
+                });
+                continue;
+            }
+            Err(source) => {
+                return Err(StoreError::Backend {
+                    op: Op::Get,
+                    object: name,
+                    source,
+                })
+            }
+        };
+        report.manifests += 1;
+        let header = match SealedHeader::parse(&bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                report.problems.push(Problem::CorruptManifest {
+                    manifest: id,
+                    error: Some(e),
+                });
+                continue;
+            }
+        };
+        if crypto::sha256(&bytes) != *id.as_bytes() {
+            report.problems.push(Problem::CorruptManifest {
+                manifest: id,
+                error: None,
+            });
+        } else if header.key_id == mine {
+            if let Err(e) = Manifest::open(&bytes, &store.key) {
+                report.problems.push(Problem::CorruptManifest {
+                    manifest: id,
+                    error: Some(e),
+                });
+            }
+        }
+        for r in header.refs {
+            referenced.entry(r).or_insert(id);
+        }
+    }
+    for name in blocks {
+        done += 1;
+        progress(done, total);
+        let id = BlockId::from_bytes(name.id);
+        let limit = (MAX_BLOCK_SIZE + TAG_LEN) as u64;
+        match store.backend.get(&name, limit) {
+            Ok(Some(bytes)) => {
+                report.blocks += 1;
+                report.block_bytes += bytes.len() as u64;
+                if crypto::sha256(&bytes) != name.id {
+                    report.problems.push(Problem::CorruptBlock { block: id });
+                }
+            }
+            Ok(None) => continue, // deleted meanwhile; checked below if referenced
+            Err(super::BackendError::TooLarge { .. }) => {
+                report.blocks += 1;
+                report.problems.push(Problem::CorruptBlock { block: id });
+            }
+            Err(source) => {
+                return Err(StoreError::Backend {
+                    op: Op::Get,
+                    object: name,
+                    source,
+                })
+            }
+        }
+        if referenced.remove(&id).is_none() {
+            report.unreferenced_blocks += 1;
+        }
+    }
+    // Whatever is left was referenced but never listed.
+    for (block, manifest) in referenced {
+        let name = ObjectName::block(&block);
+        let present = store
+            .backend
+            .has(&name)
+            .map_err(|source| StoreError::Backend {
+                op: Op::Has,
+                object: name,
+                source,
+            })?;
+        if !present {
+            report
+                .problems
+                .push(Problem::MissingBlock { block, manifest });
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,583 @@
+//! Streaming put and get with bounded memory, on one or more threads.
+//!
+//! A put reads the input one block at a time into a fixed pool of buffers;
+//! worker threads encrypt and store blocks while the caller's thread keeps
+//! reading. A get works the other way round: workers fetch and decrypt
+//! blocks ahead, the caller's thread writes them out in order. In both, at
+//! most `ingest_threads * (queue_blocks + 2)` blocks are in memory.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{mpsc, Mutex};
+
+use super::block::{is_zero, read_full};
+use super::crypto::{self, TAG_LEN};
+use super::gc::WriteLease;
+use super::ids::{BlockId, BlockKey, ManifestId, Salt};
+use super::manifest::{Entry, Manifest};
+use super::{ConvergentStore, ObjectName, Op, PutInfo, PutOutcome, PutReport, StoreError};
+
+/// Zero bytes written out for zero entries.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Outcome of one block of a put: its entry and the bytes newly stored.
+type Sealed = Result<(Entry, Option<u64>), StoreError>;
+
+/// Encrypts and stores one block (or records it as zeros). `buf` holds the
+/// plaintext on entry; it is encrypted in place.
+fn seal_and_store(store: &ConvergentStore, salt: &Salt, buf: &mut Vec<u8>) -> Sealed {
+    let len = buf.len() as u32;
+    if is_zero(buf) {
+        return Ok((Entry::Zero { len }, None));
+    }
+    let (key, id) = crypto::seal_block_in_place(salt, buf);
+    let name = ObjectName::block(&id);
+    let outcome =
+        store
+            .backend
+            .put_if_absent(&name, buf)
+            .map_err(|source| StoreError::Backend {
+                op: Op::Put,
+                object: name,
+                source,
+            })?;
+    let new = (outcome == PutOutcome::Stored).then_some(buf.len() as u64);
+    Ok((Entry::Data { id, key, len }, new))
+}
+
+/// Per-put tallies.
+#[derive(Default)]
+struct Tally {
+    len: u64,
+    zero_blocks: u64,
+    new_blocks: u64,
+    new_bytes: u64,
+    /// A lower bound of the sealed manifest's size so far: a put whose
+    /// manifest cannot fit stops early instead of growing its entry list
+    /// (the one part of a put's memory that scales with the input).
+    manifest_floor: usize,
+}
+
+/// Smallest encoding of a zero and of a data entry in a manifest body.
+const ZERO_ENTRY_FLOOR: usize = 5;
+const DATA_ENTRY_FLOOR: usize = 41;
+
+impl Tally {
+    fn new(metadata_len: usize) -> Self {
+        Tally {
+            manifest_floor: 44 + 24 + metadata_len + 16,
+            ..Tally::default()
+        }
+    }
+
+    fn add(&mut self, entry: &Entry, new: Option<u64>) {
+        if matches!(entry, Entry::Zero { .. }) {
+            self.zero_blocks += 1;
+            self.manifest_floor += ZERO_ENTRY_FLOOR;
+        } else {
+            self.manifest_floor += DATA_ENTRY_FLOOR;
+        }
+        if let Some(bytes) = new {
+            self.new_blocks += 1;
+            self.new_bytes += bytes;
+        }
+    }
+
+    fn check_manifest(&self, limit: usize) -> Result<(), StoreError> {
+        if self.manifest_floor > limit {
+            return Err(StoreError::ManifestTooLarge {
+                len: self.manifest_floor,
+                limit,
+            });
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn put(
+    store: &ConvergentStore,
+    mut input: impl Read,
+    metadata: &[u8],
+) -> Result<PutReport, StoreError> {
+    let cfg = &store.config;
+    // Metadata must leave room for the manifest's fixed fields.
+    let meta_limit = cfg.max_manifest_len - 1024;
+    if metadata.len() > meta_limit {
+        return Err(StoreError::MetadataTooLarge {
+            len: metadata.len(),
+            limit: meta_limit,
+        });
+    }
+    let info = PutInfo::now(metadata);
+    let index = cfg.salt_selector.select(&info, cfg.redundancy.count());
+    let salt = cfg.redundancy.salt(index);
+
+    let mut lease = WriteLease::acquire(store)?;
+    let result = ingest(
+        store,
+        &mut input,
+        &salt,
+        &mut lease,
+        Tally::new(metadata.len()),
+    );
+    let outcome =
+        result.and_then(|(entries, tally)| commit(store, entries, tally, metadata, &mut lease));
+    lease.release();
+    outcome
+}
+
+/// Seals the manifest and stores it, if the lease still protects the blocks.
+fn commit(
+    store: &ConvergentStore,
+    entries: Vec<Entry>,
+    mut tally: Tally,
+    metadata: &[u8],
+    lease: &mut WriteLease<'_>,
+) -> Result<PutReport, StoreError> {
+    let cfg = &store.config;
+    let manifest = Manifest {
+        block_size: cfg.block_size as u32,
+        total_len: tally.len,
+        metadata: metadata.to_vec(),
+        entries,
+    };
+    let sealed_len = manifest.sealed_len();
+    if sealed_len > cfg.max_manifest_len {
+        return Err(StoreError::ManifestTooLarge {
+            len: sealed_len,
+            limit: cfg.max_manifest_len,
+        });
+    }
+    let sealed = manifest.seal(&store.key).map_err(StoreError::Random)?;
+    let id = ManifestId::from_bytes(crypto::sha256(&sealed));
+    // Renew first, so the lease has at least two thirds of its TTL left
+    // while the manifest is written; refuse if it ever lapsed.
+    lease.renew_if_due()?;
+    lease.check_fresh()?;
+    let name = ObjectName::manifest(&id);
+    store
+        .backend
+        .put_if_absent(&name, &sealed)
+        .map_err(|source| StoreError::Backend {
+            op: Op::Put,
+            object: name,
+            source,
+        })?;
+    tally.new_bytes += sealed.len() as u64;
+    Ok(PutReport {
+        manifest: id,
+        len: tally.len,
+        blocks: manifest.entries.len() as u64,
+        zero_blocks: tally.zero_blocks,
+        new_blocks: tally.new_blocks,
+        new_bytes: tally.new_bytes,
+    })
+}
+
+fn ingest(
+    store: &ConvergentStore,
+    input: &mut dyn Read,
+    salt: &Salt,
+    lease: &mut WriteLease<'_>,
+    tally: Tally,
+) -> Result<(Vec<Entry>, Tally), StoreError> {
+    if store.config.ingest_threads == 1 {
+        ingest_inline(store, input, salt, lease, tally)
+    } else {
+        ingest_parallel(store, input, salt, lease, tally)
+    }
+}
+
+fn ingest_inline(
+    store: &ConvergentStore,
+    input: &mut dyn Read,
+    salt: &Salt,
+    lease: &mut WriteLease<'_>,
+    mut tally: Tally,
+) -> Result<(Vec<Entry>, Tally), StoreError> {
+    let bs = store.config.block_size;
+    let mut buf = Vec::with_capacity(bs + TAG_LEN);
+    let mut entries = Vec::new();
+    loop {
+        buf.resize(bs, 0);
+        let n = read_full(input, &mut buf).map_err(|source| StoreError::Input {
+            offset: tally.len,
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        tally.len += n as u64;
+        buf.truncate(n);
+        let (entry, new) = seal_and_store(store, salt, &mut buf)?;
+        tally.add(&entry, new);
+        tally.check_manifest(store.config.max_manifest_len)?;
+        entries.push(entry);
+        lease.renew_if_due()?;
+        if n < bs {
+            break;
+        }
+    }
+    Ok((entries, tally))
+}
+
+struct Job {
+    index: usize,
+    buf: Vec<u8>,
+    len: usize,
+}
+
+struct Done {
+    index: usize,
+    buf: Vec<u8>,
+    result: Sealed,
+}
+
+fn ingest_parallel(
+    store: &ConvergentStore,
+    input: &mut dyn Read,
+    salt: &Salt,
+    lease: &mut WriteLease<'_>,
+    mut tally: Tally,
+) -> Result<(Vec<Entry>, Tally), StoreError> {
+    let cfg = &store.config;
+    let bs = cfg.block_size;
+    let threads = cfg.ingest_threads;
+    let pool_max = threads * (cfg.queue_blocks + 2);
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(threads * cfg.queue_blocks);
+    let job_rx = Mutex::new(job_rx);
+    std::thread::scope(|s| {
+        let (done_tx, done_rx) = mpsc::channel::<Done>();
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let job_rx = &job_rx;
+            s.spawn(move || loop {
+                let mut job = match job_rx.lock().map(|rx| rx.recv()) {
+                    Ok(Ok(job)) => job,
+                    _ => break,
+                };
+                job.buf.truncate(job.len);
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    seal_and_store(store, salt, &mut job.buf)
+                }))
+                .unwrap_or(Err(StoreError::WorkerPanicked));
+                let done = Done {
+                    index: job.index,
+                    buf: job.buf,
+                    result,
+                };
+                if done_tx.send(done).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(done_tx);
+
+        let mut free: Vec<Vec<u8>> = Vec::new();
+        let mut allocated = 0;
+        let mut in_flight = 0usize;
+        let mut entries: Vec<Option<Entry>> = Vec::new();
+        let mut error: Option<StoreError> = None;
+        let mut eof = false;
+        loop {
+            while !eof && error.is_none() {
+                let mut buf = match free.pop() {
+                    Some(b) => b,
+                    None if allocated < pool_max => {
+                        allocated += 1;
+                        Vec::with_capacity(bs + TAG_LEN)
+                    }
+                    None => break,
+                };
+                buf.resize(bs, 0);
+                let n = match read_full(input, &mut buf) {
+                    Ok(n) => n,
+                    Err(source) => {
+                        error = Some(StoreError::Input {
+                            offset: tally.len,
+                            source,
+                        });
+                        break;
+                    }
+                };
+                if n == 0 {
+                    eof = true;
+                    free.push(buf);
+                    break;
+                }
+                tally.len += n as u64;
+                eof = n < bs;
+                entries.push(None);
+                let job = Job {
+                    index: entries.len() - 1,
+                    buf,
+                    len: n,
+                };
+                if job_tx.send(job).is_err() {
+                    error = Some(StoreError::WorkerPanicked);
+                    break;
+                }
+                in_flight += 1;
+                if let Err(e) = lease.renew_if_due() {
+                    error = Some(e);
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            let Ok(done) = done_rx.recv() else {
+                error.get_or_insert(StoreError::WorkerPanicked);
+                break;
+            };
+            in_flight -= 1;
+            free.push(done.buf);
+            match done.result {
+                Ok((entry, new)) => {
+                    tally.add(&entry, new);
+                    entries[done.index] = Some(entry);
+                    if let Err(e) = tally.check_manifest(cfg.max_manifest_len) {
+                        error.get_or_insert(e);
+                    }
+                }
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        drop(job_tx);
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let entries: Option<Vec<Entry>> = entries.into_iter().collect();
+        entries
+            .map(|e| (e, tally))
+            .ok_or(StoreError::WorkerPanicked)
+    })
+}
+
+/// Fetches, checks and decrypts one block into `buf`.
+pub(super) fn fetch_block(
+    store: &ConvergentStore,
+    id: &BlockId,
+    key: &BlockKey,
+    len: u32,
+) -> Result<Vec<u8>, StoreError> {
+    let name = ObjectName::block(id);
+    let mut buf = match store.backend.get(&name, u64::from(len) + TAG_LEN as u64) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Err(StoreError::Missing { block: *id }),
+        // Longer than the manifest says: not the block that was stored.
+        Err(super::BackendError::TooLarge { .. }) => {
+            return Err(StoreError::Corrupt { block: *id })
+        }
+        Err(source) => {
+            return Err(StoreError::Backend {
+                op: Op::Get,
+                object: name,
+                source,
+            })
+        }
+    };
+    if crypto::sha256(&buf) != *id.as_bytes()
+        || !crypto::open_block(key, &mut buf)
+        || buf.len() != len as usize
+    {
+        return Err(StoreError::Corrupt { block: *id });
+    }
+    Ok(buf)
+}
+
+fn write_entry(out: &mut dyn Write, bytes: &[u8], offset: &mut u64) -> Result<(), StoreError> {
+    out.write_all(bytes).map_err(|source| StoreError::Output {
+        offset: *offset,
+        source,
+    })?;
+    *offset += bytes.len() as u64;
+    Ok(())
+}
+
+fn write_zeros(out: &mut dyn Write, mut len: usize, offset: &mut u64) -> Result<(), StoreError> {
+    while len > 0 {
+        let n = len.min(ZEROS.len());
+        write_entry(out, &ZEROS[..n], offset)?;
+        len -= n;
+    }
+    Ok(())
+}
+
+pub(super) fn get(
+    store: &ConvergentStore,
+    manifest: &Manifest,
+    mut out: impl Write,
+) -> Result<u64, StoreError> {
+    let out: &mut dyn Write = &mut out;
+    let mut offset = 0u64;
+    let threads = store.config.ingest_threads;
+    if threads == 1 || manifest.entries.len() < 2 {
+        for e in &manifest.entries {
+            match e {
+                Entry::Zero { len } => write_zeros(out, *len as usize, &mut offset)?,
+                Entry::Data { id, key, len } => {
+                    write_entry(out, &fetch_block(store, id, key, *len)?, &mut offset)?
+                }
+            }
+        }
+    } else {
+        get_parallel(store, manifest, out, &mut offset)?;
+    }
+    out.flush()
+        .map_err(|source| StoreError::Output { offset, source })?;
+    Ok(offset)
+}
+
+fn get_parallel(
+    store: &ConvergentStore,
+    manifest: &Manifest,
+    out: &mut dyn Write,
+    offset: &mut u64,
+) -> Result<(), StoreError> {
+    let threads = store.config.ingest_threads;
+    let window = threads * (store.config.queue_blocks + 1);
+    let entries = &manifest.entries;
+    let (job_tx, job_rx) = mpsc::sync_channel::<usize>(window);
+    let job_rx = Mutex::new(job_rx);
+    std::thread::scope(|s| {
+        let (done_tx, done_rx) = mpsc::channel::<(usize, Result<Vec<u8>, StoreError>)>();
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let job_rx = &job_rx;
+            s.spawn(move || loop {
+                let index = match job_rx.lock().map(|rx| rx.recv()) {
+                    Ok(Ok(i)) => i,
+                    _ => break,
+                };
+                let result = match &entries[index] {
+                    Entry::Data { id, key, len } => {
+                        catch_unwind(AssertUnwindSafe(|| fetch_block(store, id, key, *len)))
+                            .unwrap_or(Err(StoreError::WorkerPanicked))
+                    }
+                    Entry::Zero { .. } => Ok(Vec::new()),
+                };
+                if done_tx.send((index, result)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(done_tx);
+        let data: Vec<usize> = (0..entries.len())
+            .filter(|&i| matches!(entries[i], Entry::Data { .. }))
+            .collect();
+        let mut next_job = 0;
+        let mut ready: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+        let mut in_flight = 0;
+        let result = (|| {
+            for (index, entry) in entries.iter().enumerate() {
+                if let Entry::Zero { len } = entry {
+                    write_zeros(out, *len as usize, offset)?;
+                    continue;
+                }
+                loop {
+                    while next_job < data.len() && in_flight + ready.len() < window {
+                        job_tx
+                            .send(data[next_job])
+                            .map_err(|_| StoreError::WorkerPanicked)?;
+                        next_job += 1;
+                        in_flight += 1;
+                    }
+                    if let Some(bytes) = ready.remove(&index) {
+                        write_entry(out, &bytes, offset)?;
+                        break;
+                    }
+                    let (i, r) = done_rx.recv().map_err(|_| StoreError::WorkerPanicked)?;
+                    in_flight -= 1;
+                    ready.insert(i, r?);
+                }
+            }
+            Ok(())
+        })();
+        drop(job_tx);
+        result
+    })
+}
+
+/// A [`Read`] and [`Seek`] view of one stored data set, fetching and
+/// decrypting one block at a time. Store errors surface as
+/// [`io::Error`]s wrapping the [`StoreError`] (recover it with
+/// `io::Error::into_inner` and `downcast`).
+pub struct ManifestReader<'a> {
+    store: &'a ConvergentStore,
+    manifest: Manifest,
+    pos: u64,
+    current: Option<(usize, Vec<u8>)>,
+}
+
+impl<'a> ManifestReader<'a> {
+    pub(super) fn new(store: &'a ConvergentStore, manifest: Manifest) -> Self {
+        Self {
+            store,
+            manifest,
+            pos: 0,
+            current: None,
+        }
+    }
+
+    /// The manifest being read.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Length of the data set.
+    pub fn len(&self) -> u64 {
+        self.manifest.total_len
+    }
+
+    /// Whether the data set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.manifest.total_len == 0
+    }
+}
+
+impl Read for ManifestReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() || self.pos >= self.manifest.total_len {
+            return Ok(0);
+        }
+        let bs = u64::from(self.manifest.block_size);
+        let index = (self.pos / bs) as usize;
+        let within = (self.pos % bs) as usize;
+        let entry = &self.manifest.entries[index];
+        let n = (entry.len() as usize - within).min(buf.len());
+        match entry {
+            Entry::Zero { .. } => buf[..n].fill(0),
+            Entry::Data { id, key, len } => {
+                if self.current.as_ref().map(|c| c.0) != Some(index) {
+                    let bytes = fetch_block(self.store, id, key, *len).map_err(io::Error::other)?;
+                    self.current = Some((index, bytes));
+                }
+                let block = self.current.as_ref().map_or(&[][..], |c| &c.1[..]);
+                buf[..n].copy_from_slice(&block[within..within + n]);
+            }
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for ManifestReader<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.manifest.total_len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        let target = target.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the data set",
+            )
+        })?;
+        self.pos = target;
+        Ok(target)
+    }
+}

@@ -1,0 +1,315 @@
+//! Garbage collection: what it removes, what it never removes, and how it
+//! coordinates with puts running at the same time.
+
+use std::io::Read;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use snapvm::store::{
+    Backend, ConvergentStore, ManifestKey, MemoryBackend, Namespace, ObjectName, StoreConfig,
+};
+
+fn store(backend: &MemoryBackend, key: u8) -> ConvergentStore {
+    let config = StoreConfig {
+        block_size: 1024,
+        ..StoreConfig::default()
+    };
+    ConvergentStore::new(&config, backend.clone(), ManifestKey::from_bytes([key; 32])).unwrap()
+}
+
+fn blocks(seed: u8, n: usize) -> Vec<u8> {
+    (0..n * 1024)
+        .map(|i| ((i / 1024) as u8).wrapping_mul(31) ^ seed ^ (i as u8 | 1))
+        .collect()
+}
+
+#[test]
+fn gc_removes_only_unreferenced_blocks() {
+    let backend = MemoryBackend::new();
+    let a = store(&backend, 1);
+    let b = store(&backend, 2); // another owner: gc must respect its manifests too
+    let shared = blocks(1, 4);
+    let mut only_a = shared.clone();
+    only_a.extend(blocks(2, 3));
+    let pa = a.put_bytes(&only_a, b"").unwrap();
+    let pb = b.put_bytes(&shared, b"").unwrap();
+    assert_eq!(backend.count(Namespace::Blocks), 7);
+
+    let nothing = a.gc().unwrap();
+    assert_eq!(
+        (nothing.deleted_blocks, nothing.manifests, nothing.blocks),
+        (0, 2, 7)
+    );
+
+    a.delete(&pa.manifest).unwrap();
+    let report = b.gc().unwrap();
+    assert_eq!(report.deleted_blocks, 3);
+    assert_eq!(backend.count(Namespace::Blocks), 4);
+    assert_eq!(b.get_bytes(&pb.manifest).unwrap(), shared);
+    assert!(a.verify().unwrap().is_clean());
+    // No marker is left behind.
+    assert_eq!(
+        backend.count(Namespace::Leases) + backend.count(Namespace::Sweeps),
+        0
+    );
+}
+
+/// A reader that hands out `first` bytes, then blocks until told to go on.
+struct Gate {
+    data: Vec<u8>,
+    pos: usize,
+    first: usize,
+    go: Option<mpsc::Receiver<()>>,
+    reached: Option<mpsc::Sender<()>>,
+}
+
+impl Read for Gate {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.first {
+            if let Some(tx) = self.reached.take() {
+                tx.send(()).unwrap();
+            }
+            if let Some(rx) = self.go.take() {
+                rx.recv().unwrap();
+            }
+        }
+        let end = if self.pos < self.first {
+            self.first
+        } else {
+            self.data.len()
+        };
+        let n = buf.len().min(end - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn gc_defers_while_a_put_is_in_flight() {
+    let backend = MemoryBackend::new();
+    let s = Arc::new(store(&backend, 1));
+    // Garbage the in-flight put will deduplicate against: an earlier data
+    // set whose manifest was deleted.
+    let data = blocks(7, 16);
+    let old = s.put_bytes(&data, b"").unwrap();
+    s.delete(&old.manifest).unwrap();
+
+    let (go_tx, go_rx) = mpsc::channel();
+    let (reached_tx, reached_rx) = mpsc::channel();
+    let gate = Gate {
+        data: data.clone(),
+        pos: 0,
+        first: 8 * 1024,
+        go: Some(go_rx),
+        reached: Some(reached_tx),
+    };
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || s.put(gate, b"").unwrap())
+    };
+    reached_rx.recv().unwrap();
+    // The put has deduplicated its first blocks against the garbage; a
+    // sweep now would delete them under it.
+    let report = s.gc().unwrap();
+    assert_eq!(report.deferred, Some(1));
+    assert_eq!(report.deleted_blocks, 0);
+    assert_eq!(backend.count(Namespace::Blocks), 16);
+    go_tx.send(()).unwrap();
+    let put = writer.join().unwrap();
+    assert_eq!(s.gc().unwrap().deleted_blocks, 0);
+    assert_eq!(s.get_bytes(&put.manifest).unwrap(), data);
+}
+
+#[test]
+fn a_put_waits_for_a_live_sweep() {
+    let backend = MemoryBackend::new();
+    let s = Arc::new(store(&backend, 1));
+    // A sweep marker as another process's gc writes it (docs/store-format.md).
+    let mut marker = b"SNAPVMSW".to_vec();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    marker.extend_from_slice(&now.to_le_bytes());
+    let name = ObjectName {
+        namespace: Namespace::Sweeps,
+        id: [9; 32],
+    };
+    backend.put_if_absent(&name, &marker).unwrap();
+
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || s.put_bytes(&blocks(3, 4), b"").unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!writer.is_finished(), "put went ahead during a live sweep");
+    assert_eq!(backend.count(Namespace::Blocks), 0);
+    assert_eq!(
+        backend.count(Namespace::Leases),
+        1,
+        "the waiting put holds its lease"
+    );
+    backend.delete(&name).unwrap();
+    let put = writer.join().unwrap();
+    assert_eq!(s.get_bytes(&put.manifest).unwrap(), blocks(3, 4));
+
+    // An expired marker (a killed gc) does not hold puts back.
+    let old = now - 3600 * 1000;
+    let mut stale = b"SNAPVMSW".to_vec();
+    stale.extend_from_slice(&old.to_le_bytes());
+    backend.put_if_absent(&name, &stale).unwrap();
+    s.put_bytes(&blocks(4, 4), b"").unwrap();
+    let report = s.gc().unwrap();
+    assert_eq!(report.expired_markers, 1);
+    assert_eq!(backend.count(Namespace::Sweeps), 0);
+}
+
+#[test]
+fn concurrent_puts_deletes_and_gcs_never_lose_a_live_block() {
+    let backend = MemoryBackend::new();
+    let s = Arc::new(store(&backend, 1));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collector = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut swept, mut deferred) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match s.gc().unwrap().deferred {
+                    None => swept += 1,
+                    Some(_) => deferred += 1,
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (swept, deferred)
+        })
+    };
+    let writers: Vec<_> = (0..3u8)
+        .map(|w| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut live = Vec::new();
+                for round in 0..40u8 {
+                    // Overlapping data: every put shares blocks with earlier,
+                    // possibly deleted, puts.
+                    let data = blocks(round % 5, 6 + (w as usize));
+                    let put = s.put_bytes(&data, b"").unwrap();
+                    if round % 3 == 0 {
+                        s.delete(&put.manifest).unwrap();
+                    } else {
+                        live.push((put.manifest, data));
+                    }
+                }
+                live
+            })
+        })
+        .collect();
+    let live: Vec<_> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (swept, _deferred) = collector.join().unwrap();
+    assert!(swept > 0, "gc never got to sweep");
+    for (id, data) in &live {
+        assert_eq!(&s.get_bytes(id).unwrap(), data);
+    }
+    let report = s.verify().unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+/// MemoryBackend whose manifest reads take a while (a slow bucket).
+struct SlowManifests(MemoryBackend, Duration);
+
+impl Backend for SlowManifests {
+    fn put_if_absent(
+        &self,
+        n: &ObjectName,
+        b: &[u8],
+    ) -> Result<snapvm::store::PutOutcome, snapvm::store::BackendError> {
+        self.0.put_if_absent(n, b)
+    }
+    fn get(&self, n: &ObjectName, l: u64) -> Result<Option<Vec<u8>>, snapvm::store::BackendError> {
+        if n.namespace == Namespace::Manifests {
+            std::thread::sleep(self.1);
+        }
+        self.0.get(n, l)
+    }
+    fn has(&self, n: &ObjectName) -> Result<bool, snapvm::store::BackendError> {
+        self.0.has(n)
+    }
+    fn delete(&self, n: &ObjectName) -> Result<(), snapvm::store::BackendError> {
+        self.0.delete(n)
+    }
+    fn list(&self, ns: Namespace) -> Result<Vec<ObjectName>, snapvm::store::BackendError> {
+        self.0.list(ns)
+    }
+}
+
+#[test]
+fn a_sweep_whose_marker_lapsed_deletes_nothing() {
+    let backend = MemoryBackend::new();
+    let config = StoreConfig {
+        block_size: 1024,
+        lease_ttl: Duration::from_millis(60),
+        ..StoreConfig::default()
+    };
+    let key = ManifestKey::from_bytes([1; 32]);
+    let fast = ConvergentStore::new(&config, backend.clone(), key.clone()).unwrap();
+    let garbage = fast.put_bytes(&blocks(1, 4), b"").unwrap();
+    fast.delete(&garbage.manifest).unwrap();
+    fast.put_bytes(&blocks(2, 4), b"").unwrap();
+
+    // Reading the one manifest takes longer than the TTL: the sweep marker
+    // lapses mid-scan, so a put could have started unseen. Nothing may go.
+    let slow = ConvergentStore::new(
+        &config,
+        SlowManifests(backend.clone(), Duration::from_millis(150)),
+        key,
+    )
+    .unwrap();
+    let report = slow.gc().unwrap();
+    assert!(report.interrupted);
+    assert_eq!(report.deleted_blocks, 0);
+    assert_eq!(backend.count(Namespace::Blocks), 8);
+    // A healthy sweep then finishes the job.
+    let report = fast.gc().unwrap();
+    assert_eq!((report.interrupted, report.deleted_blocks), (false, 4));
+}
+
+#[test]
+fn a_put_whose_lease_lapsed_refuses_to_commit_and_can_be_repeated() {
+    /// Yields one block, then stalls past the TTL, then the rest.
+    struct Stall(Vec<u8>, usize);
+    impl Read for Stall {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.1 == 1024 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let n = buf.len().min(self.0.len() - self.1).min(1024);
+            buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+            self.1 += n;
+            Ok(n)
+        }
+    }
+    let backend = MemoryBackend::new();
+    let config = StoreConfig {
+        block_size: 1024,
+        ingest_threads: 1,
+        lease_ttl: Duration::from_millis(60),
+        ..StoreConfig::default()
+    };
+    let s =
+        ConvergentStore::new(&config, backend.clone(), ManifestKey::from_bytes([1; 32])).unwrap();
+    let data = blocks(5, 4);
+    let err = s.put(Stall(data.clone(), 0), b"").unwrap_err();
+    assert!(
+        matches!(err, snapvm::store::StoreError::LeaseExpired),
+        "{err:?}"
+    );
+    assert_eq!(backend.count(Namespace::Manifests), 0);
+    assert_eq!(backend.count(Namespace::Leases), 0);
+    let put = s.put_bytes(&data, b"").unwrap();
+    assert_eq!(s.get_bytes(&put.manifest).unwrap(), data);
+}
