@@ -237,6 +237,32 @@ fn s3_backend_against_garage() {
 
     backend_contract(&garage.backend("contract/"));
     fleet(&garage);
+    fleet_snapshot(&garage);
+}
+
+/// A VM snapshot saved by one machine restores on another sharing the bucket.
+fn fleet_snapshot(garage: &Garage) {
+    if snapvm::vm::check_kvm().is_err() {
+        assert!(
+            std::env::var_os("SNAPVM_REQUIRE_KVM").is_none(),
+            "KVM required"
+        );
+        let _ = writeln!(std::io::stderr(), "SKIP fleet_snapshot: KVM is unavailable");
+        return;
+    }
+    let owner = [9u8; 32];
+    let machine_a = store(garage.backend("snapshots/"), owner);
+    let machine_b = store(garage.backend("snapshots/"), owner);
+    let guest = std::path::Path::new(env!("SNAPVM_GUESTS_DIR")).join("testguest");
+    let config = snapvm::VmConfig::new(snapvm::GuestProgram::from_file(guest).unwrap());
+    let mut vm = snapvm::VmInstance::new(&config).unwrap();
+    vm.invoke("counter", b"").unwrap();
+    let id = vm.snapshot().unwrap().save_to_store(&machine_a).unwrap();
+    drop(vm);
+
+    let snapshot = snapvm::Snapshot::load_from_store(&machine_b, &id).unwrap();
+    let mut restored = snapvm::VmInstance::restore(&config, &snapshot).unwrap();
+    assert_eq!(restored.invoke("counter", b"").unwrap(), 2u64.to_le_bytes());
 }
 
 /// The Backend trait's promises, on raw objects.

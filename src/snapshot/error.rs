@@ -12,6 +12,9 @@ pub enum SnapshotError {
     /// The VM failed (creating the restored VM, or reading its state).
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The store failed (saving to or loading from a `ConvergentStore`).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// Only a ready VM can be captured: a poisoned one stopped mid-call.
     #[error("the VM is poisoned and cannot be captured")]
     NotReady,

@@ -287,7 +287,9 @@ fn encode_state(s: &Inner) -> Vec<u8> {
 
 /// Writes `snapshot` to `path` (replacing it atomically: a temporary file in
 /// the same directory, synced, then renamed).
-pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError> {
+/// The header and state section of `snapshot` as one buffer, and the
+/// (page-aligned) offset of the memory image that follows them in a file.
+pub(crate) fn encode_header_and_state(snapshot: &Snapshot) -> (Vec<u8>, u64) {
     let s = &snapshot.inner;
     let state = encode_state(s);
     let memory_offset = (HEADER_SIZE + state.len() as u64).next_multiple_of(PAGE_SIZE);
@@ -299,6 +301,26 @@ pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError
         memory_size: s.memory.size(),
         state_digest: Sha256::digest(&state).into(),
     };
+    let mut out = header.encode().to_vec();
+    out.extend_from_slice(&state);
+    (out, memory_offset)
+}
+
+/// Largest header plus state section a loader accepts.
+pub(crate) const MAX_HEADER_AND_STATE: u64 = HEADER_SIZE + MAX_STATE;
+
+/// Reads a snapshot laid out as a file in `file` (see `load`).
+pub(crate) fn load_file(
+    file: File,
+    path: &Path,
+    base: Option<&Snapshot>,
+) -> Result<Snapshot, SnapshotError> {
+    load_from(file, path, base)
+}
+
+pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError> {
+    let s = &snapshot.inner;
+    let (head, memory_offset) = encode_header_and_state(snapshot);
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp_name);
@@ -311,9 +333,8 @@ pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError
         .open(&tmp)
         .map_err(io("creating the snapshot file"))?;
     let result = (|| {
-        file.write_all(&header.encode())
-            .map_err(io("writing the header"))?;
-        file.write_all(&state).map_err(io("writing the state"))?;
+        file.write_all(&head)
+            .map_err(io("writing the header and state"))?;
         file.set_len(memory_offset + s.memory.size())
             .map_err(io("sizing the snapshot file"))?;
         for e in s.memory.extents.iter().filter(|e| !e.zero) {

@@ -43,6 +43,7 @@ mod error;
 mod file;
 mod image;
 mod pool;
+mod stored;
 
 use std::fmt;
 use std::sync::Arc;

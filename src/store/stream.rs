@@ -156,14 +156,19 @@ fn commit(
     lease.renew_if_due()?;
     lease.check_fresh()?;
     let name = ObjectName::manifest(&id);
+    let backend_err = |source| StoreError::Backend {
+        op: Op::Put,
+        object: name,
+        source,
+    };
+    // The blocks are durable before the manifest that references them is
+    // written, and the manifest before the put returns.
+    store.backend.flush().map_err(backend_err)?;
     store
         .backend
         .put_if_absent(&name, &sealed)
-        .map_err(|source| StoreError::Backend {
-            op: Op::Put,
-            object: name,
-            source,
-        })?;
+        .map_err(backend_err)?;
+    store.backend.flush().map_err(backend_err)?;
     tally.new_bytes += sealed.len() as u64;
     Ok(PutReport {
         manifest: id,

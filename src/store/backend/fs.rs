@@ -49,6 +49,9 @@ pub struct FsBackend {
     durability: Durability,
     /// Shard directories known to exist, indexed by namespace * 256 + shard.
     shards: Box<[AtomicBool]>,
+    /// Shard directories with renames not yet made durable (see `flush`),
+    /// indexed like `shards`.
+    unsynced: Box<[AtomicBool]>,
     counter: AtomicU64,
 }
 
@@ -123,6 +126,7 @@ impl FsBackend {
             tmp,
             durability,
             shards: (0..4 * 256).map(|_| AtomicBool::new(false)).collect(),
+            unsynced: (0..4 * 256).map(|_| AtomicBool::new(false)).collect(),
             counter: AtomicU64::new(0),
         })
     }
@@ -207,9 +211,26 @@ impl Backend for FsBackend {
             return Err(e.into());
         }
         if self.durability == Durability::Fsync {
-            sync_dir(&dir)?;
+            // The file's data is synced; the rename becomes durable when
+            // its directory is synced, once per directory in `flush`.
+            self.unsynced[ns_index(name.namespace) * 256 + name.id[0] as usize]
+                .store(true, Ordering::Release);
         }
         Ok(PutOutcome::Stored)
+    }
+
+    fn flush(&self) -> Result<(), BackendError> {
+        for (i, pending) in self.unsynced.iter().enumerate() {
+            if pending.swap(false, Ordering::AcqRel) {
+                let ns = Namespace::ALL[i / 256];
+                let dir = self.root.join(ns.as_str()).join(format!("{:02x}", i % 256));
+                if let Err(e) = sync_dir(&dir) {
+                    pending.store(true, Ordering::Release);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, name: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError> {

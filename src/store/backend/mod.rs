@@ -165,8 +165,10 @@ pub enum PutOutcome {
 ///
 /// Requirements on an implementation:
 /// - `put_if_absent` is atomic: a reader (in any process) sees the whole
-///   object or none of it, also after a crash at any point. It must not
-///   return before the object is durable in the backend's sense.
+///   object or none of it, also after a crash at any point. Objects are
+///   durable in the backend's sense once `flush` returns (a backend may make
+///   each durable sooner); the store flushes before it writes a manifest
+///   and after.
 /// - After `put_if_absent` or `delete` returns, `get`, `has` and `list` in
 ///   any process observe it (read-after-write and list-after-write
 ///   consistency). The garbage-collection protocol relies on this.
@@ -190,6 +192,12 @@ pub trait Backend: Send + Sync {
     /// Every object in `namespace`, in no particular order. Entries whose
     /// names are not 64 lowercase hex digits are skipped.
     fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError>;
+
+    /// Makes every object stored so far durable. The default does nothing,
+    /// for backends whose `put_if_absent` is durable when it returns.
+    fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Removes leftovers of writes interrupted more than `older_than` ago
     /// (for example temporary files of a killed process). Returns how many
@@ -221,6 +229,9 @@ macro_rules! forward_backend {
             }
             fn remove_incomplete(&self, older_than: Duration) -> Result<u64, BackendError> {
                 (**self).remove_incomplete(older_than)
+            }
+            fn flush(&self) -> Result<(), BackendError> {
+                (**self).flush()
             }
         }
     )*};

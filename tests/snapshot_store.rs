@@ -1,0 +1,152 @@
+//! Snapshots in a ConvergentStore: round trips through separate store
+//! handles, diffs, deduplication across snapshots of one runtime, and
+//! data sets that are not snapshots.
+
+mod common;
+
+use snapvm::store::{ConvergentStore, ManifestKey};
+use snapvm::{Snapshot, SnapshotError, VmConfig, VmInstance};
+
+const OWNER: [u8; 32] = [5; 32];
+
+fn config() -> VmConfig {
+    common::config("testguest")
+}
+
+fn open(dir: &std::path::Path) -> ConvergentStore {
+    ConvergentStore::open_dir(dir, ManifestKey::from_bytes(OWNER)).unwrap()
+}
+
+fn counter(vm: &mut VmInstance) -> u64 {
+    u64::from_le_bytes(vm.invoke("counter", b"").unwrap().try_into().unwrap())
+}
+
+/// Bytes of all files under `dir`.
+fn stored_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            stored_bytes(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+#[test]
+fn a_snapshot_round_trips_through_the_store() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config();
+    let mut vm = VmInstance::new(&config).unwrap();
+    counter(&mut vm);
+    let snapshot = vm.snapshot().unwrap();
+    let id = snapshot.save_to_store(&open(dir.path())).unwrap();
+
+    // Another handle (as another machine would open it).
+    let loaded = Snapshot::load_from_store(&open(dir.path()), &id).unwrap();
+    assert_eq!(loaded.id(), snapshot.id());
+    assert_eq!(loaded.stored_bytes(), snapshot.stored_bytes());
+    for strategy in [
+        snapvm::RestoreStrategy::Eager,
+        snapvm::RestoreStrategy::Lazy,
+    ] {
+        let mut copy = VmInstance::restore_with(&config, &loaded, strategy).unwrap();
+        assert_eq!(counter(&mut copy), 2);
+    }
+}
+
+#[test]
+fn diffs_round_trip_through_the_store() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let config = config().dirty_tracking(true);
+    let mut vm = VmInstance::new(&config).unwrap();
+    let base = vm.snapshot().unwrap();
+    counter(&mut vm);
+    let diff = vm.snapshot_diff(&base).unwrap();
+    let (base_id, diff_id) = (
+        base.save_to_store(&store).unwrap(),
+        diff.save_to_store(&store).unwrap(),
+    );
+
+    let base = Snapshot::load_from_store(&store, &base_id).unwrap();
+    assert!(matches!(
+        Snapshot::load_from_store(&store, &diff_id),
+        Err(SnapshotError::BaseRequired { .. })
+    ));
+    let diff = Snapshot::load_diff_from_store(&store, &diff_id, &base).unwrap();
+    let mut copy = VmInstance::restore(&config, &diff).unwrap();
+    assert_eq!(counter(&mut copy), 2);
+}
+
+/// Ten snapshots of one runtime (the `runtime` guest: 8 MiB of state built
+/// at init), each with different function state.
+pub fn ten_runtime_snapshots() -> Vec<Snapshot> {
+    let config = common::config("runtime").memory_size(32 << 20);
+    (0..10u32)
+        .map(|i| {
+            let mut vm = VmInstance::new(&config).unwrap();
+            for k in 0..=i {
+                let value = vec![b'a' + (k % 26) as u8; 100 * (i as usize + 1)];
+                let mut input = format!("key{k}=").into_bytes();
+                input.extend_from_slice(&value);
+                vm.invoke("set", &input).unwrap();
+            }
+            vm.snapshot().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn ten_snapshots_of_one_runtime_share_nearly_all_blocks() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut logical = 0;
+    for snapshot in ten_runtime_snapshots() {
+        // Logical bytes: what the snapshots hold (their non-zero pages).
+        logical += snapshot.stored_bytes();
+        snapshot.save_to_store(&store).unwrap();
+    }
+    let stored = stored_bytes(dir.path());
+    let ratio = logical as f64 / stored as f64;
+    assert!(
+        ratio >= 5.0,
+        "dedup ratio {ratio:.2}: {logical} logical bytes, {stored} stored"
+    );
+}
+
+#[test]
+fn a_data_set_that_is_not_a_snapshot_is_rejected() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let put = store
+        .put_bytes(b"just some bytes", b"not a snapshot")
+        .unwrap();
+    assert!(matches!(
+        Snapshot::load_from_store(&store, &put.manifest),
+        Err(SnapshotError::Malformed { .. })
+    ));
+    // Snapshot metadata with a body that is too short for it.
+    let mut metadata = b"snapvm.snapshot.1".to_vec();
+    metadata.extend_from_slice(&(2u64 << 20).to_le_bytes());
+    let fake = store.put_bytes(&[0u8; 4096], &metadata).unwrap();
+    assert!(matches!(
+        Snapshot::load_from_store(&store, &fake.manifest),
+        Err(SnapshotError::Malformed { .. })
+    ));
+    // Another owner cannot open the manifest.
+    let mut vm = VmInstance::new(&config()).unwrap();
+    let id = vm.snapshot().unwrap().save_to_store(&store).unwrap();
+    let stranger = ConvergentStore::open_dir(dir.path(), ManifestKey::from_bytes([6; 32])).unwrap();
+    assert!(matches!(
+        Snapshot::load_from_store(&stranger, &id),
+        Err(SnapshotError::Store(_))
+    ));
+}
