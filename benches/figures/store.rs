@@ -127,5 +127,54 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
     drop(s);
     let _ = std::fs::remove_dir_all(&root);
 
-    vec![crypto, one, all, read]
+    let mut figures = vec![crypto, one, all, read];
+    figures.extend(dedup_ratio(&root));
+    let _ = std::fs::remove_dir_all(&root);
+    figures
+}
+
+/// Bytes of all files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    })
+}
+
+/// `store.dedup_ratio`: ten snapshots of one runtime (the `runtime` guest,
+/// 8 MiB of state built at init) with different function state, saved into
+/// one store. Logical bytes are what the snapshots hold (their non-zero
+/// pages, so all-zero memory does not inflate the ratio); stored bytes are
+/// the store directory's size afterwards (blocks, manifests, everything).
+fn dedup_ratio(root: &std::path::Path) -> Option<Figure> {
+    if snapvm::vm::check_kvm().is_err() {
+        assert!(std::env::var_os("SNAPVM_REQUIRE_KVM").is_none(), "KVM required");
+        println!("note: store.dedup_ratio skipped: KVM is unavailable");
+        return None;
+    }
+    let guest = std::path::Path::new(env!("SNAPVM_GUESTS_DIR")).join("runtime");
+    let program = snapvm::GuestProgram::from_file(guest).expect("runtime guest");
+    let config = snapvm::VmConfig::new(program).memory_size(32 << 20);
+    let dir = root.join("dedup");
+    let store = store(&dir, StoreConfig::default().ingest_threads);
+    let mut logical = 0;
+    for i in 0..10u32 {
+        let mut vm = snapvm::VmInstance::new(&config).expect("boot");
+        for k in 0..=i {
+            let mut input = format!("key{k}=").into_bytes();
+            input.extend(std::iter::repeat_n(b'a' + (k % 26) as u8, 100 * (i as usize + 1)));
+            vm.invoke("set", &input).expect("set");
+        }
+        let snapshot = vm.snapshot().expect("snapshot");
+        logical += snapshot.stored_bytes();
+        snapshot.save_to_store(&store).expect("save");
+    }
+    let ratio = logical as f64 / dir_bytes(&dir) as f64;
+    Some(Figure::plain("store.dedup_ratio", ratio, "x").target(Target::AtLeast(5.0)))
 }
