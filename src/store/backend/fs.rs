@@ -10,8 +10,9 @@
 //! <root>/tmp/                      writes in progress
 //! ```
 //!
-//! A write goes to a new file in `tmp/`, is fsynced, renamed into place, and
-//! the destination directory is fsynced. A reader therefore sees a whole
+//! A write goes to a new file in `tmp/`, is fsynced and renamed into place;
+//! the destination directories are fsynced in [`Backend::flush`], which the
+//! store calls before and after writing a manifest. A reader therefore sees a whole
 //! object or none, also after a crash; a killed writer leaves at most a file
 //! in `tmp/`, which [`Backend::remove_incomplete`] clears. Symbolic links are
 //! never followed: an object, shard directory or namespace directory that is
@@ -32,7 +33,7 @@ use crate::store::error::BackendError;
 #[non_exhaustive]
 pub enum Durability {
     /// fsync each new file before renaming it into place, and its directory
-    /// after: a put that returned survives power loss. The default.
+    /// in `flush`: a put that returned survives power loss. The default.
     #[default]
     Fsync,
     /// No fsync. Writes are still atomic with respect to process crashes
