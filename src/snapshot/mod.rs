@@ -307,7 +307,9 @@ impl VmInstance {
     /// The pages written since the dirty log was last taken (guest writes
     /// from KVM's log, host writes recorded by the VM, and the ABI page).
     fn dirty_pages(&mut self) -> Result<Vec<u64>, SnapshotError> {
-        Ok(self.take_dirty_pages()?)
+        let pages = self.take_dirty_pages()?;
+        self.protect_dirty(&[])?;
+        Ok(pages)
     }
 
     fn capture(
@@ -431,21 +433,33 @@ impl VmInstance {
     /// Rewinds only the pages written since the VM was last at `snapshot`:
     /// the cost follows what the guest touched, not the memory size.
     fn reset_dirty_pages(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
-        let pages = self.dirty_pages()?;
+        let pages = self.take_dirty_pages()?;
+        let hot = self.hot_pages().to_vec();
+        let mut demote = Vec::new();
         let ram = &self.machine.ram;
         let outside = || SnapshotError::Malformed {
             section: "memory",
             reason: "dirty page outside guest memory",
         };
+        let zero = [0u8; crate::abi::PAGE_SIZE as usize];
+        let mut current = [0u8; crate::abi::PAGE_SIZE as usize];
         for page in pages {
             let addr = page * crate::abi::PAGE_SIZE;
-            match snapshot.page(page)? {
-                Some(bytes) => ram.copy_in(addr, bytes).map_err(|_| outside())?,
-                None => ram
-                    .zero(addr, crate::abi::PAGE_SIZE)
-                    .map_err(|_| outside())?,
+            let wanted = snapshot.page(page)?.unwrap_or(&zero);
+            // A hot page stays writable, so KVM reports it whether or not
+            // the call wrote it: one found unchanged is protected again —
+            // except the stack and ABI page below the program area, which
+            // every call writes (often with the same bytes).
+            if addr >= crate::abi::USER_BASE && hot.binary_search(&page).is_ok() {
+                ram.read(addr, &mut current).map_err(|_| outside())?;
+                if current[..] == wanted[..] {
+                    demote.push(page);
+                    continue;
+                }
             }
+            ram.copy_in(addr, wanted).map_err(|_| outside())?;
         }
+        self.protect_dirty(&demote)?;
         Ok(())
     }
 

@@ -178,7 +178,7 @@ impl Machine {
     /// cleared, one bit per 4 KiB page, and clears (write-protects) them all.
     pub(crate) fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
         let log = self.peek_dirty_log()?;
-        self.clear_dirty_log(&log)?;
+        self.clear_dirty_log(0, &log)?;
         Ok(log)
     }
 
@@ -192,36 +192,37 @@ impl Machine {
             .map_err(VmError::kvm("KVM_GET_DIRTY_LOG"))
     }
 
-    /// Clears the given bits of the dirty log and write-protects those pages
-    /// again, so the next guest write to each is logged. A page left out
-    /// stays writable and keeps its bit set: it is reported dirty by every
-    /// later read. (A no-op without manual protection.)
-    pub(crate) fn clear_dirty_log(&self, bitmap: &[u64]) -> Result<(), VmError> {
+    /// Clears the given bits of the dirty log (`bitmap` word 0 covers pages
+    /// `first_word * 64..`) and write-protects those pages again, so the
+    /// next guest write to each is logged. A page left out stays writable
+    /// and keeps its bit set: it is reported dirty by every later read. (A
+    /// no-op without manual protection.)
+    pub(crate) fn clear_dirty_log(&self, first_word: usize, bitmap: &[u64]) -> Result<(), VmError> {
         if !self.manual_protect || bitmap.iter().all(|&w| w == 0) {
             return Ok(());
         }
+        let out_of_range = || VmError::MemoryOutOfRange {
+            addr: 0,
+            len: self.ram.size(),
+        };
         let pages = self.ram.size() / crate::abi::PAGE_SIZE;
-        if (bitmap.len() as u64) * 64 < pages {
-            return Err(VmError::MemoryOutOfRange {
-                addr: 0,
-                len: self.ram.size(),
-            });
+        let first_page = first_word as u64 * 64;
+        let num_pages = bitmap.len() as u64 * 64;
+        if first_page + num_pages > pages {
+            return Err(out_of_range());
         }
         let clear = kvm_bindings::kvm_clear_dirty_log {
             slot: 0,
-            num_pages: u32::try_from(pages).map_err(|_| VmError::MemoryOutOfRange {
-                addr: 0,
-                len: self.ram.size(),
-            })?,
-            first_page: 0,
+            num_pages: u32::try_from(num_pages).map_err(|_| out_of_range())?,
+            first_page,
             __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
                 dirty_bitmap: bitmap.as_ptr() as *mut libc::c_void,
             },
         };
         // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits (a multiple of
-        // 64: memory is a multiple of 2 MiB) from `dirty_bitmap`, which
-        // points at `bitmap`, checked above to hold at least that many bits,
-        // and alive for the call; it writes nothing back.
+        // 64, inside the slot: checked above) from `dirty_bitmap`, which
+        // points at `bitmap`, exactly that many bits long and alive for the
+        // call; it writes nothing back.
         let rc = unsafe {
             vmm_sys_util::ioctl::ioctl_with_ref(&self.vm, kvm_clear_dirty_log_ioctl(), &clear)
         };

@@ -135,8 +135,14 @@ pub struct VmInstance {
     pub(crate) guest_resets_cpu: bool,
     /// The pages of the previous `take_dirty_pages`, to find hot pages.
     dirty_prev: Vec<u64>,
-    /// Scratch bitmap of pages to write-protect again.
-    dirty_clear: Vec<u64>,
+    /// Indices of the non-zero words of `dirty_acc` and `dirty_prev`, so a
+    /// reset's work follows the pages written, not the memory size.
+    acc_words: Vec<usize>,
+    prev_words: Vec<usize>,
+    /// From the last `take_dirty_pages`: pages to write-protect again, and
+    /// hot pages left writable.
+    protect_pending: Vec<(usize, u64)>,
+    hot_pending: Vec<u64>,
     /// Counts `take_dirty_pages` calls, for [`HOT_PERIOD`].
     hot_round: u64,
     /// Bits set in `dirty_acc`.
@@ -273,7 +279,10 @@ impl VmInstance {
             dirty_acc: Vec::new(),
             dirty_count: 0,
             dirty_prev: Vec::new(),
-            dirty_clear: Vec::new(),
+            acc_words: Vec::new(),
+            prev_words: Vec::new(),
+            protect_pending: Vec::new(),
+            hot_pending: Vec::new(),
             hot_round: 0,
             guest_resets_cpu: false,
             dirty_fresh: false,
@@ -771,10 +780,15 @@ impl VmInstance {
         self.dirty_fresh = true;
         if self.dirty_acc.len() < log.len() {
             self.dirty_acc.resize(log.len(), 0);
+            self.dirty_prev.resize(log.len(), 0);
         }
         let mut written = 0;
-        for (acc, &word) in self.dirty_acc.iter_mut().zip(&log) {
+        for (i, &word) in log.iter().enumerate() {
             if word != 0 {
+                let acc = &mut self.dirty_acc[i];
+                if *acc == 0 {
+                    self.acc_words.push(i);
+                }
                 let new = u64::from((word & !*acc).count_ones());
                 written += new;
                 self.dirty_count += new;
@@ -807,35 +821,43 @@ impl VmInstance {
         pages.push(ABI_PAGE_ADDR / page_size);
         self.hot_round += 1;
         let rehot = self.hot_round % HOT_PERIOD == 0;
-        if self.dirty_prev.len() < self.dirty_acc.len() {
-            self.dirty_prev.resize(self.dirty_acc.len(), 0);
-        }
+        self.hot_pending.clear();
         let mut hot_left = HOT_PAGES;
-        let mut clear = std::mem::take(&mut self.dirty_clear);
-        clear.clear();
-        clear.resize(self.dirty_acc.len(), 0);
-        for (i, (acc, prev)) in self
-            .dirty_acc
-            .iter_mut()
-            .zip(self.dirty_prev.iter_mut())
-            .enumerate()
-        {
-            let word = std::mem::take(acc);
-            let mut hot = if rehot { 0 } else { word & *prev };
+        // (word index, bits written) of this set, and the pages to protect.
+        let mut written: Vec<(usize, u64)> = Vec::with_capacity(self.acc_words.len());
+        let mut protect: Vec<(usize, u64)> = Vec::with_capacity(self.acc_words.len());
+        for &i in &self.acc_words {
+            let word = std::mem::take(&mut self.dirty_acc[i]);
+            let mut hot = if rehot { 0 } else { word & self.dirty_prev[i] };
             while hot.count_ones() as usize > hot_left {
                 hot &= hot - 1;
             }
             hot_left -= hot.count_ones() as usize;
-            clear[i] = word & !hot;
-            *prev = word;
+            let mut bits = hot;
+            while bits != 0 {
+                self.hot_pending
+                    .push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+            protect.push((i, word & !hot));
+            written.push((i, word));
             let mut bits = word;
             while bits != 0 {
                 pages.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
                 bits &= bits - 1;
             }
         }
-        self.machine.clear_dirty_log(&clear)?;
-        self.dirty_clear = clear;
+        self.acc_words.clear();
+        for &i in &self.prev_words {
+            self.dirty_prev[i] = 0;
+        }
+        self.prev_words.clear();
+        for &(i, word) in &written {
+            self.dirty_prev[i] = word;
+            self.prev_words.push(i);
+        }
+        self.protect_pending = protect;
+        self.hot_pending.sort_unstable();
         self.dirty_count = 0;
         for (addr, len) in self.host_dirty.drain(..) {
             pages.extend(addr / page_size..=(addr + len - 1) / page_size);
@@ -845,11 +867,46 @@ impl VmInstance {
         Ok(pages)
     }
 
+    /// The pages of the last [`Self::take_dirty_pages`] that are to stay
+    /// writable (hot), sorted.
+    pub(crate) fn hot_pages(&self) -> &[u64] {
+        &self.hot_pending
+    }
+
+    /// Write-protects again every page of the last
+    /// [`Self::take_dirty_pages`] except the hot ones, and also the hot pages
+    /// in `demote` (found unchanged, so no longer written by calls).
+    pub(crate) fn protect_dirty(&mut self, demote: &[u64]) -> Result<(), VmError> {
+        let mut protect = std::mem::take(&mut self.protect_pending);
+        for &page in demote {
+            let i = (page / 64) as usize;
+            let bit = 1u64 << (page % 64);
+            self.dirty_prev[i] &= !bit;
+            match protect.iter_mut().find(|(w, _)| *w == i) {
+                Some((_, bits)) => *bits |= bit,
+                None => protect.push((i, bit)),
+            }
+        }
+        if let (Some(lo), Some(hi)) = (
+            protect.iter().map(|&(i, _)| i).min(),
+            protect.iter().map(|&(i, _)| i).max(),
+        ) {
+            let mut bitmap = vec![0u64; hi - lo + 1];
+            for &(i, bits) in &protect {
+                bitmap[i - lo] |= bits;
+            }
+            self.machine.clear_dirty_log(lo, &bitmap)?;
+        }
+        Ok(())
+    }
+
     /// Forgets every recorded write (after memory was rewound wholesale and
     /// the dirty log cleared).
     pub(crate) fn clear_dirty(&mut self) {
         self.dirty_acc.iter_mut().for_each(|w| *w = 0);
         self.dirty_prev.iter_mut().for_each(|w| *w = 0);
+        self.acc_words.clear();
+        self.prev_words.clear();
         self.dirty_count = 0;
         self.host_dirty.clear();
     }
