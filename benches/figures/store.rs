@@ -154,7 +154,10 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 /// the store directory's size afterwards (blocks, manifests, everything).
 fn dedup_ratio(root: &std::path::Path) -> Option<Figure> {
     if snapvm::vm::check_kvm().is_err() {
-        assert!(std::env::var_os("SNAPVM_REQUIRE_KVM").is_none(), "KVM required");
+        assert!(
+            std::env::var_os("SNAPVM_REQUIRE_KVM").is_none(),
+            "KVM required"
+        );
         println!("note: store.dedup_ratio skipped: KVM is unavailable");
         return None;
     }
@@ -168,7 +171,10 @@ fn dedup_ratio(root: &std::path::Path) -> Option<Figure> {
         let mut vm = snapvm::VmInstance::new(&config).expect("boot");
         for k in 0..=i {
             let mut input = format!("key{k}=").into_bytes();
-            input.extend(std::iter::repeat_n(b'a' + (k % 26) as u8, 100 * (i as usize + 1)));
+            input.extend(std::iter::repeat_n(
+                b'a' + (k % 26) as u8,
+                100 * (i as usize + 1),
+            ));
             vm.invoke("set", &input).expect("set");
         }
         let snapshot = vm.snapshot().expect("snapshot");
