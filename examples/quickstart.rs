@@ -143,7 +143,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // 8. A pool of pre-created VM shells takes VM creation off the request path.
-    let pool = ShellPool::new(&config, 4)?;
+    let pool = ShellPool::for_snapshot(&config, &ready, 4)?;
     let mut pooled_times = Vec::new();
     for _ in 0..4 {
         let start = Instant::now();
