@@ -1056,3 +1056,41 @@ fn random_corruption_of_header_and_state_never_panics() {
     // Some mutations hit fields any value of which is valid (registers).
     eprintln!("{loaded} of 3000 random mutations still loaded");
 }
+
+#[test]
+fn data_in_a_hole_never_reaches_a_lazily_restored_guest() {
+    require_kvm!();
+    let mut bytes = fixture().full.clone();
+    // The last page of guest memory: never stored by a testguest snapshot.
+    let at = memory_offset(&bytes) + MEMORY as usize - PAGE;
+    assert!(bytes[at..at + PAGE].iter().all(|&b| b == 0));
+    bytes[at + 17] = 0xA5;
+    let path = write_sparse("hole-data.snap", &bytes);
+    let snapshot = Snapshot::load(&path).unwrap();
+    // Eager restores copy only the stored pages: the byte never matters.
+    let mut eager = VmInstance::restore_with(&config(), &snapshot, RestoreStrategy::Eager).unwrap();
+    assert_eq!(counter(&mut eager), 2);
+    // A lazy restore would map it: refused.
+    assert!(matches!(
+        VmInstance::restore_with(&config(), &snapshot, RestoreStrategy::Lazy),
+        Err(SnapshotError::Malformed {
+            section: "memory",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn preserved_regions_must_fit_the_restoring_vm() {
+    require_kvm!();
+    // The testguest preserves an 8-byte counter at init.
+    let snapshot = Snapshot::load(&fixture().full_path).unwrap();
+    assert!(matches!(
+        VmInstance::restore(&config().max_preserved(4), &snapshot),
+        Err(SnapshotError::Malformed {
+            section: "guest state",
+            ..
+        })
+    ));
+    assert!(VmInstance::restore(&config().max_preserved(8), &snapshot).is_ok());
+}

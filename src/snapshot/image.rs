@@ -8,7 +8,7 @@
 //! holds, verified the first time the block is used.
 
 use std::fs::File;
-use std::os::fd::{AsFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +72,7 @@ pub(crate) struct MemoryImage {
     pub(crate) extents: Vec<Extent>,
     pub(crate) block_crc: Vec<u32>,
     verified: Vec<AtomicBool>,
+    holes_checked: AtomicBool,
     pub(crate) source: Option<FileIdentity>,
 }
 
@@ -194,6 +195,7 @@ impl MemoryImage {
             extents,
             block_crc,
             verified,
+            holes_checked: AtomicBool::new(true),
             source: None,
         })
     }
@@ -218,6 +220,7 @@ impl MemoryImage {
             extents,
             block_crc,
             verified,
+            holes_checked: AtomicBool::new(false),
             source: Some(source),
         })
     }
@@ -263,9 +266,65 @@ impl MemoryImage {
         Ok(())
     }
 
-    /// Verifies the CRC of every block that holds data and was not verified yet.
+    /// Verifies everything a private mapping of the whole image exposes:
+    /// the CRC of every block that holds data, and (for a loaded file) that
+    /// the pages the image does not store read as zeroes. Done once.
     pub(crate) fn verify_all(&self) -> Result<(), SnapshotError> {
-        (0..self.block_crc.len() as u64).try_for_each(|b| self.verify_block(b))
+        (0..self.block_crc.len() as u64).try_for_each(|b| self.verify_block(b))?;
+        if self.source.is_some() && !self.holes_checked.load(Ordering::Acquire) {
+            self.check_holes()?;
+            self.holes_checked.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Checks that every byte of the file's memory image outside the stored
+    /// extents is zero. The file's data regions are found with
+    /// `SEEK_DATA`/`SEEK_HOLE`, so a well-formed sparse file costs a few
+    /// system calls; only data outside the extents (a tampered or foreign
+    /// file, or a file system without hole support) is read.
+    fn check_holes(&self) -> Result<(), SnapshotError> {
+        let fd = self.file.as_raw_fd();
+        let (start, end) = (self.offset, self.offset + self.size);
+        let mut pos = start;
+        while pos < end {
+            let seek = |from: u64, whence| {
+                let from = libc::off_t::try_from(from).unwrap_or(libc::off_t::MAX);
+                // SAFETY: lseek on a descriptor this image owns; it only
+                // moves the file offset, which nothing else here uses (all
+                // reads go through the mapping or positioned reads).
+                unsafe { libc::lseek(fd, from, whence) }
+            };
+            let data = seek(pos, libc::SEEK_DATA);
+            if data < 0 {
+                break; // ENXIO: no data after `pos`
+            }
+            let data = (data as u64).max(pos);
+            if data >= end {
+                break;
+            }
+            let hole = seek(data, libc::SEEK_HOLE);
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            let first = (data - start) / PAGE_SIZE;
+            let last = (hole - start).div_ceil(PAGE_SIZE);
+            for page in first..last {
+                if self.page(page)?.is_none() {
+                    let at = (page * PAGE_SIZE) as usize;
+                    if !is_zero(&self.map[at..at + PAGE_SIZE as usize]) {
+                        return Err(SnapshotError::Malformed {
+                            section: "memory",
+                            reason: "a page the image does not store is not zero",
+                        });
+                    }
+                }
+            }
+            pos = hole.max(data + 1);
+        }
+        Ok(())
     }
 
     fn verify_block(&self, block: u64) -> Result<(), SnapshotError> {

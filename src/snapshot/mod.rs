@@ -271,6 +271,21 @@ impl Snapshot {
         vm.stats.heap_used = guest.heap_used;
         vm.stats.invocations = guest.invocations;
         vm.program_digest = self.inner.program_digest;
+        // The snapshot is input: its preserved regions must fit this VM's
+        // limits, as they would have to when the guest asked for them.
+        let total: u64 = guest.preserved.iter().map(|&(_, len)| len).sum();
+        let outside = guest.preserved.iter().any(|&(addr, len)| {
+            addr < crate::abi::USER_BASE || len == 0 || addr.saturating_add(len) > vm.memory_size()
+        });
+        if outside
+            || total > vm.max_preserved
+            || guest.preserved.len() > crate::vm::MAX_PRESERVED_REGIONS
+        {
+            return Err(SnapshotError::Malformed {
+                section: "guest state",
+                reason: "preserved regions exceed this VM's limits",
+            });
+        }
         vm.preserved = guest.preserved.clone();
         vm.guest_resets_cpu = guest.resets_cpu;
         vm.state = VmState::Ready;

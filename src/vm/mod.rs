@@ -150,7 +150,7 @@ pub struct VmInstance {
     /// The dirty log was read after the vCPU last ran (reading it again
     /// would return nothing new).
     dirty_fresh: bool,
-    max_preserved: u64,
+    pub(crate) max_preserved: u64,
     /// End of the program area (the heap); the scratch disk lies above.
     heap_end: u64,
 }
