@@ -1,6 +1,8 @@
 //! Bad input and faults: corrupt and missing blocks, bad manifests, a full
 //! disk, and processes killed in the middle of a put or a gc.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,19 +14,6 @@ use snapvm::store::{
 };
 
 const KEY: [u8; 32] = [0x11; 32];
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn mem_store(backend: &MemoryBackend) -> ConvergentStore {
     let config = StoreConfig {
@@ -38,7 +27,9 @@ fn mem_store(backend: &MemoryBackend) -> ConvergentStore {
 fn corrupt_and_missing_blocks_are_typed_and_verified() {
     let backend = MemoryBackend::new();
     let store = mem_store(&backend);
-    let put = store.put_bytes(&pseudo_random(5 * 4096, 1), b"").unwrap();
+    let put = store
+        .put_bytes(&common::pseudo_random(5 * 4096, 1), b"")
+        .unwrap();
     let m = store.manifest(&put.manifest).unwrap();
     let ids: Vec<_> = m
         .entries
@@ -86,11 +77,13 @@ fn corrupt_and_missing_blocks_are_typed_and_verified() {
     // corrupt objects must be deleted first (put-if-absent keeps them).
     backend.delete(&name).unwrap();
     backend.delete(&name2).unwrap();
-    store.put_bytes(&pseudo_random(5 * 4096, 1), b"").unwrap();
+    store
+        .put_bytes(&common::pseudo_random(5 * 4096, 1), b"")
+        .unwrap();
     assert!(store.verify().unwrap().is_clean());
     assert_eq!(
         store.get_bytes(&put.manifest).unwrap(),
-        pseudo_random(5 * 4096, 1)
+        common::pseudo_random(5 * 4096, 1)
     );
 }
 
@@ -99,7 +92,7 @@ fn wrong_key_truncated_and_tampered_manifests_are_typed() {
     let backend = MemoryBackend::new();
     let store = mem_store(&backend);
     let put = store
-        .put_bytes(&pseudo_random(3 * 4096, 2), b"meta")
+        .put_bytes(&common::pseudo_random(3 * 4096, 2), b"meta")
         .unwrap();
     let name = ObjectName::manifest(&put.manifest);
     let sealed = backend.get(&name, 1 << 20).unwrap().unwrap();
@@ -199,7 +192,7 @@ fn oversized_objects_are_refused_before_reading() {
     let store =
         ConvergentStore::new(&small, MemoryBackend::new(), ManifestKey::from_bytes(KEY)).unwrap();
     assert!(matches!(
-        store.put_bytes(&pseudo_random(600, 3), b""),
+        store.put_bytes(&common::pseudo_random(600, 3), b""),
         Err(StoreError::ManifestTooLarge { .. })
     ));
     // An endless input stops as soon as its manifest cannot fit, on one
@@ -299,7 +292,7 @@ fn full_disk_is_an_error_not_a_corrupt_store() {
     )
     .unwrap();
     let err = store
-        .put_bytes(&pseudo_random(4 << 20, 4), b"")
+        .put_bytes(&common::pseudo_random(4 << 20, 4), b"")
         .unwrap_err();
     assert!(err.is_storage_full(), "{err:?}");
     // No temp file left behind, nothing corrupt, no manifest committed.
@@ -316,10 +309,12 @@ fn full_disk_is_an_error_not_a_corrupt_store() {
     // gc frees the orphaned blocks; then the store works again.
     let gc = store.gc().unwrap();
     assert_eq!(gc.deleted_blocks, report.unreferenced_blocks);
-    let put = store.put_bytes(&pseudo_random(1 << 20, 5), b"").unwrap();
+    let put = store
+        .put_bytes(&common::pseudo_random(1 << 20, 5), b"")
+        .unwrap();
     assert_eq!(
         store.get_bytes(&put.manifest).unwrap(),
-        pseudo_random(1 << 20, 5)
+        common::pseudo_random(1 << 20, 5)
     );
     assert!(store.verify().unwrap().is_clean());
 }
@@ -382,7 +377,7 @@ fn child_main() {
     match what {
         "put" => {
             store
-                .put_bytes(&pseudo_random(32 << 20, 9), b"killed")
+                .put_bytes(&common::pseudo_random(32 << 20, 9), b"killed")
                 .unwrap();
         }
         "gc" => {
@@ -444,7 +439,7 @@ fn sigkill_during_put_leaves_a_clean_store_and_the_put_repeats() {
     )
     .unwrap();
     let existing = store
-        .put_bytes(&pseudo_random(100_000, 1), b"existing")
+        .put_bytes(&common::pseudo_random(100_000, 1), b"existing")
         .unwrap();
 
     let mut child = spawn_child("put", &root);
@@ -463,7 +458,7 @@ fn sigkill_during_put_leaves_a_clean_store_and_the_put_repeats() {
     // The dead put's lease is still there until it expires; repeating the
     // put does not need to wait for it.
     let again = store
-        .put_bytes(&pseudo_random(32 << 20, 9), b"killed")
+        .put_bytes(&common::pseudo_random(32 << 20, 9), b"killed")
         .unwrap();
     assert!(
         again.new_blocks < again.blocks,
@@ -471,11 +466,11 @@ fn sigkill_during_put_leaves_a_clean_store_and_the_put_repeats() {
     );
     assert_eq!(
         store.get_bytes(&again.manifest).unwrap(),
-        pseudo_random(32 << 20, 9)
+        common::pseudo_random(32 << 20, 9)
     );
     assert_eq!(
         store.get_bytes(&existing.manifest).unwrap(),
-        pseudo_random(100_000, 1)
+        common::pseudo_random(100_000, 1)
     );
 
     // After the TTL the dead lease no longer holds back gc.
@@ -497,10 +492,10 @@ fn sigkill_during_gc_leaves_a_clean_store() {
     )
     .unwrap();
     let keep = store
-        .put_bytes(&pseudo_random(2 << 20, 1), b"keep")
+        .put_bytes(&common::pseudo_random(2 << 20, 1), b"keep")
         .unwrap();
     let drop_me = store
-        .put_bytes(&pseudo_random(16 << 20, 2), b"drop")
+        .put_bytes(&common::pseudo_random(16 << 20, 2), b"drop")
         .unwrap();
     store.delete(&drop_me.manifest).unwrap();
     let before = count_files(&root.join("blocks"));
@@ -522,13 +517,13 @@ fn sigkill_during_gc_leaves_a_clean_store() {
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(
         store.get_bytes(&keep.manifest).unwrap(),
-        pseudo_random(2 << 20, 1)
+        common::pseudo_random(2 << 20, 1)
     );
     // A put waits for the dead sweep marker to expire (at most the TTL),
     // then works; the next gc finishes the job.
     let start = Instant::now();
     let again = store
-        .put_bytes(&pseudo_random(16 << 20, 2), b"drop")
+        .put_bytes(&common::pseudo_random(16 << 20, 2), b"drop")
         .unwrap();
     assert!(
         start.elapsed() < TTL + Duration::from_secs(30),

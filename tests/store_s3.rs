@@ -7,6 +7,8 @@
 //! it the test prints one SKIP line and passes, unless `SNAPVM_REQUIRE_S3=1`.
 #![cfg(feature = "s3")]
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -199,19 +201,6 @@ root_domain = ".s3.garage.localhost"
     }
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn store(backend: S3Backend, key: [u8; 32]) -> ConvergentStore {
     let config = StoreConfig {
         block_size: 64 * 1024,
@@ -300,7 +289,7 @@ fn fleet(garage: &Garage) {
     let machine_a = store(garage.backend("fleet/"), owner);
     let machine_b = store(garage.backend("fleet/"), owner);
 
-    let mut image = pseudo_random(3 << 20, 1);
+    let mut image = common::pseudo_random(3 << 20, 1);
     image[1 << 20..(1 << 20) + 256 * 1024].fill(0); // four zero blocks
     image.extend_from_slice(b"tail that is not a whole block");
     let put = machine_a.put_bytes(&image, b"runtime v1").unwrap();

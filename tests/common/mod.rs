@@ -37,3 +37,17 @@ macro_rules! require_kvm {
         }
     };
 }
+
+/// `len` deterministic pseudo-random bytes (xorshift64), different per seed.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
