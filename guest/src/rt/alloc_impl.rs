@@ -25,7 +25,14 @@ static ALLOCATOR: GuestAllocator = GuestAllocator {
 /// Takes (and clears) the size of the last failed allocation.
 pub(crate) fn take_failed_allocation() -> usize {
     // SAFETY: single-threaded guest (see `GuestCell`).
-    unsafe { core::mem::take(&mut *ALLOCATOR.failed.get()) }
+    let failed = unsafe { &mut *ALLOCATOR.failed.get() };
+    // Write only when there is something to clear: a store of the same
+    // value would still dirty the page, which a reset then has to rewind.
+    if *failed == 0 {
+        0
+    } else {
+        core::mem::take(failed)
+    }
 }
 
 /// Hands the heap region `[start, end)` to the allocator. Called once at boot.
