@@ -73,14 +73,20 @@ pub fn seal_block_in_place(salt: &Salt, buf: &mut Vec<u8>) -> (BlockKey, BlockId
 /// Decrypts stored block bytes in place: on success `buf` holds the plaintext.
 /// Returns `false` when authentication fails (wrong key or altered bytes).
 pub fn open_block(key: &BlockKey, buf: &mut Vec<u8>) -> bool {
+    open_in_place(key.as_bytes(), &BLOCK_NONCE, b"", buf)
+}
+
+/// AES-256-GCM decryption of `buf` (ciphertext followed by its tag) in
+/// place; `false` when authentication fails.
+fn open_in_place(key: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut Vec<u8>) -> bool {
     let Some(ct_len) = buf.len().checked_sub(TAG_LEN) else {
         return false;
     };
     let tag = *Tag::from_slice(&buf[ct_len..]);
     buf.truncate(ct_len);
-    let cipher = Aes256Gcm::new(key.as_bytes().into());
+    let cipher = Aes256Gcm::new(key.into());
     cipher
-        .decrypt_in_place_detached(Nonce::from_slice(&BLOCK_NONCE), b"", buf, &tag)
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, &tag)
         .is_ok()
 }
 
@@ -130,15 +136,7 @@ pub fn open_manifest_body(
     aad: &[u8],
     buf: &mut Vec<u8>,
 ) -> bool {
-    let Some(ct_len) = buf.len().checked_sub(TAG_LEN) else {
-        return false;
-    };
-    let tag = *Tag::from_slice(&buf[ct_len..]);
-    buf.truncate(ct_len);
-    let cipher = Aes256Gcm::new(key.as_bytes().into());
-    cipher
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, &tag)
-        .is_ok()
+    open_in_place(key.as_bytes(), nonce, aad, buf)
 }
 
 #[cfg(test)]
