@@ -265,28 +265,36 @@ impl Snapshot {
 
     fn install_guest_state(&self, vm: &mut VmInstance) -> Result<(), SnapshotError> {
         let guest = &self.inner.guest;
-        vm.functions = guest.functions.iter().cloned().collect();
+        // The function table follows from the program, which every restore
+        // checks is the snapshot's: a VM rewound in place already has it.
+        if vm.functions.len() != guest.functions.len() {
+            vm.functions = guest.functions.iter().cloned().collect();
+        }
         vm.input_buf = guest.input_buf;
         vm.input_cap = guest.input_cap;
         vm.stats.heap_used = guest.heap_used;
         vm.stats.invocations = guest.invocations;
         vm.program_digest = self.inner.program_digest;
-        // The snapshot is input: its preserved regions must fit this VM's
-        // limits, as they would have to when the guest asked for them.
-        let total: u64 = guest.preserved.iter().map(|&(_, len)| len).sum();
-        let outside = guest.preserved.iter().any(|&(addr, len)| {
-            addr < crate::abi::USER_BASE || len == 0 || addr.saturating_add(len) > vm.memory_size()
-        });
-        if outside
-            || total > vm.max_preserved
-            || guest.preserved.len() > crate::vm::MAX_PRESERVED_REGIONS
-        {
-            return Err(SnapshotError::Malformed {
-                section: "guest state",
-                reason: "preserved regions exceed this VM's limits",
+        if vm.preserved != guest.preserved {
+            // The snapshot is input: its preserved regions must fit this
+            // VM's limits, as they would have to when the guest asked.
+            let total: u64 = guest.preserved.iter().map(|&(_, len)| len).sum();
+            let outside = guest.preserved.iter().any(|&(addr, len)| {
+                addr < crate::abi::USER_BASE
+                    || len == 0
+                    || addr.saturating_add(len) > vm.memory_size()
             });
+            if outside
+                || total > vm.max_preserved
+                || guest.preserved.len() > crate::vm::MAX_PRESERVED_REGIONS
+            {
+                return Err(SnapshotError::Malformed {
+                    section: "guest state",
+                    reason: "preserved regions exceed this VM's limits",
+                });
+            }
+            vm.preserved = guest.preserved.clone();
         }
-        vm.preserved = guest.preserved.clone();
         vm.guest_resets_cpu = guest.resets_cpu;
         vm.state = VmState::Ready;
         // Fresh entropy and a new generation before any guest instruction.
