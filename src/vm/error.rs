@@ -184,11 +184,12 @@ pub enum InvalidGuest {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VmError {
-    /// `/dev/kvm` does not exist or cannot be opened.
-    #[error("cannot open {path}: {source}. {hint}")]
+    /// `/dev/kvm` (or the device given to `check_kvm_device`) does not
+    /// exist, cannot be opened or does not answer as KVM.
+    #[error("cannot open {}: {source}. {hint}", path.display())]
     KvmUnavailable {
-        /// The device path.
-        path: &'static str,
+        /// The device path that was opened.
+        path: std::path::PathBuf,
         /// The error from `open`.
         #[source]
         source: std::io::Error,

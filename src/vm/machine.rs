@@ -34,7 +34,7 @@ fn host() -> Result<&'static HostKvm, VmError> {
         return Ok(host);
     }
     let kvm = Kvm::new().map_err(|e| VmError::KvmUnavailable {
-        path: KVM_PATH,
+        path: KVM_PATH.into(),
         source: std::io::Error::from_raw_os_error(e.errno()),
         hint: kvm_hint(e.errno()),
     })?;
@@ -58,9 +58,9 @@ fn kvm_hint(errno: i32) -> &'static str {
             "KVM is not available: load the kvm module (kvm_intel or kvm_amd) or run on a host with virtualization enabled"
         }
         libc::EACCES | libc::EPERM => {
-            "this user may not use KVM: add it to the group owning /dev/kvm (usually `kvm`: sudo usermod -aG kvm $USER, then log in again) or grant access with `sudo setfacl -m u:$USER:rw /dev/kvm`"
+            "this user may not use KVM: add it to the group owning the device (usually `kvm`: sudo usermod -aG kvm $USER, then log in again) or grant access with `sudo setfacl -m u:$USER:rw <device>`"
         }
-        _ => "check that /dev/kvm exists and is readable and writable by this user",
+        _ => "check that the device exists, is KVM and is readable and writable by this user",
     }
 }
 
@@ -88,7 +88,7 @@ pub fn check_kvm() -> Result<(), VmError> {
 /// and answers as KVM.
 pub fn check_kvm_device(path: &std::path::Path) -> Result<(), VmError> {
     let unavailable = |errno: i32| VmError::KvmUnavailable {
-        path: KVM_PATH,
+        path: path.to_path_buf(),
         source: std::io::Error::from_raw_os_error(errno),
         hint: kvm_hint(errno),
     };
@@ -420,4 +420,33 @@ pub(crate) fn create_empty() -> Result<(), VmError> {
         .map_err(VmError::kvm("KVM_CREATE_VM"))?;
     let _vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_kvm_device_names_the_path_it_opened() {
+        for (path, errno) in [
+            ("/nonexistent/snapvm-kvm", libc::ENOENT),
+            ("/dev/null", libc::ENOTTY),
+        ] {
+            let err = check_kvm_device(std::path::Path::new(path)).unwrap_err();
+            match &err {
+                VmError::KvmUnavailable {
+                    path: reported,
+                    source,
+                    ..
+                } => {
+                    assert_eq!(reported, std::path::Path::new(path));
+                    assert_eq!(source.raw_os_error(), Some(errno), "{path}");
+                }
+                other => panic!("{path}: {other:?}"),
+            }
+            let text = err.to_string();
+            assert!(text.contains(path), "{text}");
+            assert!(!text.contains("/dev/kvm"), "{text}");
+        }
+    }
 }
