@@ -245,3 +245,80 @@ fn block_size_table_for_images() {
         rows[0].dedup_ratio
     );
 }
+
+/// A backend whose `put_if_absent` checks, pauses, then writes: two writers
+/// of one name at the same time both store it, as the trait allows (names are
+/// content addresses, so the bytes are identical).
+struct CheckThenWrite(MemoryBackend);
+
+impl snapvm::store::Backend for CheckThenWrite {
+    fn put_if_absent(
+        &self,
+        name: &snapvm::store::ObjectName,
+        bytes: &[u8],
+    ) -> Result<snapvm::store::PutOutcome, snapvm::store::BackendError> {
+        if self.0.has(name)? {
+            return Ok(snapvm::store::PutOutcome::AlreadyPresent);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        self.0.overwrite(name, bytes);
+        Ok(snapvm::store::PutOutcome::Stored)
+    }
+    fn get(
+        &self,
+        name: &snapvm::store::ObjectName,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, snapvm::store::BackendError> {
+        self.0.get(name, limit)
+    }
+    fn has(&self, name: &snapvm::store::ObjectName) -> Result<bool, snapvm::store::BackendError> {
+        self.0.has(name)
+    }
+    fn delete(&self, name: &snapvm::store::ObjectName) -> Result<(), snapvm::store::BackendError> {
+        self.0.delete(name)
+    }
+    fn list(
+        &self,
+        namespace: Namespace,
+    ) -> Result<Vec<snapvm::store::ObjectName>, snapvm::store::BackendError> {
+        self.0.list(namespace)
+    }
+}
+
+#[test]
+fn one_block_repeated_in_a_put_counts_once() {
+    const BS: usize = 4096;
+    let block: Vec<u8> = (0..BS).map(|i| (i % 251) as u8 + 1).collect();
+    let data = block.repeat(100);
+    let dir = tempfile::tempdir().unwrap();
+    for what in ["check-then-write", "fs", "memory"] {
+        for threads in [1, 2, 4] {
+            let backend: Box<dyn snapvm::store::Backend> = match what {
+                "check-then-write" => Box::new(CheckThenWrite(MemoryBackend::new())),
+                "fs" => Box::new(FsBackend::open(dir.path().join(format!("{threads}"))).unwrap()),
+                _ => Box::new(MemoryBackend::new()),
+            };
+            let store = ConvergentStore::new(
+                &config(BS, threads, 0),
+                backend,
+                ManifestKey::from_bytes([3; 32]),
+            )
+            .unwrap();
+            let put = store.put_bytes(&data, b"").unwrap();
+            let manifest_len = store
+                .backend()
+                .get(&snapvm::store::ObjectName::manifest(&put.manifest), 1 << 20)
+                .unwrap()
+                .unwrap()
+                .len() as u64;
+            assert_eq!(put.blocks, 100, "{what}, {threads} threads");
+            assert_eq!(put.new_blocks, 1, "{what}, {threads} threads");
+            assert_eq!(
+                put.new_bytes,
+                (BS + 16) as u64 + manifest_len,
+                "{what}, {threads} threads"
+            );
+            assert_eq!(store.get_bytes(&put.manifest).unwrap(), data);
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! blocks ahead, the caller's thread writes them out in order. In both, at
 //! most `ingest_threads * (queue_blocks + 2)` blocks are in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Mutex};
@@ -24,14 +24,54 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// Outcome of one block of a put: its entry and the bytes newly stored.
 type Sealed = Result<(Entry, Option<u64>), StoreError>;
 
+/// Blocks being stored right now by the workers of one put. A block that
+/// occurs several times in a put is written (and counted as new) by the
+/// first worker that gets it; another worker meeting it meanwhile skips the
+/// write: the put commits only after every worker finished, and fails if
+/// the first write failed.
+#[derive(Default)]
+struct InFlight(Mutex<HashSet<BlockId>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<BlockId>> {
+        // Inserts and removes cannot leave the set half-updated.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes a block from the in-flight set when its write is over.
+struct InFlightGuard<'a>(&'a InFlight, BlockId);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
 /// Encrypts and stores one block (or records it as zeros). `buf` holds the
-/// plaintext on entry; it is encrypted in place.
-fn seal_and_store(store: &ConvergentStore, salt: &Salt, buf: &mut Vec<u8>) -> Sealed {
+/// plaintext on entry; it is encrypted in place. With `in_flight`, a block
+/// another worker of the same put is storing right now is not written again
+/// and not counted as new.
+fn seal_and_store(
+    store: &ConvergentStore,
+    salt: &Salt,
+    buf: &mut Vec<u8>,
+    in_flight: Option<&InFlight>,
+) -> Sealed {
     let len = buf.len() as u32;
     if is_zero(buf) {
         return Ok((Entry::Zero { len }, None));
     }
     let (key, id) = crypto::seal_block_in_place(salt, buf);
+    let _guard = match in_flight {
+        Some(set) => {
+            if !set.lock().insert(id) {
+                return Ok((Entry::Data { id, key, len }, None));
+            }
+            Some(InFlightGuard(set, id))
+        }
+        None => None,
+    };
     let name = ObjectName::block(&id);
     let outcome =
         store
@@ -215,7 +255,7 @@ fn ingest_inline(
         }
         tally.len += n as u64;
         buf.truncate(n);
-        let (entry, new) = seal_and_store(store, salt, &mut buf)?;
+        let (entry, new) = seal_and_store(store, salt, &mut buf, None)?;
         tally.add(&entry, new);
         tally.check_manifest(store.config.max_manifest_len)?;
         entries.push(entry);
@@ -252,11 +292,13 @@ fn ingest_parallel(
     let pool_max = threads * (cfg.queue_blocks + 2);
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(threads * cfg.queue_blocks);
     let job_rx = Mutex::new(job_rx);
+    let in_flight = InFlight::default();
     std::thread::scope(|s| {
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         for _ in 0..threads {
             let done_tx = done_tx.clone();
             let job_rx = &job_rx;
+            let in_flight = &in_flight;
             s.spawn(move || loop {
                 let mut job = match job_rx.lock().map(|rx| rx.recv()) {
                     Ok(Ok(job)) => job,
@@ -264,7 +306,7 @@ fn ingest_parallel(
                 };
                 job.buf.truncate(job.len);
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    seal_and_store(store, salt, &mut job.buf)
+                    seal_and_store(store, salt, &mut job.buf, Some(in_flight))
                 }))
                 .unwrap_or(Err(StoreError::WorkerPanicked));
                 let done = Done {
