@@ -88,6 +88,54 @@ fn corrupt_and_missing_blocks_are_typed_and_verified() {
 }
 
 #[test]
+fn putting_the_data_again_heals_truncated_and_corrupt_block_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FsBackend::open(dir.path()).unwrap();
+    let store = ConvergentStore::new(
+        &StoreConfig {
+            block_size: 4096,
+            ..StoreConfig::default()
+        },
+        backend,
+        ManifestKey::from_bytes(KEY),
+    )
+    .unwrap();
+    let data = common::pseudo_random(4 * 4096, 7);
+    let put = store.put_bytes(&data, b"").unwrap();
+    let ids: Vec<_> = store
+        .manifest(&put.manifest)
+        .unwrap()
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Data { id, .. } => Some(*id),
+            Entry::Zero { .. } => None,
+        })
+        .collect();
+    let fs = FsBackend::open(dir.path()).unwrap();
+    // Block 0 cut short, block 1 with one bit flipped (same length).
+    let p0 = fs.path_of(&ObjectName::block(&ids[0]));
+    let b0 = std::fs::read(&p0).unwrap();
+    std::fs::write(&p0, &b0[..b0.len() / 2]).unwrap();
+    let p1 = fs.path_of(&ObjectName::block(&ids[1]));
+    let mut b1 = std::fs::read(&p1).unwrap();
+    b1[10] ^= 4;
+    std::fs::write(&p1, &b1).unwrap();
+    assert!(matches!(
+        store.get_bytes(&put.manifest),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(store.verify().unwrap().problems.len(), 2);
+
+    let again = store.put_bytes(&data, b"").unwrap();
+    assert_eq!(again.new_blocks, 2, "the two damaged blocks are rewritten");
+    assert_eq!(store.get_bytes(&put.manifest).unwrap(), data);
+    let report = store.verify().unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(std::fs::read(&p0).unwrap(), b0);
+}
+
+#[test]
 fn wrong_key_truncated_and_tampered_manifests_are_typed() {
     let backend = MemoryBackend::new();
     let store = mem_store(&backend);

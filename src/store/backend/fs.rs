@@ -94,6 +94,33 @@ fn map_open_err(e: io::Error, path: &Path) -> BackendError {
     }
 }
 
+/// Whether `file` is a regular file holding exactly `bytes`. Reads at most
+/// `bytes.len()` bytes (the length is checked first).
+fn same_contents(file: File, bytes: &[u8]) -> io::Result<bool> {
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() != bytes.len() as u64 {
+        return Ok(false);
+    }
+    let mut chunk = [0u8; 16 * 1024];
+    let mut rest = bytes;
+    let mut file = file.take(bytes.len() as u64);
+    while !rest.is_empty() {
+        let want = rest.len().min(chunk.len());
+        match file.read(&mut chunk[..want]) {
+            Ok(0) => return Ok(false), // shrank meanwhile
+            Ok(n) => {
+                if chunk[..n] != rest[..n] {
+                    return Ok(false);
+                }
+                rest = &rest[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
 impl FsBackend {
     /// Opens the store under `root`, creating the directories it needs.
     /// Fails if `root` or one of its namespace directories is a symlink.
@@ -197,11 +224,21 @@ impl Backend for FsBackend {
         let hex = name.hex();
         let dir = self.root.join(name.namespace.as_str()).join(&hex[..2]);
         let path = dir.join(&hex);
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => return Err(BackendError::Symlink { path }),
-            Ok(_) => return Ok(PutOutcome::AlreadyPresent),
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            // Trust an existing object only if it holds exactly these bytes
+            // (the name is their hash, or random for markers); a truncated or
+            // damaged one is replaced below, so putting the data again heals it.
+            Ok(f) => {
+                if same_contents(f, bytes)? {
+                    return Ok(PutOutcome::AlreadyPresent);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(map_open_err(e, &path)),
         }
         self.ensure_shard(name, &dir)?;
         let tmp = self.write_tmp(&hex, bytes)?;

@@ -157,7 +157,8 @@ impl fmt::Display for Op {
 pub enum PutOutcome {
     /// The object was written.
     Stored,
-    /// An object of that name already existed; nothing was written.
+    /// An object of that name already existed (with these bytes, for
+    /// backends that check); nothing was written.
     AlreadyPresent,
 }
 
@@ -176,6 +177,12 @@ pub enum PutOutcome {
 ///   existing name again may overwrite it with identical bytes.
 pub trait Backend: Send + Sync {
     /// Stores `bytes` under `name` unless an object of that name exists.
+    ///
+    /// [`FsBackend`] and [`MemoryBackend`] compare an existing object with
+    /// `bytes` (length first, then contents) and replace it if it differs,
+    /// so putting the same data again heals a truncated or damaged object.
+    /// Backends for which that check is costly (such as `S3Backend`) may
+    /// keep any existing object.
     fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError>;
 
     /// Reads an object; `Ok(None)` if it does not exist. An object longer
