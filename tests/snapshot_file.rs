@@ -1094,3 +1094,62 @@ fn preserved_regions_must_fit_the_restoring_vm() {
     ));
     assert!(VmInstance::restore(&config().max_preserved(8), &snapshot).is_ok());
 }
+
+/// Offsets of the CPUID fields that hold the APIC id of the CPU a snapshot
+/// was taken on (before normalisation): leaf 0x1 EBX (bits 31:24) and leaf
+/// 0xB / 0x1F EDX, as (offset, mask of the id bits).
+fn apic_id_fields(f: &[u8], map: &StateMap) -> Vec<(usize, u32)> {
+    let mut fields = Vec::new();
+    for &at in &map.cpuid {
+        match get_u32(f, at) {
+            0x1 => fields.push((at + 16, 0xFF00_0000)),
+            0xB | 0x1F => fields.push((at + 24, u32::MAX)),
+            _ => {}
+        }
+    }
+    fields
+}
+
+#[test]
+fn a_file_taken_on_another_cpu_restores_into_vms_that_have_run() {
+    require_kvm!();
+    // Files written before CPUID normalisation hold the APIC id of the CPU
+    // they were taken on; here, one this host's KVM would not report.
+    let f = &fixture().full;
+    let map = map_state(f);
+    let fields = apic_id_fields(f, &map);
+    assert!(!fields.is_empty(), "the snapshot has CPUID leaf 0x1");
+    // Saved files are already normalised.
+    for &(at, mask) in &fields {
+        assert_eq!(get_u32(f, at) & mask, 0, "APIC id at {at}");
+    }
+    let mut b = f.clone();
+    for &(at, mask) in &fields {
+        let value = get_u32(&b, at) & !mask | 0x0700_0007 & mask;
+        put_u32(&mut b, at, value);
+    }
+    fix_digests(&mut b);
+    let snap = load("apic-id.snap", &b).unwrap();
+
+    // A pooled shell's vCPU has run: KVM takes no other CPUID for it.
+    let pool = snapvm::ShellPool::for_snapshot(&config(), &snap, 1).unwrap();
+    let mut vm = pool.restore(&config(), &snap).unwrap();
+    assert_eq!(counter(&mut vm), 2);
+    // Nor for a poisoned VM rewound in place.
+    let mut vm = VmInstance::new(&config()).unwrap();
+    assert!(vm.invoke("panic", b"").is_err());
+    vm.restore_in_place(&snap).unwrap();
+    assert_eq!(counter(&mut vm), 2);
+    // A new VM took any CPUID before; it still does.
+    let mut vm = VmInstance::restore(&config(), &snap).unwrap();
+    assert_eq!(counter(&mut vm), 2);
+
+    // Saved again, the file holds the normalised CPUID.
+    let path = dir().join("apic-id-resaved.snap");
+    snap.save(&path).unwrap();
+    let resaved = std::fs::read(&path).unwrap();
+    let map = map_state(&resaved);
+    for (at, mask) in apic_id_fields(&resaved, &map) {
+        assert_eq!(get_u32(&resaved, at) & mask, 0, "APIC id at {at}");
+    }
+}

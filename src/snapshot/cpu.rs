@@ -7,8 +7,10 @@ use kvm_bindings::{
     kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::{SyncReg, VcpuFd};
+use std::sync::OnceLock;
 
 use super::SnapshotError;
+use crate::vm::machine::{normalize_cpuid, Machine};
 use crate::vm::VmError;
 
 /// MSRs a guest can observe or that shape its execution: SYSENTER, PAT,
@@ -73,7 +75,34 @@ pub(crate) struct CpuState {
     pub(crate) debugregs: kvm_debugregs,
     pub(crate) events: kvm_vcpu_events,
     pub(crate) msrs: Vec<kvm_msr_entry>,
+    /// The CPUID the guest sees, with the per-CPU fields normalised (see
+    /// [`normalize_cpuid`]): construct with [`CpuState::normalized`].
     pub(crate) cpuid: Vec<kvm_cpuid_entry2>,
+    /// The verdict of [`CpuState::check_compatible`] against this host's
+    /// [`Machine::effective_cpuid`], once computed. The state never changes
+    /// after construction and neither does that CPUID, so it stays valid.
+    pub(crate) compatible: OnceLock<Result<(), CpuMismatch>>,
+}
+
+/// A feature the snapshot's CPUID has and the host's lacks (the fields of
+/// [`SnapshotError::CpuMismatch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CpuMismatch {
+    leaf: u32,
+    index: u32,
+    register: &'static str,
+    missing: u32,
+}
+
+impl From<CpuMismatch> for SnapshotError {
+    fn from(m: CpuMismatch) -> Self {
+        SnapshotError::CpuMismatch {
+            leaf: m.leaf,
+            index: m.index,
+            register: m.register,
+            missing: m.missing,
+        }
+    }
 }
 
 fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
@@ -97,6 +126,7 @@ impl CpuState {
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_CPUID2"))?;
         Ok(Self {
+            compatible: OnceLock::new(),
             regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
             xsave: vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
@@ -105,7 +135,20 @@ impl CpuState {
             events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
             msrs: msrs.as_slice()[..read].to_vec(),
             cpuid: cpuid.as_slice().to_vec(),
-        })
+        }
+        .normalized())
+    }
+
+    /// The same state with the CPUID's per-CPU fields normalised (see
+    /// [`normalize_cpuid`]), so that the CPUID a snapshot gives a vCPU is
+    /// the same bytes whichever physical CPU the VM it was taken from, or
+    /// the VM it is restored into, was created on. Applied on capture and
+    /// on load (files written before normalisation hold the APIC id of the
+    /// CPU they were taken on).
+    pub(crate) fn normalized(mut self) -> Self {
+        normalize_cpuid(&mut self.cpuid);
+        self.compatible = OnceLock::new();
+        self
     }
 
     /// Applies the state to a vCPU (CPUID first: it decides which other
@@ -180,7 +223,25 @@ impl CpuState {
 
     /// Checks that `host` (the CPUID KVM supports here) has every feature
     /// bit the snapshot's CPUID advertises to the guest.
+    ///
+    /// Against [`Machine::effective_cpuid`] (the host CPUID every restore
+    /// checks against) the verdict is computed once per snapshot and then
+    /// only read: a call costs a few atomic loads, cheap enough for every
+    /// in-place reset. Any other `host` is compared in full.
     pub(crate) fn check_compatible(&self, host: &CpuId) -> Result<(), SnapshotError> {
+        let effective = Machine::effective_cpuid_if_read().is_some_and(|e| std::ptr::eq(e, host));
+        if effective {
+            let verdict = self
+                .compatible
+                .get_or_init(|| self.find_missing_feature(host));
+            Ok((*verdict)?)
+        } else {
+            Ok(self.find_missing_feature(host)?)
+        }
+    }
+
+    /// The first feature bit the snapshot's CPUID has and `host` lacks.
+    fn find_missing_feature(&self, host: &CpuId) -> Result<(), CpuMismatch> {
         // Feature leaves: (leaf, sub-leaf, registers to compare).
         const FEATURE_LEAVES: [(u32, u32, [bool; 4]); 5] = [
             (0x1, 0, [false, false, true, true]),
@@ -218,7 +279,7 @@ impl CpuState {
                 };
                 let missing = g & !h & mask;
                 if regs[i] && missing != 0 {
-                    return Err(SnapshotError::CpuMismatch {
+                    return Err(CpuMismatch {
                         leaf,
                         index,
                         register: NAMES[i],
@@ -228,5 +289,76 @@ impl CpuState {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::{STACK_TOP, USER_BASE};
+
+    /// The state of a new VM's vCPU, or `None` without KVM.
+    fn state() -> Option<CpuState> {
+        let mut machine = Machine::new(4 << 20, USER_BASE, STACK_TOP - 8).ok()?;
+        Some(CpuState::capture(&mut machine.vcpu).expect("capture"))
+    }
+
+    #[test]
+    fn the_cpuid_of_a_capture_or_load_holds_no_apic_id() {
+        let Some(mut state) = state() else { return };
+        for e in &state.cpuid {
+            match e.function {
+                0x1 => assert_eq!(e.ebx >> 24, 0),
+                0xB | 0x1F => assert_eq!(e.edx, 0),
+                _ => {}
+            }
+        }
+        // As a file from another CPU would hold it.
+        let before = state.cpuid.clone();
+        for e in &mut state.cpuid {
+            match e.function {
+                0x1 => e.ebx |= 3 << 24,
+                0xB | 0x1F => e.edx = 3,
+                _ => {}
+            }
+        }
+        assert_eq!(state.normalized().cpuid, before);
+    }
+
+    #[test]
+    fn the_cached_verdict_is_the_full_comparison() {
+        let Some(state) = state() else { return };
+        let host = Machine::effective_cpuid().expect("effective CPUID");
+        assert!(state.check_compatible(host).is_ok());
+        assert!(state.check_compatible(host).is_ok());
+        assert_eq!(state.compatible.get(), Some(&Ok(())));
+
+        // A feature the host lacks: the same error cached and uncached.
+        let mut lacking = state.normalized();
+        let leaf7 = lacking
+            .cpuid
+            .iter_mut()
+            .find(|e| e.function == 7 && e.index == 0)
+            .expect("leaf 7");
+        let host7 = host
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 7 && e.index == 0)
+            .map_or(0, |e| e.ebx);
+        let Some(bit) = (0..32).map(|b| 1u32 << b).rev().find(|b| host7 & b == 0) else {
+            return;
+        };
+        leaf7.ebx |= bit;
+        let copy = CpuId::from_entries(host.as_slice()).expect("copy");
+        let expected = format!("{:?}", lacking.check_compatible(&copy));
+        assert!(expected.contains("CpuMismatch"), "{expected}");
+        assert!(
+            lacking.compatible.get().is_none(),
+            "only the host's is cached"
+        );
+        for _ in 0..2 {
+            assert_eq!(format!("{:?}", lacking.check_compatible(host)), expected);
+        }
+        assert!(lacking.compatible.get().is_some());
     }
 }

@@ -506,7 +506,10 @@ fn decode_state(
                 .map(|_| r.kvm::<kvm_cpuid_entry2>())
                 .collect::<Result<_, _>>()?
         },
-    };
+        compatible: Default::default(),
+    }
+    // Files may hold the APIC id of the CPU they were taken on.
+    .normalized();
     let n = r.count(16, pages)?;
     let mut extents = Vec::with_capacity(n);
     let mut next_free = 0u64;

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId,
+    kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId,
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -29,6 +29,9 @@ struct HostKvm {
 
 static HOST: OnceLock<HostKvm> = OnceLock::new();
 
+/// See [`Machine::effective_cpuid`].
+static EFFECTIVE: OnceLock<CpuId> = OnceLock::new();
+
 fn host() -> Result<&'static HostKvm, VmError> {
     if let Some(host) = HOST.get() {
         return Ok(host);
@@ -38,9 +41,11 @@ fn host() -> Result<&'static HostKvm, VmError> {
         source: std::io::Error::from_raw_os_error(e.errno()),
         hint: kvm_hint(e.errno()),
     })?;
-    let cpuid = kvm
+    let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    // KVM fills the topology fields from the CPU this thread runs on.
+    normalize_cpuid(cpuid.as_mut_slice());
     let xcr0 = supported_xcr0(&cpuid);
     let wanted = (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS) as i32;
     let sync_regs = kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs) & wanted == wanted;
@@ -50,6 +55,32 @@ fn host() -> Result<&'static HostKvm, VmError> {
         cpuid,
         xcr0,
     }))
+}
+
+/// Makes the per-CPU fields of a CPUID table independent of the physical
+/// CPU it was read on: the vCPU's own APIC id (0, the only vCPU's id) in
+/// leaf 0x1 EBX[31:24] and in EDX of every sub-leaf of leaves 0xB and 0x1F
+/// (x2APIC id), and AMD's leaf 0x8000_001E (extended APIC id in EAX, core
+/// id in EBX[7:0], node id in ECX[7:0]).
+///
+/// `KVM_GET_SUPPORTED_CPUID` copies these fields from the CPU the calling
+/// thread runs on, so without this two VMs of one host differ in them, and
+/// KVM refuses to give a vCPU that has run a CPUID other than the one it
+/// has (`KVM_SET_CPUID2` fails with `EINVAL`). Every CPUID a vCPU is given
+/// and every CPUID a snapshot holds goes through this function.
+pub(crate) fn normalize_cpuid(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries {
+        match e.function {
+            0x1 => e.ebx &= 0x00FF_FFFF,
+            0xB | 0x1F => e.edx = 0,
+            0x8000_001E => {
+                e.eax = 0;
+                e.ebx &= !0xFF;
+                e.ecx &= !0xFF;
+            }
+            _ => {}
+        }
+    }
 }
 
 fn kvm_hint(errno: i32) -> &'static str {
@@ -244,9 +275,10 @@ impl Machine {
     /// The CPUID a vCPU on this host actually presents after being given
     /// everything KVM reports as supported. Some KVM implementations (PVM)
     /// present more than `KVM_GET_SUPPORTED_CPUID` lists, so snapshots are
-    /// checked against this, read once per process from a probe vCPU.
+    /// checked against this, read once per process from a probe vCPU
+    /// (normalised with [`normalize_cpuid`]). After the first call this is
+    /// one atomic load, and the result is always the same `&'static`.
     pub(crate) fn effective_cpuid() -> Result<&'static CpuId, VmError> {
-        static EFFECTIVE: OnceLock<CpuId> = OnceLock::new();
         if let Some(cpuid) = EFFECTIVE.get() {
             return Ok(cpuid);
         }
@@ -258,10 +290,16 @@ impl Machine {
         let vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
         vcpu.set_cpuid2(&host.cpuid)
             .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
-        let cpuid = vcpu
+        let mut cpuid = vcpu
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::kvm("KVM_GET_CPUID2"))?;
+        normalize_cpuid(cpuid.as_mut_slice());
         Ok(EFFECTIVE.get_or_init(|| cpuid))
+    }
+
+    /// [`Self::effective_cpuid`] if it was read already (never probes).
+    pub(crate) fn effective_cpuid_if_read() -> Option<&'static CpuId> {
+        EFFECTIVE.get()
     }
 
     fn setup_vcpu(&self, host: &HostKvm, entry: u64, rsp: u64) -> Result<(), VmError> {
