@@ -1153,3 +1153,52 @@ fn a_file_taken_on_another_cpu_restores_into_vms_that_have_run() {
         assert_eq!(get_u32(&resaved, at) & mask, 0, "APIC id at {at}");
     }
 }
+
+#[test]
+fn concurrent_saves_to_one_path_leave_one_complete_file() {
+    require_kvm!();
+    const SAVERS: usize = 4;
+    let mut vm = VmInstance::new(&config()).unwrap();
+    let snapshots: Vec<Snapshot> = (0..SAVERS)
+        .map(|_| {
+            // A different counter in each, and a few more pages to write.
+            counter(&mut vm);
+            vm.invoke("write_pages", &[8, 0x5A]).unwrap();
+            vm.snapshot().unwrap()
+        })
+        .collect();
+    let dir = dir().join("concurrent-saves");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("one.snap");
+    for round in 0..8 {
+        let start = std::sync::Barrier::new(SAVERS);
+        std::thread::scope(|scope| {
+            for snap in &snapshots {
+                let (start, path) = (&start, &path);
+                scope.spawn(move || {
+                    start.wait();
+                    snap.save(path)
+                        .unwrap_or_else(|e| panic!("round {round}: {e} ({e:?})"));
+                });
+            }
+        });
+        let loaded = Snapshot::load(&path).unwrap();
+        let winner = snapshots
+            .iter()
+            .find(|s| s.id() == loaded.id())
+            .unwrap_or_else(|| panic!("round {round}: {loaded:?} is none of the saved"));
+        assert_eq!(loaded.stored_bytes(), winner.stored_bytes());
+        let mut restored = VmInstance::restore(&config(), &loaded).unwrap();
+        let mut original = VmInstance::restore(&config(), winner).unwrap();
+        assert_eq!(
+            counter(&mut restored),
+            counter(&mut original),
+            "round {round}"
+        );
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["one.snap"], "round {round}: temporary files left");
+    }
+}

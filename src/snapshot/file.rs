@@ -9,7 +9,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -285,8 +286,6 @@ fn encode_state(s: &Inner) -> Vec<u8> {
     out
 }
 
-/// Writes `snapshot` to `path` (replacing it atomically: a temporary file in
-/// the same directory, synced, then renamed).
 /// The header and state section of `snapshot` as one buffer, and the
 /// (page-aligned) offset of the memory image that follows them in a file.
 pub(crate) fn encode_header_and_state(snapshot: &Snapshot) -> (Vec<u8>, u64) {
@@ -318,20 +317,46 @@ pub(crate) fn load_file(
     load_from(file, path, base)
 }
 
+/// Creates a new temporary file beside `path`, named
+/// `<path>.<pid>-<counter>-<random>.tmp`, with `O_EXCL`: no other save (in
+/// this process or another) can be writing the same file.
+fn create_temp(path: &Path) -> std::io::Result<(File, PathBuf)> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut attempts = 0;
+    loop {
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let random = getrandom::u64().unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{}-{count}-{random:016x}.tmp", std::process::id()));
+        let tmp = PathBuf::from(name);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((file, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 16 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes `snapshot` to `path`, replacing it atomically: a new temporary
+/// file in the same directory (see [`create_temp`]), synced, then renamed
+/// over `path`. Concurrent saves to one path each write their own file; the
+/// last rename wins, and `path` always holds one complete snapshot.
 pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError> {
     let s = &snapshot.inner;
     let (head, memory_offset) = encode_header_and_state(snapshot);
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp_name);
     let io = |step| SnapshotError::io(step, Some(path));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io("creating the snapshot file"))?;
+    let (mut file, tmp) = create_temp(path).map_err(io("creating the snapshot file"))?;
     let result = (|| {
         file.write_all(&head)
             .map_err(io("writing the header and state"))?;
