@@ -135,6 +135,148 @@ fn putting_the_data_again_heals_truncated_and_corrupt_block_files() {
     assert_eq!(std::fs::read(&p0).unwrap(), b0);
 }
 
+fn data_ids(
+    store: &ConvergentStore,
+    id: &snapvm::store::ManifestId,
+) -> Vec<snapvm::store::BlockId> {
+    store
+        .manifest(id)
+        .unwrap()
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Data { id, .. } => Some(*id),
+            Entry::Zero { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn symlinked_shard_directories_are_never_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = ConvergentStore::new(
+        &StoreConfig {
+            block_size: 4096,
+            ..StoreConfig::default()
+        },
+        FsBackend::open(&root).unwrap(),
+        ManifestKey::from_bytes(KEY),
+    )
+    .unwrap();
+    let data = common::pseudo_random(4096, 8);
+    let put = store.put_bytes(&data, b"").unwrap();
+    let block = data_ids(&store, &put.manifest)[0];
+    let name = ObjectName::block(&block);
+    let path = FsBackend::open(&root).unwrap().path_of(&name);
+    let shard = path.parent().unwrap().to_path_buf();
+
+    // Move the real shard out of the store and link to it: the file behind
+    // the link has the right name and the right bytes.
+    let outside = dir.path().join("outside");
+    std::fs::rename(&shard, &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, &shard).unwrap();
+    let outside_file = outside.join(path.file_name().unwrap());
+    assert!(outside_file.exists());
+
+    let backend = store.backend();
+    assert!(matches!(
+        backend.get(&name, 1 << 20),
+        Err(BackendError::Symlink { .. })
+    ));
+    assert!(matches!(
+        store.get_bytes(&put.manifest),
+        Err(StoreError::Backend {
+            source: BackendError::Symlink { .. },
+            ..
+        })
+    ));
+    assert!(backend.delete(&name).is_err());
+    assert!(matches!(
+        backend.put_if_absent(&name, b"x"),
+        Err(BackendError::Symlink { .. })
+    ));
+    assert!(store.gc().is_err(), "gc must not sweep through a symlink");
+    assert!(
+        outside_file.exists(),
+        "a file outside the store was removed"
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+}
+
+#[test]
+fn verify_reports_a_directory_or_symlink_in_place_of_a_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = ConvergentStore::new(
+        &StoreConfig {
+            block_size: 4096,
+            ..StoreConfig::default()
+        },
+        FsBackend::open(&root).unwrap(),
+        ManifestKey::from_bytes(KEY),
+    )
+    .unwrap();
+    let data = common::pseudo_random(3 * 4096, 9);
+    let put = store.put_bytes(&data, b"").unwrap();
+    let ids = data_ids(&store, &put.manifest);
+    let fs = FsBackend::open(&root).unwrap();
+    let target = dir.path().join("target");
+    std::fs::write(&target, b"outside").unwrap();
+    // Block 0 becomes a directory, block 1 a symlink to a file outside.
+    let p0 = fs.path_of(&ObjectName::block(&ids[0]));
+    std::fs::remove_file(&p0).unwrap();
+    std::fs::create_dir(&p0).unwrap();
+    let p1 = fs.path_of(&ObjectName::block(&ids[1]));
+    std::fs::remove_file(&p1).unwrap();
+    std::os::unix::fs::symlink(&target, &p1).unwrap();
+
+    let report = store.verify().unwrap();
+    let mut problems = report.problems.clone();
+    problems.sort_by_key(|p| format!("{p:?}"));
+    let mut want = vec![
+        Problem::NotAFile {
+            object: ObjectName::block(&ids[0]),
+        },
+        Problem::NotAFile {
+            object: ObjectName::block(&ids[1]),
+        },
+    ];
+    want.sort_by_key(|p| format!("{p:?}"));
+    assert_eq!(problems, want);
+    assert!(matches!(
+        store.get_bytes(&put.manifest),
+        Err(StoreError::Backend {
+            source: BackendError::NotAFile { .. },
+            ..
+        })
+    ));
+    assert_eq!(std::fs::read(&target).unwrap(), b"outside");
+
+    // Putting the data again refuses both (typed) until they are removed by
+    // hand; the symlink's target is never touched.
+    assert!(matches!(
+        store.put_bytes(&data, b""),
+        Err(StoreError::Backend {
+            source: BackendError::NotAFile { .. } | BackendError::Symlink { .. },
+            ..
+        })
+    ));
+    std::fs::remove_dir(&p0).unwrap();
+    assert!(matches!(
+        store.put_bytes(&data, b""),
+        Err(StoreError::Backend {
+            source: BackendError::Symlink { .. },
+            ..
+        })
+    ));
+    std::fs::remove_file(&p1).unwrap();
+    store.put_bytes(&data, b"").unwrap();
+    assert_eq!(store.get_bytes(&put.manifest).unwrap(), data);
+    assert!(store.verify().unwrap().is_clean());
+    assert_eq!(std::fs::read(&target).unwrap(), b"outside");
+}
+
 #[test]
 fn wrong_key_truncated_and_tampered_manifests_are_typed() {
     let backend = MemoryBackend::new();

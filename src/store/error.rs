@@ -175,6 +175,13 @@ pub enum BackendError {
         /// The offending path.
         path: PathBuf,
     },
+    /// A path inside an `FsBackend` store that must be a regular file (an
+    /// object) is a directory, a device, a FIFO or a socket.
+    #[error("{path} is not a regular file")]
+    NotAFile {
+        /// The offending path.
+        path: PathBuf,
+    },
     /// The object is larger than the reader's limit (an untrusted backend is
     /// never read without a bound).
     #[error("object is {len} bytes, above the limit of {limit}")]

@@ -81,6 +81,14 @@ pub enum Problem {
         /// A manifest that references it.
         manifest: ManifestId,
     },
+    /// An object that is not a regular file: a symbolic link, a directory,
+    /// a device (file-system backend). It is neither read nor followed; a
+    /// symlink or a file in its place can be removed by hand, or by `gc` if
+    /// no manifest references the name.
+    NotAFile {
+        /// The object.
+        object: ObjectName,
+    },
     /// A manifest whose bytes do not hash to its id, whose clear header does
     /// not parse, or (for the owner's manifests) that does not open.
     CorruptManifest {
@@ -376,8 +384,24 @@ pub(super) fn gc(
             report.interrupted = true;
             break;
         }
-        delete(store, name)?;
-        report.deleted_blocks += 1;
+        match store.backend.delete(name) {
+            Ok(()) => report.deleted_blocks += 1,
+            // A directory where a block should be: not ours to remove
+            // recursively; `verify` reports it.
+            Err(super::BackendError::NotAFile { path }) => {
+                log::warn!(
+                    "gc: {} is not a regular file; left in place",
+                    path.display()
+                );
+            }
+            Err(source) => {
+                return Err(StoreError::Backend {
+                    op: Op::Delete,
+                    object: *name,
+                    source,
+                })
+            }
+        }
     }
     progress(report.blocks, report.blocks);
 
@@ -425,6 +449,10 @@ pub(super) fn verify(
                     manifest: id,
                     error: None,
                 });
+                continue;
+            }
+            Err(super::BackendError::Symlink { .. } | super::BackendError::NotAFile { .. }) => {
+                report.problems.push(Problem::NotAFile { object: name });
                 continue;
             }
             Err(source) => {
@@ -480,6 +508,9 @@ pub(super) fn verify(
             Err(super::BackendError::TooLarge { .. }) => {
                 report.blocks += 1;
                 report.problems.push(Problem::CorruptBlock { block: id });
+            }
+            Err(super::BackendError::Symlink { .. } | super::BackendError::NotAFile { .. }) => {
+                report.problems.push(Problem::NotAFile { object: name });
             }
             Err(source) => {
                 return Err(StoreError::Backend {

@@ -14,12 +14,23 @@
 //! the destination directories are fsynced in [`Backend::flush`], which the
 //! store calls before and after writing a manifest. A reader therefore sees a whole
 //! object or none, also after a crash; a killed writer leaves at most a file
-//! in `tmp/`, which [`Backend::remove_incomplete`] clears. Symbolic links are
-//! never followed: an object, shard directory or namespace directory that is
-//! a symlink is an error.
+//! in `tmp/`, which [`Backend::remove_incomplete`] clears.
+//!
+//! Symbolic links are never followed below the root: every object, shard
+//! directory and namespace directory is reached from a descriptor of the
+//! root with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or, where the
+//! kernel lacks it (before Linux 5.6, or a seccomp filter refusing it), by
+//! opening one component at a time with `O_NOFOLLOW`. A symlink on the way
+//! is [`BackendError::Symlink`]; renames and deletes work on the descriptor
+//! of the verified shard directory, so neither can touch a file outside the
+//! store. The root itself must not be a symlink when the store is opened
+//! (its ancestors may be).
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{CStr, CString};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,13 +57,16 @@ pub enum Durability {
 #[derive(Debug)]
 pub struct FsBackend {
     root: PathBuf,
-    tmp: PathBuf,
+    /// The root directory, opened without following a symlink.
+    root_fd: OwnedFd,
+    /// `<root>/tmp`, opened beneath the root.
+    tmp_fd: OwnedFd,
     durability: Durability,
-    /// Shard directories known to exist, indexed by namespace * 256 + shard.
-    shards: Box<[AtomicBool]>,
     /// Shard directories with renames not yet made durable (see `flush`),
-    /// indexed like `shards`.
+    /// indexed by namespace * 256 + shard.
     unsynced: Box<[AtomicBool]>,
+    /// Whether `openat2` may be tried (cleared when the kernel refuses it).
+    openat2: AtomicBool,
     counter: AtomicU64,
 }
 
@@ -65,40 +79,150 @@ fn ns_index(ns: Namespace) -> usize {
     }
 }
 
-/// Creates `path` as a directory if missing; fails if it is a symlink or not
-/// a directory. Returns whether it was created.
-fn ensure_dir(path: &Path) -> Result<bool, BackendError> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(BackendError::Symlink { path: path.into() }),
-        Ok(m) if !m.is_dir() => Err(BackendError::NotADirectory { path: path.into() }),
-        Ok(_) => Ok(false),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::create_dir(path) {
-            Ok(()) => Ok(true),
-            // Another writer created it first: check what it is.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => ensure_dir(path).map(|_| false),
-            Err(e) => Err(e.into()),
-        },
-        Err(e) => Err(e.into()),
-    }
+// ---- Thin wrappers over the *at system calls ------------------------------
+
+fn c_name(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
-}
-
-fn map_open_err(e: io::Error, path: &Path) -> BackendError {
-    if e.raw_os_error() == Some(libc::ELOOP) {
-        BackendError::Symlink { path: path.into() }
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
     } else {
-        e.into()
+        Ok(ret)
     }
+}
+
+/// `openat(dir, name, flags | O_CLOEXEC, mode)`.
+fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+    loop {
+        // SAFETY: `dir` is a live descriptor and `name` a NUL-terminated
+        // string, both borrowed for the duration of the call; the kernel
+        // reads nothing else.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                mode as libc::c_uint,
+            )
+        };
+        match cvt(fd) {
+            // SAFETY: the kernel just returned this descriptor to us; nothing
+            // else owns it.
+            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `struct open_how` of `linux/openat2.h` (libc's is `non_exhaustive`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+
+/// `openat2(dir, path, flags | O_CLOEXEC)` resolving strictly beneath `dir`
+/// without following any symlink.
+fn openat2_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    loop {
+        // SAFETY: `dir` is a live descriptor, `path` a NUL-terminated string
+        // and `how` an initialised `open_how` whose size is passed along;
+        // all outlive the call, and the kernel only reads them.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::EAGAIN) {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: a non-negative return is a descriptor the kernel just
+        // opened for us; nothing else owns it.
+        return Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) });
+    }
+}
+
+/// The file type bits (`S_IFMT`) of `name` in `dir`, without following a
+/// symlink.
+fn file_type_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::mode_t> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `dir` is live, `name` NUL-terminated, and `st` points to
+    // writable memory of the size of `struct stat`, which the call fills.
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so it initialised `st`.
+    Ok(unsafe { st.assume_init() }.st_mode & libc::S_IFMT)
+}
+
+/// `mkdirat(dir, name, 0o777)`; whether it created the directory.
+fn mkdirat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
+    // SAFETY: `dir` is live and `name` NUL-terminated for the call.
+    match cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o777) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `renameat(from_dir, from, to_dir, to)`.
+fn renameat(
+    from_dir: BorrowedFd<'_>,
+    from: &CStr,
+    to_dir: BorrowedFd<'_>,
+    to: &CStr,
+) -> io::Result<()> {
+    // SAFETY: both descriptors are live and both names NUL-terminated for
+    // the duration of the call.
+    cvt(unsafe {
+        libc::renameat(
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+        )
+    })
+    .map(|_| ())
+}
+
+/// `unlinkat(dir, name, 0)`: removes a file (or the symlink itself, never
+/// its target).
+fn unlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: `dir` is live and `name` NUL-terminated for the call.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(|_| ())
 }
 
 /// Whether `file` is a regular file holding exactly `bytes`. Reads at most
 /// `bytes.len()` bytes (the length is checked first).
 fn same_contents(file: File, bytes: &[u8]) -> io::Result<bool> {
     let meta = file.metadata()?;
-    if !meta.is_file() || meta.len() != bytes.len() as u64 {
+    if meta.len() != bytes.len() as u64 {
         return Ok(false);
     }
     let mut chunk = [0u8; 16 * 1024];
@@ -121,6 +245,10 @@ fn same_contents(file: File, bytes: &[u8]) -> io::Result<bool> {
     Ok(true)
 }
 
+fn is_not_found(e: &BackendError) -> bool {
+    matches!(e, BackendError::Io(e) if e.kind() == io::ErrorKind::NotFound)
+}
+
 impl FsBackend {
     /// Opens the store under `root`, creating the directories it needs.
     /// Fails if `root` or one of its namespace directories is a symlink.
@@ -140,23 +268,41 @@ impl FsBackend {
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&root)?,
             Err(e) => return Err(e.into()),
         }
+        let root_fd: OwnedFd = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&root)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => BackendError::Symlink { path: root.clone() },
+                Some(libc::ENOTDIR) => BackendError::NotADirectory { path: root.clone() },
+                _ => e.into(),
+            })?
+            .into();
         let mut created = false;
-        for ns in Namespace::ALL {
-            created |= ensure_dir(&root.join(ns.as_str()))?;
+        for dir in Namespace::ALL
+            .map(Namespace::as_str)
+            .into_iter()
+            .chain(["tmp"])
+        {
+            created |= mkdirat(root_fd.as_fd(), &c_name(dir)?)?;
         }
-        let tmp = root.join("tmp");
-        created |= ensure_dir(&tmp)?;
         if created && durability == Durability::Fsync {
-            sync_dir(&root)?;
+            File::from(root_fd.try_clone()?).sync_all()?;
         }
-        Ok(Self {
+        let mut backend = Self {
             root,
-            tmp,
+            tmp_fd: root_fd.try_clone()?,
+            root_fd,
             durability,
-            shards: (0..4 * 256).map(|_| AtomicBool::new(false)).collect(),
             unsynced: (0..4 * 256).map(|_| AtomicBool::new(false)).collect(),
+            openat2: AtomicBool::new(true),
             counter: AtomicU64::new(0),
-        })
+        };
+        for ns in Namespace::ALL {
+            backend.open_beneath(ns.as_str(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        }
+        backend.tmp_fd = backend.open_beneath("tmp", libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok(backend)
     }
 
     /// The root directory.
@@ -173,32 +319,88 @@ impl FsBackend {
             .join(&hex)
     }
 
-    fn ensure_shard(&self, name: &ObjectName, dir: &Path) -> Result<(), BackendError> {
-        let slot = &self.shards[ns_index(name.namespace) * 256 + name.id[0] as usize];
-        if !slot.load(Ordering::Relaxed) {
-            if ensure_dir(dir)? && self.durability == Durability::Fsync {
-                sync_dir(dir.parent().unwrap_or(&self.root))?;
+    /// Opens `rel` (components separated by `/`) beneath the root with
+    /// `flags`, following no symlink on the way. A missing component is an
+    /// `Io` error of kind `NotFound`.
+    fn open_beneath(&self, rel: &str, flags: libc::c_int) -> Result<OwnedFd, BackendError> {
+        if self.openat2.load(Ordering::Relaxed) {
+            match openat2_beneath(self.root_fd.as_fd(), &c_name(rel)?, flags) {
+                Ok(fd) => return Ok(fd),
+                // No openat2 here (old kernel, seccomp): walk instead.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                    self.openat2.store(false, Ordering::Relaxed);
+                }
+                // Redo it one component at a time to name the culprit.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {}
+                Err(e) => return Err(e.into()),
             }
-            slot.store(true, Ordering::Relaxed);
         }
-        Ok(())
+        self.walk_beneath(rel, flags)
     }
 
-    fn write_tmp(&self, hex: &str, bytes: &[u8]) -> Result<PathBuf, BackendError> {
+    /// [`FsBackend::open_beneath`] one component at a time, each opened
+    /// with `O_NOFOLLOW` relative to the previous one.
+    fn walk_beneath(&self, rel: &str, flags: libc::c_int) -> Result<OwnedFd, BackendError> {
+        let mut parts = rel.split('/').peekable();
+        let mut dir: Option<OwnedFd> = None;
+        let mut path = self.root.clone();
+        while let Some(part) = parts.next() {
+            path.push(part);
+            let last = parts.peek().is_none();
+            let at = dir.as_ref().map_or(self.root_fd.as_fd(), |d| d.as_fd());
+            let name = c_name(part)?;
+            let f = if last {
+                flags | libc::O_NOFOLLOW
+            } else {
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW
+            };
+            match openat(at, &name, f, 0) {
+                Ok(fd) => dir = Some(fd),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                    return Err(match file_type_at(at, &name) {
+                        Ok(libc::S_IFLNK) => BackendError::Symlink { path },
+                        Ok(_) => BackendError::NotADirectory { path },
+                        Err(_) => e.into(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        dir.ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput).into())
+    }
+
+    /// The shard directory of `name`, created if `create` and missing;
+    /// `None` if missing and not `create`.
+    fn shard_dir(&self, name: &ObjectName, create: bool) -> Result<Option<OwnedFd>, BackendError> {
+        let ns = name.namespace.as_str();
+        let shard = format!("{:02x}", name.id[0]);
+        let rel = format!("{ns}/{shard}");
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        match self.open_beneath(&rel, flags) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if is_not_found(&e) && create => {
+                let ns_fd = self.open_beneath(ns, flags)?;
+                if mkdirat(ns_fd.as_fd(), &c_name(&shard)?)? && self.durability == Durability::Fsync
+                {
+                    File::from(ns_fd).sync_all()?;
+                }
+                self.open_beneath(&rel, flags).map(Some)
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `bytes` to a new file in `tmp/`; returns its name there.
+    fn write_tmp(&self, hex: &str, bytes: &[u8]) -> Result<CString, BackendError> {
         loop {
             let n = self.counter.fetch_add(1, Ordering::Relaxed);
-            let path = self
-                .tmp
-                .join(format!("{hex}.{}.{n}.tmp", std::process::id()));
-            let mut f = match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-            {
-                Ok(f) => f,
+            let name = c_name(&format!("{hex}.{}.{n}.tmp", std::process::id()))?;
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+            let mut f = match openat(self.tmp_fd.as_fd(), &name, flags, 0o666) {
+                Ok(fd) => File::from(fd),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(map_open_err(e, &path)),
+                Err(e) => return Err(e.into()),
             };
             let written = f.write_all(bytes).and_then(|()| {
                 if self.durability == Durability::Fsync {
@@ -208,10 +410,10 @@ impl FsBackend {
                 }
             });
             return match written {
-                Ok(()) => Ok(path),
+                Ok(()) => Ok(name),
                 Err(e) => {
                     drop(f);
-                    let _ = fs::remove_file(&path);
+                    let _ = unlinkat(self.tmp_fd.as_fd(), &name);
                     Err(e.into())
                 }
             };
@@ -222,30 +424,40 @@ impl FsBackend {
 impl Backend for FsBackend {
     fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError> {
         let hex = name.hex();
-        let dir = self.root.join(name.namespace.as_str()).join(&hex[..2]);
-        let path = dir.join(&hex);
-        match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
+        let file = c_name(&hex)?;
+        let dir = self
+            .shard_dir(name, true)?
+            .ok_or_else(|| BackendError::from(io::Error::from(io::ErrorKind::NotFound)))?;
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        match openat(dir.as_fd(), &file, flags, 0) {
             // Trust an existing object only if it holds exactly these bytes
             // (the name is their hash, or random for markers); a truncated or
             // damaged one is replaced below, so putting the data again heals it.
-            Ok(f) => {
+            Ok(fd) => {
+                let f = File::from(fd);
+                if !f.metadata()?.is_file() {
+                    return Err(BackendError::NotAFile {
+                        path: self.path_of(name),
+                    });
+                }
                 if same_contents(f, bytes)? {
                     return Ok(PutOutcome::AlreadyPresent);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(map_open_err(e, &path)),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(BackendError::Symlink {
+                    path: self.path_of(name),
+                })
+            }
+            Err(e) => return Err(e.into()),
         }
-        self.ensure_shard(name, &dir)?;
         let tmp = self.write_tmp(&hex, bytes)?;
         // rename replaces a file that a concurrent writer put there first;
-        // names are content addresses, so its bytes were identical.
-        if let Err(e) = fs::rename(&tmp, &path) {
-            let _ = fs::remove_file(&tmp);
+        // names are content addresses, so its bytes were identical (or it
+        // was damaged, see above).
+        if let Err(e) = renameat(self.tmp_fd.as_fd(), &tmp, dir.as_fd(), &file) {
+            let _ = unlinkat(self.tmp_fd.as_fd(), &tmp);
             return Err(e.into());
         }
         if self.durability == Durability::Fsync {
@@ -261,10 +473,13 @@ impl Backend for FsBackend {
         for (i, pending) in self.unsynced.iter().enumerate() {
             if pending.swap(false, Ordering::AcqRel) {
                 let ns = Namespace::ALL[i / 256];
-                let dir = self.root.join(ns.as_str()).join(format!("{:02x}", i % 256));
-                if let Err(e) = sync_dir(&dir) {
+                let rel = format!("{}/{:02x}", ns.as_str(), i % 256);
+                let synced = self
+                    .open_beneath(&rel, libc::O_RDONLY | libc::O_DIRECTORY)
+                    .and_then(|fd| File::from(fd).sync_all().map_err(BackendError::from));
+                if let Err(e) = synced {
                     pending.store(true, Ordering::Release);
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -272,17 +487,20 @@ impl Backend for FsBackend {
     }
 
     fn get(&self, name: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError> {
-        let path = self.path_of(name);
-        let f = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(map_open_err(e, &path)),
+        let hex = name.hex();
+        let rel = format!("{}/{}/{hex}", name.namespace.as_str(), &hex[..2]);
+        let f = match self.open_beneath(&rel, libc::O_RDONLY | libc::O_NONBLOCK) {
+            Ok(fd) => File::from(fd),
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
         };
-        let len = f.metadata()?.len();
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            return Err(BackendError::NotAFile {
+                path: self.path_of(name),
+            });
+        }
+        let len = meta.len();
         if len > limit {
             return Err(BackendError::TooLarge { len, limit });
         }
@@ -299,9 +517,13 @@ impl Backend for FsBackend {
     }
 
     fn has(&self, name: &ObjectName) -> Result<bool, BackendError> {
-        let path = self.path_of(name);
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => Err(BackendError::Symlink { path }),
+        let Some(dir) = self.shard_dir(name, false)? else {
+            return Ok(false);
+        };
+        match file_type_at(dir.as_fd(), &c_name(&name.hex())?) {
+            Ok(libc::S_IFLNK) => Err(BackendError::Symlink {
+                path: self.path_of(name),
+            }),
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e.into()),
@@ -309,14 +531,22 @@ impl Backend for FsBackend {
     }
 
     fn delete(&self, name: &ObjectName) -> Result<(), BackendError> {
-        match fs::remove_file(self.path_of(name)) {
+        let Some(dir) = self.shard_dir(name, false)? else {
+            return Ok(());
+        };
+        match unlinkat(dir.as_fd(), &c_name(&name.hex())?) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => Err(BackendError::NotAFile {
+                path: self.path_of(name),
+            }),
             Err(e) => Err(e.into()),
         }
     }
 
     fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError> {
+        // Fails if the namespace directory is a symlink.
+        self.open_beneath(namespace.as_str(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let ns_dir = self.root.join(namespace.as_str());
         let mut out = Vec::new();
         for shard in fs::read_dir(&ns_dir)? {
@@ -329,11 +559,11 @@ impl Backend for FsBackend {
             let Some(prefix) = shard_name.to_str().filter(|s| s.len() == 2 && ft.is_dir()) else {
                 continue;
             };
+            // Entries of any type are listed: reading or deleting one that
+            // is not a regular file is a typed error (Symlink, NotAFile),
+            // which `verify` reports as a problem.
             for entry in fs::read_dir(shard.path())? {
                 let entry = entry?;
-                if entry.file_type()?.is_symlink() {
-                    return Err(BackendError::Symlink { path: entry.path() });
-                }
                 let file_name = entry.file_name();
                 let Some(hex) = file_name.to_str() else {
                     continue;
@@ -351,12 +581,26 @@ impl Backend for FsBackend {
     fn remove_incomplete(&self, older_than: Duration) -> Result<u64, BackendError> {
         let now = SystemTime::now();
         let mut removed = 0;
-        for entry in fs::read_dir(&self.tmp)? {
+        for entry in fs::read_dir(self.root.join("tmp"))? {
             let entry = entry?;
-            let modified = entry.metadata()?.modified()?;
+            let name = CString::new(entry.file_name().as_bytes())
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // Examine and remove it through the verified tmp descriptor.
+            let modified = match openat(
+                self.tmp_fd.as_fd(),
+                &name,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                0,
+            ) {
+                Ok(fd) => File::from(fd).metadata()?.modified()?,
+                // Gone meanwhile, or a symlink (removed below, never followed).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => SystemTime::UNIX_EPOCH,
+                Err(e) => return Err(e.into()),
+            };
             let age = now.duration_since(modified).unwrap_or(Duration::ZERO);
             if age >= older_than {
-                match fs::remove_file(entry.path()) {
+                match unlinkat(self.tmp_fd.as_fd(), &name) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e.into()),
@@ -423,10 +667,10 @@ mod tests {
             be.put_if_absent(&n, b"x"),
             Err(BackendError::Symlink { .. })
         ));
-        assert!(matches!(
-            be.list(Namespace::Blocks),
-            Err(BackendError::Symlink { .. })
-        ));
+        // Listed (so verify can report it), never followed.
+        assert_eq!(be.list(Namespace::Blocks).unwrap(), vec![n]);
+        be.delete(&n).unwrap();
+        assert_eq!(fs::read(&outside).unwrap(), b"secret");
 
         // A symlinked shard directory.
         let m = name(Namespace::Manifests, 0x02);
@@ -438,6 +682,37 @@ mod tests {
             Err(BackendError::Symlink { .. })
         ));
         assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+        // ... with a file of the right name behind it.
+        let outside_m = elsewhere.join(m.hex());
+        fs::write(&outside_m, b"outside").unwrap();
+        assert!(matches!(be.get(&m, 100), Err(BackendError::Symlink { .. })));
+        assert!(matches!(be.has(&m), Err(BackendError::Symlink { .. })));
+        assert!(matches!(be.delete(&m), Err(BackendError::Symlink { .. })));
+        assert_eq!(fs::read(&outside_m).unwrap(), b"outside");
+        assert!(matches!(
+            be.list(Namespace::Manifests),
+            Err(BackendError::Symlink { .. })
+        ));
+        // Both ways of resolving agree.
+        be.openat2.store(false, Ordering::Relaxed);
+        assert!(matches!(be.get(&m, 100), Err(BackendError::Symlink { .. })));
+        assert!(matches!(be.delete(&m), Err(BackendError::Symlink { .. })));
+        assert_eq!(fs::read(&outside_m).unwrap(), b"outside");
+        be.openat2.store(true, Ordering::Relaxed);
+
+        // A symlinked namespace directory.
+        fs::rename(dir.path().join("s/leases"), dir.path().join("leases-moved")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("leases-moved"), dir.path().join("s/leases"))
+            .unwrap();
+        let l = name(Namespace::Leases, 0x03);
+        assert!(matches!(
+            be.put_if_absent(&l, b"x"),
+            Err(BackendError::Symlink { .. })
+        ));
+        assert!(matches!(
+            be.list(Namespace::Leases),
+            Err(BackendError::Symlink { .. })
+        ));
 
         // A symlinked root.
         let link = dir.path().join("link");
