@@ -341,7 +341,9 @@ impl ConvergentStore {
     /// Removes every block no manifest references (of any owner), following
     /// the protocol in `docs/store.md` so that a put running concurrently in
     /// any process never loses a block. If a put is in flight the sweep is
-    /// deferred ([`GcReport::deferred`]); call again later.
+    /// deferred ([`GcReport::deferred`]); call again later. If any
+    /// manifest fails its own check (its bytes do not hash to its id), no
+    /// block is deleted ([`GcReport::unverified_manifests`]).
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         gc::gc(self, &mut |_, _| {})
     }
