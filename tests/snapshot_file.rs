@@ -1202,3 +1202,50 @@ fn concurrent_saves_to_one_path_leave_one_complete_file() {
         assert_eq!(names, ["one.snap"], "round {round}: temporary files left");
     }
 }
+
+#[test]
+fn a_lazily_restored_vm_reads_pages_it_has_not_written_from_the_file_as_it_is() {
+    // Documented behaviour (docs/snapshot-format.md, "File rules"): a lazy
+    // restore maps the file privately, so a change to the file after the
+    // restore shows through in every page the VM has not written; it is
+    // detected at the next restore from that snapshot, not before.
+    require_kvm!();
+    let f = &fixture().full;
+    let path = write_sparse("changed-under-a-lazy-vm.snap", f);
+    let snap = Snapshot::load(&path).unwrap();
+    let mut vm = VmInstance::restore_with(&config(), &snap, RestoreStrategy::Lazy).unwrap();
+    // The program's first page: stored, and not written by a restore.
+    let addr = snapvm::abi::USER_BASE;
+    let map = map_state(f);
+    assert!(map.extents.iter().any(|&(_, first, raw)| {
+        let pages = raw & !(1 << 63);
+        (first..first + pages).contains(&(addr / PAGE as u64))
+    }));
+    let mut before = [0u8; 16];
+    vm.read_memory(addr, &mut before).unwrap();
+    let at = memory_offset(f) as u64 + addr;
+    assert_eq!(&f[at as usize..at as usize + 16], &before);
+
+    let changed: Vec<u8> = before.iter().map(|b| !b).collect();
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&changed, at).unwrap();
+    // File times may be coarser than the test: make the change visible.
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(2))
+        .unwrap();
+    let mut after = [0u8; 16];
+    vm.read_memory(addr, &mut after).unwrap();
+    assert_eq!(
+        &after[..],
+        &changed[..],
+        "the VM sees the file as it is now"
+    );
+
+    assert!(matches!(
+        VmInstance::restore(&config(), &snap),
+        Err(SnapshotError::FileChanged { .. })
+    ));
+    assert!(matches!(
+        vm.restore_in_place(&snap),
+        Err(SnapshotError::FileChanged { .. })
+    ));
+}
