@@ -1249,3 +1249,74 @@ fn a_lazily_restored_vm_reads_pages_it_has_not_written_from_the_file_as_it_is() 
         Err(SnapshotError::FileChanged { .. })
     ));
 }
+
+/// Blocks of a file without data pages (from its extents).
+fn empty_blocks(f: &[u8], map: &StateMap) -> Vec<u64> {
+    let blocks = get_u64(f, map.crc_count);
+    (0..blocks)
+        .filter(|&k| {
+            !map.extents.iter().any(|&(_, first, raw)| {
+                let pages = raw & !(1 << 63);
+                raw & (1 << 63) == 0
+                    && first < (k + 1) * BLOCK_PAGES
+                    && first + pages > k * BLOCK_PAGES
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn crcs_of_blocks_without_data_are_zero_and_checked_only_by_lazy_full_restores() {
+    // Documented in docs/snapshot-format.md, "Block CRCs".
+    require_kvm!();
+    let fx = fixture();
+    for f in [&fx.full, &fx.diff] {
+        let map = map_state(f);
+        let empty = empty_blocks(f, &map);
+        assert!(!empty.is_empty());
+        for &k in &empty {
+            assert_eq!(get_u32(f, map.crc_count + 8 + 4 * k as usize), 0);
+        }
+    }
+    let corrupt = |f: &[u8]| {
+        let map = map_state(f);
+        let k = *empty_blocks(f, &map).last().unwrap();
+        let mut b = f.to_vec();
+        put_u32(&mut b, map.crc_count + 8 + 4 * k as usize, 0xDEAD_BEEF);
+        fix_digests(&mut b);
+        (b, k)
+    };
+    // A full snapshot: eager restores never look; a lazy one does.
+    let (full, k) = corrupt(&fx.full);
+    let snap = load("empty-crc-full.snap", &full).unwrap();
+    let mut vm = VmInstance::restore_with(&config(), &snap, RestoreStrategy::Eager).unwrap();
+    assert_eq!(counter(&mut vm), 2);
+    assert!(matches!(
+        VmInstance::restore_with(&config(), &snap, RestoreStrategy::Lazy),
+        Err(SnapshotError::CorruptMemory { block }) if block == k
+    ));
+    // A diff: never checked.
+    let base = Snapshot::load(&fx.full_path).unwrap();
+    let (diff, _) = corrupt(&fx.diff);
+    let path = write_sparse("empty-crc-diff.snap", &diff);
+    let snap = Snapshot::load_diff(&path, &base).unwrap();
+    for strategy in [RestoreStrategy::Eager, RestoreStrategy::Lazy] {
+        let mut vm = VmInstance::restore_with(&config(), &snap, strategy).unwrap();
+        assert_eq!(counter(&mut vm), 3, "{strategy:?}");
+    }
+}
+
+#[test]
+fn padding_after_the_state_is_not_checked() {
+    // Documented in docs/snapshot-format.md, "Memory image".
+    require_kvm!();
+    let f = &fixture().full;
+    let (state_end, memory) = (HEADER + state_len(f), memory_offset(f));
+    assert!(state_end < memory, "the fixture has padding");
+    assert!(f[state_end..memory].iter().all(|&b| b == 0));
+    let mut b = f.clone();
+    b[state_end..memory].fill(0xA5);
+    let snap = load("padding.snap", &b).unwrap();
+    let mut vm = VmInstance::restore(&config(), &snap).unwrap();
+    assert_eq!(counter(&mut vm), 2);
+}
