@@ -201,7 +201,8 @@ pub struct AbiPage {
     pub output_len: u64,
     /// Request status, `STATUS_*` (guest → host, at `Done`).
     pub status: u64,
-    /// Bytes currently allocated on the guest heap (guest → host, at `Done`).
+    /// Bytes currently allocated on the guest heap (guest → host, at `Ready`,
+    /// `Done` and `OutOfMemory`).
     pub heap_used: u64,
     /// Hypercall arguments (guest → host).
     pub args: [u64; 8],

@@ -265,10 +265,32 @@ impl Snapshot {
 
     fn install_guest_state(&self, vm: &mut VmInstance) -> Result<(), SnapshotError> {
         let guest = &self.inner.guest;
-        // The function table follows from the program, which every restore
-        // checks is the snapshot's: a VM rewound in place already has it.
-        if vm.functions.len() != guest.functions.len() {
-            vm.functions = guest.functions.iter().cloned().collect();
+        // The snapshot is input: the buffer the host will write every
+        // request into must be memory the guest could write itself.
+        crate::vm::check_user_range(vm.memory_size(), guest.input_buf, guest.input_cap).map_err(
+            |_| SnapshotError::Malformed {
+                section: "guest state",
+                reason: "input buffer outside the guest's user memory",
+            },
+        )?;
+        // The same program can export its functions in another order or
+        // under other names in another snapshot: compare the whole table
+        // (cheap: a lookup per function), never just its size.
+        let same_table = vm.functions.len() == guest.functions.len()
+            && guest
+                .functions
+                .iter()
+                .all(|(name, index)| vm.functions.get(name) == Some(index));
+        if !same_table {
+            let table: std::collections::HashMap<String, u64> =
+                guest.functions.iter().cloned().collect();
+            if table.len() != guest.functions.len() {
+                return Err(SnapshotError::Malformed {
+                    section: "guest state",
+                    reason: "a function name appears twice",
+                });
+            }
+            vm.functions = table;
         }
         vm.input_buf = guest.input_buf;
         vm.input_cap = guest.input_cap;
@@ -296,7 +318,6 @@ impl Snapshot {
             vm.preserved = guest.preserved.clone();
         }
         vm.guest_resets_cpu = guest.resets_cpu;
-        vm.state = VmState::Ready;
         // Fresh entropy and a new generation before any guest instruction.
         vm.new_generation()?;
         Ok(())
@@ -330,8 +351,8 @@ impl VmInstance {
     /// The pages written since the dirty log was last taken (guest writes
     /// from KVM's log, host writes recorded by the VM, and the ABI page).
     fn dirty_pages(&mut self) -> Result<Vec<u64>, SnapshotError> {
-        let pages = self.take_dirty_pages()?;
-        self.protect_dirty(&[])?;
+        let pages = self.pending_dirty_pages()?;
+        self.commit_dirty(&[])?;
         Ok(pages)
     }
 
@@ -372,7 +393,6 @@ impl VmInstance {
             self.machine.set_dirty_log(true)?;
             self.machine.take_dirty_log()?;
             self.clear_dirty();
-            self.host_dirty.clear();
             self.base = Some(inner.id);
         }
         Ok(Snapshot {
@@ -405,6 +425,13 @@ impl VmInstance {
 
     /// Rewinds this VM to `snapshot` in place, keeping its KVM objects. A
     /// poisoned VM becomes ready again.
+    ///
+    /// Failure-atomic: the VM is poisoned from the moment the rewind starts
+    /// until it finished, so a restore that fails (a corrupt memory block,
+    /// a KVM error) leaves a VM that refuses calls, never one that claims
+    /// to be ready with half-rewound memory. Pages written since the last
+    /// reset are forgotten only after all of them were rewound, so a
+    /// retried restore rewinds them all.
     pub fn restore_in_place(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
         if snapshot.memory_size() != self.memory_size() {
             return Err(SnapshotError::MemorySizeMismatch {
@@ -421,16 +448,43 @@ impl VmInstance {
             .try_for_each(|s| s.inner.memory.check_unchanged())?;
         // Bytes the guest asked to keep, read before memory is rewound.
         let preserved = self.read_preserved()?;
+        let was_ready = self.state == VmState::Ready;
+        self.begin_replace("a restore");
+        self.rewind(snapshot, &chain, was_ready)?;
+        self.write_preserved(preserved)?;
+        if self.dirty_tracking && self.base != Some(snapshot.id()) {
+            self.machine.set_dirty_log(true)?;
+            self.machine.take_dirty_log()?;
+            self.clear_dirty();
+            self.base = Some(snapshot.id());
+        }
+        self.clear_poison();
+        Ok(())
+    }
+
+    /// The body of [`Self::restore_in_place`]: memory, vCPU and guest state.
+    fn rewind(
+        &mut self,
+        snapshot: &Snapshot,
+        chain: &[&Snapshot],
+        was_ready: bool,
+    ) -> Result<(), SnapshotError> {
+        // A vCPU stopped in the middle of an instruction would finish it on
+        // the next run, after the registers below were rewound.
+        self.complete_pending_exit()?;
         if self.dirty_tracking && self.base == Some(snapshot.id()) {
             self.reset_dirty_pages(snapshot)?;
         } else {
-            self.reset_all_pages(&chain)?;
+            // Memory is discarded wholesale: until this finished, nothing
+            // is tracked against any snapshot.
+            self.base = None;
+            self.reset_all_pages(chain)?;
         }
         // A ready VM's vCPU is where a call left it: at CPL3, with only the
         // state CPL3 code can change. A poisoned one may be anywhere.
-        let registers = match (self.state, snapshot.inner.guest.resets_cpu) {
-            (VmState::Ready, true) => cpu::Registers::NoVector,
-            (VmState::Ready, false) => cpu::Registers::UserMode,
+        let registers = match (was_ready, snapshot.inner.guest.resets_cpu) {
+            (true, true) => cpu::Registers::NoVector,
+            (true, false) => cpu::Registers::UserMode,
             _ => cpu::Registers::All,
         };
         let current = self.machine.cpuid.as_deref();
@@ -441,22 +495,13 @@ impl VmInstance {
             Machine::sync_regs_supported(),
         )?;
         self.machine.cpuid = Some(snapshot.inner.cpu.cpuid.clone());
-        snapshot.install_guest_state(self)?;
-        self.clear_poison();
-        self.write_preserved(preserved)?;
-        if self.dirty_tracking && self.base != Some(snapshot.id()) {
-            self.machine.set_dirty_log(true)?;
-            self.machine.take_dirty_log()?;
-            self.clear_dirty();
-            self.base = Some(snapshot.id());
-        }
-        Ok(())
+        snapshot.install_guest_state(self)
     }
 
     /// Rewinds only the pages written since the VM was last at `snapshot`:
     /// the cost follows what the guest touched, not the memory size.
     fn reset_dirty_pages(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
-        let pages = self.take_dirty_pages()?;
+        let pages = self.pending_dirty_pages()?;
         let hot = self.hot_pages().to_vec();
         let mut demote = Vec::new();
         let ram = &self.machine.ram;
@@ -482,7 +527,7 @@ impl VmInstance {
             }
             ram.copy_in(addr, wanted).map_err(|_| outside())?;
         }
-        self.protect_dirty(&demote)?;
+        self.commit_dirty(&demote)?;
         Ok(())
     }
 

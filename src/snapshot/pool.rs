@@ -43,8 +43,8 @@ fn new_shell(memory_size: u64, dirty_tracking: bool, prefault: &[u64]) -> Result
     machine.ram.write(USER_BASE, WARM_UP).map_err(setup)?;
     loop {
         match crate::vm::io_exit(machine.vcpu.run())? {
-            Some((PORT_HYPERCALL, _)) => break,
-            Some((port, _)) => {
+            Some((PORT_HYPERCALL, _, _)) => break,
+            Some((port, _, _)) => {
                 return Err(VmError::UnexpectedExit {
                     exit: format!("warm-up wrote to port {port:#x}"),
                 })

@@ -19,6 +19,14 @@ pub const MIN_MEMORY_SIZE: u64 = 4 << 20;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default limit on one call's output.
 pub const DEFAULT_MAX_OUTPUT: u64 = 256 << 20;
+/// Default limit on the input a guest passes to one host function call.
+pub const DEFAULT_MAX_HOST_CALL_INPUT: u64 = 16 << 20;
+/// Default limit on the result a host function may hand to the guest.
+pub const DEFAULT_MAX_HOST_CALL_OUTPUT: u64 = 16 << 20;
+/// Default limit on one guest message: a log line, a panic or abort text.
+pub const DEFAULT_MAX_MESSAGE: u64 = 16 << 10;
+/// Default budget of guest log bytes per call (and for init).
+pub const DEFAULT_LOG_BUDGET: u64 = 256 << 10;
 
 /// The error type host functions return. Its `Display` text is passed to
 /// the guest, which sees `HostError::Failed(message)`.
@@ -52,6 +60,36 @@ pub struct VmConfig {
     pub(crate) dirty_tracking: bool,
     pub(crate) max_preserved: u64,
     pub(crate) scratch_disk: Option<ScratchDisk>,
+    pub(crate) limits: GuestLimits,
+}
+
+/// Limits on what the host allocates or copies on a guest's behalf. Each
+/// bounds one guest-controlled size, so no guest can make the host allocate
+/// or copy more than these per call. Set them with
+/// [`VmConfig::host_call_limits`], [`VmConfig::max_message`] and
+/// [`VmConfig::log_budget`]; [`VmConfig::max_preserved`] and
+/// [`VmConfig::max_output`] bound the other two guest-sized buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GuestLimits {
+    /// Host-call input bytes ([`DEFAULT_MAX_HOST_CALL_INPUT`]).
+    pub(crate) host_call_input: u64,
+    /// Host-call result bytes ([`DEFAULT_MAX_HOST_CALL_OUTPUT`]).
+    pub(crate) host_call_output: u64,
+    /// One log line, panic or abort message ([`DEFAULT_MAX_MESSAGE`]).
+    pub(crate) message: u64,
+    /// Log bytes per call ([`DEFAULT_LOG_BUDGET`]).
+    pub(crate) log_budget: u64,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        Self {
+            host_call_input: DEFAULT_MAX_HOST_CALL_INPUT,
+            host_call_output: DEFAULT_MAX_HOST_CALL_OUTPUT,
+            message: DEFAULT_MAX_MESSAGE,
+            log_budget: DEFAULT_LOG_BUDGET,
+        }
+    }
 }
 
 /// Default limit on the bytes a guest may preserve across resets.
@@ -138,6 +176,7 @@ impl fmt::Debug for VmConfig {
             .field("dirty_tracking", &self.dirty_tracking)
             .field("max_preserved", &self.max_preserved)
             .field("scratch_disk", &self.scratch_disk)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -155,6 +194,7 @@ impl VmConfig {
             dirty_tracking: false,
             max_preserved: DEFAULT_MAX_PRESERVED,
             scratch_disk: None,
+            limits: GuestLimits::default(),
         }
     }
 
@@ -204,6 +244,35 @@ impl VmConfig {
     /// (`snapvm_guest::preserve`); default 1 MiB.
     pub fn max_preserved(mut self, bytes: u64) -> Self {
         self.max_preserved = bytes;
+        self
+    }
+
+    /// Largest input a guest may pass to one host function call, and
+    /// largest result a host function may hand back (defaults
+    /// [`DEFAULT_MAX_HOST_CALL_INPUT`] and [`DEFAULT_MAX_HOST_CALL_OUTPUT`]).
+    /// Past either limit the guest's host call fails
+    /// (`HostError::Failed`) and the VM stays ready: the host neither
+    /// copies the input nor runs the function.
+    pub fn host_call_limits(mut self, max_input: u64, max_output: u64) -> Self {
+        self.limits.host_call_input = max_input;
+        self.limits.host_call_output = max_output;
+        self
+    }
+
+    /// Longest guest message the host copies: one log line, or the text of
+    /// a panic or abort (default [`DEFAULT_MAX_MESSAGE`]). Longer ones are
+    /// truncated.
+    pub fn max_message(mut self, bytes: u64) -> Self {
+        self.limits.message = bytes;
+        self
+    }
+
+    /// Guest log bytes the host passes to its logger per call (and for
+    /// init), default [`DEFAULT_LOG_BUDGET`]. Past the budget the call's
+    /// further log messages are dropped, with one warning, so a guest
+    /// cannot flood the host's logs.
+    pub fn log_budget(mut self, bytes: u64) -> Self {
+        self.limits.log_budget = bytes;
         self
     }
 

@@ -338,6 +338,24 @@ pub enum VmError {
         /// Buffer length.
         capacity: usize,
     },
+    /// A host function panicked while serving the guest. The panic is
+    /// caught at the host-function boundary; the guest is left inside its
+    /// host call, so this *poisons*.
+    #[error("host function {name:?} panicked: {message}")]
+    HostFunctionPanic {
+        /// The host function's name.
+        name: String,
+        /// The panic payload, if it was a string.
+        message: String,
+    },
+    /// The vCPU could not be brought out of an instruction it was stopped
+    /// in the middle of (port or MMIO access) before its registers were
+    /// rewound. *Poisons*; the VM cannot be reset in place.
+    #[error("the vCPU is stuck in a pending {exit} and cannot be rewound")]
+    VcpuStuck {
+        /// The exit KVM kept reporting.
+        exit: String,
+    },
 }
 
 /// What was wrong with a hypercall.
@@ -372,6 +390,27 @@ pub enum HypercallFault {
     /// The guest reported a status the host does not know.
     #[error("unknown status {0}")]
     BadStatus(u64),
+    /// A buffer lies in memory guest code cannot access at CPL3 (the null
+    /// guard, the ABI page, the supervisor-only system area, the stack
+    /// guard). The host reads and writes for the guest only where the
+    /// guest itself could: the user stack and the program area up to the
+    /// end of guest memory (see `docs/architecture.md`).
+    #[error("buffer {addr:#x}+{len:#x} is not memory the guest can access")]
+    NotGuestMemory {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The guest answered a request to grow its input buffer with a buffer
+    /// smaller than asked for.
+    #[error("asked for an input buffer of {wanted} bytes, the guest offered {offered}")]
+    InputBufferTooSmall {
+        /// Bytes the host asked for.
+        wanted: u64,
+        /// Capacity the guest reported.
+        offered: u64,
+    },
 }
 
 impl From<super::memory::OutOfRange> for HypercallFault {
@@ -386,22 +425,34 @@ impl From<super::memory::OutOfRange> for HypercallFault {
 impl VmError {
     /// Whether this error poisons the instance it came from.
     pub fn poisons(&self) -> bool {
-        matches!(
-            self,
+        // Exhaustive on purpose: a new variant must decide here.
+        match self {
             Self::AbiMismatch { .. }
-                | Self::Poisoned { .. }
-                | Self::GuestPanic { .. }
-                | Self::GuestAbort { .. }
-                | Self::GuestOutOfMemory { .. }
-                | Self::GuestFault(_)
-                | Self::Shutdown
-                | Self::Timeout { .. }
-                | Self::BadHypercall { .. }
-                | Self::UnknownHypercall { .. }
-                | Self::UnexpectedExit { .. }
-                | Self::Kvm { .. }
-                | Self::Timer(_)
-        )
+            | Self::Poisoned { .. }
+            | Self::GuestPanic { .. }
+            | Self::GuestAbort { .. }
+            | Self::GuestOutOfMemory { .. }
+            | Self::GuestFault(_)
+            | Self::Shutdown
+            | Self::Timeout { .. }
+            | Self::BadHypercall { .. }
+            | Self::UnknownHypercall { .. }
+            | Self::UnexpectedExit { .. }
+            | Self::Kvm { .. }
+            | Self::Timer(_)
+            | Self::HostFunctionPanic { .. }
+            | Self::VcpuStuck { .. } => true,
+            Self::KvmUnavailable { .. }
+            | Self::MapMemory { .. }
+            | Self::Entropy(_)
+            | Self::InvalidConfig { .. }
+            | Self::InvalidGuest(_)
+            | Self::UnknownFunction { .. }
+            | Self::InputTooLarge { .. }
+            | Self::OutputTooLarge { .. }
+            | Self::MemoryOutOfRange { .. }
+            | Self::OutputBufferTooSmall { .. } => false,
+        }
     }
 
     pub(crate) fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {

@@ -17,6 +17,7 @@
 //! larger than the limit, a caller buffer too small — leave it ready.
 
 mod config;
+mod dirty;
 mod error;
 mod layout;
 mod loader;
@@ -33,7 +34,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 
 pub use config::{
-    HostFn, HostFnError, ScratchDisk, VmConfig, DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED,
+    HostFn, HostFnError, ScratchDisk, VmConfig, DEFAULT_LOG_BUDGET, DEFAULT_MAX_HOST_CALL_INPUT,
+    DEFAULT_MAX_HOST_CALL_OUTPUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED,
     DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE, MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
@@ -42,14 +44,30 @@ pub use machine::{check_kvm, check_kvm_device};
 pub use timer::timeout_signal;
 
 use crate::abi::{self, AbiPage, Hypercall, ABI_PAGE_ADDR, PORT_FAULT, PORT_HYPERCALL};
+use config::GuestLimits;
 use machine::Machine;
 
-/// Longest log message taken from a guest; longer ones are truncated.
-const MAX_LOG: u64 = 64 * 1024;
-/// Longest panic or abort message taken from a guest.
-const MAX_MESSAGE: u64 = 64 * 1024;
 /// Longest source file name in a panic location.
 const MAX_FILE_NAME: u64 = 4096;
+
+/// Checks that `[addr, addr + len)` is memory guest code can read and write
+/// at CPL3: the user stack and the program area up to the end of guest
+/// memory (`size`, scratch disk included). The null guard, the ABI page,
+/// the supervisor-only system area and the stack guard are refused, so a
+/// guest can never make the host read or write there on its behalf. Empty
+/// buffers are accepted anywhere (a guest passes dangling pointers for
+/// them); the host touches none of their bytes.
+pub(crate) fn check_user_range(size: u64, addr: u64, len: u64) -> Result<(), HypercallFault> {
+    if len == 0 {
+        return Ok(());
+    }
+    let inside = addr >= abi::STACK_BOTTOM && addr.checked_add(len).is_some_and(|end| end <= size);
+    if inside {
+        Ok(())
+    } else {
+        Err(HypercallFault::NotGuestMemory { addr, len })
+    }
+}
 
 /// The lifecycle state of a [`VmInstance`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,9 +134,6 @@ pub struct VmInstance {
     pub(crate) generation: Generation,
     /// Dirty-page tracking: on when the config asked for it.
     pub(crate) dirty_tracking: bool,
-    /// Guest pages the host wrote since the dirty log was last taken (the
-    /// KVM log only sees guest writes).
-    pub(crate) host_dirty: Vec<(u64, u64)>,
     /// The snapshot this VM's memory is tracked against, if any.
     pub(crate) base: Option<crate::snapshot::SnapshotId>,
     /// The snapshot whose image backs this VM's memory (lazy restore).
@@ -127,39 +142,25 @@ pub struct VmInstance {
     pub(crate) program_digest: [u8; 32],
     /// Regions (address, length) the guest asked to keep across resets.
     pub(crate) preserved: Vec<(u64, u64)>,
-    /// Pages (one bit each) the guest wrote since `base`, gathered from
-    /// KVM's dirty log (which clears on every read).
-    pub(crate) dirty_acc: Vec<u64>,
+    /// Pages the guest and host wrote since `base` (see [`dirty`]).
+    dirty: dirty::DirtyTracker,
     /// The guest restores its own vector state around every `Ready`/`Done`
     /// (`GUEST_FLAG_RESETS_VECTOR_STATE`).
     pub(crate) guest_resets_cpu: bool,
-    /// The pages of the previous `take_dirty_pages`, to find hot pages.
-    dirty_prev: Vec<u64>,
-    /// Indices of the non-zero words of `dirty_acc` and `dirty_prev`, so a
-    /// reset's work follows the pages written, not the memory size.
-    acc_words: Vec<usize>,
-    prev_words: Vec<usize>,
-    /// From the last `take_dirty_pages`: pages to write-protect again, and
-    /// hot pages left writable.
-    protect_pending: Vec<(usize, u64)>,
-    hot_pending: Vec<u64>,
-    /// Counts `take_dirty_pages` calls, for [`HOT_PERIOD`].
-    hot_round: u64,
-    /// Bits set in `dirty_acc`.
-    dirty_count: u64,
     /// The dirty log was read after the vCPU last ran (reading it again
     /// would return nothing new).
     dirty_fresh: bool,
     pub(crate) max_preserved: u64,
     /// End of the program area (the heap); the scratch disk lies above.
     heap_end: u64,
+    /// Limits on what the host copies for the guest.
+    limits: GuestLimits,
+    /// Guest log bytes passed on during the current call.
+    log_used: u64,
+    /// The vCPU stopped in an exit that is not a complete hypercall (it may
+    /// be in the middle of an instruction KVM completes on the next run).
+    pub(crate) exit_pending: bool,
 }
-
-/// Most pages kept writable between resets (see
-/// [`VmInstance::take_dirty_pages`]): bounds the copy every reset does.
-pub(crate) const HOT_PAGES: usize = 64;
-/// Resets after which the kept-writable pages are write-protected again.
-pub(crate) const HOT_PERIOD: u64 = 256;
 
 /// Most regions a guest may preserve.
 pub const MAX_PRESERVED_REGIONS: usize = 64;
@@ -271,23 +272,18 @@ impl VmInstance {
             stats: VmStats::default(),
             generation: Generation(0),
             dirty_tracking: config.dirty_tracking,
-            host_dirty: Vec::new(),
             base: None,
             backing: None,
             program_digest: *config.program.digest(),
             preserved: Vec::new(),
-            dirty_acc: Vec::new(),
-            dirty_count: 0,
-            dirty_prev: Vec::new(),
-            acc_words: Vec::new(),
-            prev_words: Vec::new(),
-            protect_pending: Vec::new(),
-            hot_pending: Vec::new(),
-            hot_round: 0,
+            dirty: dirty::DirtyTracker::default(),
             guest_resets_cpu: false,
             dirty_fresh: false,
             max_preserved: config.max_preserved,
             heap_end: config.memory_size,
+            limits: config.limits,
+            log_used: 0,
+            exit_pending: false,
         }
     }
 
@@ -380,12 +376,33 @@ impl VmInstance {
             .ok_or_else(|| VmError::UnknownFunction {
                 name: name.to_string(),
             })?;
+        // Poisoned until the call provably finished: a host panic unwinding
+        // out of here leaves no instance that claims to be ready.
+        self.state = VmState::Poisoned;
+        self.poison_cause = format!("call to {name:?} did not finish");
         let result = self.call_inner(index, input);
-        result.map_err(|e| self.poison(e))
+        self.finish(result)
+    }
+
+    /// Ends a call, reset or restore that marked the instance poisoned when
+    /// it started: ready again unless `result` is an error that poisons.
+    fn finish<T>(&mut self, result: Result<T, VmError>) -> Result<T, VmError> {
+        match result {
+            Err(e) if e.poisons() => {
+                self.poison_cause = e.to_string();
+                Err(e)
+            }
+            other => {
+                self.state = VmState::Ready;
+                self.poison_cause.clear();
+                other
+            }
+        }
     }
 
     fn call_inner(&mut self, index: u64, input: &[u8]) -> Result<(u64, u64), VmError> {
         self.pending_host_result = None;
+        self.log_used = 0;
         let len = input.len() as u64;
         if len > self.input_cap {
             self.grow_input(input.len())?;
@@ -408,10 +425,7 @@ impl VmInstance {
         if status != abi::STATUS_OK {
             return Err(bad("Done", HypercallFault::BadStatus(status)));
         }
-        self.machine
-            .ram
-            .check(output_ptr, output_len)
-            .map_err(|e| bad("Done", e.into()))?;
+        check_user_range(self.memory_size(), output_ptr, output_len).map_err(|e| bad("Done", e))?;
         if output_len > self.max_output {
             return Err(VmError::OutputTooLarge {
                 len: output_len,
@@ -437,7 +451,13 @@ impl VmInstance {
         self.read_input_buffer()?;
         match status {
             abi::STATUS_OK if self.input_cap >= len as u64 => Ok(()),
-            abi::STATUS_OK => Err(bad("Done", HypercallFault::BadStatus(status))),
+            abi::STATUS_OK => Err(bad(
+                "Done",
+                HypercallFault::InputBufferTooSmall {
+                    wanted: len as u64,
+                    offered: self.input_cap,
+                },
+            )),
             abi::STATUS_OUT_OF_MEMORY => Err(VmError::InputTooLarge { len }),
             other => Err(bad("Done", HypercallFault::BadStatus(other))),
         }
@@ -458,6 +478,13 @@ impl VmInstance {
         self.state = VmState::Ready;
         self.poison_cause.clear();
         self.pending_host_result = None;
+    }
+
+    /// Marks the instance poisoned while `step` replaces its state; only
+    /// [`Self::clear_poison`] at the end of a successful step undoes it.
+    pub(crate) fn begin_replace(&mut self, step: &str) {
+        self.state = VmState::Poisoned;
+        self.poison_cause = format!("{step} did not finish");
     }
 
     fn poison(&mut self, error: VmError) -> VmError {
@@ -489,6 +516,7 @@ impl VmInstance {
             ));
         }
         let ram = &self.machine.ram;
+        check_user_range(ram.size(), table, count * 16).map_err(|e| bad("Ready", e))?;
         let entries = ram
             .read_vec(table, count * 16)
             .map_err(|e| bad("Ready", e.into()))?;
@@ -513,10 +541,7 @@ impl VmInstance {
 
     fn read_input_buffer(&mut self) -> Result<(), VmError> {
         let [buf, cap] = self.read_words::<2>(field(offset_of!(AbiPage, input_buf)))?;
-        self.machine
-            .ram
-            .check(buf, cap)
-            .map_err(|e| bad("Ready", e.into()))?;
+        check_user_range(self.memory_size(), buf, cap).map_err(|e| bad("Ready", e))?;
         self.input_buf = buf;
         self.input_cap = cap;
         Ok(())
@@ -527,19 +552,18 @@ impl VmInstance {
     fn run(&mut self) -> Result<Stop, VmError> {
         self.dirty_fresh = false;
         let deadline = self.timeout.map(|limit| (Instant::now() + limit, limit));
-        if let Some((_, limit)) = deadline {
-            timer::arm(limit).map_err(VmError::Timer)?;
-        }
-        let result = self.run_loop(deadline);
-        if deadline.is_some() {
-            timer::disarm();
-        }
-        result
+        // Disarmed on every way out, a panic unwinding through here included.
+        let _armed = match deadline {
+            Some((_, limit)) => Some(timer::Armed::new(limit).map_err(VmError::Timer)?),
+            None => None,
+        };
+        self.run_loop(deadline)
     }
 
     fn run_loop(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Stop, VmError> {
         loop {
-            let Some((port, value)) = io_exit(self.machine.vcpu.run())? else {
+            self.exit_pending = true;
+            let Some((port, value, size)) = io_exit(self.machine.vcpu.run())? else {
                 if let Some((at, limit)) = deadline {
                     if Instant::now() >= at {
                         return Err(VmError::Timeout { limit });
@@ -547,25 +571,20 @@ impl VmInstance {
                 }
                 continue;
             };
+            // A hypercall is one 32-bit `out`; anything else at the port (a
+            // narrow write, string I/O of several elements) is refused, and
+            // the vCPU stays marked as stopped mid-instruction.
+            if port == PORT_HYPERCALL && size != 4 {
+                return Err(VmError::UnexpectedExit {
+                    exit: format!("{size}-byte write to the hypercall port"),
+                });
+            }
             match port {
                 PORT_HYPERCALL => match Hypercall::from_u32(value) {
                     Some(Hypercall::Ready) => return Ok(Stop::Ready),
                     Some(Hypercall::Done) => return Ok(Stop::Done),
                     Some(Hypercall::Log) => self.hypercall_log()?,
-                    Some(Hypercall::HostCall) => {
-                        if deadline.is_some() {
-                            timer::disarm();
-                        }
-                        let result = self.hypercall_host_call();
-                        if let Some((at, limit)) = deadline {
-                            let left = at.saturating_duration_since(Instant::now());
-                            if left.is_zero() {
-                                return Err(VmError::Timeout { limit });
-                            }
-                            timer::arm(left).map_err(VmError::Timer)?;
-                        }
-                        result?;
-                    }
+                    Some(Hypercall::HostCall) => self.hypercall_host_call(deadline)?,
                     Some(Hypercall::HostResult) => self.hypercall_host_result()?,
                     Some(Hypercall::Panic) => return Err(self.hypercall_panic()),
                     Some(Hypercall::Abort) => return Err(self.hypercall_abort()),
@@ -591,12 +610,83 @@ impl VmInstance {
         }
     }
 
+    /// Brings the vCPU out of any instruction it stopped in the middle of
+    /// (a port read, string I/O, MMIO): KVM would otherwise complete it on
+    /// the next `KVM_RUN`, *after* registers were rewound, and resume the
+    /// previous request's code. A `KVM_RUN` with `immediate_exit` set
+    /// completes what is pending without entering the guest; what it
+    /// completes is overwritten by the rewind that follows.
+    pub(crate) fn complete_pending_exit(&mut self) -> Result<(), VmError> {
+        if !self.exit_pending {
+            return Ok(());
+        }
+        /// KVM completes string I/O one batch (at most a page) per run:
+        /// bound the rounds. A guest whose `rep ins` runs longer than this
+        /// leaves a VM that cannot be rewound (`VcpuStuck`); drop it.
+        const ROUNDS: usize = 4096;
+        let vcpu = &mut self.machine.vcpu;
+        vcpu.set_kvm_immediate_exit(1);
+        let mut last = String::new();
+        let mut done = false;
+        for _ in 0..ROUNDS {
+            match vcpu.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    done = true;
+                    break;
+                }
+                Err(source) => {
+                    vcpu.set_kvm_immediate_exit(0);
+                    return Err(VmError::Kvm {
+                        step: "KVM_RUN (completing a pending exit)",
+                        source,
+                    });
+                }
+                Ok(VcpuExit::IoIn(_, data)) => {
+                    data.fill(0);
+                    last = "port read".into();
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0);
+                    last = "MMIO read".into();
+                }
+                Ok(other) => last = format!("{other:?}"),
+            }
+        }
+        vcpu.set_kvm_immediate_exit(0);
+        if !done {
+            return Err(VmError::VcpuStuck { exit: last });
+        }
+        self.exit_pending = false;
+        Ok(())
+    }
+
+    /// Accounts `len` log bytes against the call's budget; false when the
+    /// message is to be dropped.
+    fn log_allowed(&mut self, len: u64) -> bool {
+        let budget = self.limits.log_budget;
+        let before = self.log_used;
+        self.log_used = before.saturating_add(len);
+        if self.log_used <= budget {
+            return true;
+        }
+        if before <= budget {
+            log::warn!(
+                target: "snapvm::guest",
+                "guest log budget of {budget} bytes for this call is used up; \
+                 its further messages are dropped"
+            );
+        }
+        false
+    }
+
     fn hypercall_log(&mut self) -> Result<(), VmError> {
         let [level, ptr, len] = self.read_words::<3>(ARGS)?;
         let ram = &self.machine.ram;
-        ram.check(ptr, len).map_err(|e| bad("Log", e.into()))?;
-        let text =
-            read_str(ram, ptr, len.min(MAX_LOG), MAX_LOG, true).map_err(|e| bad("Log", e))?;
+        check_user_range(ram.size(), ptr, len).map_err(|e| bad("Log", e))?;
+        let len = len.min(self.limits.message);
+        if !self.log_allowed(len) {
+            return Ok(());
+        }
         let level = match level {
             1 => log::Level::Error,
             2 => log::Level::Warn,
@@ -604,26 +694,82 @@ impl VmInstance {
             4 => log::Level::Debug,
             _ => log::Level::Trace,
         };
+        if !log::log_enabled!(target: "snapvm::guest", level) {
+            return Ok(());
+        }
+        let text = read_str(&self.machine.ram, ptr, len, len, true).map_err(|e| bad("Log", e))?;
         log::log!(target: "snapvm::guest", level, "{text}");
         Ok(())
     }
 
-    fn hypercall_host_call(&mut self) -> Result<(), VmError> {
+    /// Serves a host call. The function is looked up before any input is
+    /// copied; input and result are bounded by the configured limits; the
+    /// copy runs under the call's deadline, and only the host function
+    /// itself runs with the timer off (so its system calls are not
+    /// interrupted). A panic in the host function is caught here.
+    fn hypercall_host_call(
+        &mut self,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<(), VmError> {
         let [name_ptr, name_len, in_ptr, in_len, out_ptr, out_cap] = self.read_words::<6>(ARGS)?;
-        let ram = &self.machine.ram;
-        let name = read_str(ram, name_ptr, name_len, abi::MAX_FUNCTION_NAME, false)
-            .map_err(|e| bad("HostCall", e))?;
-        let input = ram
-            .read_vec(in_ptr, in_len)
-            .map_err(|e| bad("HostCall", e.into()))?;
-        ram.check(out_ptr, out_cap)
-            .map_err(|e| bad("HostCall", e.into()))?;
-        let (status, result) = match self.host_functions.get(&name) {
-            None => (abi::HOST_CALL_UNKNOWN, Vec::new()),
-            Some(f) => match f(&input) {
-                Ok(out) => (abi::HOST_CALL_OK, out),
-                Err(e) => (abi::HOST_CALL_FAILED, e.to_string().into_bytes()),
-            },
+        let size = self.memory_size();
+        let name = read_str(
+            &self.machine.ram,
+            name_ptr,
+            name_len,
+            abi::MAX_FUNCTION_NAME,
+            false,
+        )
+        .map_err(|e| bad("HostCall", e))?;
+        check_user_range(size, in_ptr, in_len).map_err(|e| bad("HostCall", e))?;
+        check_user_range(size, out_ptr, out_cap).map_err(|e| bad("HostCall", e))?;
+        self.pending_host_result = None;
+        let Some(f) = self.host_functions.get(&name).cloned() else {
+            return self.write_words(RET, &[abi::HOST_CALL_UNKNOWN, 0]);
+        };
+        let (status, result) = if in_len > self.limits.host_call_input {
+            let message = format!(
+                "host call input of {in_len} bytes exceeds the {}-byte limit",
+                self.limits.host_call_input
+            );
+            (abi::HOST_CALL_FAILED, message.into_bytes())
+        } else {
+            let input = self
+                .machine
+                .ram
+                .read_vec(in_ptr, in_len)
+                .map_err(|e| bad("HostCall", e.into()))?;
+            if deadline.is_some() {
+                timer::disarm();
+            }
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&input)));
+            if let Some((at, limit)) = deadline {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(VmError::Timeout { limit });
+                }
+                timer::arm(left).map_err(VmError::Timer)?;
+            }
+            match outcome {
+                Ok(Ok(out)) if out.len() as u64 > self.limits.host_call_output => {
+                    let message = format!(
+                        "host function result of {} bytes exceeds the {}-byte limit",
+                        out.len(),
+                        self.limits.host_call_output
+                    );
+                    (abi::HOST_CALL_FAILED, message.into_bytes())
+                }
+                Ok(Ok(out)) => (abi::HOST_CALL_OK, out),
+                Ok(Err(e)) => (abi::HOST_CALL_FAILED, e.to_string().into_bytes()),
+                Err(payload) => {
+                    let message = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    return Err(VmError::HostFunctionPanic { name, message });
+                }
+            }
         };
         let len = result.len() as u64;
         if len <= out_cap {
@@ -632,7 +778,6 @@ impl VmInstance {
                 .write(out_ptr, &result)
                 .map_err(|e| bad("HostCall", e.into()))?;
             self.note_host_write(out_ptr, len);
-            self.pending_host_result = None;
             self.write_words(RET, &[status, len])
         } else {
             // Keep the original status in the result so `HostResult` can
@@ -649,7 +794,11 @@ impl VmInstance {
             && addr
                 .checked_add(len)
                 .is_some_and(|end| end <= self.heap_end);
-        let total: u64 = self.preserved.iter().map(|(_, l)| l).sum::<u64>() + len;
+        let total = self
+            .preserved
+            .iter()
+            .map(|&(_, l)| l)
+            .fold(len, u64::saturating_add);
         let status = if !in_program_area || len == 0 {
             abi::PRESERVE_OUT_OF_RANGE
         } else if total > self.max_preserved || self.preserved.len() >= MAX_PRESERVED_REGIONS {
@@ -680,6 +829,7 @@ impl VmInstance {
 
     fn hypercall_host_result(&mut self) -> Result<(), VmError> {
         let [ptr, cap] = self.read_words::<2>(ARGS)?;
+        check_user_range(self.memory_size(), ptr, cap).map_err(|e| bad("HostResult", e))?;
         let Some(result) = self.pending_host_result.take() else {
             return self.write_words(RET, &[abi::HOST_CALL_NO_RESULT, 0]);
         };
@@ -697,17 +847,24 @@ impl VmInstance {
         self.write_words(RET, &[self.pending_status, len])
     }
 
+    /// A guest message (panic, abort), truncated to the configured limit.
+    fn read_message(&self, hypercall: &'static str, ptr: u64, len: u64) -> Result<String, VmError> {
+        check_user_range(self.memory_size(), ptr, len).map_err(|e| bad(hypercall, e))?;
+        let len = len.min(self.limits.message);
+        read_str(&self.machine.ram, ptr, len, len, true).map_err(|e| bad(hypercall, e))
+    }
+
     fn hypercall_panic(&mut self) -> VmError {
         let result = (|| {
             let [msg_ptr, msg_len, file_ptr, file_len, line, column] =
                 self.read_words::<6>(ARGS)?;
-            let ram = &self.machine.ram;
-            let message =
-                read_str(ram, msg_ptr, msg_len, MAX_MESSAGE, true).map_err(|e| bad("Panic", e))?;
+            let message = self.read_message("Panic", msg_ptr, msg_len)?;
             let location = if file_len == 0 {
                 None
             } else {
-                let file = read_str(ram, file_ptr, file_len, MAX_FILE_NAME, true)
+                check_user_range(self.memory_size(), file_ptr, file_len)
+                    .map_err(|e| bad("Panic", e))?;
+                let file = read_str(&self.machine.ram, file_ptr, file_len, MAX_FILE_NAME, true)
                     .map_err(|e| bad("Panic", e))?;
                 Some(PanicLocation {
                     file,
@@ -723,8 +880,7 @@ impl VmInstance {
     fn hypercall_abort(&mut self) -> VmError {
         let result = (|| {
             let [ptr, len] = self.read_words::<2>(ARGS)?;
-            let message = read_str(&self.machine.ram, ptr, len, MAX_MESSAGE, true)
-                .map_err(|e| bad("Abort", e))?;
+            let message = self.read_message("Abort", ptr, len)?;
             Ok(VmError::GuestAbort { message })
         })();
         result.unwrap_or_else(|e| e)
@@ -778,124 +934,38 @@ impl VmInstance {
         }
         let log = self.machine.peek_dirty_log()?;
         self.dirty_fresh = true;
-        if self.dirty_acc.len() < log.len() {
-            self.dirty_acc.resize(log.len(), 0);
-            self.dirty_prev.resize(log.len(), 0);
-        }
-        let mut written = 0;
-        for (i, &word) in log.iter().enumerate() {
-            if word != 0 {
-                let acc = &mut self.dirty_acc[i];
-                if *acc == 0 {
-                    self.acc_words.push(i);
-                }
-                let new = u64::from((word & !*acc).count_ones());
-                written += new;
-                self.dirty_count += new;
-                *acc |= word;
-            }
-        }
-        Ok(written)
+        Ok(self.dirty.absorb(&log))
     }
 
     /// Pages the guest wrote since the VM was last at its tracked snapshot
     /// (as of the last [`Self::collect_dirty`]).
     pub(crate) fn dirty_since_base(&self) -> u64 {
-        self.dirty_count
+        self.dirty.count()
     }
 
-    /// Takes the set of pages written since the tracked snapshot (guest
-    /// writes from KVM's log, host writes, and the ABI page, which every
-    /// call writes), sorted and without duplicates, and starts a new set.
-    ///
-    /// Pages written in two successive sets (a call's stack, the ABI page,
-    /// the runtime's own data) are left writable instead of being
-    /// write-protected again, up to [`HOT_PAGES`]: KVM keeps reporting them
-    /// dirty, so they are always rewound, and the guest's next write to
-    /// them costs no fault. Every [`HOT_PERIOD`] sets they are protected
-    /// again, so pages that cooled down stop being copied.
-    pub(crate) fn take_dirty_pages(&mut self) -> Result<Vec<u64>, VmError> {
+    /// The pages written since the tracked snapshot (guest writes from
+    /// KVM's log, host writes, and the ABI page, which every call writes),
+    /// sorted and without duplicates. Forgets nothing until
+    /// [`Self::commit_dirty`]: a rewind that fails half-way keeps them all.
+    pub(crate) fn pending_dirty_pages(&mut self) -> Result<Vec<u64>, VmError> {
         self.collect_dirty()?;
-        let page_size = abi::PAGE_SIZE;
-        let mut pages = Vec::with_capacity(self.dirty_count as usize + 1 + self.host_dirty.len());
-        pages.push(ABI_PAGE_ADDR / page_size);
-        self.hot_round += 1;
-        let rehot = self.hot_round % HOT_PERIOD == 0;
-        self.hot_pending.clear();
-        let mut hot_left = HOT_PAGES;
-        // (word index, bits written) of this set, and the pages to protect.
-        let mut written: Vec<(usize, u64)> = Vec::with_capacity(self.acc_words.len());
-        let mut protect: Vec<(usize, u64)> = Vec::with_capacity(self.acc_words.len());
-        for &i in &self.acc_words {
-            let word = std::mem::take(&mut self.dirty_acc[i]);
-            let mut hot = if rehot { 0 } else { word & self.dirty_prev[i] };
-            while hot.count_ones() as usize > hot_left {
-                hot &= hot - 1;
-            }
-            hot_left -= hot.count_ones() as usize;
-            let mut bits = hot;
-            while bits != 0 {
-                self.hot_pending
-                    .push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-            }
-            protect.push((i, word & !hot));
-            written.push((i, word));
-            let mut bits = word;
-            while bits != 0 {
-                pages.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-            }
-        }
-        self.acc_words.clear();
-        for &i in &self.prev_words {
-            self.dirty_prev[i] = 0;
-        }
-        self.prev_words.clear();
-        for &(i, word) in &written {
-            self.dirty_prev[i] = word;
-            self.prev_words.push(i);
-        }
-        self.protect_pending = protect;
-        self.hot_pending.sort_unstable();
-        self.dirty_count = 0;
-        for (addr, len) in self.host_dirty.drain(..) {
-            pages.extend(addr / page_size..=(addr + len - 1) / page_size);
-        }
-        pages.sort_unstable();
-        pages.dedup();
-        Ok(pages)
+        Ok(self
+            .dirty
+            .pending(ABI_PAGE_ADDR / abi::PAGE_SIZE, abi::PAGE_SIZE))
     }
 
-    /// The pages of the last [`Self::take_dirty_pages`] that are to stay
+    /// The pages of the last [`Self::pending_dirty_pages`] that stay
     /// writable (hot), sorted.
     pub(crate) fn hot_pages(&self) -> &[u64] {
-        &self.hot_pending
+        self.dirty.hot()
     }
 
-    /// Write-protects again every page of the last
-    /// [`Self::take_dirty_pages`] except the hot ones, and also the hot pages
-    /// in `demote` (found unchanged, so no longer written by calls).
-    pub(crate) fn protect_dirty(&mut self, demote: &[u64]) -> Result<(), VmError> {
-        let mut protect = std::mem::take(&mut self.protect_pending);
-        for &page in demote {
-            let i = (page / 64) as usize;
-            let bit = 1u64 << (page % 64);
-            self.dirty_prev[i] &= !bit;
-            match protect.iter_mut().find(|(w, _)| *w == i) {
-                Some((_, bits)) => *bits |= bit,
-                None => protect.push((i, bit)),
-            }
-        }
-        if let (Some(lo), Some(hi)) = (
-            protect.iter().map(|&(i, _)| i).min(),
-            protect.iter().map(|&(i, _)| i).max(),
-        ) {
-            let mut bitmap = vec![0u64; hi - lo + 1];
-            for &(i, bits) in &protect {
-                bitmap[i - lo] |= bits;
-            }
-            self.machine.clear_dirty_log(lo, &bitmap)?;
+    /// Starts a new dirty set once the pages of the last
+    /// [`Self::pending_dirty_pages`] were rewound, and write-protects them
+    /// again (all but the hot ones; the hot pages in `demote` too).
+    pub(crate) fn commit_dirty(&mut self, demote: &[u64]) -> Result<(), VmError> {
+        if let Some((first_word, bitmap)) = self.dirty.commit(demote) {
+            self.machine.clear_dirty_log(first_word, &bitmap)?;
         }
         Ok(())
     }
@@ -903,18 +973,13 @@ impl VmInstance {
     /// Forgets every recorded write (after memory was rewound wholesale and
     /// the dirty log cleared).
     pub(crate) fn clear_dirty(&mut self) {
-        self.dirty_acc.iter_mut().for_each(|w| *w = 0);
-        self.dirty_prev.iter_mut().for_each(|w| *w = 0);
-        self.acc_words.clear();
-        self.prev_words.clear();
-        self.dirty_count = 0;
-        self.host_dirty.clear();
+        self.dirty.clear();
     }
 
     /// Records a host write into guest memory for dirty tracking.
     pub(crate) fn note_host_write(&mut self, addr: u64, len: u64) {
-        if self.dirty_tracking && len > 0 {
-            self.host_dirty.push((addr, len));
+        if self.dirty_tracking {
+            self.dirty.note_host_write(addr, len);
         }
     }
 
@@ -952,18 +1017,19 @@ fn abi_boot_words(boot: &AbiPage) -> [u64; 5] {
 
 pub(crate) use layout::{page_table_pages, write_system_area_checked as write_system_area};
 
-/// Classifies the result of one `KVM_RUN`: an I/O write gives its port and
-/// value, an interrupted run (the timeout signal) gives `None`, and every
-/// other exit is an error.
+/// Classifies the result of one `KVM_RUN`: an I/O write gives its port,
+/// value (the first four bytes) and size in bytes (element size × count),
+/// an interrupted run (the timeout signal) gives `None`, and every other
+/// exit is an error.
 pub(crate) fn io_exit(
     run: Result<VcpuExit<'_>, kvm_ioctls::Error>,
-) -> Result<Option<(u16, u32)>, VmError> {
+) -> Result<Option<(u16, u32, usize)>, VmError> {
     match run {
         Ok(VcpuExit::IoOut(port, data)) => {
             let mut word = [0u8; 4];
             let n = data.len().min(4);
             word[..n].copy_from_slice(&data[..n]);
-            Ok(Some((port, u32::from_le_bytes(word))))
+            Ok(Some((port, u32::from_le_bytes(word), data.len())))
         }
         Ok(VcpuExit::Shutdown) => Err(VmError::Shutdown),
         Ok(VcpuExit::IoIn(port, _)) => Err(VmError::UnexpectedExit {
@@ -996,6 +1062,7 @@ fn read_str(
     if len > limit {
         return Err(HypercallFault::TooLong { len, limit });
     }
+    check_user_range(ram.size(), ptr, len)?;
     let bytes = ram.read_vec(ptr, len)?;
     match String::from_utf8(bytes) {
         Ok(s) => Ok(s),

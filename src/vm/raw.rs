@@ -30,7 +30,7 @@ impl RawGuest {
     /// write, or an error for any other exit.
     pub fn run_once(&mut self) -> Result<u16, VmError> {
         loop {
-            if let Some((port, _)) = super::io_exit(self.machine.vcpu.run())? {
+            if let Some((port, _, _)) = super::io_exit(self.machine.vcpu.run())? {
                 return Ok(port);
             }
         }

@@ -126,3 +126,21 @@ pub(crate) fn disarm() {
         }
     });
 }
+
+/// This thread's timer, armed: disarms it when dropped, on every path out
+/// of a run (errors, early returns and panics unwinding through it alike).
+pub(crate) struct Armed(());
+
+impl Armed {
+    /// Arms the timer (see [`arm`]) and returns the guard.
+    pub(crate) fn new(after: Duration) -> io::Result<Self> {
+        arm(after)?;
+        Ok(Self(()))
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        disarm();
+    }
+}

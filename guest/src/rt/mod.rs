@@ -317,6 +317,8 @@ pub fn abort(message: &str) -> ! {
 }
 
 pub(crate) fn report_out_of_memory(requested: usize) -> ! {
+    // The host reports the heap as it is now, not as the last call left it.
+    abi_write!(heap_used, heap_used() as u64);
     loop {
         set_arg(0, requested as u64);
         hypercall(Hypercall::OutOfMemory);

@@ -1,0 +1,324 @@
+//! The dirty-page tracker: which guest pages a reset must rewind, and which
+//! to write-protect again afterwards. Pure bookkeeping over bitmaps (one
+//! bit per 4 KiB page); the VM feeds it KVM's dirty log and applies what it
+//! returns, so it is tested here against a naive model without a VM.
+//!
+//! A reset is two-phase: [`DirtyTracker::pending`] lists the pages to
+//! rewind *without forgetting them*; only [`DirtyTracker::commit`], called
+//! after every page was copied, starts a new set. A reset that fails
+//! half-way therefore leaves every page in the set, and a retried reset
+//! rewinds them all.
+//!
+//! Pages written in two successive sets (a call's stack, the ABI page, the
+//! runtime's own data) are left writable instead of being write-protected
+//! again, up to [`HOT_PAGES`]: KVM keeps reporting them dirty, so they are
+//! always rewound, and the guest's next write to them costs no fault. Every
+//! [`HOT_PERIOD`] sets they are protected again, so pages that cooled down
+//! stop being copied.
+
+/// Most pages kept writable between resets: bounds the copy every reset does.
+pub(crate) const HOT_PAGES: usize = 64;
+/// Resets after which the kept-writable pages are write-protected again.
+pub(crate) const HOT_PERIOD: u64 = 256;
+
+/// Pages written since the tracked snapshot, and the hot-page state.
+#[derive(Debug, Default)]
+pub(crate) struct DirtyTracker {
+    /// Pages (one bit each) written since the last commit.
+    acc: Vec<u64>,
+    /// The pages of the previous commit, to find hot pages.
+    prev: Vec<u64>,
+    /// Indices of the non-zero words of `acc` and `prev`, so the work
+    /// follows the pages written, not the memory size.
+    acc_words: Vec<usize>,
+    prev_words: Vec<usize>,
+    /// Bits set in `acc`.
+    count: u64,
+    /// Guest ranges (address, length) the host wrote (KVM's log only sees
+    /// guest writes).
+    host: Vec<(u64, u64)>,
+    /// From the last `pending`: hot pages to leave writable, sorted.
+    hot: Vec<u64>,
+    /// Commits so far, for [`HOT_PERIOD`].
+    round: u64,
+}
+
+impl DirtyTracker {
+    /// Adds a dirty-log bitmap (pages written since they were last
+    /// write-protected) and returns how many of its pages are new to the
+    /// set.
+    pub(crate) fn absorb(&mut self, log: &[u64]) -> u64 {
+        if self.acc.len() < log.len() {
+            self.acc.resize(log.len(), 0);
+            self.prev.resize(log.len(), 0);
+        }
+        let mut new_pages = 0;
+        for (i, &word) in log.iter().enumerate() {
+            if word != 0 {
+                let acc = &mut self.acc[i];
+                if *acc == 0 {
+                    self.acc_words.push(i);
+                }
+                let new = u64::from((word & !*acc).count_ones());
+                new_pages += new;
+                *acc |= word;
+            }
+        }
+        self.count += new_pages;
+        new_pages
+    }
+
+    /// Records a host write of `len` bytes at guest address `addr`.
+    pub(crate) fn note_host_write(&mut self, addr: u64, len: u64) {
+        if len > 0 {
+            self.host.push((addr, len));
+        }
+    }
+
+    /// Guest pages written since the last commit (as absorbed so far).
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The pages to rewind: every page in the set, host writes and
+    /// `always` (a page every call writes), sorted and without duplicates.
+    /// Also decides which of them stay writable ([`Self::hot`]). Forgets
+    /// nothing: call [`Self::commit`] once the pages were rewound.
+    pub(crate) fn pending(&mut self, always: u64, page_size: u64) -> Vec<u64> {
+        let mut pages = Vec::with_capacity(self.count as usize + 1 + self.host.len());
+        pages.push(always);
+        let rehot = (self.round + 1) % HOT_PERIOD == 0;
+        self.hot.clear();
+        let mut hot_left = HOT_PAGES;
+        for &i in &self.acc_words {
+            let word = self.acc[i];
+            let mut hot = if rehot { 0 } else { word & self.prev[i] };
+            while hot.count_ones() as usize > hot_left {
+                hot &= hot - 1;
+            }
+            hot_left -= hot.count_ones() as usize;
+            push_bits(&mut self.hot, i, hot);
+            push_bits(&mut pages, i, word);
+        }
+        for &(addr, len) in &self.host {
+            let last = addr.saturating_add(len - 1) / page_size;
+            pages.extend(addr / page_size..=last);
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        self.hot.sort_unstable();
+        pages
+    }
+
+    /// The pages of the last [`Self::pending`] that stay writable, sorted.
+    pub(crate) fn hot(&self) -> &[u64] {
+        &self.hot
+    }
+
+    /// Starts a new set after the pages of the last [`Self::pending`] were
+    /// rewound. Returns the pages to write-protect again, as a bitmap whose
+    /// word 0 covers pages `first_word * 64..`: every page of the set but
+    /// the hot ones, plus the hot pages in `demote` (found unchanged, so no
+    /// longer written by calls).
+    pub(crate) fn commit(&mut self, demote: &[u64]) -> Option<(usize, Vec<u64>)> {
+        self.round += 1;
+        let mut protect: Vec<(usize, u64)> = Vec::with_capacity(self.acc_words.len());
+        for &i in &self.prev_words {
+            self.prev[i] = 0;
+        }
+        self.prev_words.clear();
+        let mut hot = self.hot.iter().peekable();
+        for &i in &self.acc_words {
+            let word = std::mem::take(&mut self.acc[i]);
+            let mut hot_bits = 0u64;
+            while let Some(&&page) = hot.peek() {
+                if page / 64 > i as u64 {
+                    break;
+                }
+                if page / 64 == i as u64 {
+                    hot_bits |= 1 << (page % 64);
+                }
+                hot.next();
+            }
+            protect.push((i, word & !hot_bits));
+            self.prev[i] = word;
+            self.prev_words.push(i);
+        }
+        self.acc_words.clear();
+        self.count = 0;
+        self.host.clear();
+        for &page in demote {
+            let i = (page / 64) as usize;
+            let bit = 1u64 << (page % 64);
+            if let Some(prev) = self.prev.get_mut(i) {
+                *prev &= !bit;
+            }
+            match protect.iter_mut().find(|(w, _)| *w == i) {
+                Some((_, bits)) => *bits |= bit,
+                None => protect.push((i, bit)),
+            }
+        }
+        let lo = protect.iter().map(|&(i, _)| i).min()?;
+        let hi = protect.iter().map(|&(i, _)| i).max()?;
+        let mut bitmap = vec![0u64; hi - lo + 1];
+        for &(i, bits) in &protect {
+            bitmap[i - lo] |= bits;
+        }
+        Some((lo, bitmap))
+    }
+
+    /// Forgets every recorded write (after memory was rewound wholesale and
+    /// the dirty log cleared).
+    pub(crate) fn clear(&mut self) {
+        self.acc.iter_mut().for_each(|w| *w = 0);
+        self.prev.iter_mut().for_each(|w| *w = 0);
+        self.acc_words.clear();
+        self.prev_words.clear();
+        self.count = 0;
+        self.host.clear();
+        self.hot.clear();
+    }
+}
+
+fn push_bits(out: &mut Vec<u64>, word_index: usize, mut bits: u64) {
+    while bits != 0 {
+        out.push(word_index as u64 * 64 + u64::from(bits.trailing_zeros()));
+        bits &= bits - 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const PAGES: u64 = 1024;
+    const WORDS: usize = (PAGES / 64) as usize;
+
+    /// KVM's dirty log with manual protection: a page's bit is set by a
+    /// guest write and stays set until it is cleared (write-protected).
+    struct Kvm {
+        log: Vec<u64>,
+    }
+
+    impl Kvm {
+        fn write(&mut self, page: u64) {
+            self.log[(page / 64) as usize] |= 1 << (page % 64);
+        }
+        fn clear(&mut self, first_word: usize, bitmap: &[u64]) {
+            for (i, bits) in bitmap.iter().enumerate() {
+                self.log[first_word + i] &= !bits;
+            }
+        }
+    }
+
+    /// One reset round: guest writes, host writes, whether the copy
+    /// succeeds, and which hot pages are found unchanged.
+    #[derive(Debug, Clone)]
+    struct Round {
+        guest: Vec<u64>,
+        host: Vec<(u64, u64)>,
+        copy_fails: bool,
+        demote_every: u64,
+    }
+
+    fn round() -> impl Strategy<Value = Round> {
+        (
+            // Mostly a recurring working set (hot pages), some random ones.
+            proptest::collection::vec(prop_oneof![3 => 0..80u64, 1 => 0..PAGES], 0..100),
+            proptest::collection::vec((0..PAGES * 4096 - 8192, 1..8192u64), 0..3),
+            proptest::bool::weighted(0.1),
+            1..5u64,
+        )
+            .prop_map(|(guest, host, copy_fails, demote_every)| Round {
+                guest,
+                host,
+                copy_fails,
+                demote_every,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8))]
+
+        /// Over many hundreds of rounds (past the re-protect period), every
+        /// page written since the last successful reset is rewound, the hot
+        /// set stays bounded, and after a commit the only pages KVM still
+        /// reports are the hot ones kept writable.
+        #[test]
+        fn never_skips_a_written_page(rounds in proptest::collection::vec(round(), 600..700)) {
+            let mut kvm = Kvm { log: vec![0; WORDS] };
+            let mut tracker = DirtyTracker::default();
+            // The naive model: pages written since the last successful reset.
+            let mut written: BTreeSet<u64> = BTreeSet::new();
+            for r in rounds {
+                for &page in &r.guest {
+                    kvm.write(page);
+                    written.insert(page);
+                }
+                for &(addr, len) in &r.host {
+                    tracker.note_host_write(addr, len);
+                    written.extend(addr / 4096..=(addr + len - 1) / 4096);
+                }
+                tracker.absorb(&kvm.log);
+                let pending = tracker.pending(1, 4096);
+                let pending_set: BTreeSet<u64> = pending.iter().copied().collect();
+                prop_assert!(pending.windows(2).all(|w| w[0] < w[1]), "sorted, unique");
+                prop_assert!(written.is_subset(&pending_set), "a written page was skipped");
+                prop_assert!(pending_set.contains(&1));
+                prop_assert!(tracker.hot().len() <= HOT_PAGES);
+                prop_assert!(tracker.hot().iter().all(|p| pending_set.contains(p)));
+                if r.copy_fails {
+                    // Nothing committed: the next round must still rewind all.
+                    continue;
+                }
+                let demote: Vec<u64> = tracker
+                    .hot()
+                    .iter()
+                    .copied()
+                    .filter(|p| p % r.demote_every == 0)
+                    .collect();
+                let hot: BTreeSet<u64> = tracker.hot().iter().copied().collect();
+                if let Some((lo, bitmap)) = tracker.commit(&demote) {
+                    kvm.clear(lo, &bitmap);
+                }
+                written.clear();
+                // Pages still reported dirty: only hot ones left writable.
+                for (i, &word) in kvm.log.iter().enumerate() {
+                    let mut bits = word;
+                    while bits != 0 {
+                        let page = i as u64 * 64 + u64::from(bits.trailing_zeros());
+                        prop_assert!(hot.contains(&page) && !demote.contains(&page));
+                        bits &= bits - 1;
+                    }
+                }
+                prop_assert_eq!(tracker.count(), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn hot_pages_are_protected_again_every_period() {
+        let mut kvm = Kvm {
+            log: vec![0; WORDS],
+        };
+        let mut tracker = DirtyTracker::default();
+        for round in 1..=HOT_PERIOD * 2 {
+            kvm.write(100);
+            tracker.absorb(&kvm.log);
+            tracker.pending(1, 4096);
+            let hot = tracker.hot().to_vec();
+            if round % HOT_PERIOD == 0 || round == 1 {
+                assert!(hot.is_empty(), "round {round}: {hot:?}");
+            } else {
+                assert_eq!(hot, [100], "round {round}");
+            }
+            if let Some((lo, bitmap)) = tracker.commit(&[]) {
+                kvm.clear(lo, &bitmap);
+            }
+        }
+    }
+}

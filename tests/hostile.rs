@@ -1,0 +1,403 @@
+//! A hostile guest, on real KVM: `guests/rawguest` runs a script of raw ABI
+//! actions (any hypercall with any arguments, any ABI-page contents, port
+//! reads, string I/O, privileged instructions). Each test checks that the
+//! host refuses to act outside the guest's own rights, that every failure is
+//! a typed error, and that the *next* request never sees the previous one.
+
+mod common;
+
+use std::mem::offset_of;
+
+use snapvm::abi::{self, AbiPage, Hypercall};
+use snapvm::vm::ScratchDisk;
+use snapvm::{GuestProgram, Snapshot, VmConfig, VmError, VmInstance, VmState};
+
+const MEMORY: u64 = 64 << 20;
+/// The scratch disk (the script) sits right above guest memory.
+const DISK: u64 = MEMORY;
+const DISK_SIZE: usize = 64 << 10;
+/// Where the script's data lives inside the disk.
+const DATA: u64 = 0x1000;
+const NAMES: u64 = DATA + 0x100;
+const INPUT: u64 = 0x4000;
+const INNOCENT_OUT: u64 = DATA + 0x400;
+const HOSTILE_OUT: u64 = DATA + 0x500;
+
+fn off(field: usize) -> u64 {
+    field as u64
+}
+
+/// Builds a rawguest disk: script words plus data.
+struct Script {
+    words: Vec<u64>,
+    disk: Vec<u8>,
+}
+
+impl Script {
+    fn new() -> Self {
+        let mut s = Self {
+            words: Vec::new(),
+            disk: vec![0; DISK_SIZE],
+        };
+        s.data(NAMES, &name_entries());
+        s.data(NAMES + 0x100, b"hostile");
+        s.data(NAMES + 0x110, b"innocent");
+        s.data(INNOCENT_OUT, b"innocent");
+        s.data(HOSTILE_OUT, b"HOSTILE!");
+        s
+    }
+
+    fn data(&mut self, offset: u64, bytes: &[u8]) {
+        self.disk[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn abi(&mut self, field: usize, value: u64) -> &mut Self {
+        self.words.extend([1, off(field), value]);
+        self
+    }
+
+    fn abi_disk(&mut self, field: usize, add: u64) -> &mut Self {
+        self.words.extend([10, off(field), add]);
+        self
+    }
+
+    fn arg(&mut self, i: usize, value: u64) -> &mut Self {
+        self.abi(offset_of!(AbiPage, args) + 8 * i, value)
+    }
+
+    fn hypercall(&mut self, nr: u32) -> &mut Self {
+        self.words.extend([3, u64::from(nr)]);
+        self
+    }
+
+    fn op(&mut self, words: &[u64]) -> &mut Self {
+        self.words.extend_from_slice(words);
+        self
+    }
+
+    /// A well-formed `Ready`: two functions (`hostile` = 0, `innocent` = 1)
+    /// and an input buffer in the disk, unless `input` says otherwise.
+    fn ready_with_input(&mut self, input: Option<(u64, u64)>) -> &mut Self {
+        self.abi(
+            offset_of!(AbiPage, version),
+            u64::from(abi::ABI_VERSION) | u64::from(abi::ABI_VERSION) << 32,
+        )
+        .abi_disk(offset_of!(AbiPage, func_table), NAMES)
+        .abi(offset_of!(AbiPage, func_count), 2);
+        match input {
+            Some((buf, cap)) => self
+                .abi(offset_of!(AbiPage, input_buf), buf)
+                .abi(offset_of!(AbiPage, input_cap), cap),
+            None => self
+                .abi_disk(offset_of!(AbiPage, input_buf), INPUT)
+                .abi(offset_of!(AbiPage, input_cap), 0x1000),
+        };
+        self.hypercall(Hypercall::Ready as u32)
+    }
+
+    fn ready(&mut self) -> &mut Self {
+        self.ready_with_input(None)
+    }
+
+    /// Sets the output to the data at `at` (8 bytes), status OK, and `Done`.
+    fn done_with(&mut self, at: u64) -> &mut Self {
+        self.abi_disk(offset_of!(AbiPage, output_ptr), at)
+            .abi(offset_of!(AbiPage, output_len), 8)
+            .abi(offset_of!(AbiPage, status), abi::STATUS_OK)
+            .hypercall(Hypercall::Done as u32)
+    }
+
+    /// After `Ready`: a dispatch on the function index; `hostile` runs
+    /// `attack` then answers `HOSTILE!`, `innocent` answers `innocent`.
+    fn serve(&mut self, attack: impl FnOnce(&mut Self)) -> &mut Self {
+        let dispatch = self.words.len() as u64;
+        self.op(&[11, 2, 0, 0]);
+        let hostile = self.words.len() as u64;
+        attack(self);
+        self.done_with(HOSTILE_OUT).op(&[9, dispatch]);
+        let innocent = self.words.len() as u64;
+        self.done_with(INNOCENT_OUT).op(&[9, dispatch]);
+        self.words[dispatch as usize + 2] = hostile;
+        self.words[dispatch as usize + 3] = innocent;
+        self
+    }
+
+    fn config(&self) -> VmConfig {
+        let mut disk = self.disk.clone();
+        assert!(self.words.len() * 8 <= DATA as usize, "script too long");
+        for (i, w) in self.words.iter().enumerate() {
+            disk[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        VmConfig::new(GuestProgram::from_file(common::guest_path("rawguest")).expect("rawguest"))
+            .memory_size(MEMORY)
+            .scratch_disk(ScratchDisk::from_bytes(disk))
+            .timeout(Some(std::time::Duration::from_secs(2)))
+            .dirty_tracking(true)
+            .host_function("evil", |_| Ok(vec![0xFF; 64]))
+    }
+}
+
+fn name_entries() -> Vec<u8> {
+    [DISK + NAMES + 0x100, 7, DISK + NAMES + 0x110, 8]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+/// A VM serving `attack` as `hostile`, and its ready snapshot.
+fn serving(attack: impl FnOnce(&mut Script)) -> (VmInstance, Snapshot) {
+    let mut script = Script::new();
+    script.ready().serve(attack);
+    let mut vm = VmInstance::new(&script.config()).expect("rawguest boots");
+    let ready = vm.snapshot().expect("snapshot");
+    assert_eq!(
+        vm.invoke("innocent", b"").expect("innocent call"),
+        b"innocent"
+    );
+    vm.restore_in_place(&ready).expect("reset");
+    (vm, ready)
+}
+
+fn is_bad_hypercall(e: &VmError) -> bool {
+    matches!(e, VmError::BadHypercall { .. })
+}
+
+/// System-area addresses a confused host could be aimed at.
+const SYSTEM_TARGETS: [u64; 5] = [
+    0xA000,                // PML4
+    0x3000,                // IDT
+    0x2000,                // GDT
+    abi::ABI_PAGE_ADDR,    // the ABI page itself
+    abi::STACK_GUARD_ADDR, // the unmapped stack guard
+];
+
+#[test]
+fn ready_with_input_buffer_outside_user_memory_is_refused() {
+    require_kvm!();
+    for target in SYSTEM_TARGETS {
+        let mut script = Script::new();
+        script.ready_with_input(Some((target, 0x1000)));
+        let err = VmInstance::new(&script.config()).expect_err("a system-area input buffer");
+        assert!(is_bad_hypercall(&err), "{target:#x}: {err}");
+    }
+}
+
+#[test]
+fn grow_answered_with_system_area_is_refused() {
+    require_kvm!();
+    for target in SYSTEM_TARGETS {
+        // Every request after Ready is answered as a grow: with a buffer in
+        // memory the guest cannot write itself.
+        let mut script = Script::new();
+        script.ready();
+        let answer = script.words.len() as u64;
+        script
+            .abi(offset_of!(AbiPage, input_buf), target)
+            .abi(offset_of!(AbiPage, input_cap), 1 << 20)
+            .abi(offset_of!(AbiPage, status), abi::STATUS_OK)
+            .hypercall(Hypercall::Done as u32)
+            .op(&[9, answer]);
+        let mut vm = VmInstance::new(&script.config()).expect("boots");
+        let err = vm
+            .invoke("innocent", &[0x41; 0x2000])
+            .expect_err("growing into the system area");
+        assert!(is_bad_hypercall(&err), "{target:#x}: {err}");
+        assert_eq!(vm.state(), VmState::Poisoned);
+    }
+}
+
+#[test]
+fn host_call_output_outside_user_memory_is_refused() {
+    require_kvm!();
+    for target in SYSTEM_TARGETS {
+        let (mut vm, _) = serving(|s| {
+            s.data(NAMES + 0x180, b"evil");
+            s.arg(0, DISK + NAMES + 0x180)
+                .arg(1, 4)
+                .arg(2, DISK + INPUT)
+                .arg(3, 0)
+                .arg(4, target)
+                .arg(5, 0x1000)
+                .hypercall(Hypercall::HostCall as u32);
+        });
+        let err = vm
+            .invoke("hostile", b"")
+            .expect_err("host writes for the guest");
+        assert!(is_bad_hypercall(&err), "{target:#x}: {err}");
+        assert_eq!(vm.state(), VmState::Poisoned);
+    }
+}
+
+#[test]
+fn host_result_outside_user_memory_is_refused() {
+    require_kvm!();
+    for target in SYSTEM_TARGETS {
+        let (mut vm, _) = serving(|s| {
+            s.data(NAMES + 0x180, b"evil");
+            s.arg(0, DISK + NAMES + 0x180)
+                .arg(1, 4)
+                .arg(2, DISK + INPUT)
+                .arg(3, 0)
+                .arg(4, DISK + INPUT)
+                .arg(5, 0) // too small: the result waits for HostResult
+                .hypercall(Hypercall::HostCall as u32)
+                .arg(0, target)
+                .arg(1, 0x1000)
+                .hypercall(Hypercall::HostResult as u32);
+        });
+        let err = vm
+            .invoke("hostile", b"")
+            .expect_err("host result into the system area");
+        assert!(is_bad_hypercall(&err), "{target:#x}: {err}");
+    }
+}
+
+#[test]
+fn host_reads_only_user_memory() {
+    require_kvm!();
+    for target in SYSTEM_TARGETS {
+        // A log message, a panic message and the output, each read from
+        // memory the guest cannot read itself.
+        let attacks: [Box<dyn Fn(&mut Script)>; 3] = [
+            Box::new(move |s| {
+                s.arg(0, 3)
+                    .arg(1, target)
+                    .arg(2, 64)
+                    .hypercall(Hypercall::Log as u32);
+            }),
+            Box::new(move |s| {
+                s.arg(0, target)
+                    .arg(1, 64)
+                    .arg(3, 0)
+                    .hypercall(Hypercall::Panic as u32);
+            }),
+            Box::new(move |s| {
+                s.abi(offset_of!(AbiPage, output_ptr), target)
+                    .abi(offset_of!(AbiPage, output_len), 64)
+                    .abi(offset_of!(AbiPage, status), abi::STATUS_OK)
+                    .hypercall(Hypercall::Done as u32);
+            }),
+        ];
+        for (i, attack) in attacks.iter().enumerate() {
+            let (mut vm, _) = serving(|s| attack(s));
+            let err = vm
+                .invoke("hostile", b"")
+                .expect_err("reading the system area");
+            assert!(is_bad_hypercall(&err), "attack {i} at {target:#x}: {err}");
+        }
+    }
+}
+
+/// After `attack` made the hostile call fail (or return), a reset and an
+/// innocent call: the innocent call must see nothing of the attack.
+fn assert_reset_isolates(name: &str, attack: impl FnOnce(&mut Script), must_fail: bool) {
+    let (mut vm, ready) = serving(attack);
+    let result = vm.invoke("hostile", b"");
+    if must_fail {
+        assert!(
+            result.is_err(),
+            "{name}: the hostile call succeeded: {result:?}"
+        );
+    }
+    vm.restore_in_place(&ready)
+        .unwrap_or_else(|e| panic!("{name}: reset failed: {e}"));
+    for _ in 0..3 {
+        let out = vm
+            .invoke("innocent", b"")
+            .unwrap_or_else(|e| panic!("{name}: innocent call after reset: {e}"));
+        assert_eq!(
+            out, b"innocent",
+            "{name}: the next request saw the previous one"
+        );
+        vm.restore_in_place(&ready).expect("reset");
+    }
+}
+
+#[test]
+fn pending_io_never_survives_a_reset() {
+    require_kvm!();
+    assert_reset_isolates(
+        "in",
+        |s| {
+            s.op(&[4]);
+        },
+        true,
+    );
+    assert_reset_isolates(
+        "rep insb",
+        |s| {
+            s.op(&[5, 64]);
+        },
+        true,
+    );
+    assert_reset_isolates(
+        "rep insb, huge count",
+        |s| {
+            s.op(&[5, u64::MAX]);
+        },
+        true,
+    );
+    assert_reset_isolates(
+        "outsd Done",
+        |s| {
+            s.op(&[6, Hypercall::Done as u64]);
+        },
+        false,
+    );
+    assert_reset_isolates(
+        "rep outsd Done",
+        |s| {
+            s.op(&[7, 2, Hypercall::Done as u64]);
+        },
+        false,
+    );
+    assert_reset_isolates(
+        "rep outsd Log",
+        |s| {
+            s.op(&[7, 8, Hypercall::Log as u64]);
+        },
+        false,
+    );
+}
+
+#[test]
+fn privileged_instructions_fault_and_reset_restores() {
+    require_kvm!();
+    for kind in 0..8u64 {
+        let (mut vm, ready) = serving(|s| {
+            s.op(&[8, kind]);
+        });
+        let err = vm.invoke("hostile", b"").expect_err("privileged at CPL3");
+        assert!(matches!(err, VmError::GuestFault(_)), "kind {kind}: {err}");
+        vm.restore_in_place(&ready).expect("reset");
+        assert_eq!(vm.invoke("innocent", b"").expect("innocent"), b"innocent");
+    }
+}
+
+#[test]
+fn unknown_hypercalls_and_wild_arguments_are_typed_errors() {
+    require_kvm!();
+    // Every hypercall with arguments at the extremes.
+    let extremes = [
+        0,
+        1,
+        0xFFF,
+        abi::SYSTEM_AREA_END,
+        DISK,
+        u64::MAX / 2,
+        u64::MAX,
+    ];
+    for nr in 0..12u32 {
+        for &a in &extremes {
+            let (mut vm, ready) = serving(|s| {
+                for i in 0..8 {
+                    s.arg(i, a.wrapping_add(i as u64));
+                }
+                s.hypercall(nr);
+            });
+            let _ = vm.invoke("hostile", b"");
+            vm.restore_in_place(&ready).expect("reset");
+            assert_eq!(vm.invoke("innocent", b"").expect("innocent"), b"innocent");
+        }
+    }
+}
