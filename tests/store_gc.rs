@@ -122,10 +122,39 @@ fn gc_defers_while_a_put_is_in_flight() {
     assert_eq!(s.get_bytes(&put.manifest).unwrap(), data);
 }
 
+/// A backend that reports every listing of one namespace.
+struct ListSpy(MemoryBackend, Namespace, mpsc::Sender<()>);
+
+impl Backend for ListSpy {
+    fn put_if_absent(
+        &self,
+        n: &ObjectName,
+        b: &[u8],
+    ) -> Result<snapvm::store::PutOutcome, snapvm::store::BackendError> {
+        self.0.put_if_absent(n, b)
+    }
+    fn get(&self, n: &ObjectName, l: u64) -> Result<Option<Vec<u8>>, snapvm::store::BackendError> {
+        self.0.get(n, l)
+    }
+    fn has(&self, n: &ObjectName) -> Result<bool, snapvm::store::BackendError> {
+        self.0.has(n)
+    }
+    fn delete(&self, n: &ObjectName) -> Result<(), snapvm::store::BackendError> {
+        self.0.delete(n)
+    }
+    fn list(&self, ns: Namespace) -> Result<Vec<ObjectName>, snapvm::store::BackendError> {
+        let out = self.0.list(ns);
+        if ns == self.1 {
+            let _ = self.2.send(());
+        }
+        out
+    }
+}
+
 #[test]
 fn a_put_waits_for_a_live_sweep() {
     let backend = MemoryBackend::new();
-    let s = Arc::new(store(&backend, 1));
+    let s = store(&backend, 1);
     // A sweep marker as another process's gc writes it (docs/store-format.md).
     let mut marker = b"SNAPVMSW".to_vec();
     let now = SystemTime::now()
@@ -139,11 +168,23 @@ fn a_put_waits_for_a_live_sweep() {
     };
     backend.put_if_absent(&name, &marker).unwrap();
 
+    // The put lists sweep markers once, sees the live one, and lists again
+    // after a pause: by the second listing it has provably been held back
+    // (deterministic: no sleep, no timing assumption).
+    let (listed_tx, listed_rx) = mpsc::channel();
+    let spy = ListSpy(backend.clone(), Namespace::Sweeps, listed_tx);
+    let s =
+        Arc::new(ConvergentStore::new(s.config(), spy, ManifestKey::from_bytes([1; 32])).unwrap());
     let writer = {
         let s = s.clone();
         std::thread::spawn(move || s.put_bytes(&blocks(3, 4), b"").unwrap())
     };
-    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..2 {
+        listed_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the put lists sweep markers");
+    }
+    // The marker is still there, so the put cannot have gone ahead.
     assert!(!writer.is_finished(), "put went ahead during a live sweep");
     assert_eq!(backend.count(Namespace::Blocks), 0);
     assert_eq!(
