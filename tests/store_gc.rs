@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use snapvm::store::{
     Backend, ConvergentStore, ManifestKey, MemoryBackend, Namespace, ObjectName, StoreConfig,
+    StoreError,
 };
 
 fn store(backend: &MemoryBackend, key: u8) -> ConvergentStore {
@@ -428,4 +429,201 @@ fn gc_keeps_every_block_when_another_manifest_was_copied_over_one() {
     assert_eq!(s.get_bytes(&m1).unwrap(), d1);
     assert_eq!(s.get_bytes(&m2).unwrap(), d2);
     assert!(s.verify().unwrap().is_clean());
+}
+
+/// A backend that keeps a copy of every lease and sweep marker written.
+struct MarkerSpy(MemoryBackend, Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Backend for MarkerSpy {
+    fn put_if_absent(
+        &self,
+        n: &ObjectName,
+        b: &[u8],
+    ) -> Result<snapvm::store::PutOutcome, snapvm::store::BackendError> {
+        if matches!(n.namespace, Namespace::Leases | Namespace::Sweeps) {
+            self.1.lock().unwrap().push(b.to_vec());
+        }
+        self.0.put_if_absent(n, b)
+    }
+    fn get(&self, n: &ObjectName, l: u64) -> Result<Option<Vec<u8>>, snapvm::store::BackendError> {
+        self.0.get(n, l)
+    }
+    fn has(&self, n: &ObjectName) -> Result<bool, snapvm::store::BackendError> {
+        self.0.has(n)
+    }
+    fn delete(&self, n: &ObjectName) -> Result<(), snapvm::store::BackendError> {
+        self.0.delete(n)
+    }
+    fn list(&self, ns: Namespace) -> Result<Vec<ObjectName>, snapvm::store::BackendError> {
+        self.0.list(ns)
+    }
+}
+
+/// A marker as this process writes it (captured from a real gc), with its
+/// magic, creation time and process id replaced.
+fn real_marker(magic: &[u8; 8], created_ms: u64, pid: u32) -> Vec<u8> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = ConvergentStore::new(
+        &StoreConfig::default(),
+        MarkerSpy(MemoryBackend::new(), seen.clone()),
+        ManifestKey::from_bytes([1; 32]),
+    )
+    .unwrap();
+    s.gc().unwrap();
+    let mut m = seen.lock().unwrap()[0].clone();
+    assert_eq!(m.len(), 112, "docs/store-format.md");
+    m[..8].copy_from_slice(magic);
+    m[8..16].copy_from_slice(&created_ms.to_le_bytes());
+    m[24..28].copy_from_slice(&pid.to_le_bytes());
+    m
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The id of a process that has exited (and been reaped).
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+/// Runs `f` on a thread; its result, or a panic if it takes over a minute
+/// (a put or gc that waits for an expiry of an hour).
+fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("did not finish within a minute")
+}
+
+fn hour_store(backend: &MemoryBackend) -> ConvergentStore {
+    let config = StoreConfig {
+        block_size: 1024,
+        lease_ttl: Duration::from_secs(3600),
+        ..StoreConfig::default()
+    };
+    ConvergentStore::new(&config, backend.clone(), ManifestKey::from_bytes([1; 32])).unwrap()
+}
+
+#[test]
+fn markers_of_exited_processes_on_this_host_are_taken_over_at_once() {
+    let backend = MemoryBackend::new();
+    let s = Arc::new(hour_store(&backend));
+    let pid = dead_pid();
+    // A fresh sweep marker of a gc that was killed: with an hour's TTL, a
+    // put would otherwise wait an hour.
+    let sweep = ObjectName {
+        namespace: Namespace::Sweeps,
+        id: [7; 32],
+    };
+    backend
+        .put_if_absent(&sweep, &real_marker(b"SNAPVMSW", now_ms(), pid))
+        .unwrap();
+    let put = {
+        let s = s.clone();
+        within_a_minute(move || s.put_bytes(&blocks(5, 3), b""))
+    }
+    .unwrap();
+    assert_eq!(s.get_bytes(&put.manifest).unwrap(), blocks(5, 3));
+
+    // A fresh lease of a put that was killed: gc does not defer.
+    let lease = ObjectName {
+        namespace: Namespace::Leases,
+        id: [8; 32],
+    };
+    backend
+        .put_if_absent(&lease, &real_marker(b"SNAPVMLS", now_ms(), pid))
+        .unwrap();
+    let report = s.gc().unwrap();
+    assert_eq!(report.deferred, None);
+    assert_eq!(report.expired_markers, 2);
+    assert_eq!(
+        backend.count(Namespace::Leases) + backend.count(Namespace::Sweeps),
+        0
+    );
+
+    // The same markers from a live process (this one) still count.
+    backend
+        .put_if_absent(
+            &lease,
+            &real_marker(b"SNAPVMLS", now_ms(), std::process::id()),
+        )
+        .unwrap();
+    assert_eq!(s.gc().unwrap().deferred, Some(1));
+}
+
+#[test]
+fn future_dated_markers_are_typed_errors_not_hangs() {
+    let backend = MemoryBackend::new();
+    let s = Arc::new(hour_store(&backend));
+    let data = s.put_bytes(&blocks(6, 3), b"").unwrap();
+    let day_ahead = now_ms() + 24 * 3600 * 1000;
+    let me = std::process::id();
+
+    // A sweep marker a day ahead: the put fails at once, typed.
+    let sweep = ObjectName {
+        namespace: Namespace::Sweeps,
+        id: [7; 32],
+    };
+    backend
+        .put_if_absent(&sweep, &real_marker(b"SNAPVMSW", day_ahead, me))
+        .unwrap();
+    let err = {
+        let s = s.clone();
+        within_a_minute(move || s.put_bytes(&blocks(7, 3), b""))
+    }
+    .unwrap_err();
+    match err {
+        StoreError::FutureMarker { marker, ahead } => {
+            assert_eq!(marker, sweep);
+            assert!(ahead > Duration::from_secs(23 * 3600), "{ahead:?}");
+        }
+        other => panic!("expected FutureMarker, got {other:?}"),
+    }
+    assert_eq!(backend.count(Namespace::Leases), 0, "the lease is released");
+    // The legacy 16-byte form is judged the same way.
+    backend.overwrite(&sweep, &real_marker(b"SNAPVMSW", day_ahead, me)[..16]);
+    assert!(matches!(
+        s.put_bytes(&blocks(7, 3), b""),
+        Err(StoreError::FutureMarker { .. })
+    ));
+    backend.delete(&sweep).unwrap();
+
+    // A lease a day ahead: gc refuses to sweep, typed, and deletes nothing.
+    let lease = ObjectName {
+        namespace: Namespace::Leases,
+        id: [8; 32],
+    };
+    backend
+        .put_if_absent(&lease, &real_marker(b"SNAPVMLS", day_ahead, me))
+        .unwrap();
+    s.delete(&data.manifest).unwrap();
+    let err = {
+        let s = s.clone();
+        within_a_minute(move || s.gc())
+    }
+    .unwrap_err();
+    assert!(
+        matches!(err, StoreError::FutureMarker { marker, .. } if marker == lease),
+        "{err:?}"
+    );
+    assert_eq!(backend.count(Namespace::Blocks), 3);
+    assert_eq!(
+        backend.count(Namespace::Sweeps),
+        0,
+        "the marker is released"
+    );
+    // Within the clock-skew allowance a marker is simply live.
+    backend.overwrite(&lease, &real_marker(b"SNAPVMLS", now_ms() + 10_000, me));
+    assert_eq!(s.gc().unwrap().deferred, Some(1));
+    backend.delete(&lease).unwrap();
+    assert_eq!(s.gc().unwrap().deleted_blocks, 3);
 }

@@ -88,6 +88,32 @@ pub enum StoreError {
     /// committed; repeat the put.
     #[error("the put's write lease expired before it finished; repeat the put")]
     LeaseExpired,
+    /// A write lease or sweep marker is dated more than
+    /// [`CLOCK_SKEW_ALLOWANCE`](super::CLOCK_SKEW_ALLOWANCE) in the future:
+    /// a clock is wrong, or the object was damaged or forged. Whether its
+    /// holder is alive cannot be told, so `gc` refuses to sweep and a put
+    /// refuses to start (instead of deferring or waiting without end).
+    /// Fix the clock, or delete the object once its holder is known to be
+    /// gone. A marker whose holder ran on this host and has exited is never
+    /// suspect: it is removed as expired.
+    #[error("{marker} is dated {ahead:?} in the future; fix the clock or delete it")]
+    FutureMarker {
+        /// The lease or sweep marker.
+        marker: ObjectName,
+        /// How far ahead of this host's clock it is dated.
+        ahead: std::time::Duration,
+    },
+    /// A put waited [`StoreConfig::lease_ttl`](super::StoreConfig) for a
+    /// garbage-collection sweep to finish and gave up. Nothing was written;
+    /// repeat the put (the sweep may be long, or its process stalled on
+    /// another host).
+    #[error("waited {waited:?} for the sweep holding {marker} to finish; repeat the put")]
+    SweepInProgress {
+        /// The sweep marker still live when the put gave up.
+        marker: ObjectName,
+        /// How long the put waited.
+        waited: std::time::Duration,
+    },
     /// Listing a namespace of the backend failed.
     #[error("backend list of {namespace} failed")]
     List {

@@ -26,8 +26,16 @@
 //! removed by the next gc. A marker that was not renewed before it expired
 //! has *lapsed*: someone may have taken its holder for dead. A put whose
 //! lease lapsed refuses to commit ([`StoreError::LeaseExpired`]); a gc whose
-//! marker lapsed stops deleting ([`GcReport::interrupted`]). Clocks of processes sharing a backend
-//! must agree to well within `lease_ttl`.
+//! marker lapsed stops deleting ([`GcReport::interrupted`]). Clocks of
+//! processes sharing a backend must agree to within
+//! [`CLOCK_SKEW_ALLOWANCE`](super::CLOCK_SKEW_ALLOWANCE).
+//!
+//! Markers record their writer's process and host (`marker.rs`): one whose
+//! writer ran on this host and has exited counts as expired at once; one
+//! dated beyond the clock-skew allowance in the future makes a put or gc
+//! fail with [`StoreError::FutureMarker`] rather than wait for that date.
+//! A put waits for a sweep at most `lease_ttl`
+//! ([`StoreError::SweepInProgress`]), logging while it waits.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -36,6 +44,7 @@ use super::block::MAX_BLOCK_SIZE;
 use super::crypto::{self, TAG_LEN};
 use super::ids::{BlockId, ManifestId};
 use super::manifest::{self, Manifest, ManifestError, SealedHeader};
+use super::marker;
 use super::{ConvergentStore, Namespace, ObjectName, Op, StoreError};
 
 /// Magic of a write lease object.
@@ -144,13 +153,6 @@ fn random_name(namespace: Namespace) -> Result<ObjectName, StoreError> {
     Ok(ObjectName { namespace, id })
 }
 
-fn marker_bytes(magic: [u8; 8]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&magic);
-    b[8..].copy_from_slice(&now_millis().to_le_bytes());
-    b
-}
-
 /// A held marker (write lease or sweep marker), renewed as its holder works.
 pub(super) struct Marker<'a> {
     store: &'a ConvergentStore,
@@ -175,7 +177,10 @@ impl<'a> Marker<'a> {
         let written = Instant::now();
         store
             .backend
-            .put_if_absent(&name, &marker_bytes(magic))
+            .put_if_absent(
+                &name,
+                &marker::encode(magic, now_millis(), store.config.lease_ttl),
+            )
             .map_err(|source| StoreError::Backend {
                 op: Op::Put,
                 object: name,
@@ -233,14 +238,58 @@ impl<'a> WriteLease<'a> {
     /// Writes a lease, then waits until no live sweep marker exists. If the
     /// lease lapsed while waiting (nothing was deduplicated yet, so no harm
     /// done), starts over with a new one.
+    ///
+    /// The wait is bounded by `lease_ttl` ([`StoreError::SweepInProgress`]
+    /// after that) and logged: a warning when it starts, then every
+    /// [`WAIT_REPORT_EVERY`]. A sweep marker whose holder ran on this host
+    /// and has exited does not count; one dated in the future fails at once
+    /// ([`StoreError::FutureMarker`]).
     pub(super) fn acquire(store: &'a ConvergentStore) -> Result<Self, StoreError> {
+        let start = Instant::now();
+        let mut reported: Option<Instant> = None;
         loop {
             let mut lease = WriteLease(Marker::write(store, Namespace::Leases, LEASE_MAGIC)?);
             let mut pause = Duration::from_millis(10);
-            while live_markers(store, Namespace::Sweeps, SWEEP_MAGIC, None)?.live > 0 {
+            loop {
+                let scan = live_markers(store, Namespace::Sweeps, SWEEP_MAGIC, None)?;
+                if let Some((marker, ahead)) = scan.future.first() {
+                    return Err(StoreError::FutureMarker {
+                        marker: *marker,
+                        ahead: *ahead,
+                    });
+                }
+                let Some((marker, info)) = scan.live.first() else {
+                    break;
+                };
+                let waited = start.elapsed();
+                if waited >= store.config.lease_ttl {
+                    return Err(StoreError::SweepInProgress {
+                        marker: *marker,
+                        waited,
+                    });
+                }
+                if reported.is_none_or(|t| t.elapsed() >= WAIT_REPORT_EVERY) {
+                    let holder = info.holder.as_ref().map_or_else(
+                        || "an unknown process".to_owned(),
+                        |h| format!("pid {} on {}", h.pid, h.host_name),
+                    );
+                    log::warn!(
+                        "put: waiting for the garbage-collection sweep {marker} of {holder} \
+                         (marker {:.0?} old) to finish; waited {waited:.0?} of at most {:.0?}",
+                        Duration::from_millis(now_millis().saturating_sub(info.created)),
+                        store.config.lease_ttl,
+                    );
+                    reported = Some(Instant::now());
+                }
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(250));
                 lease.renew_if_due()?;
+            }
+            if reported.is_some() {
+                log::warn!(
+                    "put: the sweep is over, going ahead after {:.1?}",
+                    start.elapsed()
+                );
             }
             if lease.0.is_fresh() {
                 return Ok(lease);
@@ -267,13 +316,20 @@ impl<'a> WriteLease<'a> {
     }
 }
 
+/// How often a put waiting for a sweep logs that it still waits.
+pub(super) const WAIT_REPORT_EVERY: Duration = Duration::from_secs(30);
+
 struct MarkerScan {
-    live: usize,
+    /// Live markers (name, contents).
+    live: Vec<(ObjectName, marker::MarkerInfo)>,
+    /// Expired, unreadable, or left by a process of this host that exited.
     expired: Vec<ObjectName>,
+    /// Dated beyond the clock-skew allowance in the future (by how much).
+    future: Vec<(ObjectName, Duration)>,
 }
 
-/// Lists markers of one kind, sorting them into live and expired. `mine` is
-/// skipped. An unreadable marker counts as expired.
+/// Lists markers of one kind and judges each (see [`marker::judge`]).
+/// `mine` is skipped.
 fn live_markers(
     store: &ConvergentStore,
     namespace: Namespace,
@@ -287,19 +343,25 @@ fn live_markers(
             namespace: namespace.as_str(),
             source,
         })?;
-    let ttl = store.config.lease_ttl.as_millis() as u64;
     let now = now_millis();
     let mut scan = MarkerScan {
-        live: 0,
+        live: Vec::new(),
         expired: Vec::new(),
+        future: Vec::new(),
     };
     for name in names {
         if Some(&name) == mine {
             continue;
         }
-        let bytes = match store.backend.get(&name, 64) {
-            Ok(Some(b)) => b,
+        let info = match store.backend.get(&name, marker::MARKER_READ_LIMIT) {
+            Ok(Some(b)) => marker::decode(&b, magic),
             Ok(None) => continue, // released meanwhile
+            // Not a marker this crate writes: treat like a bad magic.
+            Err(
+                super::BackendError::TooLarge { .. }
+                | super::BackendError::NotAFile { .. }
+                | super::BackendError::Symlink { .. },
+            ) => None,
             Err(source) => {
                 return Err(StoreError::Backend {
                     op: Op::Get,
@@ -308,11 +370,14 @@ fn live_markers(
                 })
             }
         };
-        let created = (bytes.len() == 16 && bytes[..8] == magic)
-            .then(|| u64::from_le_bytes(bytes[8..16].try_into().unwrap_or([0; 8])));
-        match created {
-            Some(t) if now.saturating_sub(t) < ttl => scan.live += 1,
-            _ => scan.expired.push(name),
+        match marker::judge(info.as_ref(), now, store.config.lease_ttl) {
+            marker::Verdict::Live => {
+                if let Some(info) = info {
+                    scan.live.push((name, info));
+                }
+            }
+            marker::Verdict::Expired => scan.expired.push(name),
+            marker::Verdict::Future(ahead) => scan.future.push((name, ahead)),
         }
     }
     Ok(scan)
@@ -346,9 +411,17 @@ pub(super) fn gc(
     let mut report = GcReport::default();
     let mut marker = Marker::write(store, Namespace::Sweeps, SWEEP_MAGIC)?;
     let leases = live_markers(store, Namespace::Leases, LEASE_MAGIC, None)?;
-    if leases.live > 0 {
+    if let Some((lease, ahead)) = leases.future.first() {
         marker.release();
-        report.deferred = Some(leases.live);
+        log::warn!("gc: write lease {lease} is dated {ahead:?} in the future; not sweeping");
+        return Err(StoreError::FutureMarker {
+            marker: *lease,
+            ahead: *ahead,
+        });
+    }
+    if !leases.live.is_empty() {
+        marker.release();
+        report.deferred = Some(leases.live.len());
         return Ok(report);
     }
     for name in &leases.expired {

@@ -32,6 +32,7 @@ mod error;
 mod gc;
 mod ids;
 pub mod manifest;
+mod marker;
 mod redundancy;
 pub mod sizing;
 mod stream;
@@ -51,6 +52,7 @@ pub use error::{BackendError, ConfigError, StoreError};
 pub use gc::{GcReport, Problem, VerifyReport};
 pub use ids::{BlockId, BlockKey, ManifestId, ManifestKey, ParseIdError, Salt};
 pub use manifest::{Entry, Manifest, ManifestError};
+pub use marker::CLOCK_SKEW_ALLOWANCE;
 pub use redundancy::{
     PerLocation, PerTenant, PerTimeWindow, PutInfo, Random, Redundancy, SaltSelector,
 };
@@ -75,7 +77,11 @@ pub struct StoreConfig {
     pub queue_blocks: usize,
     /// How long a write lease or sweep marker counts as live without being
     /// renewed (see the garbage-collection protocol in `docs/store.md`).
-    /// Default 15 minutes.
+    /// Also the longest a put waits for a running sweep before it fails
+    /// with [`StoreError::SweepInProgress`]. A marker left by a process of
+    /// this host that has exited stops counting at once; one dated more
+    /// than [`CLOCK_SKEW_ALLOWANCE`] in the future is
+    /// [`StoreError::FutureMarker`]. Default 15 minutes.
     pub lease_ttl: Duration,
     /// The largest sealed manifest accepted, in bytes (4096 to 4 GiB); also bounds user
     /// metadata. Default 256 MiB (about 3.7 million blocks).
