@@ -64,7 +64,11 @@ pub struct StoreConfig {
     /// Block size in bytes, 1..=16 MiB. Default [`DEFAULT_BLOCK_SIZE`].
     /// Puts with different block sizes deduplicate only by coincidence.
     pub block_size: usize,
-    /// The salt set. Default: one salt, all-zero secret.
+    /// The salt set. Default: **one salt** (`Redundancy::copies(1)`) under
+    /// the all-zero secret — plain convergent encryption: maximal
+    /// deduplication, and anyone who can guess a block's plaintext can
+    /// confirm it is stored. Use [`Redundancy::copies`] with a secret to
+    /// bound that (see `docs/store.md`, "Redundancy and salts").
     pub redundancy: Redundancy,
     /// Picks the salt of each put. Default: always salt 0.
     pub salt_selector: Arc<dyn SaltSelector>,
@@ -84,7 +88,10 @@ pub struct StoreConfig {
     /// [`StoreError::FutureMarker`]. Default 15 minutes.
     pub lease_ttl: Duration,
     /// The largest sealed manifest accepted, in bytes (4096 to 4 GiB); also bounds user
-    /// metadata. Default 256 MiB (about 3.7 million blocks).
+    /// metadata. Default 256 MiB (about 3.7 million blocks). Every manifest
+    /// read (get, list, gc, verify) is refused before its bytes are read
+    /// when the object is longer. Blocks are read with a bound of their
+    /// manifest entry's length plus the 16-byte tag (verify: 16 MiB + 16).
     pub max_manifest_len: usize,
 }
 
