@@ -9,7 +9,7 @@ mod common;
 use std::mem::offset_of;
 
 use snapvm::abi::{self, AbiPage, Hypercall};
-use snapvm::vm::ScratchDisk;
+use snapvm::vm::{HypercallFault, ScratchDisk};
 use snapvm::{GuestProgram, Snapshot, VmConfig, VmError, VmInstance, VmState};
 
 const MEMORY: u64 = 64 << 20;
@@ -138,11 +138,28 @@ impl Script {
 }
 
 fn name_entries() -> Vec<u8> {
-    [DISK + NAMES + 0x100, 7, DISK + NAMES + 0x110, 8]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect()
+    name_entries_in_order(false)
 }
+
+/// The function table: `hostile`, `innocent` (or the other way round).
+fn name_entries_in_order(swapped: bool) -> Vec<u8> {
+    let (first, second) = if swapped {
+        ((0x110, 8), (0x100, 7))
+    } else {
+        ((0x100, 7), (0x110, 8))
+    };
+    [
+        DISK + NAMES + first.0,
+        first.1,
+        DISK + NAMES + second.0,
+        second.1,
+    ]
+    .iter()
+    .flat_map(|w| w.to_le_bytes())
+    .collect()
+}
+
+type Attack = Box<dyn Fn(&mut Script)>;
 
 /// A VM serving `attack` as `hostile`, and its ready snapshot.
 fn serving(attack: impl FnOnce(&mut Script)) -> (VmInstance, Snapshot) {
@@ -258,7 +275,7 @@ fn host_reads_only_user_memory() {
     for target in SYSTEM_TARGETS {
         // A log message, a panic message and the output, each read from
         // memory the guest cannot read itself.
-        let attacks: [Box<dyn Fn(&mut Script)>; 3] = [
+        let attacks: [Attack; 3] = [
             Box::new(move |s| {
                 s.arg(0, 3)
                     .arg(1, target)
@@ -400,4 +417,79 @@ fn unknown_hypercalls_and_wild_arguments_are_typed_errors() {
             assert_eq!(vm.invoke("innocent", b"").expect("innocent"), b"innocent");
         }
     }
+}
+
+/// Two snapshots of one program whose function tables differ (same size,
+/// other order): a VM rewound in place from one to the other must call
+/// functions by the table of the snapshot it now holds.
+#[test]
+fn restore_in_place_installs_the_snapshots_own_function_table() {
+    require_kvm!();
+    let build = |swapped: bool| {
+        let mut script = Script::new();
+        script.data(NAMES, &name_entries_in_order(swapped));
+        script.ready().serve(|_| {});
+        let config = script.config();
+        let mut vm = VmInstance::new(&config).expect("boots");
+        let ready = vm.snapshot().expect("snapshot");
+        (config, vm, ready)
+    };
+    let (_, mut vm, a) = build(false);
+    let (config_b, _, b) = build(true);
+    let expected = VmInstance::restore(&config_b, &b)
+        .expect("fresh restore")
+        .invoke("innocent", b"")
+        .expect("call");
+    assert_eq!(expected, b"HOSTILE!", "in b, index 0 is named innocent");
+    vm.restore_in_place(&b).expect("rewind to b");
+    assert_eq!(vm.invoke("innocent", b"").expect("call"), expected);
+    vm.restore_in_place(&a).expect("rewind to a");
+    assert_eq!(vm.invoke("innocent", b"").expect("call"), b"innocent");
+}
+
+#[test]
+fn guest_messages_are_truncated_to_the_limit() {
+    require_kvm!();
+    let mut script = Script::new();
+    script.data(0x8000, &[b'x'; 0x4000]);
+    script.ready().serve(|s| {
+        s.arg(0, DISK + 0x8000)
+            .arg(1, 0x4000)
+            .arg(3, 0)
+            .hypercall(Hypercall::Panic as u32);
+    });
+    let mut vm = VmInstance::new(&script.config().max_message(100)).expect("boots");
+    match vm.invoke("hostile", b"") {
+        Err(VmError::GuestPanic { message, .. }) => assert_eq!(message, "x".repeat(100)),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_grow_answered_with_a_smaller_buffer_says_so() {
+    require_kvm!();
+    let mut script = Script::new();
+    script.ready();
+    let answer = script.words.len() as u64;
+    script
+        .abi_disk(offset_of!(AbiPage, input_buf), INPUT)
+        .abi(offset_of!(AbiPage, input_cap), 0x1800)
+        .abi(offset_of!(AbiPage, status), abi::STATUS_OK)
+        .hypercall(Hypercall::Done as u32)
+        .op(&[9, answer]);
+    let mut vm = VmInstance::new(&script.config()).expect("boots");
+    let err = vm.invoke("innocent", &[1; 0x2000]).expect_err("too small");
+    assert!(
+        matches!(
+            err,
+            VmError::BadHypercall {
+                reason: HypercallFault::InputBufferTooSmall {
+                    wanted: 0x2000,
+                    offered: 0x1800
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

@@ -20,6 +20,8 @@ pub struct ManagedVm<P> {
     since_reset: u64,
     ready_heap: u64,
     resets: u64,
+    /// A reset was decided but did not succeed: the next call resets first.
+    needs_reset: bool,
 }
 
 impl<P: RestorePolicy> ManagedVm<P> {
@@ -40,11 +42,20 @@ impl<P: RestorePolicy> ManagedVm<P> {
             since_reset: 0,
             ready_heap,
             resets: 0,
+            needs_reset: false,
         })
     }
 
     /// Calls `name` with `input`, then applies the policy. The call's own
     /// error is returned as is (after the VM was reset if it was poisoned).
+    ///
+    /// A VM left poisoned (by a reset that failed after an earlier call) is
+    /// reset before the call runs; if that reset fails again, its error is
+    /// returned and no guest code runs. A reset that fails *after* a call
+    /// does not hide the call's result: the result is returned, the reset
+    /// error is logged, and the VM stays poisoned until the next call's
+    /// reset succeeds — no request ever runs on a VM whose reset was due
+    /// but did not happen.
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
         let mut out = Vec::new();
         self.invoke_with(name, input, |vm, name, input| {
@@ -75,6 +86,9 @@ impl<P: RestorePolicy> ManagedVm<P> {
         input: &[u8],
         call: impl FnOnce(&mut VmInstance, &str, &[u8]) -> Result<(), VmError>,
     ) -> Result<(), crate::Error> {
+        if self.needs_reset || self.vm.state() == VmState::Poisoned {
+            self.reset()?;
+        }
         let start = Instant::now();
         let result = call(&mut self.vm, name, input);
         let elapsed = start.elapsed();
@@ -84,7 +98,14 @@ impl<P: RestorePolicy> ManagedVm<P> {
             (Err(_), VmState::Poisoned) => Outcome::Poisoned,
             (Err(_), _) => Outcome::Failed,
         };
-        let pages_dirtied = self.vm.collect_dirty()?;
+        // Without the dirty log the policy cannot judge: reset.
+        let (pages_dirtied, log_failed) = match self.vm.collect_dirty() {
+            Ok(pages) => (pages, false),
+            Err(e) => {
+                log::warn!(target: "snapvm::policy", "reading the dirty log failed: {e}");
+                (0, true)
+            }
+        };
         let stats = self.vm.stats();
         let invoke_stats = InvokeStats {
             function: name,
@@ -97,8 +118,19 @@ impl<P: RestorePolicy> ManagedVm<P> {
             heap_growth: stats.heap_used.saturating_sub(self.ready_heap),
             guest_garbage: stats.guest_garbage,
         };
-        if outcome == Outcome::Poisoned || self.policy.decide(&invoke_stats) == Decision::Reset {
-            self.reset()?;
+        if log_failed
+            || outcome == Outcome::Poisoned
+            || self.policy.decide(&invoke_stats) == Decision::Reset
+        {
+            self.needs_reset = true;
+            if let Err(e) = self.reset() {
+                // The VM is poisoned (restores are failure-atomic): the next
+                // call resets it first. The call's own result stands.
+                log::warn!(
+                    target: "snapvm::policy",
+                    "reset after a call to {name:?} failed, retried before the next call: {e}"
+                );
+            }
         }
         result.map_err(crate::Error::from)
     }
@@ -106,6 +138,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
     /// Resets the VM to its ready snapshot now.
     pub fn reset(&mut self) -> Result<(), SnapshotError> {
         self.vm.restore_in_place(&self.ready)?;
+        self.needs_reset = false;
         self.since_reset = 0;
         self.resets += 1;
         Ok(())

@@ -442,6 +442,11 @@ impl VmInstance {
         if snapshot.inner.program_digest != self.program_digest {
             return Err(SnapshotError::ProgramMismatch);
         }
+        // The same check a fresh restore makes (cached per snapshot).
+        snapshot
+            .inner
+            .cpu
+            .check_compatible(Machine::effective_cpuid()?)?;
         let chain = snapshot.chain();
         chain
             .iter()

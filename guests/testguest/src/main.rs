@@ -83,6 +83,7 @@ fn init(exports: &mut Exports) {
         .export("output_outside_memory", output_outside_memory)
         .export("output_of_size", output_of_size)
         .export("alloc_mib", alloc_mib)
+        .export("alloc_then_oom", alloc_then_oom)
         .export("log", log)
         .export("host_call", host_call)
         .export("sse_avx", sse_avx);
@@ -411,6 +412,14 @@ fn alloc_mib(input: &[u8]) -> Vec<u8> {
     let block = vec![1u8; mib << 20];
     core::mem::forget(block);
     Vec::new()
+}
+
+/// Keeps as many MiB as the first input byte says, then asks for far more
+/// than guest memory: runs out of memory with that much more in use.
+fn alloc_then_oom(input: &[u8]) -> Vec<u8> {
+    alloc_mib(input);
+    let huge = black_box(1usize << 40);
+    vec![2u8; huge]
 }
 
 fn log(input: &[u8]) -> Vec<u8> {

@@ -1,0 +1,212 @@
+//! A VM is `Ready` only when it is: failure-atomic restores and calls,
+//! limits on what the host copies for a guest, host functions that fail or
+//! panic, and `ManagedVm` resets that fail — on real KVM.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use snapvm::{policy, ManagedVm, Snapshot, SnapshotError, VmConfig, VmError, VmInstance, VmState};
+
+fn testguest() -> VmConfig {
+    common::config("testguest")
+}
+
+fn counter(out: &[u8]) -> u64 {
+    u64::from_le_bytes(out.try_into().expect("8 bytes"))
+}
+
+/// Saves `snapshot` to a file and flips one byte of guest data in it (the
+/// text of the testguest's abort message), so the memory block holding it
+/// fails its checksum when first used.
+fn corrupt_copy(snapshot: &Snapshot, dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("corrupt.snap");
+    snapshot.save(&path).expect("save");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let needle = b"refusing this input";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the guest's rodata is in the image");
+    bytes[at] ^= 0x20;
+    std::fs::write(&path, bytes).expect("write");
+    path
+}
+
+#[test]
+fn a_failed_restore_in_place_leaves_the_vm_poisoned_until_a_good_one() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let config = testguest().dirty_tracking(true);
+    let mut vm = VmInstance::new(&config).unwrap();
+    let ready = vm.snapshot().unwrap();
+    let corrupt = Snapshot::load(corrupt_copy(&ready, dir.path())).expect("loads (checked lazily)");
+    assert_eq!(counter(&vm.invoke("counter", b"").unwrap()), 1);
+
+    let err = vm.restore_in_place(&corrupt).expect_err("a corrupt block");
+    assert!(matches!(err, SnapshotError::CorruptMemory { .. }), "{err}");
+    assert_eq!(
+        vm.state(),
+        VmState::Poisoned,
+        "half-rewound memory is not ready"
+    );
+    assert!(matches!(
+        vm.invoke("counter", b""),
+        Err(VmError::Poisoned { .. })
+    ));
+    // Retrying the same corrupt restore fails the same way, every time.
+    assert!(vm.restore_in_place(&corrupt).is_err());
+    assert_eq!(vm.state(), VmState::Poisoned);
+
+    vm.restore_in_place(&ready).expect("a good snapshot");
+    assert_eq!(vm.state(), VmState::Ready);
+    assert_eq!(counter(&vm.invoke("counter", b"").unwrap()), 1);
+    // Tracking works again after the full rewind: a dirty-page reset.
+    vm.restore_in_place(&ready).unwrap();
+    assert_eq!(counter(&vm.invoke("counter", b"").unwrap()), 1);
+}
+
+#[test]
+fn managed_vm_keeps_a_calls_result_when_the_reset_after_it_fails() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let config = testguest().dirty_tracking(true);
+    let template = VmInstance::new(&config).unwrap();
+    let path = dir.path().join("ready.snap");
+    let mut template = template;
+    template.snapshot().unwrap().save(&path).unwrap();
+    let ready = Snapshot::load(&path).unwrap();
+    let vm = VmInstance::restore(&config, &ready).unwrap();
+    let mut managed = ManagedVm::new(vm, ready, policy::Always).unwrap();
+    assert_eq!(counter(&managed.invoke("counter", b"").unwrap()), 1);
+
+    // The snapshot file changes under the loaded snapshot: resets to it fail.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.push(0);
+    std::fs::write(&path, bytes).unwrap();
+    let out = managed
+        .invoke("counter", b"")
+        .expect("the call itself succeeded");
+    assert_eq!(counter(&out), 1, "the call ran on a reset VM");
+    // The reset it owes is retried first; while it fails, nothing runs.
+    let err = managed
+        .invoke("counter", b"")
+        .expect_err("no reset, no call");
+    assert!(
+        matches!(
+            err,
+            snapvm::Error::Snapshot(SnapshotError::FileChanged { .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn host_call_limits_fail_the_guests_call_not_the_host() {
+    require_kvm!();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let config = testguest()
+        .host_call_limits(64 << 10, 1 << 10)
+        .host_function("count", move |input| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            Ok(input.to_vec())
+        });
+    let mut vm = VmInstance::new(&config).unwrap();
+    let mut request = b"count\n".to_vec();
+    request.extend(std::iter::repeat_n(7u8, 512));
+    let out = vm.invoke("host_call", &request).unwrap();
+    assert_eq!(&out[..3], b"ok:");
+    assert_eq!(calls.load(Ordering::Relaxed), 1);
+
+    // A result over the output limit.
+    request.extend(std::iter::repeat_n(7u8, 2048));
+    let out = vm.invoke("host_call", &request).unwrap();
+    assert!(
+        out.starts_with(b"err:"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(String::from_utf8_lossy(&out).contains("limit"));
+
+    // An input over the input limit: the function never runs.
+    let mut request = b"count\n".to_vec();
+    request.extend(std::iter::repeat_n(7u8, 128 << 10));
+    let before = calls.load(Ordering::Relaxed);
+    let out = vm.invoke("host_call", &request).unwrap();
+    assert!(
+        out.starts_with(b"err:"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(calls.load(Ordering::Relaxed), before);
+    assert_eq!(vm.state(), VmState::Ready);
+
+    // An unknown name is resolved before the (oversized) input is looked at.
+    let mut request = b"nosuch\n".to_vec();
+    request.extend(std::iter::repeat_n(7u8, 128 << 10));
+    let out = vm.invoke("host_call", &request).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out).contains("no such host function"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[test]
+fn a_panicking_host_function_poisons_the_vm_and_not_the_host() {
+    require_kvm!();
+    let config = testguest().host_function("explode", |_| panic!("host bug"));
+    let mut vm = VmInstance::new(&config).unwrap();
+    match vm.invoke("host_call", b"explode\nx") {
+        Err(VmError::HostFunctionPanic { name, message }) => {
+            assert_eq!((name.as_str(), message.as_str()), ("explode", "host bug"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(vm.state(), VmState::Poisoned);
+    assert!(matches!(
+        vm.invoke("echo", b"next"),
+        Err(VmError::Poisoned { .. })
+    ));
+}
+
+#[test]
+fn out_of_memory_reports_the_heap_at_the_failure() {
+    require_kvm!();
+    let mut vm = VmInstance::new(&testguest()).unwrap();
+    let before = vm.stats().heap_used;
+    match vm.invoke("alloc_then_oom", &[4]) {
+        Err(VmError::GuestOutOfMemory {
+            requested,
+            heap_used,
+        }) => {
+            assert_eq!(requested, 1 << 40);
+            assert!(
+                heap_used >= before + (4 << 20),
+                "{heap_used} does not count the 4 MiB this call kept ({before} before)"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_timeout_then_a_reset_then_calls_work() {
+    require_kvm!();
+    let config = testguest()
+        .dirty_tracking(true)
+        .timeout(Some(Duration::from_millis(50)));
+    let mut vm = VmInstance::new(&config).unwrap();
+    let ready = vm.snapshot().unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            vm.invoke("infinite_loop", b""),
+            Err(VmError::Timeout { .. })
+        ));
+        vm.restore_in_place(&ready).unwrap();
+        assert_eq!(vm.invoke("echo", b"after").unwrap(), b"after");
+    }
+}
