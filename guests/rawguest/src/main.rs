@@ -38,12 +38,17 @@ use abi::{AbiPage, ABI_PAGE_ADDR, PORT_HYPERCALL};
 const SCRATCH_OFFSET: u64 = 0x8000;
 
 fn abi_word(offset: u64) -> *mut u64 {
-    (ABI_PAGE_ADDR + (offset % abi::PAGE_SIZE & !7)) as *mut u64
+    (ABI_PAGE_ADDR + ((offset % abi::PAGE_SIZE) & !7)) as *mut u64
 }
 
 fn read_abi(offset: usize) -> u64 {
     // SAFETY: the ABI page is mapped read/write at CPL3; aligned offset.
-    unsafe { (ABI_PAGE_ADDR as *const u8).add(offset).cast::<u64>().read_volatile() }
+    unsafe {
+        (ABI_PAGE_ADDR as *const u8)
+            .add(offset)
+            .cast::<u64>()
+            .read_volatile()
+    }
 }
 
 fn hypercall(nr: u32) {
@@ -81,8 +86,7 @@ extern "C" fn _start() -> ! {
     };
     let scratch = disk + SCRATCH_OFFSET;
     let mut ip = 0u64;
-    loop {
-        let Some(op) = word(ip) else { break };
+    while let Some(op) = word(ip) {
         let a = word(ip + 1).unwrap_or(0);
         let b = word(ip + 2).unwrap_or(0);
         ip += 1;
