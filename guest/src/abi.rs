@@ -247,4 +247,57 @@ const _: () = {
     assert!(core::mem::offset_of!(AbiPage, ret) == 192);
     assert!(core::mem::offset_of!(AbiPage, generation) == 224);
     assert!(core::mem::offset_of!(AbiPage, garbage) == 264);
+    // Every field's offset.
+    assert!(core::mem::offset_of!(AbiPage, magic) == 0);
+    assert!(core::mem::offset_of!(AbiPage, version) == 8);
+    assert!(core::mem::offset_of!(AbiPage, guest_version) == 12);
+    assert!(core::mem::offset_of!(AbiPage, mem_size) == 16);
+    assert!(core::mem::offset_of!(AbiPage, heap_start) == 24);
+    assert!(core::mem::offset_of!(AbiPage, heap_end) == 32);
+    assert!(core::mem::offset_of!(AbiPage, func_table) == 40);
+    assert!(core::mem::offset_of!(AbiPage, func_count) == 48);
+    assert!(core::mem::offset_of!(AbiPage, input_buf) == 56);
+    assert!(core::mem::offset_of!(AbiPage, input_cap) == 64);
+    assert!(core::mem::offset_of!(AbiPage, func_index) == 80);
+    assert!(core::mem::offset_of!(AbiPage, input_len) == 88);
+    assert!(core::mem::offset_of!(AbiPage, output_ptr) == 96);
+    assert!(core::mem::offset_of!(AbiPage, output_len) == 104);
+    assert!(core::mem::offset_of!(AbiPage, status) == 112);
+    assert!(core::mem::offset_of!(AbiPage, heap_used) == 120);
+    assert!(core::mem::offset_of!(AbiPage, entropy) == 232);
+    assert!(core::mem::offset_of!(AbiPage, disk_addr) == 272);
+    assert!(core::mem::offset_of!(AbiPage, disk_size) == 280);
+    assert!(core::mem::offset_of!(AbiPage, guest_flags) == 288);
+    assert!(core::mem::offset_of!(FuncEntry, name_len) == 8);
+    // Every value that crosses the boundary.
+    assert!(ABI_MAGIC == 0x4241_4d56_5041_4e53);
+    assert!(PAGE_SIZE == 0x1000 && HUGE_PAGE_SIZE == 0x20_0000);
+    assert!(Hypercall::Ready as u32 == 1);
+    assert!(Hypercall::Done as u32 == 2);
+    assert!(Hypercall::Log as u32 == 3);
+    assert!(Hypercall::HostCall as u32 == 4);
+    assert!(Hypercall::HostResult as u32 == 5);
+    assert!(Hypercall::Panic as u32 == 6);
+    assert!(Hypercall::Abort as u32 == 7);
+    assert!(Hypercall::Preserve as u32 == 8);
+    assert!(Hypercall::OutOfMemory as u32 == 9);
+    assert!(REQUEST_CALL == 1 && REQUEST_GROW_INPUT == 2);
+    assert!(STATUS_OK == 0 && STATUS_OUT_OF_MEMORY == 1 && STATUS_BAD_REQUEST == 2);
+    assert!(HOST_CALL_OK == 0 && HOST_CALL_TOO_SMALL == 1 && HOST_CALL_UNKNOWN == 2);
+    assert!(HOST_CALL_FAILED == 3 && HOST_CALL_NO_RESULT == 4);
+    assert!(PRESERVE_OK == 0 && PRESERVE_OUT_OF_RANGE == 1 && PRESERVE_TOO_LARGE == 2);
+    assert!(GARBAGE_UNREPORTED == u64::MAX);
+    assert!(MAX_FUNCTION_NAME == 256 && MAX_FUNCTIONS == 4096);
+    assert!(GUEST_FLAG_RESETS_VECTOR_STATE == 1);
+};
+
+// `from_u32` is the inverse of the discriminants above.
+const _: () = {
+    let mut nr = 0;
+    while nr < 16 {
+        if let Some(h) = Hypercall::from_u32(nr) {
+            assert!(h as u32 == nr);
+        }
+        nr += 1;
+    }
 };

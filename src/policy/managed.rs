@@ -27,9 +27,9 @@ pub struct ManagedVm<P> {
 impl<P: RestorePolicy> ManagedVm<P> {
     /// Manages `vm`, which must track dirty pages against `ready`.
     pub fn new(mut vm: VmInstance, ready: Snapshot, policy: P) -> Result<Self, SnapshotError> {
-        if !vm.dirty_tracking || vm.base != Some(ready.id()) {
+        if vm.tracking_base() != Some(ready.id()) {
             // Bring the VM to the ready state and start tracking from there.
-            if !vm.dirty_tracking {
+            if !vm.tracks_written_pages() {
                 return Err(SnapshotError::NotTracking { base: ready.id() });
             }
             vm.restore_in_place(&ready)?;

@@ -11,7 +11,7 @@ use crate::vm::VmError;
 pub enum SnapshotError {
     /// The VM failed (creating the restored VM, or reading its state).
     #[error(transparent)]
-    Vm(#[from] VmError),
+    Vm(VmError),
     /// The store failed (saving to or loading from a `ConvergentStore`).
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -146,5 +146,34 @@ impl SnapshotError {
     ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.map(ToOwned::to_owned);
         move |source| Self::Io { step, path, source }
+    }
+}
+
+impl From<crate::vm::cpu::CpuMismatch> for SnapshotError {
+    fn from(m: crate::vm::cpu::CpuMismatch) -> Self {
+        SnapshotError::CpuMismatch {
+            leaf: m.leaf,
+            index: m.index,
+            register: m.register,
+            missing: m.missing,
+        }
+    }
+}
+
+/// A VM error, except that saved state the VM rejected is reported as what
+/// it is: a malformed snapshot.
+impl From<VmError> for SnapshotError {
+    fn from(e: VmError) -> Self {
+        match e {
+            VmError::InvalidGuestState { reason } => SnapshotError::Malformed {
+                section: "guest state",
+                reason,
+            },
+            VmError::InvalidVcpuState { reason } => SnapshotError::Malformed {
+                section: "cpu",
+                reason,
+            },
+            other => SnapshotError::Vm(other),
+        }
     }
 }

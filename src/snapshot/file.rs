@@ -20,10 +20,10 @@ use kvm_bindings::{
 use sha2::{Digest, Sha256};
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::cpu::CpuState;
 use super::image::{Extent, FileIdentity, MemoryImage, BLOCK_SIZE};
 use super::{GuestState, Inner, Snapshot, SnapshotError, SnapshotId};
 use crate::abi::{MAX_FUNCTIONS, MAX_FUNCTION_NAME, PAGE_SIZE};
+use crate::vm::cpu::CpuState;
 use crate::vm::{Generation, MAX_MEMORY_SIZE};
 
 /// `"SNAPVMSN"`.

@@ -348,6 +348,22 @@ pub enum VmError {
         /// The panic payload, if it was a string.
         message: String,
     },
+    /// Saved vCPU state (from a snapshot) that KVM's structures cannot
+    /// hold. The instance stays as it was (a restore into it had already
+    /// poisoned it).
+    #[error("invalid vCPU state: {reason}")]
+    InvalidVcpuState {
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// Saved guest state (from a snapshot) that does not fit this VM: an
+    /// input buffer outside the guest's user memory, preserved regions
+    /// beyond its limits, a function name listed twice.
+    #[error("invalid guest state: {reason}")]
+    InvalidGuestState {
+        /// What was wrong.
+        reason: &'static str,
+    },
     /// The vCPU could not be brought out of an instruction it was stopped
     /// in the middle of (port or MMIO access) before its registers were
     /// rewound. *Poisons*; the VM cannot be reset in place.
@@ -451,7 +467,9 @@ impl VmError {
             | Self::InputTooLarge { .. }
             | Self::OutputTooLarge { .. }
             | Self::MemoryOutOfRange { .. }
-            | Self::OutputBufferTooSmall { .. } => false,
+            | Self::OutputBufferTooSmall { .. }
+            | Self::InvalidVcpuState { .. }
+            | Self::InvalidGuestState { .. } => false,
         }
     }
 

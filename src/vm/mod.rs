@@ -16,22 +16,24 @@
 //! restore) a new one. Other errors — an unknown function name, an output
 //! larger than the limit, a caller buffer too small — leave it ready.
 
+mod abi_page;
 mod config;
+pub(crate) mod cpu;
 mod dirty;
 mod error;
+mod hypercall;
 mod layout;
 mod loader;
 pub(crate) mod machine;
 pub(crate) mod memory;
+pub(crate) mod persist;
 pub mod raw;
 mod timer;
 
 use std::collections::HashMap;
 use std::mem::offset_of;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use kvm_ioctls::VcpuExit;
+use std::time::Duration;
 
 pub use config::{
     HostFn, HostFnError, ScratchDisk, VmConfig, DEFAULT_LOG_BUDGET, DEFAULT_MAX_HOST_CALL_INPUT,
@@ -41,33 +43,15 @@ pub use config::{
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
 pub use loader::GuestProgram;
 pub use machine::{check_kvm, check_kvm_device};
+pub use persist::SnapshotId;
 pub use timer::timeout_signal;
 
-use crate::abi::{self, AbiPage, Hypercall, ABI_PAGE_ADDR, PORT_FAULT, PORT_HYPERCALL};
+use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
+pub(crate) use abi_page::check_user_range;
+use abi_page::{abi_boot_words, bad, field, read_str};
 use config::GuestLimits;
+pub(crate) use hypercall::io_exit;
 use machine::Machine;
-
-/// Longest source file name in a panic location.
-const MAX_FILE_NAME: u64 = 4096;
-
-/// Checks that `[addr, addr + len)` is memory guest code can read and write
-/// at CPL3: the user stack and the program area up to the end of guest
-/// memory (`size`, scratch disk included). The null guard, the ABI page,
-/// the supervisor-only system area and the stack guard are refused, so a
-/// guest can never make the host read or write there on its behalf. Empty
-/// buffers are accepted anywhere (a guest passes dangling pointers for
-/// them); the host touches none of their bytes.
-pub(crate) fn check_user_range(size: u64, addr: u64, len: u64) -> Result<(), HypercallFault> {
-    if len == 0 {
-        return Ok(());
-    }
-    let inside = addr >= abi::STACK_BOTTOM && addr.checked_add(len).is_some_and(|end| end <= size);
-    if inside {
-        Ok(())
-    } else {
-        Err(HypercallFault::NotGuestMemory { addr, len })
-    }
-}
 
 /// The lifecycle state of a [`VmInstance`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +80,7 @@ pub struct VmStats {
 
 /// Why the vCPU stopped running guest code.
 #[derive(Debug, PartialEq, Eq)]
-enum Stop {
+pub(super) enum Stop {
     Ready,
     Done,
 }
@@ -119,38 +103,38 @@ enum Stop {
 /// # Ok(()) }
 /// ```
 pub struct VmInstance {
-    pub(crate) machine: Machine,
-    pub(crate) functions: HashMap<String, u64>,
-    pub(crate) input_buf: u64,
-    pub(crate) input_cap: u64,
-    pub(crate) state: VmState,
+    machine: Machine,
+    functions: HashMap<String, u64>,
+    input_buf: u64,
+    input_cap: u64,
+    state: VmState,
     poison_cause: String,
     timeout: Option<Duration>,
     max_output: u64,
     host_functions: Arc<HashMap<String, Arc<HostFn>>>,
     pending_host_result: Option<Vec<u8>>,
     pending_status: u64,
-    pub(crate) stats: VmStats,
-    pub(crate) generation: Generation,
+    stats: VmStats,
+    generation: Generation,
     /// Dirty-page tracking: on when the config asked for it.
-    pub(crate) dirty_tracking: bool,
+    dirty_tracking: bool,
     /// The snapshot this VM's memory is tracked against, if any.
-    pub(crate) base: Option<crate::snapshot::SnapshotId>,
-    /// The snapshot whose image backs this VM's memory (lazy restore).
-    pub(crate) backing: Option<crate::snapshot::Snapshot>,
+    base: Option<persist::SnapshotId>,
+    /// What this VM's memory maps, kept alive with it (lazy restore).
+    backing: Option<Box<persist::Backing>>,
     /// SHA-256 of the guest program this VM runs.
-    pub(crate) program_digest: [u8; 32],
+    program_digest: [u8; 32],
     /// Regions (address, length) the guest asked to keep across resets.
-    pub(crate) preserved: Vec<(u64, u64)>,
+    preserved: Vec<(u64, u64)>,
     /// Pages the guest and host wrote since `base` (see [`dirty`]).
     dirty: dirty::DirtyTracker,
     /// The guest restores its own vector state around every `Ready`/`Done`
     /// (`GUEST_FLAG_RESETS_VECTOR_STATE`).
-    pub(crate) guest_resets_cpu: bool,
+    guest_resets_cpu: bool,
     /// The dirty log was read after the vCPU last ran (reading it again
     /// would return nothing new).
     dirty_fresh: bool,
-    pub(crate) max_preserved: u64,
+    max_preserved: u64,
     /// End of the program area (the heap); the scratch disk lies above.
     heap_end: u64,
     /// Limits on what the host copies for the guest.
@@ -159,7 +143,7 @@ pub struct VmInstance {
     log_used: u64,
     /// The vCPU stopped in an exit that is not a complete hypercall (it may
     /// be in the middle of an instruction KVM completes on the next run).
-    pub(crate) exit_pending: bool,
+    exit_pending: bool,
 }
 
 /// Most regions a guest may preserve.
@@ -197,13 +181,6 @@ impl std::fmt::Debug for VmInstance {
             .finish_non_exhaustive()
     }
 }
-
-const fn field(offset: usize) -> u64 {
-    ABI_PAGE_ADDR + offset as u64
-}
-
-const ARGS: u64 = field(offset_of!(AbiPage, args));
-const RET: u64 = field(offset_of!(AbiPage, ret));
 
 impl VmInstance {
     /// Builds a VM from `config` and runs the guest's init until it is
@@ -547,269 +524,6 @@ impl VmInstance {
         Ok(())
     }
 
-    /// Runs the vCPU until the guest reports Ready or Done, serving the
-    /// hypercalls it makes on the way.
-    fn run(&mut self) -> Result<Stop, VmError> {
-        self.dirty_fresh = false;
-        let deadline = self.timeout.map(|limit| (Instant::now() + limit, limit));
-        // Disarmed on every way out, a panic unwinding through here included.
-        let _armed = match deadline {
-            Some((_, limit)) => Some(timer::Armed::new(limit).map_err(VmError::Timer)?),
-            None => None,
-        };
-        self.run_loop(deadline)
-    }
-
-    fn run_loop(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Stop, VmError> {
-        loop {
-            self.exit_pending = true;
-            let Some((port, value, size)) = io_exit(self.machine.vcpu.run())? else {
-                if let Some((at, limit)) = deadline {
-                    if Instant::now() >= at {
-                        return Err(VmError::Timeout { limit });
-                    }
-                }
-                continue;
-            };
-            // A hypercall is one 32-bit `out`; anything else at the port (a
-            // narrow write, string I/O of several elements) is refused, and
-            // the vCPU stays marked as stopped mid-instruction.
-            if port == PORT_HYPERCALL && size != 4 {
-                return Err(VmError::UnexpectedExit {
-                    exit: format!("{size}-byte write to the hypercall port"),
-                });
-            }
-            match port {
-                PORT_HYPERCALL => match Hypercall::from_u32(value) {
-                    Some(Hypercall::Ready) => return Ok(Stop::Ready),
-                    Some(Hypercall::Done) => return Ok(Stop::Done),
-                    Some(Hypercall::Log) => self.hypercall_log()?,
-                    Some(Hypercall::HostCall) => self.hypercall_host_call(deadline)?,
-                    Some(Hypercall::HostResult) => self.hypercall_host_result()?,
-                    Some(Hypercall::Panic) => return Err(self.hypercall_panic()),
-                    Some(Hypercall::Abort) => return Err(self.hypercall_abort()),
-                    Some(Hypercall::Preserve) => self.hypercall_preserve()?,
-                    Some(Hypercall::OutOfMemory) => {
-                        let [requested] = self.read_words::<1>(ARGS)?;
-                        let [heap_used] =
-                            self.read_words::<1>(field(offset_of!(AbiPage, heap_used)))?;
-                        return Err(VmError::GuestOutOfMemory {
-                            requested,
-                            heap_used,
-                        });
-                    }
-                    None => return Err(VmError::UnknownHypercall { nr: value }),
-                },
-                PORT_FAULT => return Err(self.read_fault()),
-                _ => {
-                    return Err(VmError::UnexpectedExit {
-                        exit: format!("write to I/O port {port:#x}"),
-                    })
-                }
-            }
-        }
-    }
-
-    /// Brings the vCPU out of any instruction it stopped in the middle of
-    /// (a port read, string I/O, MMIO): KVM would otherwise complete it on
-    /// the next `KVM_RUN`, *after* registers were rewound, and resume the
-    /// previous request's code. A `KVM_RUN` with `immediate_exit` set
-    /// completes what is pending without entering the guest; what it
-    /// completes is overwritten by the rewind that follows.
-    pub(crate) fn complete_pending_exit(&mut self) -> Result<(), VmError> {
-        if !self.exit_pending {
-            return Ok(());
-        }
-        /// KVM completes string I/O one batch (at most a page) per run:
-        /// bound the rounds. A guest whose `rep ins` runs longer than this
-        /// leaves a VM that cannot be rewound (`VcpuStuck`); drop it.
-        const ROUNDS: usize = 4096;
-        let vcpu = &mut self.machine.vcpu;
-        vcpu.set_kvm_immediate_exit(1);
-        let mut last = String::new();
-        let mut done = false;
-        for _ in 0..ROUNDS {
-            match vcpu.run() {
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    done = true;
-                    break;
-                }
-                Err(source) => {
-                    vcpu.set_kvm_immediate_exit(0);
-                    return Err(VmError::Kvm {
-                        step: "KVM_RUN (completing a pending exit)",
-                        source,
-                    });
-                }
-                Ok(VcpuExit::IoIn(_, data)) => {
-                    data.fill(0);
-                    last = "port read".into();
-                }
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    data.fill(0);
-                    last = "MMIO read".into();
-                }
-                Ok(other) => last = format!("{other:?}"),
-            }
-        }
-        vcpu.set_kvm_immediate_exit(0);
-        if !done {
-            return Err(VmError::VcpuStuck { exit: last });
-        }
-        self.exit_pending = false;
-        Ok(())
-    }
-
-    /// Accounts `len` log bytes against the call's budget; false when the
-    /// message is to be dropped.
-    fn log_allowed(&mut self, len: u64) -> bool {
-        let budget = self.limits.log_budget;
-        let before = self.log_used;
-        self.log_used = before.saturating_add(len);
-        if self.log_used <= budget {
-            return true;
-        }
-        if before <= budget {
-            log::warn!(
-                target: "snapvm::guest",
-                "guest log budget of {budget} bytes for this call is used up; \
-                 its further messages are dropped"
-            );
-        }
-        false
-    }
-
-    fn hypercall_log(&mut self) -> Result<(), VmError> {
-        let [level, ptr, len] = self.read_words::<3>(ARGS)?;
-        let ram = &self.machine.ram;
-        check_user_range(ram.size(), ptr, len).map_err(|e| bad("Log", e))?;
-        let len = len.min(self.limits.message);
-        if !self.log_allowed(len) {
-            return Ok(());
-        }
-        let level = match level {
-            1 => log::Level::Error,
-            2 => log::Level::Warn,
-            3 => log::Level::Info,
-            4 => log::Level::Debug,
-            _ => log::Level::Trace,
-        };
-        if !log::log_enabled!(target: "snapvm::guest", level) {
-            return Ok(());
-        }
-        let text = read_str(&self.machine.ram, ptr, len, len, true).map_err(|e| bad("Log", e))?;
-        log::log!(target: "snapvm::guest", level, "{text}");
-        Ok(())
-    }
-
-    /// Serves a host call. The function is looked up before any input is
-    /// copied; input and result are bounded by the configured limits; the
-    /// copy runs under the call's deadline, and only the host function
-    /// itself runs with the timer off (so its system calls are not
-    /// interrupted). A panic in the host function is caught here.
-    fn hypercall_host_call(
-        &mut self,
-        deadline: Option<(Instant, Duration)>,
-    ) -> Result<(), VmError> {
-        let [name_ptr, name_len, in_ptr, in_len, out_ptr, out_cap] = self.read_words::<6>(ARGS)?;
-        let size = self.memory_size();
-        let name = read_str(
-            &self.machine.ram,
-            name_ptr,
-            name_len,
-            abi::MAX_FUNCTION_NAME,
-            false,
-        )
-        .map_err(|e| bad("HostCall", e))?;
-        check_user_range(size, in_ptr, in_len).map_err(|e| bad("HostCall", e))?;
-        check_user_range(size, out_ptr, out_cap).map_err(|e| bad("HostCall", e))?;
-        self.pending_host_result = None;
-        let Some(f) = self.host_functions.get(&name).cloned() else {
-            return self.write_words(RET, &[abi::HOST_CALL_UNKNOWN, 0]);
-        };
-        let (status, result) = if in_len > self.limits.host_call_input {
-            let message = format!(
-                "host call input of {in_len} bytes exceeds the {}-byte limit",
-                self.limits.host_call_input
-            );
-            (abi::HOST_CALL_FAILED, message.into_bytes())
-        } else {
-            let input = self
-                .machine
-                .ram
-                .read_vec(in_ptr, in_len)
-                .map_err(|e| bad("HostCall", e.into()))?;
-            if deadline.is_some() {
-                timer::disarm();
-            }
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&input)));
-            if let Some((at, limit)) = deadline {
-                let left = at.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(VmError::Timeout { limit });
-                }
-                timer::arm(left).map_err(VmError::Timer)?;
-            }
-            match outcome {
-                Ok(Ok(out)) if out.len() as u64 > self.limits.host_call_output => {
-                    let message = format!(
-                        "host function result of {} bytes exceeds the {}-byte limit",
-                        out.len(),
-                        self.limits.host_call_output
-                    );
-                    (abi::HOST_CALL_FAILED, message.into_bytes())
-                }
-                Ok(Ok(out)) => (abi::HOST_CALL_OK, out),
-                Ok(Err(e)) => (abi::HOST_CALL_FAILED, e.to_string().into_bytes()),
-                Err(payload) => {
-                    let message = payload
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_string())
-                        .or_else(|| payload.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    return Err(VmError::HostFunctionPanic { name, message });
-                }
-            }
-        };
-        let len = result.len() as u64;
-        if len <= out_cap {
-            self.machine
-                .ram
-                .write(out_ptr, &result)
-                .map_err(|e| bad("HostCall", e.into()))?;
-            self.note_host_write(out_ptr, len);
-            self.write_words(RET, &[status, len])
-        } else {
-            // Keep the original status in the result so `HostResult` can
-            // report success and failure alike.
-            self.pending_host_result = Some(result);
-            self.pending_status = status;
-            self.write_words(RET, &[abi::HOST_CALL_TOO_SMALL, len])
-        }
-    }
-
-    fn hypercall_preserve(&mut self) -> Result<(), VmError> {
-        let [addr, len] = self.read_words::<2>(ARGS)?;
-        let in_program_area = addr >= abi::USER_BASE
-            && addr
-                .checked_add(len)
-                .is_some_and(|end| end <= self.heap_end);
-        let total = self
-            .preserved
-            .iter()
-            .map(|&(_, l)| l)
-            .fold(len, u64::saturating_add);
-        let status = if !in_program_area || len == 0 {
-            abi::PRESERVE_OUT_OF_RANGE
-        } else if total > self.max_preserved || self.preserved.len() >= MAX_PRESERVED_REGIONS {
-            abi::PRESERVE_TOO_LARGE
-        } else {
-            self.preserved.push((addr, len));
-            abi::PRESERVE_OK
-        };
-        self.write_words(RET, &[status])
-    }
-
     /// Copies guest memory at `addr` into `buf`, for inspection (debuggers,
     /// tests). The vCPU is stopped whenever the caller holds the VM.
     pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), VmError> {
@@ -825,105 +539,6 @@ impl VmInstance {
     /// The regions the guest asked to keep across resets.
     pub fn preserved_regions(&self) -> &[(u64, u64)] {
         &self.preserved
-    }
-
-    fn hypercall_host_result(&mut self) -> Result<(), VmError> {
-        let [ptr, cap] = self.read_words::<2>(ARGS)?;
-        check_user_range(self.memory_size(), ptr, cap).map_err(|e| bad("HostResult", e))?;
-        let Some(result) = self.pending_host_result.take() else {
-            return self.write_words(RET, &[abi::HOST_CALL_NO_RESULT, 0]);
-        };
-        let len = result.len() as u64;
-        if len > cap {
-            let status = abi::HOST_CALL_TOO_SMALL;
-            self.pending_host_result = Some(result);
-            return self.write_words(RET, &[status, len]);
-        }
-        self.machine
-            .ram
-            .write(ptr, &result)
-            .map_err(|e| bad("HostResult", e.into()))?;
-        self.note_host_write(ptr, len);
-        self.write_words(RET, &[self.pending_status, len])
-    }
-
-    /// A guest message (panic, abort), truncated to the configured limit.
-    fn read_message(&self, hypercall: &'static str, ptr: u64, len: u64) -> Result<String, VmError> {
-        check_user_range(self.memory_size(), ptr, len).map_err(|e| bad(hypercall, e))?;
-        let len = len.min(self.limits.message);
-        read_str(&self.machine.ram, ptr, len, len, true).map_err(|e| bad(hypercall, e))
-    }
-
-    fn hypercall_panic(&mut self) -> VmError {
-        let result = (|| {
-            let [msg_ptr, msg_len, file_ptr, file_len, line, column] =
-                self.read_words::<6>(ARGS)?;
-            let message = self.read_message("Panic", msg_ptr, msg_len)?;
-            let location = if file_len == 0 {
-                None
-            } else {
-                check_user_range(self.memory_size(), file_ptr, file_len)
-                    .map_err(|e| bad("Panic", e))?;
-                let file = read_str(&self.machine.ram, file_ptr, file_len, MAX_FILE_NAME, true)
-                    .map_err(|e| bad("Panic", e))?;
-                Some(PanicLocation {
-                    file,
-                    line: line as u32,
-                    column: column as u32,
-                })
-            };
-            Ok(VmError::GuestPanic { message, location })
-        })();
-        result.unwrap_or_else(|e| e)
-    }
-
-    fn hypercall_abort(&mut self) -> VmError {
-        let result = (|| {
-            let [ptr, len] = self.read_words::<2>(ARGS)?;
-            let message = self.read_message("Abort", ptr, len)?;
-            Ok(VmError::GuestAbort { message })
-        })();
-        result.unwrap_or_else(|e| e)
-    }
-
-    /// Reads the exception frame the CPL0 stub left on its stack.
-    fn read_fault(&mut self) -> VmError {
-        let regs = match self.machine.vcpu.get_regs() {
-            Ok(regs) => regs,
-            Err(source) => {
-                return VmError::Kvm {
-                    step: "KVM_GET_REGS",
-                    source,
-                }
-            }
-        };
-        let sregs = match self.machine.vcpu.get_sregs() {
-            Ok(sregs) => sregs,
-            Err(source) => {
-                return VmError::Kvm {
-                    step: "KVM_GET_SREGS",
-                    source,
-                }
-            }
-        };
-        // Frame: vector, error code, then what the CPU pushed (RIP, CS, ...).
-        let mut frame = [0u8; 24];
-        if self.machine.ram.read(regs.rsp, &mut frame).is_err()
-            || !(abi::SYSTEM_AREA_START..abi::SYSTEM_AREA_END).contains(&regs.rsp)
-        {
-            return VmError::UnexpectedExit {
-                exit: format!("fault exit with stack pointer {:#x}", regs.rsp),
-            };
-        }
-        let word =
-            |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        let vector = word(0) as u8;
-        VmError::GuestFault(GuestFault {
-            vector,
-            error_code: word(1),
-            rip: word(2),
-            addr: (vector == 14).then_some(sregs.cr2),
-        })
     }
 
     /// Reads KVM's dirty log into the VM's running set and returns how many
@@ -982,91 +597,6 @@ impl VmInstance {
             self.dirty.note_host_write(addr, len);
         }
     }
-
-    fn read_words<const N: usize>(&self, addr: u64) -> Result<[u64; N], VmError> {
-        let mut bytes = [[0u8; 8]; N];
-        self.machine
-            .ram
-            .read(addr, bytes.as_flattened_mut())
-            .map_err(|e| bad("ABI page", e.into()))?;
-        Ok(bytes.map(u64::from_le_bytes))
-    }
-
-    fn write_words(&self, addr: u64, words: &[u64]) -> Result<(), VmError> {
-        let mut bytes = [0u8; 8 * 32];
-        let len = words.len() * 8;
-        for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
-            chunk.copy_from_slice(&word.to_le_bytes());
-        }
-        self.machine
-            .ram
-            .write(addr, &bytes[..len])
-            .map_err(|e| bad("ABI page", e.into()))
-    }
-}
-
-fn abi_boot_words(boot: &AbiPage) -> [u64; 5] {
-    [
-        boot.magic,
-        u64::from(boot.version),
-        boot.mem_size,
-        boot.heap_start,
-        boot.heap_end,
-    ]
 }
 
 pub(crate) use layout::{page_table_pages, write_system_area_checked as write_system_area};
-
-/// Classifies the result of one `KVM_RUN`: an I/O write gives its port,
-/// value (the first four bytes) and size in bytes (element size × count),
-/// an interrupted run (the timeout signal) gives `None`, and every other
-/// exit is an error.
-pub(crate) fn io_exit(
-    run: Result<VcpuExit<'_>, kvm_ioctls::Error>,
-) -> Result<Option<(u16, u32, usize)>, VmError> {
-    match run {
-        Ok(VcpuExit::IoOut(port, data)) => {
-            let mut word = [0u8; 4];
-            let n = data.len().min(4);
-            word[..n].copy_from_slice(&data[..n]);
-            Ok(Some((port, u32::from_le_bytes(word), data.len())))
-        }
-        Ok(VcpuExit::Shutdown) => Err(VmError::Shutdown),
-        Ok(VcpuExit::IoIn(port, _)) => Err(VmError::UnexpectedExit {
-            exit: format!("read from I/O port {port:#x}"),
-        }),
-        Ok(other) => Err(VmError::UnexpectedExit {
-            exit: format!("{other:?}"),
-        }),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
-        Err(source) => Err(VmError::Kvm {
-            step: "KVM_RUN",
-            source,
-        }),
-    }
-}
-
-fn bad(hypercall: &'static str, reason: HypercallFault) -> VmError {
-    VmError::BadHypercall { hypercall, reason }
-}
-
-/// Reads a guest string of `len` bytes (at most `limit`). With `lossy`,
-/// invalid UTF-8 is replaced rather than rejected.
-fn read_str(
-    ram: &memory::GuestRam,
-    ptr: u64,
-    len: u64,
-    limit: u64,
-    lossy: bool,
-) -> Result<String, HypercallFault> {
-    if len > limit {
-        return Err(HypercallFault::TooLong { len, limit });
-    }
-    check_user_range(ram.size(), ptr, len)?;
-    let bytes = ram.read_vec(ptr, len)?;
-    match String::from_utf8(bytes) {
-        Ok(s) => Ok(s),
-        Err(e) if lossy => Ok(String::from_utf8_lossy(e.as_bytes()).into_owned()),
-        Err(_) => Err(HypercallFault::NotUtf8),
-    }
-}

@@ -9,9 +9,8 @@ use kvm_bindings::{
 use kvm_ioctls::{SyncReg, VcpuFd};
 use std::sync::OnceLock;
 
-use super::SnapshotError;
+use super::VmError;
 use crate::vm::machine::{normalize_cpuid, Machine};
-use crate::vm::VmError;
 
 /// MSRs a guest can observe or that shape its execution: SYSENTER, PAT,
 /// SYSCALL targets, kernel GS base, TSC_AUX and the TSC itself (restored so
@@ -32,7 +31,7 @@ pub(crate) const SAVED_MSRS: [u32; 11] = [
 
 /// Loads registers still pending in `kvm_run` (see
 /// [`CpuState::apply_registers`]) with ioctls, so the getters see them.
-fn flush_sync_regs(vcpu: &mut VcpuFd) -> Result<(), SnapshotError> {
+fn flush_sync_regs(vcpu: &mut VcpuFd) -> Result<(), VmError> {
     let dirty = vcpu.get_kvm_run().kvm_dirty_regs;
     let shared = vcpu.sync_regs();
     if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_SREGS) != 0 {
@@ -85,40 +84,28 @@ pub(crate) struct CpuState {
 }
 
 /// A feature the snapshot's CPUID has and the host's lacks (the fields of
-/// [`SnapshotError::CpuMismatch`]).
+/// `SnapshotError::CpuMismatch`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct CpuMismatch {
-    leaf: u32,
-    index: u32,
-    register: &'static str,
-    missing: u32,
+    pub(crate) leaf: u32,
+    pub(crate) index: u32,
+    pub(crate) register: &'static str,
+    pub(crate) missing: u32,
 }
 
-impl From<CpuMismatch> for SnapshotError {
-    fn from(m: CpuMismatch) -> Self {
-        SnapshotError::CpuMismatch {
-            leaf: m.leaf,
-            index: m.index,
-            register: m.register,
-            missing: m.missing,
-        }
-    }
-}
-
-fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
-    move |source| SnapshotError::Vm(VmError::Kvm { step, source })
+fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    VmError::kvm(step)
 }
 
 impl CpuState {
     /// Reads the state of a stopped vCPU.
-    pub(crate) fn capture(vcpu: &mut VcpuFd) -> Result<Self, SnapshotError> {
+    pub(crate) fn capture(vcpu: &mut VcpuFd) -> Result<Self, VmError> {
         flush_sync_regs(vcpu)?;
         let mut msrs = Msrs::from_entries(&SAVED_MSRS.map(|index| kvm_msr_entry {
             index,
             ..Default::default()
         }))
-        .map_err(|_| SnapshotError::Malformed {
-            section: "cpu",
+        .map_err(|_| VmError::InvalidVcpuState {
             reason: "MSR list too long",
         })?;
         let read = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
@@ -159,15 +146,15 @@ impl CpuState {
         &self,
         vcpu: &mut VcpuFd,
         current: Option<&[kvm_cpuid_entry2]>,
-    ) -> Result<(), SnapshotError> {
+    ) -> Result<(), VmError> {
         // Registers handed over in `kvm_run` but not loaded yet would
         // override what is set here on the next run.
         clear_sync_regs(vcpu);
         if current != Some(self.cpuid.as_slice()) {
-            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| SnapshotError::Malformed {
-                section: "cpu",
-                reason: "too many CPUID entries",
-            })?;
+            let cpuid =
+                CpuId::from_entries(&self.cpuid).map_err(|_| VmError::InvalidVcpuState {
+                    reason: "too many CPUID entries",
+                })?;
             vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
         }
         vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
@@ -176,8 +163,7 @@ impl CpuState {
         // exactly what KVM_SET_XSAVE reads.
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| SnapshotError::Malformed {
-            section: "cpu",
+        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VmError::InvalidVcpuState {
             reason: "too many MSRs",
         })?;
         vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
@@ -199,7 +185,7 @@ impl CpuState {
         current_cpuid: Option<&[kvm_cpuid_entry2]>,
         which: Registers,
         sync_regs: bool,
-    ) -> Result<(), SnapshotError> {
+    ) -> Result<(), VmError> {
         match which {
             Registers::All => return self.apply(vcpu, current_cpuid),
             Registers::UserMode => {
@@ -228,15 +214,15 @@ impl CpuState {
     /// checks against) the verdict is computed once per snapshot and then
     /// only read: a call costs a few atomic loads, cheap enough for every
     /// in-place reset. Any other `host` is compared in full.
-    pub(crate) fn check_compatible(&self, host: &CpuId) -> Result<(), SnapshotError> {
+    pub(crate) fn check_compatible(&self, host: &CpuId) -> Result<(), CpuMismatch> {
         let effective = Machine::effective_cpuid_if_read().is_some_and(|e| std::ptr::eq(e, host));
         if effective {
             let verdict = self
                 .compatible
                 .get_or_init(|| self.find_missing_feature(host));
-            Ok((*verdict)?)
+            *verdict
         } else {
-            Ok(self.find_missing_feature(host)?)
+            self.find_missing_feature(host)
         }
     }
 

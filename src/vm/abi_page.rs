@@ -1,0 +1,97 @@
+//! The shared ABI page and guest buffers as the host sees them: word
+//! access to the page's fields, and the one rule for every buffer a guest
+//! names ([`check_user_range`]).
+
+use std::mem::offset_of;
+
+use super::error::{HypercallFault, VmError};
+use super::memory::GuestRam;
+use super::VmInstance;
+use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
+
+/// Checks that `[addr, addr + len)` is memory guest code can read and write
+/// at CPL3: the user stack and the program area up to the end of guest
+/// memory (`size`, scratch disk included). The null guard, the ABI page,
+/// the supervisor-only system area and the stack guard are refused, so a
+/// guest can never make the host read or write there on its behalf. Empty
+/// buffers are accepted anywhere (a guest passes dangling pointers for
+/// them); the host touches none of their bytes.
+pub(crate) fn check_user_range(size: u64, addr: u64, len: u64) -> Result<(), HypercallFault> {
+    if len == 0 {
+        return Ok(());
+    }
+    let inside = addr >= abi::STACK_BOTTOM && addr.checked_add(len).is_some_and(|end| end <= size);
+    if inside {
+        Ok(())
+    } else {
+        Err(HypercallFault::NotGuestMemory { addr, len })
+    }
+}
+
+pub(super) const fn field(offset: usize) -> u64 {
+    ABI_PAGE_ADDR + offset as u64
+}
+
+pub(super) const ARGS: u64 = field(offset_of!(AbiPage, args));
+pub(super) const RET: u64 = field(offset_of!(AbiPage, ret));
+
+impl VmInstance {
+    /// Reads `N` words of the ABI page at guest address `addr`.
+    pub(super) fn read_words<const N: usize>(&self, addr: u64) -> Result<[u64; N], VmError> {
+        let mut bytes = [[0u8; 8]; N];
+        self.machine
+            .ram
+            .read(addr, bytes.as_flattened_mut())
+            .map_err(|e| bad("ABI page", e.into()))?;
+        Ok(bytes.map(u64::from_le_bytes))
+    }
+
+    /// Writes `words` to the ABI page at guest address `addr`.
+    pub(super) fn write_words(&self, addr: u64, words: &[u64]) -> Result<(), VmError> {
+        let mut bytes = [0u8; 8 * 32];
+        let len = words.len() * 8;
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        self.machine
+            .ram
+            .write(addr, &bytes[..len])
+            .map_err(|e| bad("ABI page", e.into()))
+    }
+}
+
+/// The boot fields of the ABI page, in order from its start.
+pub(super) fn abi_boot_words(boot: &AbiPage) -> [u64; 5] {
+    [
+        boot.magic,
+        u64::from(boot.version),
+        boot.mem_size,
+        boot.heap_start,
+        boot.heap_end,
+    ]
+}
+
+pub(super) fn bad(hypercall: &'static str, reason: HypercallFault) -> VmError {
+    VmError::BadHypercall { hypercall, reason }
+}
+
+/// Reads a guest string of `len` bytes (at most `limit`). With `lossy`,
+/// invalid UTF-8 is replaced rather than rejected.
+pub(super) fn read_str(
+    ram: &GuestRam,
+    ptr: u64,
+    len: u64,
+    limit: u64,
+    lossy: bool,
+) -> Result<String, HypercallFault> {
+    if len > limit {
+        return Err(HypercallFault::TooLong { len, limit });
+    }
+    check_user_range(ram.size(), ptr, len)?;
+    let bytes = ram.read_vec(ptr, len)?;
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(s),
+        Err(e) if lossy => Ok(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        Err(_) => Err(HypercallFault::NotUtf8),
+    }
+}
