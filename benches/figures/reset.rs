@@ -220,10 +220,15 @@ fn scale(ctx: &Ctx, config: &VmConfig) -> Figure {
         l.extend((0..BLOCK).map(|i| request(&mut large, 16, i)));
         s.extend((0..BLOCK).map(|i| request(&mut small, 16, i)));
     }
+    // The spread is that of the ratios of paired samples (taken one block
+    // after the other): dividing the two sides' p10s and p90s could print
+    // a "p10" above the "p90".
+    let mut ratios: Vec<f64> = l.iter().zip(&s).map(|(a, b)| a / b).collect();
     let (l, s) = (Stats::of(&mut l), Stats::of(&mut s));
+    let r = Stats::of(&mut ratios);
     let mut figure =
         Figure::plain("reset.scale", l.median / s.median, "x").target(Target::AtMost(1.3));
-    figure.spread = Some((l.p10 / s.p10, l.p90 / s.p90));
+    figure.spread = Some((r.p10, r.p90));
     figure.samples = Some(l.count);
     figure
 }
