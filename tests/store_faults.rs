@@ -473,7 +473,7 @@ fn full_disk_is_an_error_not_a_corrupt_store() {
     };
     let config = StoreConfig {
         block_size: 64 * 1024,
-        lease_ttl: Duration::from_secs(1),
+        lease_ttl: Duration::from_secs(30),
         ..StoreConfig::default()
     };
     let store = ConvergentStore::new(
