@@ -207,7 +207,9 @@ impl VmConfig {
     }
 
     /// Longest a guest call (or init) may run; `None` for no limit. A call
-    /// that runs longer fails with [`VmError::Timeout`] within twice the limit.
+    /// that runs longer fails with [`VmError::Timeout`]. The limit is wall-clock
+    /// time, host-function time included; the error never comes early, and
+    /// comes late by however long the host takes to schedule the vCPU thread.
     pub fn timeout(mut self, limit: Option<Duration>) -> Self {
         self.timeout = limit;
         self
