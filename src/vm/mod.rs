@@ -30,6 +30,7 @@ pub(crate) mod persist;
 pub mod raw;
 mod timer;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::mem::offset_of;
 use std::sync::Arc;
@@ -108,7 +109,9 @@ pub struct VmInstance {
     input_buf: u64,
     input_cap: u64,
     state: VmState,
-    poison_cause: String,
+    /// Why the instance is poisoned (no allocation on the hot path: the
+    /// marks set when a call or restore starts are static).
+    poison_cause: Cow<'static, str>,
     timeout: Option<Duration>,
     max_output: u64,
     host_functions: Arc<HashMap<String, Arc<HostFn>>>,
@@ -240,7 +243,7 @@ impl VmInstance {
             input_buf: 0,
             input_cap: 0,
             state: VmState::Ready,
-            poison_cause: String::new(),
+            poison_cause: Cow::Borrowed(""),
             timeout: config.timeout,
             max_output: config.max_output,
             host_functions: Arc::clone(&config.host_functions),
@@ -344,7 +347,7 @@ impl VmInstance {
     fn call(&mut self, name: &str, input: &[u8]) -> Result<(u64, u64), VmError> {
         if self.state == VmState::Poisoned {
             return Err(VmError::Poisoned {
-                cause: self.poison_cause.clone(),
+                cause: self.poison_cause.to_string(),
             });
         }
         let index = *self
@@ -356,7 +359,7 @@ impl VmInstance {
         // Poisoned until the call provably finished: a host panic unwinding
         // out of here leaves no instance that claims to be ready.
         self.state = VmState::Poisoned;
-        self.poison_cause = format!("call to {name:?} did not finish");
+        self.poison_cause = Cow::Borrowed("a call did not finish");
         let result = self.call_inner(index, input);
         self.finish(result)
     }
@@ -366,12 +369,12 @@ impl VmInstance {
     fn finish<T>(&mut self, result: Result<T, VmError>) -> Result<T, VmError> {
         match result {
             Err(e) if e.poisons() => {
-                self.poison_cause = e.to_string();
+                self.poison_cause = Cow::Owned(e.to_string());
                 Err(e)
             }
             other => {
                 self.state = VmState::Ready;
-                self.poison_cause.clear();
+                self.poison_cause = Cow::Borrowed("");
                 other
             }
         }
@@ -453,21 +456,21 @@ impl VmInstance {
     /// Marks the instance ready again (after its state was replaced).
     pub(crate) fn clear_poison(&mut self) {
         self.state = VmState::Ready;
-        self.poison_cause.clear();
+        self.poison_cause = Cow::Borrowed("");
         self.pending_host_result = None;
     }
 
     /// Marks the instance poisoned while `step` replaces its state; only
     /// [`Self::clear_poison`] at the end of a successful step undoes it.
-    pub(crate) fn begin_replace(&mut self, step: &str) {
+    pub(crate) fn begin_replace(&mut self, step: &'static str) {
         self.state = VmState::Poisoned;
-        self.poison_cause = format!("{step} did not finish");
+        self.poison_cause = Cow::Borrowed(step);
     }
 
     fn poison(&mut self, error: VmError) -> VmError {
         if error.poisons() && self.state != VmState::Poisoned {
             self.state = VmState::Poisoned;
-            self.poison_cause = error.to_string();
+            self.poison_cause = Cow::Owned(error.to_string());
         }
         error
     }

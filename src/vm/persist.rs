@@ -107,7 +107,7 @@ impl VmInstance {
     pub(crate) fn save_cpu(&mut self) -> Result<CpuState, VmError> {
         if self.state != VmState::Ready {
             return Err(VmError::Poisoned {
-                cause: self.poison_cause.clone(),
+                cause: self.poison_cause.to_string(),
             });
         }
         CpuState::capture(&mut self.machine.vcpu)
@@ -197,7 +197,7 @@ impl VmInstance {
         // Bytes the guest asked to keep, read before memory is rewound.
         let preserved = self.read_preserved()?;
         let was_ready = self.state == VmState::Ready;
-        self.begin_replace("a restore");
+        self.begin_replace("a restore did not finish");
         // A vCPU stopped in the middle of an instruction would finish it on
         // the next run, after the registers below were rewound.
         self.complete_pending_exit()?;
