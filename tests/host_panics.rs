@@ -1,25 +1,39 @@
-//! A panic in host code that runs while the guest is stopped mid-call (here:
-//! the host's logger, called for a guest log message with the timeout timer
-//! armed) unwinds through `invoke`: the VM must not claim to be ready, and
-//! the thread's timeout timer must be off afterwards. Its own test binary:
-//! it installs a process-wide logger.
+//! Host code that sees guest logs, with a process-wide logger (hence its own
+//! test binary): a panic in the logger (called for a guest log message with
+//! the timeout timer armed) unwinds through `invoke` — the VM must not claim
+//! to be ready, and the thread's timeout timer must be off afterwards; and
+//! the per-call log budget stops a guest from flooding the host's logs.
 
 mod common;
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use snapvm::{VmInstance, VmState};
 
-/// A logger that panics on one message.
+/// A logger that records guest messages and panics on one of them.
 struct PanickingLogger;
+
+static RECORDED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn recorded() -> Vec<String> {
+    RECORDED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
 
 impl log::Log for PanickingLogger {
     fn enabled(&self, _: &log::Metadata<'_>) -> bool {
         true
     }
     fn log(&self, record: &log::Record<'_>) {
-        if record.args().to_string().contains("PANIC-IN-LOGGER") {
+        let text = record.args().to_string();
+        if text.contains("PANIC-IN-LOGGER") {
             panic!("the logger failed");
+        }
+        if record.target().starts_with("snapvm::guest") {
+            RECORDED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(text);
         }
     }
     fn flush(&self) {}
@@ -36,11 +50,41 @@ fn sleep_interrupted(d: Duration) -> bool {
     rc != 0
 }
 
+fn install_logger() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&PanickingLogger).expect("first logger");
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+}
+
+#[test]
+fn the_log_budget_bounds_what_one_call_logs() {
+    require_kvm!();
+    install_logger();
+    // The testguest's `log` says "guest says <input>" then "a warning".
+    let config = common::config("testguest").log_budget(20);
+    let mut vm = VmInstance::new(&config).unwrap();
+    for round in 0..2 {
+        let marker = format!("budget{round}");
+        vm.invoke("log", marker.as_bytes()).unwrap();
+        let logs = recorded();
+        let first = format!("guest says {marker}");
+        assert!(logs.contains(&first), "{logs:?}");
+        let after = &logs[logs.iter().position(|l| *l == first).unwrap() + 1..];
+        assert!(
+            !after.iter().any(|l| l == "a warning"),
+            "over the budget: {logs:?}"
+        );
+        assert!(after.iter().any(|l| l.contains("budget")), "{logs:?}");
+    }
+    assert_eq!(vm.state(), VmState::Ready);
+}
+
 #[test]
 fn a_panic_unwinding_out_of_a_call_leaves_no_timer_and_no_ready_vm() {
     require_kvm!();
-    log::set_logger(&PanickingLogger).expect("first logger");
-    log::set_max_level(log::LevelFilter::Trace);
+    install_logger();
     let config = common::config("testguest").timeout(Some(Duration::from_millis(20)));
     let mut vm = VmInstance::new(&config).unwrap();
     let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
