@@ -157,10 +157,14 @@ impl Snapshot {
     /// The contents of guest page `page` in this snapshot (through its
     /// chain): `Some(bytes)` for a stored page, `None` for a zero page.
     fn page(&self, page: u64) -> Result<Option<&[u8]>, SnapshotError> {
-        for s in self.chain().into_iter().rev() {
+        // Newest first, walking the bases (no allocation: resets call this
+        // for every page they rewind).
+        let mut next = Some(self);
+        while let Some(s) = next {
             if let Some(found) = s.inner.memory.page(page)? {
                 return Ok(found);
             }
+            next = s.inner.base.as_ref();
         }
         Ok(None)
     }

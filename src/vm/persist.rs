@@ -230,7 +230,9 @@ impl VmInstance {
             registers,
             Machine::sync_regs_supported(),
         )?;
-        self.machine.cpuid = Some(cpu.cpuid.clone());
+        if self.machine.cpuid.as_deref() != Some(cpu.cpuid.as_slice()) {
+            self.machine.cpuid = Some(cpu.cpuid.clone());
+        }
         self.install_guest(guest)?;
         self.write_preserved(preserved)?;
         if self.base != Some(source.id()) {
