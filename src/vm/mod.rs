@@ -28,6 +28,7 @@ pub(crate) mod machine;
 pub(crate) mod memory;
 pub(crate) mod persist;
 pub mod raw;
+#[doc(hidden)] pub mod fuzzing;
 mod timer;
 
 use std::borrow::Cow;
