@@ -210,3 +210,25 @@ fn a_timeout_then_a_reset_then_calls_work() {
         assert_eq!(vm.invoke("echo", b"after").unwrap(), b"after");
     }
 }
+
+#[test]
+fn a_guest_error_is_typed_and_does_not_poison() {
+    require_kvm!();
+    let mut vm = VmInstance::new(&testguest()).unwrap();
+    assert_eq!(vm.invoke("fallible", b"ok").unwrap(), b"fine");
+    match vm.invoke("fallible", b"nope") {
+        Err(VmError::GuestError { code, message }) => {
+            assert_eq!((code, message.as_str()), (42, "cannot handle 4 bytes"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(vm.state(), VmState::Ready);
+    assert!(!VmError::GuestError {
+        code: 1,
+        message: String::new()
+    }
+    .poisons());
+    // The guest kept its state: the counter saw all three calls.
+    assert_eq!(vm.invoke("fallible", b"ok").unwrap(), b"fine");
+    assert_eq!(counter(&vm.invoke("counter", b"").unwrap()), 4);
+}

@@ -122,6 +122,11 @@ pub const STATUS_OK: u64 = 0;
 pub const STATUS_OUT_OF_MEMORY: u64 = 1;
 /// [`AbiPage::status`]: the request was malformed (bad index or kind).
 pub const STATUS_BAD_REQUEST: u64 = 2;
+/// [`AbiPage::status`] after a call: the function returned an error. Its
+/// code is in `args[0]` and its UTF-8 message is the output
+/// ([`AbiPage::output_ptr`], [`AbiPage::output_len`]). The guest is
+/// undisturbed: the VM stays ready.
+pub const STATUS_GUEST_ERROR: u64 = 3;
 
 /// Host call status: the result was written to the guest's buffer.
 pub const HOST_CALL_OK: u64 = 0;
@@ -283,6 +288,7 @@ const _: () = {
     assert!(Hypercall::OutOfMemory as u32 == 9);
     assert!(REQUEST_CALL == 1 && REQUEST_GROW_INPUT == 2);
     assert!(STATUS_OK == 0 && STATUS_OUT_OF_MEMORY == 1 && STATUS_BAD_REQUEST == 2);
+    assert!(STATUS_GUEST_ERROR == 3);
     assert!(HOST_CALL_OK == 0 && HOST_CALL_TOO_SMALL == 1 && HOST_CALL_UNKNOWN == 2);
     assert!(HOST_CALL_FAILED == 3 && HOST_CALL_NO_RESULT == 4);
     assert!(PRESERVE_OK == 0 && PRESERVE_OUT_OF_RANGE == 1 && PRESERVE_TOO_LARGE == 2);

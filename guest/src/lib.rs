@@ -41,8 +41,8 @@ mod rt;
 #[cfg(feature = "runtime")]
 pub use rt::{
     __start, abort, disk, generation, heap_used, host, log_message, on_restore, preserve,
-    preserve_region, random_bytes, random_u64, report_garbage, Exports, GuestFn, LogLevel,
-    PreserveError,
+    preserve_region, random_bytes, random_u64, report_garbage, Exports, FallibleGuestFn,
+    GuestError, GuestFn, LogLevel, PreserveError,
 };
 
 /// Declares the guest's init function and the program entry point.

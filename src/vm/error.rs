@@ -260,6 +260,17 @@ pub enum VmError {
         /// Where it panicked, if the guest said.
         location: Option<PanicLocation>,
     },
+    /// The guest function returned an error
+    /// (`snapvm_guest::Exports::export_fallible`): a code and message of the
+    /// guest's choosing. The function finished normally, so the instance
+    /// stays ready; a guest *panic* is [`VmError::GuestPanic`] and poisons.
+    #[error("guest function failed with code {code}: {message}")]
+    GuestError {
+        /// The guest's error code.
+        code: u32,
+        /// The guest's message (truncated to `VmConfig::max_message`).
+        message: String,
+    },
     /// The guest ran out of heap memory. *Poisons.*
     #[error("guest out of memory: an allocation of {requested} bytes failed with {heap_used} bytes in use")]
     GuestOutOfMemory {
@@ -464,6 +475,7 @@ impl VmError {
             | Self::InvalidConfig { .. }
             | Self::InvalidGuest(_)
             | Self::UnknownFunction { .. }
+            | Self::GuestError { .. }
             | Self::InputTooLarge { .. }
             | Self::OutputTooLarge { .. }
             | Self::MemoryOutOfRange { .. }

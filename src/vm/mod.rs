@@ -21,6 +21,8 @@ mod config;
 pub(crate) mod cpu;
 mod dirty;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hypercall;
 mod layout;
 mod loader;
@@ -28,7 +30,6 @@ pub(crate) mod machine;
 pub(crate) mod memory;
 pub(crate) mod persist;
 pub mod raw;
-#[doc(hidden)] pub mod fuzzing;
 mod timer;
 
 use std::borrow::Cow;
@@ -50,7 +51,7 @@ pub use timer::timeout_signal;
 
 use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
 pub(crate) use abi_page::check_user_range;
-use abi_page::{abi_boot_words, bad, field, read_str};
+use abi_page::{abi_boot_words, bad, field, read_str, ARGS};
 use config::GuestLimits;
 pub(crate) use hypercall::io_exit;
 use machine::Machine;
@@ -403,6 +404,20 @@ impl VmInstance {
         let [garbage] = self.read_words::<1>(field(offset_of!(AbiPage, garbage)))?;
         self.stats.heap_used = heap_used;
         self.stats.guest_garbage = (garbage != abi::GARBAGE_UNREPORTED).then_some(garbage);
+        if status == abi::STATUS_GUEST_ERROR {
+            // The function finished and returned an error: the guest is
+            // undisturbed, the instance stays ready.
+            let [code] = self.read_words::<1>(ARGS)?;
+            check_user_range(self.memory_size(), output_ptr, output_len)
+                .map_err(|e| bad("Done", e))?;
+            let len = output_len.min(self.limits.message);
+            let message = read_str(&self.machine.ram, output_ptr, len, len, true)
+                .map_err(|e| bad("Done", e))?;
+            return Err(VmError::GuestError {
+                code: code as u32,
+                message,
+            });
+        }
         if status != abi::STATUS_OK {
             return Err(bad("Done", HypercallFault::BadStatus(status)));
         }

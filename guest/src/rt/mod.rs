@@ -21,6 +21,52 @@ pub use restore::{generation, on_restore, random_bytes, random_u64};
 /// A function the guest exports: input bytes in, output bytes out.
 pub type GuestFn = fn(&[u8]) -> Vec<u8>;
 
+/// A guest function that can fail: `Err` reaches the host as
+/// `VmError::GuestError { code, message }`, and the VM stays ready (unlike
+/// a panic, which poisons it).
+pub type FallibleGuestFn = fn(&[u8]) -> Result<Vec<u8>, GuestError>;
+
+/// An error a guest function returns to its caller: a code of the guest's
+/// choosing and a message. The host receives both in
+/// `VmError::GuestError`; nothing is poisoned.
+///
+/// ```ignore
+/// fn parse(input: &[u8]) -> Result<Vec<u8>, GuestError> {
+///     let text = core::str::from_utf8(input).map_err(|_| GuestError::new(400, "not UTF-8"))?;
+///     Ok(text.to_uppercase().into_bytes())
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestError {
+    /// A code for the host to match on (its meaning is the guest's).
+    pub code: u32,
+    /// A human-readable message.
+    pub message: String,
+}
+
+impl GuestError {
+    /// An error with `code` and `message`.
+    pub fn new(code: u32, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl core::fmt::Display for GuestError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "error {}: {}", self.code, self.message)
+    }
+}
+
+/// An exported function: infallible or fallible.
+#[derive(Clone, Copy)]
+enum Export {
+    Plain(GuestFn),
+    Fallible(FallibleGuestFn),
+}
+
 /// Input buffer capacity the guest starts with; the host asks for more when a
 /// request needs it.
 const INITIAL_INPUT_CAPACITY: usize = 64 * 1024;
@@ -45,7 +91,7 @@ impl<T> GuestCell<T> {
 
 /// The functions a guest exports, filled in by its init function.
 pub struct Exports {
-    funcs: Vec<(&'static str, GuestFn)>,
+    funcs: Vec<(&'static str, Export)>,
 }
 
 impl Exports {
@@ -56,6 +102,21 @@ impl Exports {
     /// [`abi::MAX_FUNCTION_NAME`] bytes — the VM then fails to start with a
     /// guest panic naming the problem.
     pub fn export(&mut self, name: &'static str, f: GuestFn) -> &mut Self {
+        self.add(name, Export::Plain(f))
+    }
+
+    /// Exports a function that can fail: its `Err` reaches the host as
+    /// `VmError::GuestError { code, message }` and the VM stays ready. Use
+    /// it for errors a caller should handle (bad input, a missing record);
+    /// a panic is for bugs, and poisons the VM.
+    ///
+    /// # Panics
+    /// As [`Exports::export`].
+    pub fn export_fallible(&mut self, name: &'static str, f: FallibleGuestFn) -> &mut Self {
+        self.add(name, Export::Fallible(f))
+    }
+
+    fn add(&mut self, name: &'static str, f: Export) -> &mut Self {
         assert!(
             !name.is_empty() && name.len() as u64 <= abi::MAX_FUNCTION_NAME,
             "invalid function name length: {:?}",
@@ -98,14 +159,14 @@ pub(crate) fn abi_read_generation() -> (u64, [u64; 4]) {
 }
 
 /// Writes hypercall argument `i`.
-fn set_arg(i: usize, value: u64) {
+pub(crate) fn set_arg(i: usize, value: u64) {
     // SAFETY: as for `abi_read!`; `i` indexes a fixed-size array and is
     // bounds-checked by the indexing below.
     unsafe { addr_of_mut!((*page()).args[i]).write_volatile(value) }
 }
 
 /// Reads hypercall result `i`.
-fn ret(i: usize) -> u64 {
+pub(crate) fn ret(i: usize) -> u64 {
     // SAFETY: as for `set_arg`.
     unsafe { addr_of_mut!((*page()).ret[i]).read_volatile() }
 }
@@ -114,7 +175,7 @@ fn ret(i: usize) -> u64 {
 /// barrier: every write before it is visible to the host, and the guest
 /// re-reads memory the host may have changed after it.
 #[inline(always)]
-fn hypercall(nr: Hypercall) {
+pub(crate) fn hypercall(nr: Hypercall) {
     // SAFETY: `out` to the hypercall port only exits to the host; the TSS
     // I/O bitmap allows it at CPL3. It touches no guest memory or stack.
     unsafe {
@@ -241,10 +302,26 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
                 let len = abi_read!(input_len) as usize;
                 match (funcs.get(index), input.get(..len)) {
                     (Some((_, f)), Some(bytes)) => {
-                        output = f(bytes);
+                        let status = match *f {
+                            Export::Plain(f) => {
+                                output = f(bytes);
+                                abi::STATUS_OK
+                            }
+                            Export::Fallible(f) => match f(bytes) {
+                                Ok(out) => {
+                                    output = out;
+                                    abi::STATUS_OK
+                                }
+                                Err(e) => {
+                                    set_arg(0, u64::from(e.code));
+                                    output = e.message.into_bytes();
+                                    abi::STATUS_GUEST_ERROR
+                                }
+                            },
+                        };
                         abi_write!(output_ptr, output.as_ptr() as u64);
                         abi_write!(output_len, output.len() as u64);
-                        abi::STATUS_OK
+                        status
                     }
                     _ => abi::STATUS_BAD_REQUEST,
                 }

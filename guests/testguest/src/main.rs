@@ -86,7 +86,8 @@ fn init(exports: &mut Exports) {
         .export("alloc_then_oom", alloc_then_oom)
         .export("log", log)
         .export("host_call", host_call)
-        .export("sse_avx", sse_avx);
+        .export("sse_avx", sse_avx)
+        .export_fallible("fallible", fallible);
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -420,6 +421,18 @@ fn alloc_then_oom(input: &[u8]) -> Vec<u8> {
     alloc_mib(input);
     let huge = black_box(1usize << 40);
     vec![2u8; huge]
+}
+
+/// Succeeds on `ok`; any other input is an error the caller handles.
+fn fallible(input: &[u8]) -> Result<Vec<u8>, snapvm_guest::GuestError> {
+    COUNTER.fetch_add(1, Ordering::Relaxed);
+    match input {
+        b"ok" => Ok(b"fine".to_vec()),
+        other => Err(snapvm_guest::GuestError::new(
+            42,
+            alloc::format!("cannot handle {} bytes", other.len()),
+        )),
+    }
 }
 
 fn log(input: &[u8]) -> Vec<u8> {
