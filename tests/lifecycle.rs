@@ -232,3 +232,62 @@ fn a_guest_error_is_typed_and_does_not_poison() {
     assert_eq!(vm.invoke("fallible", b"ok").unwrap(), b"fine");
     assert_eq!(counter(&vm.invoke("counter", b"").unwrap()), 4);
 }
+
+/// Interrupts `vm`'s call from another thread once `started` says so.
+fn interrupt_when(
+    handle: snapvm::InterruptHandle,
+    started: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while started.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        handle.interrupt();
+    })
+}
+
+#[test]
+fn an_interrupt_from_another_thread_cancels_a_running_call() {
+    require_kvm!();
+    // No timeout: only the interrupt can end the loop.
+    let config = testguest().dirty_tracking(true).timeout(None);
+    let mut vm = VmInstance::new(&config).unwrap();
+    let ready = vm.snapshot().unwrap();
+    // Nothing running: an interrupt now does not cancel a later call.
+    vm.interrupt_handle().interrupt();
+    assert_eq!(vm.invoke("echo", b"first").unwrap(), b"first");
+
+    let started = Arc::new(AtomicUsize::new(1));
+    let kicker = interrupt_when(vm.interrupt_handle(), Arc::clone(&started));
+    let err = vm.invoke("infinite_loop", b"").expect_err("cancelled");
+    kicker.join().unwrap();
+    assert!(matches!(err, VmError::Cancelled), "{err}");
+    assert!(err.poisons());
+    assert_eq!(vm.state(), VmState::Poisoned);
+    vm.restore_in_place(&ready).unwrap();
+    assert_eq!(vm.invoke("echo", b"after").unwrap(), b"after");
+}
+
+#[test]
+fn an_interrupt_during_a_host_function_cancels_when_it_returns() {
+    require_kvm!();
+    let started = Arc::new(AtomicUsize::new(0));
+    let flag = Arc::clone(&started);
+    let config = testguest()
+        .dirty_tracking(true)
+        .host_function("slow", move |_| {
+            flag.store(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(b"done".to_vec())
+        });
+    let mut vm = VmInstance::new(&config).unwrap();
+    let ready = vm.snapshot().unwrap();
+    let kicker = interrupt_when(vm.interrupt_handle(), Arc::clone(&started));
+    let err = vm.invoke("host_call", b"slow\n").expect_err("cancelled");
+    kicker.join().unwrap();
+    assert!(matches!(err, VmError::Cancelled), "{err}");
+    vm.restore_in_place(&ready).unwrap();
+    started.store(0, Ordering::SeqCst);
+    assert_eq!(vm.invoke("echo", b"again").unwrap(), b"again");
+}

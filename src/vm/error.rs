@@ -349,6 +349,11 @@ pub enum VmError {
         /// Buffer length.
         capacity: usize,
     },
+    /// The call was stopped from another thread with an
+    /// [`InterruptHandle`](super::InterruptHandle). *Poisons* (the guest
+    /// stopped mid-call); a reset makes the VM usable again.
+    #[error("the call was cancelled")]
+    Cancelled,
     /// A host function panicked while serving the guest. The panic is
     /// caught at the host-function boundary; the guest is left inside its
     /// host call, so this *poisons*.
@@ -468,6 +473,7 @@ impl VmError {
             | Self::Kvm { .. }
             | Self::Timer(_)
             | Self::HostFunctionPanic { .. }
+            | Self::Cancelled
             | Self::VcpuStuck { .. } => true,
             Self::KvmUnavailable { .. }
             | Self::MapMemory { .. }

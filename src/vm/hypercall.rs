@@ -29,13 +29,21 @@ impl VmInstance {
             Some((_, limit)) => Some(timer::Armed::new(limit).map_err(VmError::Timer)?),
             None => None,
         };
+        // Dropped first: unregisters the thread, then the timer is disarmed.
+        let _running = self.interrupt.enter()?;
         self.run_loop(deadline)
     }
 
     fn run_loop(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Stop, VmError> {
         loop {
+            if self.interrupt.requested() {
+                return Err(VmError::Cancelled);
+            }
             self.exit_pending = true;
             let Some((port, value, size)) = io_exit(self.machine.vcpu.run())? else {
+                if self.interrupt.requested() {
+                    return Err(VmError::Cancelled);
+                }
                 if let Some((at, limit)) = deadline {
                     if Instant::now() >= at {
                         return Err(VmError::Timeout { limit });
@@ -215,6 +223,9 @@ impl VmInstance {
                 timer::disarm();
             }
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&input)));
+            if self.interrupt.requested() {
+                return Err(VmError::Cancelled);
+            }
             if let Some((at, limit)) = deadline {
                 let left = at.saturating_duration_since(Instant::now());
                 if left.is_zero() {

@@ -24,6 +24,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hypercall;
+mod interrupt;
 mod layout;
 mod loader;
 pub(crate) mod machine;
@@ -44,6 +45,7 @@ pub use config::{
     DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE, MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
+pub use interrupt::InterruptHandle;
 pub use loader::GuestProgram;
 pub use machine::{check_kvm, check_kvm_device};
 pub use persist::SnapshotId;
@@ -149,6 +151,8 @@ pub struct VmInstance {
     /// The vCPU stopped in an exit that is not a complete hypercall (it may
     /// be in the middle of an instruction KVM completes on the next run).
     exit_pending: bool,
+    /// Shared with this VM's [`InterruptHandle`]s.
+    interrupt: std::sync::Arc<interrupt::Shared>,
 }
 
 /// Most regions a guest may preserve.
@@ -266,6 +270,7 @@ impl VmInstance {
             limits: config.limits,
             log_used: 0,
             exit_pending: false,
+            interrupt: std::sync::Arc::default(),
         }
     }
 
@@ -283,6 +288,14 @@ impl VmInstance {
     /// The generation of this VM lifetime (see [`Generation`]).
     pub fn generation(&self) -> Generation {
         self.generation
+    }
+
+    /// A handle that stops this VM's running call from another thread (see
+    /// [`InterruptHandle`]).
+    pub fn interrupt_handle(&self) -> InterruptHandle {
+        InterruptHandle {
+            shared: std::sync::Arc::clone(&self.interrupt),
+        }
     }
 
     /// The instance's lifecycle state.

@@ -144,3 +144,44 @@ impl Drop for Armed {
         disarm();
     }
 }
+
+/// This thread's timer as an id another thread may arm (see
+/// [`super::interrupt`]). Valid while the thread lives: the interrupt code
+/// only uses it while the owning thread is inside a run.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TimerId(libc::timer_t);
+
+// SAFETY: a `timer_t` is a process-wide identifier, usable with
+// `timer_settime` from any thread. It is deleted only when its owning
+// thread exits; `interrupt::Running` guarantees the owner is inside a run
+// (so alive) whenever another thread uses the id.
+unsafe impl Send for TimerId {}
+
+impl TimerId {
+    /// Makes the timer fire now and then every `interval`, until the
+    /// owning thread disarms it.
+    pub(crate) fn fire_now(self, interval: Duration) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: timespec(interval),
+            it_value: timespec(Duration::from_nanos(1)),
+        };
+        // SAFETY: a live timer (see the `Send` impl); the spec is valid.
+        if unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// This thread's timer (created on first use).
+pub(crate) fn current() -> io::Result<TimerId> {
+    TIMER.with(|cell| {
+        let mut timer = cell.borrow_mut();
+        if timer.is_none() {
+            *timer = Some(ThreadTimer::new()?);
+        }
+        Ok(TimerId(
+            timer.as_ref().map_or(std::ptr::null_mut(), |t| t.id),
+        ))
+    })
+}
