@@ -30,10 +30,15 @@ impl log::Log for PanickingLogger {
             panic!("the logger failed");
         }
         if record.target().starts_with("snapvm::guest") {
-            RECORDED
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(text);
+            let kv = record.key_values();
+            let field = |key: &str| kv.get(log::kv::Key::from(key)).map(|v| v.to_string());
+            let mut recorded = RECORDED.lock().unwrap_or_else(|e| e.into_inner());
+            if let (Some(function), Some(generation)) = (field("function"), field("generation")) {
+                recorded.push(format!(
+                    "fields function={function} generation={generation}"
+                ));
+            }
+            recorded.push(text);
         }
     }
     fn flush(&self) {}
@@ -54,7 +59,8 @@ fn install_logger() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         log::set_logger(&PanickingLogger).expect("first logger");
-        log::set_max_level(log::LevelFilter::Trace);
+        // Info: guests must see that debug and trace are off.
+        log::set_max_level(log::LevelFilter::Info);
     });
 }
 
@@ -79,6 +85,9 @@ fn the_log_budget_bounds_what_one_call_logs() {
         assert!(after.iter().any(|l| l.contains("budget")), "{logs:?}");
     }
     assert_eq!(vm.state(), VmState::Ready);
+    // Every guest message carries the function and the generation.
+    let fields = format!("fields function=log generation={}", vm.generation());
+    assert!(recorded().contains(&fields), "{:?}", recorded());
 }
 
 #[test]
@@ -97,4 +106,17 @@ fn a_panic_unwinding_out_of_a_call_leaves_no_timer_and_no_ready_vm() {
         !sleep_interrupted(Duration::from_millis(100)),
         "the timeout timer is still armed"
     );
+}
+
+#[test]
+fn the_guest_sees_the_hosts_log_level_and_skips_what_is_off() {
+    require_kvm!();
+    install_logger();
+    let mut vm = VmInstance::new(&common::config("testguest")).unwrap();
+    // error, warn, info on; debug, trace off.
+    assert_eq!(vm.invoke("log_levels", b"").unwrap(), [1, 1, 1, 0, 0]);
+    let logs = recorded();
+    assert!(!logs
+        .iter()
+        .any(|l| l.contains("a debug message") || l.contains("a trace")));
 }

@@ -1,11 +1,19 @@
 //! Snapshots in a ConvergentStore: round trips through separate store
-//! handles, diffs, deduplication across snapshots of one runtime, and
-//! data sets that are not snapshots.
+//! handles, diffs, deduplication across snapshots of one runtime, loads
+//! that fetch only the stored blocks, and data sets that are not snapshots.
 
 mod common;
 
-use snapvm::store::{ConvergentStore, ManifestKey};
-use snapvm::{Snapshot, SnapshotError, VmConfig, VmInstance};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use snapvm::store::ManifestKey;
+use snapvm::store::{
+    Backend, BackendError, ConvergentStore, Entry, FsBackend, Namespace, ObjectName, PutOutcome,
+    StoreConfig,
+};
+use snapvm::{RestoreStrategy, Snapshot, SnapshotError, VmConfig, VmInstance};
 
 const OWNER: [u8; 32] = [5; 32];
 
@@ -149,4 +157,145 @@ fn a_data_set_that_is_not_a_snapshot_is_rejected() {
         Snapshot::load_from_store(&stranger, &id),
         Err(SnapshotError::Store(_))
     ));
+}
+
+/// An [`FsBackend`] that records every block it is asked for.
+struct BlockGets {
+    inner: FsBackend,
+    gets: Mutex<Vec<ObjectName>>,
+    manifest_gets: AtomicU64,
+}
+
+impl BlockGets {
+    fn take(&self) -> Vec<ObjectName> {
+        std::mem::take(&mut *self.gets.lock().unwrap())
+    }
+}
+
+impl Backend for BlockGets {
+    fn put_if_absent(&self, n: &ObjectName, b: &[u8]) -> Result<PutOutcome, BackendError> {
+        self.inner.put_if_absent(n, b)
+    }
+    fn get(&self, n: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError> {
+        match n.namespace {
+            Namespace::Blocks => self.gets.lock().unwrap().push(*n),
+            Namespace::Manifests => {
+                self.manifest_gets.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.inner.get(n, limit)
+    }
+    fn has(&self, n: &ObjectName) -> Result<bool, BackendError> {
+        self.inner.has(n)
+    }
+    fn delete(&self, n: &ObjectName) -> Result<(), BackendError> {
+        self.inner.delete(n)
+    }
+    fn list(&self, ns: Namespace) -> Result<Vec<ObjectName>, BackendError> {
+        self.inner.list(ns)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn a_large_vm_with_little_data_loads_only_its_stored_blocks() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(BlockGets {
+        inner: FsBackend::open(dir.path()).unwrap(),
+        gets: Mutex::new(Vec::new()),
+        manifest_gets: AtomicU64::new(0),
+    });
+    let store = ConvergentStore::new(
+        &StoreConfig::default(),
+        Arc::clone(&backend),
+        ManifestKey::from_bytes(OWNER),
+    )
+    .unwrap();
+    let config = config().memory_size(256 << 20);
+    let mut vm = VmInstance::new(&config).unwrap();
+    counter(&mut vm);
+    let snapshot = vm.snapshot().unwrap();
+    let id = snapshot.save_to_store(&store).unwrap();
+    let manifest = store.manifest(&id).unwrap();
+    let mut stored: Vec<ObjectName> = manifest
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Data { id, .. } => Some(ObjectName::block(id)),
+            Entry::Zero { .. } => None,
+        })
+        .collect();
+    assert!(
+        stored.len() * 32 < manifest.entries.len(),
+        "{} of {} blocks stored: not a sparse snapshot",
+        stored.len(),
+        manifest.entries.len()
+    );
+
+    backend.take();
+    backend.manifest_gets.store(0, Ordering::Relaxed);
+    let loaded = Snapshot::load_from_store(&store, &id).unwrap();
+    // One manifest read, and each stored block (memory, then the header
+    // and state after it) fetched once; no other block.
+    assert_eq!(backend.manifest_gets.load(Ordering::Relaxed), 1);
+    let mut fetched = backend.take();
+    fetched.sort();
+    stored.sort();
+    assert_eq!(fetched, stored);
+
+    assert_eq!(loaded.id(), snapshot.id());
+    assert_eq!(loaded.memory_size(), 256 << 20);
+    assert_eq!(loaded.stored_bytes(), snapshot.stored_bytes());
+    // The loaded snapshot is the captured one, byte for byte.
+    let files = tempfile::tempdir().unwrap();
+    let (a, b) = (files.path().join("a"), files.path().join("b"));
+    snapshot.save(&a).unwrap();
+    loaded.save(&b).unwrap();
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+    for strategy in [RestoreStrategy::Eager, RestoreStrategy::Lazy] {
+        let mut copy = VmInstance::restore_with(&config, &loaded, strategy).unwrap();
+        assert_eq!(counter(&mut copy), 2);
+        assert_eq!(counter(&mut copy), 3);
+    }
+}
+
+/// Median of `n` runs of `f`.
+fn median(n: usize, mut f: impl FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..n)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[n / 2]
+}
+
+/// Load times of a 64 MiB testguest snapshot, from the store and from a
+/// file (`cargo test --release --test snapshot_store -- --nocapture`).
+#[test]
+fn store_load_time_follows_the_stored_bytes() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("store"));
+    let config = config().memory_size(64 << 20);
+    let mut vm = VmInstance::new(&config).unwrap();
+    counter(&mut vm);
+    let snapshot = vm.snapshot().unwrap();
+    let id = snapshot.save_to_store(&store).unwrap();
+    let path = dir.path().join("testguest.snap");
+    snapshot.save(&path).unwrap();
+    let from_store = median(11, || drop(Snapshot::load_from_store(&store, &id).unwrap()));
+    let from_file = median(11, || drop(Snapshot::load(&path).unwrap()));
+    eprintln!(
+        "64 MiB testguest, {} KiB stored: load_from_store {:.2} ms, load {:.2} ms",
+        snapshot.stored_bytes() / 1024,
+        from_store.as_secs_f64() * 1e3,
+        from_file.as_secs_f64() * 1e3,
+    );
 }

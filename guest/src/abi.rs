@@ -227,7 +227,17 @@ pub struct AbiPage {
     pub disk_size: u64,
     /// `GUEST_FLAG_*` bits (guest → host, at `Ready`).
     pub guest_flags: u64,
+    /// The most verbose guest log level the host passes on (host → guest,
+    /// at boot and before every call): [`LOG_LEVEL_SET`] | level, level 0
+    /// for none and 1 (error) ..= 5 (trace) as in [`Hypercall::Log`]. A
+    /// guest skips messages above it without formatting them or making an
+    /// exit. Without [`LOG_LEVEL_SET`] (a host that does not say) the guest
+    /// sends every message.
+    pub log_level: u64,
 }
+
+/// Marks [`AbiPage::log_level`] as set by the host.
+pub const LOG_LEVEL_SET: u64 = 0x100;
 
 /// [`AbiPage::guest_flags`]: right before and after every `Ready` and
 /// `Done` hypercall (the points a VM is captured at and reset to), the guest
@@ -245,7 +255,7 @@ const _: () = {
     assert!(STACK_TOP == 0x20_0000 && USER_BASE == 0x20_0000);
     assert!(PORT_HYPERCALL == 0xF0 && PORT_FAULT == 0xF8);
     assert!(core::mem::size_of::<FuncEntry>() == 16);
-    assert!(core::mem::size_of::<AbiPage>() == 296);
+    assert!(core::mem::size_of::<AbiPage>() == 304);
     assert!(core::mem::size_of::<AbiPage>() as u64 <= PAGE_SIZE);
     assert!(core::mem::offset_of!(AbiPage, request) == 72);
     assert!(core::mem::offset_of!(AbiPage, args) == 128);
@@ -273,6 +283,8 @@ const _: () = {
     assert!(core::mem::offset_of!(AbiPage, disk_addr) == 272);
     assert!(core::mem::offset_of!(AbiPage, disk_size) == 280);
     assert!(core::mem::offset_of!(AbiPage, guest_flags) == 288);
+    assert!(core::mem::offset_of!(AbiPage, log_level) == 296);
+    assert!(LOG_LEVEL_SET == 0x100);
     assert!(core::mem::offset_of!(FuncEntry, name_len) == 8);
     // Every value that crosses the boundary.
     assert!(ABI_MAGIC == 0x4241_4d56_5041_4e53);

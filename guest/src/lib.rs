@@ -40,8 +40,8 @@ mod rt;
 
 #[cfg(feature = "runtime")]
 pub use rt::{
-    __start, abort, disk, generation, heap_used, host, log_message, on_restore, preserve,
-    preserve_region, random_bytes, random_u64, report_garbage, Exports, FallibleGuestFn,
+    __start, abort, disk, generation, heap_used, host, log_enabled, log_message, on_restore,
+    preserve, preserve_region, random_bytes, random_u64, report_garbage, Exports, FallibleGuestFn,
     GuestError, GuestFn, LogLevel, PreserveError,
 };
 
@@ -68,9 +68,12 @@ macro_rules! entry {
 #[cfg(feature = "runtime")]
 #[macro_export]
 macro_rules! log {
-    ($level:expr, $($arg:tt)+) => {
-        $crate::log_message($level, format_args!($($arg)+))
-    };
+    ($level:expr, $($arg:tt)+) => {{
+        let level = $level;
+        if $crate::log_enabled(level) {
+            $crate::log_message(level, format_args!($($arg)+))
+        }
+    }};
 }
 
 /// Logs at [`LogLevel::Error`].
@@ -89,3 +92,7 @@ macro_rules! info { ($($arg:tt)+) => { $crate::log!($crate::LogLevel::Info, $($a
 #[cfg(feature = "runtime")]
 #[macro_export]
 macro_rules! debug { ($($arg:tt)+) => { $crate::log!($crate::LogLevel::Debug, $($arg)+) }; }
+/// Logs at [`LogLevel::Trace`].
+#[cfg(feature = "runtime")]
+#[macro_export]
+macro_rules! trace { ($($arg:tt)+) => { $crate::log!($crate::LogLevel::Trace, $($arg)+) }; }

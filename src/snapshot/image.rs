@@ -122,7 +122,7 @@ fn push_page(extents: &mut Vec<Extent>, page: u64, zero: bool) {
     });
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: reinterpreting initialised bytes as u128 is sound for any
         // bit pattern; `align_to` puts misaligned bytes in head and tail.

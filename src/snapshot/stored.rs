@@ -13,15 +13,17 @@
 //! (sealed) metadata is `snapvm.snapshot.1` followed by the memory size as
 //! a little-endian `u64`.
 
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use super::file::{encode_header_and_state, load_file, HEADER_SIZE, MAX_HEADER_AND_STATE};
-use super::image::{memfd, Extent};
+use super::image::{is_zero, memfd, Extent};
 use super::{Snapshot, SnapshotError};
 use crate::abi::{HUGE_PAGE_SIZE, PAGE_SIZE};
-use crate::store::{ConvergentStore, ManifestId};
+use crate::store::{ConvergentStore, Entry, ManifestId};
 use crate::vm::MAX_MEMORY_SIZE;
 
 const METADATA_TAG: &[u8] = b"snapvm.snapshot.1";
@@ -90,6 +92,10 @@ impl Snapshot {
     /// Loads a full snapshot saved with [`Snapshot::save_to_store`], from
     /// this or any other store handle on the same backend and owner key. The
     /// store verifies every block; the snapshot is then checked like a file.
+    ///
+    /// The cost follows the snapshot's stored data, not its memory size:
+    /// only the blocks the manifest stores are fetched (once each), and the
+    /// blocks it records as zero are neither fetched nor scanned.
     pub fn load_from_store(
         store: &ConvergentStore,
         id: &ManifestId,
@@ -149,27 +155,177 @@ fn load_from_store(
         return Err(malformed("memory offset"));
     }
     // Lay the snapshot out as a file in memory, zero pages left as holes.
+    // Only the pages that stored blocks cover are read: a block the
+    // manifest records as zero is neither fetched nor scanned.
     let file = memfd(memory_offset + size)?;
     file.write_all_at(&head, 0)
         .map_err(io("writing the snapshot state"))?;
-    reader
-        .seek(SeekFrom::Start(0))
-        .map_err(io("seeking in the store"))?;
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut pos = 0;
-    while pos < size {
-        let n = chunk.len().min((size - pos) as usize);
+    let runs = stored_runs(&reader.manifest().entries, size);
+    let longest = runs.iter().map(|r| r.end - r.start).max().unwrap_or(0);
+    let mut chunk = vec![0u8; longest.min(CHUNK) as usize];
+    for run in runs {
         reader
-            .read_exact(&mut chunk[..n])
-            .map_err(io("reading the memory image"))?;
-        for (i, page) in chunk[..n].chunks(PAGE_SIZE as usize).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                let at = memory_offset + pos + (i as u64) * PAGE_SIZE;
-                file.write_all_at(page, at)
-                    .map_err(io("writing the memory image"))?;
-            }
+            .seek(SeekFrom::Start(run.start))
+            .map_err(io("seeking in the store"))?;
+        let mut pos = run.start;
+        while pos < run.end {
+            let n = chunk.len().min((run.end - pos) as usize);
+            reader
+                .read_exact(&mut chunk[..n])
+                .map_err(io("reading the memory image"))?;
+            write_nonzero_pages(&file, &chunk[..n], memory_offset + pos)
+                .map_err(io("writing the memory image"))?;
+            pos += n as u64;
         }
-        pos += n as u64;
     }
     load_file(file, &PathBuf::from(format!("store:{id}")), base)
+}
+
+/// Bytes of the memory image read from the store at a time.
+const CHUNK: u64 = 1 << 20;
+
+/// The page-aligned byte ranges of the first `size` bytes of a data set
+/// that its stored (non-zero) blocks cover, sorted and merged. Block
+/// boundaries need not fall on pages: a page shared by a stored block and a
+/// zero block is in a range (the reader fills the zero part).
+fn stored_runs(entries: &[Entry], size: u64) -> Vec<Range<u64>> {
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    let mut offset = 0u64;
+    for entry in entries {
+        let start = offset;
+        offset += u64::from(entry.len());
+        if start >= size {
+            break;
+        }
+        if let Entry::Data { .. } = entry {
+            // `size` is a multiple of the page size, so `end` stays within it.
+            let (start, end) = (
+                start - start % PAGE_SIZE,
+                offset.min(size).next_multiple_of(PAGE_SIZE),
+            );
+            match runs.last_mut() {
+                Some(last) if last.end >= start => last.end = last.end.max(end),
+                _ => runs.push(start..end),
+            }
+        }
+    }
+    runs
+}
+
+/// Writes the pages of `bytes` (page aligned, a whole number of pages) that
+/// are not all zero to `file` at `at`, one write per run of such pages.
+fn write_nonzero_pages(file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    let page = PAGE_SIZE as usize;
+    let mut run: Option<usize> = None;
+    for (i, p) in bytes.chunks(page).enumerate() {
+        match (is_zero(p), run) {
+            (false, None) => run = Some(i),
+            (true, Some(first)) => {
+                file.write_all_at(&bytes[first * page..i * page], at + (first * page) as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(first) = run {
+        file.write_all_at(&bytes[first * page..], at + (first * page) as u64)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{BlockId, BlockKey};
+
+    fn data(len: u32) -> Entry {
+        Entry::Data {
+            id: BlockId::from_bytes([1; 32]),
+            key: BlockKey::from_bytes([2; 32]),
+            len,
+        }
+    }
+
+    fn zero(len: u32) -> Entry {
+        Entry::Zero { len }
+    }
+
+    /// The pages a naive reader would read: every page holding a byte of a
+    /// stored block, below `size`.
+    fn naive(entries: &[Entry], size: u64) -> Vec<u64> {
+        let mut pages = Vec::new();
+        let mut offset = 0;
+        for e in entries {
+            for b in offset..offset + u64::from(e.len()) {
+                let page = b / PAGE_SIZE;
+                if matches!(e, Entry::Data { .. }) && b < size && pages.last() != Some(&page) {
+                    pages.push(page);
+                }
+            }
+            offset += u64::from(e.len());
+        }
+        pages.dedup();
+        pages
+    }
+
+    fn pages(runs: &[Range<u64>]) -> Vec<u64> {
+        runs.iter()
+            .flat_map(|r| {
+                assert!(r.start % PAGE_SIZE == 0 && r.end % PAGE_SIZE == 0 && r.start < r.end);
+                r.start / PAGE_SIZE..r.end / PAGE_SIZE
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_cover_exactly_the_stored_pages() {
+        let size = 16 * PAGE_SIZE;
+        let cases: Vec<Vec<Entry>> = vec![
+            // Page-sized and larger aligned blocks, the state after memory.
+            vec![zero(8192), data(8192), zero(8192), zero(8192), data(8192)]
+                .into_iter()
+                .chain([zero(8192), data(8192), zero(8192), data(300)])
+                .collect(),
+            // Blocks that straddle pages, and a block that straddles the end
+            // of memory.
+            vec![
+                zero(5000),
+                data(100),
+                zero(10_000),
+                data(4096),
+                zero(30_000),
+            ]
+            .into_iter()
+            .chain([data(20_000), data(100)])
+            .collect(),
+            vec![zero(65_536), data(7)],
+            vec![data(65_536), data(10)],
+            vec![],
+        ];
+        for entries in cases {
+            let runs = stored_runs(&entries, size);
+            assert_eq!(pages(&runs), naive(&entries, size), "{entries:?}");
+            // Merged: no two runs touch.
+            assert!(runs.windows(2).all(|w| w[0].end < w[1].start));
+        }
+    }
+
+    #[test]
+    fn only_nonzero_pages_are_written() {
+        let page = PAGE_SIZE as usize;
+        let mut bytes = vec![0u8; 6 * page];
+        for p in [0, 2, 3, 5] {
+            bytes[p * page + 17] = p as u8 + 1;
+        }
+        let file = memfd(PAGE_SIZE + 6 * PAGE_SIZE).unwrap();
+        write_nonzero_pages(&file, &bytes, PAGE_SIZE).unwrap();
+        let mut back = vec![0u8; 7 * page];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[page..], &bytes[..]);
+        // Zero pages stay holes: the data regions are pages 1, 3-4 and 6.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        // SAFETY: lseek on a descriptor `file` owns; only its offset moves.
+        let data = unsafe { libc::lseek(fd, PAGE_SIZE as i64 * 2, libc::SEEK_DATA) };
+        assert_eq!(data, PAGE_SIZE as i64 * 3);
+    }
 }

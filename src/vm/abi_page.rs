@@ -95,3 +95,21 @@ pub(super) fn read_str(
         Err(_) => Err(HypercallFault::NotUtf8),
     }
 }
+
+/// The [`AbiPage::log_level`] word for the host's logger now: the most
+/// verbose level enabled for target `snapvm::guest`, marked as set. Cheap
+/// when logging is off (each check reads `log`'s static maximum first).
+pub(super) fn guest_log_level() -> u64 {
+    const LEVELS: [(log::Level, u64); 5] = [
+        (log::Level::Trace, 5),
+        (log::Level::Debug, 4),
+        (log::Level::Info, 3),
+        (log::Level::Warn, 2),
+        (log::Level::Error, 1),
+    ];
+    let max = LEVELS
+        .iter()
+        .find(|(level, _)| log::log_enabled!(target: "snapvm::guest", *level))
+        .map_or(0, |&(_, n)| n);
+    abi::LOG_LEVEL_SET | max
+}

@@ -178,7 +178,17 @@ impl VmInstance {
             return Ok(());
         }
         let text = read_str(&self.machine.ram, ptr, len, len, true).map_err(|e| bad("Log", e))?;
-        log::log!(target: "snapvm::guest", level, "{text}");
+        let function = self
+            .current_function
+            .and_then(|index| self.functions.iter().find(|(_, &i)| i == index))
+            .map_or("(init)", |(name, _)| name.as_str());
+        log::log!(
+            target: "snapvm::guest",
+            level,
+            function = function,
+            generation:% = self.generation;
+            "{text}"
+        );
         Ok(())
     }
 

@@ -53,7 +53,7 @@ pub use timer::timeout_signal;
 
 use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
 pub(crate) use abi_page::check_user_range;
-use abi_page::{abi_boot_words, bad, field, read_str, ARGS};
+use abi_page::{abi_boot_words, bad, field, guest_log_level, read_str, ARGS};
 use config::GuestLimits;
 pub(crate) use hypercall::io_exit;
 use machine::Machine;
@@ -153,6 +153,8 @@ pub struct VmInstance {
     exit_pending: bool,
     /// Shared with this VM's [`InterruptHandle`]s.
     interrupt: std::sync::Arc<interrupt::Shared>,
+    /// Index of the function being called (for log fields); `None` in init.
+    current_function: Option<u64>,
 }
 
 /// Most regions a guest may preserve.
@@ -229,6 +231,7 @@ impl VmInstance {
             )?;
         }
         vm.new_generation()?;
+        vm.write_words(field(offset_of!(AbiPage, log_level)), &[guest_log_level()])?;
         match vm.run()? {
             Stop::Ready => vm.read_ready()?,
             Stop::Done => {
@@ -271,6 +274,7 @@ impl VmInstance {
             log_used: 0,
             exit_pending: false,
             interrupt: std::sync::Arc::default(),
+            current_function: None,
         }
     }
 
@@ -371,6 +375,7 @@ impl VmInstance {
             .ok_or_else(|| VmError::UnknownFunction {
                 name: name.to_string(),
             })?;
+        self.current_function = Some(index);
         // Poisoned until the call provably finished: a host panic unwinding
         // out of here leaves no instance that claims to be ready.
         self.state = VmState::Poisoned;
@@ -411,6 +416,7 @@ impl VmInstance {
             field(offset_of!(AbiPage, request)),
             &[abi::REQUEST_CALL, index, len],
         )?;
+        self.write_words(field(offset_of!(AbiPage, log_level)), &[guest_log_level()])?;
         self.expect_done()?;
         let [output_ptr, output_len, status, heap_used] =
             self.read_words::<4>(field(offset_of!(AbiPage, output_ptr)))?;

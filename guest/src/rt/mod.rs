@@ -366,9 +366,20 @@ pub enum LogLevel {
     Trace = 5,
 }
 
-/// Sends a formatted message to the host's logger. Prefer the
-/// [`info!`](crate::info) family of macros.
+/// Whether the host takes messages at `level` (see
+/// [`AbiPage::log_level`]): the log macros check it before formatting, so
+/// a filtered-out message costs neither formatting nor a VM exit.
+pub fn log_enabled(level: LogLevel) -> bool {
+    let setting = abi_read!(log_level);
+    setting & abi::LOG_LEVEL_SET == 0 || level as u64 <= setting & 0xFF
+}
+
+/// Sends a formatted message to the host's logger (if it takes `level`).
+/// Prefer the [`info!`](crate::info) family of macros.
 pub fn log_message(level: LogLevel, args: fmt::Arguments<'_>) {
+    if !log_enabled(level) {
+        return;
+    }
     let owned;
     let text = match args.as_str() {
         Some(s) => s,

@@ -87,7 +87,21 @@ fn init(exports: &mut Exports) {
         .export("log", log)
         .export("host_call", host_call)
         .export("sse_avx", sse_avx)
-        .export_fallible("fallible", fallible);
+        .export_fallible("fallible", fallible)
+        .export("log_levels", |_| {
+            use snapvm_guest::LogLevel;
+            snapvm_guest::debug!("a debug message {}", 1);
+            snapvm_guest::trace!("a trace message");
+            [
+                LogLevel::Error,
+                LogLevel::Warn,
+                LogLevel::Info,
+                LogLevel::Debug,
+                LogLevel::Trace,
+            ]
+            .map(|l| u8::from(snapvm_guest::log_enabled(l)))
+            .to_vec()
+        });
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
