@@ -1,7 +1,9 @@
 //! Newtypes for the store's content addresses, keys and salts.
 //!
 //! Every one of them is 32 bytes. Ids print as 64 lowercase hex digits (the
-//! form used in object names); keys never print their bytes.
+//! form used in object names) and parse back from that form. Secrets never
+//! show their bytes in `Debug` output; only [`ManifestKey`] has a `Display`
+//! (the key in hex, to hand it to another process) and a `FromStr`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,13 +23,12 @@ fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8; HASH_LEN]) -> fmt::Result 
 fn parse_hex(s: &str) -> Result<[u8; HASH_LEN], ParseIdError> {
     let s = s.as_bytes();
     if s.len() != HASH_LEN * 2 {
-        return Err(ParseIdError { len: s.len() });
+        return Err(ParseIdError::Length { len: s.len() });
     }
     let mut out = [0u8; HASH_LEN];
     for (i, pair) in s.chunks_exact(2).enumerate() {
-        let hi = hex_val(pair[0]).ok_or(ParseIdError { len: s.len() })?;
-        let lo = hex_val(pair[1]).ok_or(ParseIdError { len: s.len() })?;
-        out[i] = (hi << 4) | lo;
+        let digit = |j: usize| hex_val(pair[j]).ok_or(ParseIdError::NotHex { index: 2 * i + j });
+        out[i] = (digit(0)? << 4) | digit(1)?;
     }
     Ok(out)
 }
@@ -41,12 +42,34 @@ fn hex_val(c: u8) -> Option<u8> {
     }
 }
 
-/// A string that is not 64 hex digits was given where an id was expected.
+/// A string that is not 64 hex digits was given where an id or a
+/// [`ManifestKey`] was expected (`str::parse`). The error never holds any
+/// of the rejected text, so it is safe to log even when the text was meant
+/// to be a key.
+///
+/// ```
+/// use snapvm::store::{ManifestId, ParseIdError};
+///
+/// assert_eq!("ab".parse::<ManifestId>(), Err(ParseIdError::Length { len: 2 }));
+/// let bad = format!("{}g{}", "0".repeat(10), "0".repeat(53));
+/// assert_eq!(bad.parse::<ManifestId>(), Err(ParseIdError::NotHex { index: 10 }));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("expected 64 hex digits, got {len} characters or a non-hex digit")]
-pub struct ParseIdError {
-    /// Length of the rejected string, in bytes.
-    pub len: usize,
+#[non_exhaustive]
+pub enum ParseIdError {
+    /// The string is not 64 bytes long.
+    #[error("expected 64 hex digits, got {len} bytes")]
+    Length {
+        /// Length of the rejected string, in bytes.
+        len: usize,
+    },
+    /// The string is 64 bytes long, but a byte is not a hex digit (`0-9`,
+    /// `a-f`, `A-F`).
+    #[error("expected 64 hex digits, byte {index} is not a hex digit")]
+    NotHex {
+        /// Offset of the first such byte.
+        index: usize,
+    },
 }
 
 macro_rules! public_id {
@@ -100,6 +123,26 @@ public_id! {
 public_id! {
     /// Content address of a stored manifest: SHA-256 of the sealed manifest
     /// object.
+    ///
+    /// It prints (`Display`) as 64 lowercase hex digits and parses back
+    /// (`FromStr`, either case), so an id passes between processes as text.
+    /// An id reveals nothing about the data set; opening the manifest needs
+    /// the owner's [`ManifestKey`].
+    ///
+    /// ```
+    /// use snapvm::store::{ConvergentStore, ManifestId, ManifestKey, MemoryBackend, StoreConfig};
+    ///
+    /// let store = ConvergentStore::new(
+    ///     &StoreConfig::default(),
+    ///     MemoryBackend::new(),
+    ///     ManifestKey::generate()?,
+    /// )?;
+    /// let id = store.put_bytes(b"some data", b"")?.manifest;
+    /// let text = id.to_string(); // e.g. in a message to another process
+    /// let back: ManifestId = text.parse()?;
+    /// assert_eq!(store.get_bytes(&back)?, b"some data");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ManifestId
 }
 
@@ -139,6 +182,26 @@ secret! {
     /// An owner's key for sealing manifests (AES-256-GCM). Whoever holds it
     /// can read every data set the owner stored; without it the store holds
     /// only opaque ciphertext.
+    ///
+    /// # Printing and parsing
+    /// **`Display` reveals the key**: it prints the key's 64 hex digits, so
+    /// that a key can be handed to another process (an environment variable,
+    /// a secrets manager) and read back with `FromStr` (`str::parse`, either
+    /// case; anything but 64 hex digits is a [`ParseIdError`], which holds
+    /// none of the text). Treat that text like the key itself. `Debug` never
+    /// shows the key: it prints `ManifestKey(..)`, so a key inside a logged
+    /// structure stays hidden.
+    ///
+    /// ```
+    /// use snapvm::store::ManifestKey;
+    ///
+    /// let key = ManifestKey::generate()?;
+    /// let secret_text = key.to_string(); // the key itself: keep it secret
+    /// let back: ManifestKey = secret_text.parse()?;
+    /// assert_eq!(back, key);
+    /// assert_eq!(format!("{key:?}"), "ManifestKey(..)");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ManifestKey
 }
 
@@ -148,6 +211,22 @@ impl ManifestKey {
         let mut k = [0u8; HASH_LEN];
         getrandom::fill(&mut k)?;
         Ok(Self(k))
+    }
+}
+
+/// The key as 64 lowercase hex digits: this **reveals the key** (see
+/// [`ManifestKey`]); `Debug` does not.
+impl fmt::Display for ManifestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+/// Parses a key printed by its `Display`: exactly 64 hex digits, either case.
+impl FromStr for ManifestKey {
+    type Err = ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_hex(s).map(Self)
     }
 }
 
@@ -179,15 +258,98 @@ mod tests {
         assert_eq!(s.len(), 64);
         assert_eq!(s.parse::<BlockId>().unwrap(), id);
         assert_eq!(s.to_uppercase().parse::<BlockId>().unwrap(), id);
-        assert!("zz".repeat(32).parse::<BlockId>().is_err());
-        assert!("ab".parse::<ManifestId>().is_err());
+        assert_eq!(
+            "zz".repeat(32).parse::<BlockId>(),
+            Err(ParseIdError::NotHex { index: 0 })
+        );
+        assert_eq!(
+            "ab".parse::<ManifestId>(),
+            Err(ParseIdError::Length { len: 2 })
+        );
         // Multi-byte UTF-8 of the right byte length must not panic.
-        assert!("é".repeat(32).parse::<ManifestId>().is_err());
+        assert_eq!(
+            "é".repeat(32).parse::<ManifestId>(),
+            Err(ParseIdError::NotHex { index: 0 })
+        );
+    }
+
+    /// The digits of `bytes`, by a route independent of `write_hex`.
+    fn oracle_hex(bytes: &[u8; HASH_LEN]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn sample_bytes(seed: u8) -> [u8; HASH_LEN] {
+        std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(seed))
+    }
+
+    #[test]
+    fn manifest_ids_and_keys_round_trip_as_hex() {
+        for seed in [0, 1, 0x5a, 0xff] {
+            let bytes = sample_bytes(seed);
+            let id = ManifestId::from_bytes(bytes);
+            let key = ManifestKey::from_bytes(bytes);
+            assert_eq!(id.to_string(), oracle_hex(&bytes));
+            assert_eq!(key.to_string(), oracle_hex(&bytes));
+            assert_eq!(id.to_string().parse::<ManifestId>(), Ok(id));
+            assert_eq!(key.to_string().parse::<ManifestKey>(), Ok(key.clone()));
+            // Either case parses; printing is always lowercase.
+            let upper = key.to_string().to_uppercase();
+            assert_eq!(upper.parse::<ManifestKey>(), Ok(key.clone()));
+            assert_eq!(upper.parse::<ManifestId>(), Ok(id));
+        }
+        assert_eq!(
+            ManifestKey::from_bytes([0; HASH_LEN]).to_string(),
+            "0".repeat(64)
+        );
+    }
+
+    #[test]
+    fn bad_hex_is_a_typed_error() {
+        let good = oracle_hex(&sample_bytes(3));
+        for len in [0, 1, 2, 31, 32, 62, 63, 65, 66, 128] {
+            let s: String = good.chars().cycle().take(len).collect();
+            let err = ParseIdError::Length { len };
+            assert_eq!(s.parse::<ManifestKey>(), Err(err));
+            assert_eq!(s.parse::<ManifestId>(), Err(err));
+        }
+        for (index, bad) in [
+            (0, 'g'),
+            (1, 'G'),
+            (17, ' '),
+            (62, '-'),
+            (63, 'x'),
+            (40, '\0'),
+        ] {
+            let mut s = good.clone().into_bytes();
+            s[index] = bad as u8;
+            let s = String::from_utf8(s).unwrap();
+            let err = ParseIdError::NotHex { index };
+            assert_eq!(s.parse::<ManifestKey>(), Err(err));
+            assert_eq!(s.parse::<ManifestId>(), Err(err));
+        }
+        // A prefix and surrounding white space are not accepted.
+        assert!(format!("0x{}", &good[2..]).parse::<ManifestKey>().is_err());
+        assert!(format!(" {good}").parse::<ManifestKey>().is_err());
+        assert!(format!("{good}\n").parse::<ManifestId>().is_err());
+        // Multi-byte UTF-8: the index is a byte offset, and nothing panics.
+        let s = format!("{}é{}", &good[..10], &good[12..]);
+        assert_eq!(
+            s.parse::<ManifestKey>(),
+            Err(ParseIdError::NotHex { index: 10 })
+        );
     }
 
     #[test]
     fn secrets_do_not_print() {
         let k = BlockKey::from_bytes([0xab; 32]);
         assert_eq!(format!("{k:?}"), "BlockKey(..)");
+        let key = ManifestKey::from_bytes([0xab; 32]);
+        assert_eq!(format!("{key:?}"), "ManifestKey(..)");
+        assert_eq!(format!("{key:#?}"), "ManifestKey(..)");
+        assert_eq!(format!("{:?}", Some(&key)), "Some(ManifestKey(..))");
+        // A rejected key's error shows no digit of it.
+        let text = "ab".repeat(31) + "zz";
+        let err = text.parse::<ManifestKey>().unwrap_err();
+        assert!(!err.to_string().contains("ab") && !format!("{err:?}").contains("ab"));
     }
 }
