@@ -6,7 +6,7 @@
 //! the flags meant for the host build.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
@@ -14,6 +14,7 @@ fn main() {
     let guests = manifest_dir.join("guests");
     println!("cargo:rerun-if-changed=guests");
     println!("cargo:rerun-if-changed=guest/src");
+    println!("cargo:rerun-if-changed=guest/include");
     println!("cargo:rerun-if-changed=guest/Cargo.toml");
     println!("cargo:rerun-if-env-changed=SNAPVM_SKIP_GUEST_BUILD");
 
@@ -56,4 +57,48 @@ fn main() {
         status.success(),
         "building the guest programs in guests/ failed"
     );
+    build_c_guest(&manifest_dir, &bin_dir, &out_dir);
+}
+
+/// Compiles the C guest `guests/cguest/guest.c` and links it with the
+/// static runtime library the nested build made (`libsnapvm_guest_c.a`)
+/// into `cguest`, the way docs/guest-guide.md tells a C programmer to: no C
+/// library, a freestanding compile, a static non-PIE link without start
+/// files.
+fn build_c_guest(manifest_dir: &Path, bin_dir: &Path, out_dir: &Path) {
+    let source = manifest_dir.join("guests/cguest/guest.c");
+    let mut build = cc::Build::new();
+    build
+        .file(&source)
+        .include(manifest_dir.join("guest/include"))
+        .out_dir(out_dir.join("cguest-obj"))
+        .cargo_metadata(false)
+        .opt_level(2)
+        .pic(false)
+        .warnings(true)
+        .extra_warnings(true)
+        .warnings_into_errors(true);
+    for flag in [
+        "-ffreestanding",
+        "-fno-stack-protector",
+        "-fno-pic",
+        "-fno-pie",
+    ] {
+        build.flag(flag);
+    }
+    let objects = build.compile_intermediates();
+    let mut link = build.get_compiler().to_command();
+    link.args([
+        "-nostdlib",
+        "-nostartfiles",
+        "-static",
+        "-no-pie",
+        "-Wl,--gc-sections",
+        "-o",
+    ])
+    .arg(bin_dir.join("cguest"))
+    .args(&objects)
+    .arg(bin_dir.join("libsnapvm_guest_c.a"));
+    let status = link.status().expect("failed to run the C compiler to link");
+    assert!(status.success(), "linking the C guest failed: {link:?}");
 }

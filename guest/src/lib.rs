@@ -34,6 +34,7 @@
 #![no_std]
 
 pub mod abi;
+pub mod capi;
 
 #[cfg(feature = "runtime")]
 mod rt;
