@@ -107,9 +107,11 @@ fn worker(pool: &ShellPool, function: &Function<'_>, budget: &Budget) -> WorkerR
         let managed = match vm.as_mut() {
             Some(managed) => managed,
             None => {
-                let restored = pool.restore(function.config, function.ready).and_then(|v| {
-                    ManagedVm::new(v, function.ready.clone(), function.policy.build())
-                });
+                let restored = pool
+                    .restore_with(function.config, function.ready)
+                    .and_then(|v| {
+                        ManagedVm::new(v, function.ready.clone(), function.policy.build())
+                    });
                 report.restores += 1;
                 match restored {
                     Ok(managed) => vm.insert(managed),

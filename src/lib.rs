@@ -84,7 +84,7 @@ pub use snapvm_guest::abi;
 
 pub use error::{Error, Result};
 pub use policy::{Decision, InvokeStats, ManagedVm, RestorePolicy};
-pub use snapshot::{RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
+pub use snapshot::{PoolStats, RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
 pub use store::{
     Backend, ConvergentStore, FsBackend, Manifest, ManifestId, ManifestKey, MemoryBackend,
     Redundancy, SaltSelector, StoreConfig, StoreError,

@@ -149,7 +149,7 @@ fn restore_everywhere(config: &snapvm::VmConfig, file: &Path) {
             std::thread::sleep(Duration::from_millis(1));
         }
         let mut vm = pool
-            .restore(config, &snap)
+            .restore(&snap)
             .unwrap_or_else(|e| panic!("pooled restore {i}: {e} ({e:?})"));
         assert_eq!(counter(&mut vm), 2, "pooled restore {i}");
     }
@@ -172,7 +172,7 @@ fn restore_everywhere(config: &snapvm::VmConfig, file: &Path) {
     assert_eq!(counter(&mut vm), 2);
 
     // And a pooled VM, poisoned, rewound in place again.
-    let mut vm = pool.restore(config, &snap).unwrap();
+    let mut vm = pool.restore(&snap).unwrap();
     assert!(vm.invoke("panic", b"").is_err());
     vm.restore_in_place(&snap)
         .unwrap_or_else(|e| panic!("pooled, in place: {e} ({e:?})"));

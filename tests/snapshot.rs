@@ -216,16 +216,24 @@ fn shell_pools_restore_without_creating_vms_on_the_request_path() {
     let snap = vm.snapshot().unwrap();
     let pool = ShellPool::new(&config, 2).unwrap();
     assert_eq!(pool.available(), 2);
-    let mut vms: Vec<_> = (0..4)
-        .map(|_| pool.restore(&config, &snap).unwrap())
-        .collect();
+    let mut vms: Vec<_> = (0..4).map(|_| pool.restore(&snap).unwrap()).collect();
     for vm in &mut vms {
         assert_eq!(counter(vm), 2);
     }
     assert!(matches!(
-        pool.restore(&config.clone().memory_size(128 << 20), &snap),
+        pool.restore_with(&config.clone().memory_size(128 << 20), &snap),
         Err(SnapshotError::Vm(VmError::InvalidConfig { .. }))
     ));
+    // Four restores from a pool of two: at least two built a VM on the
+    // request path, and the pool says so.
+    let stats = pool.stats();
+    assert_eq!((stats.capacity, stats.restores), (2, 4));
+    assert!(stats.dry_restores >= 1, "{stats:?}");
+    // VMs handed back are torn down on the pool's thread.
+    for vm in vms {
+        pool.recycle(vm);
+    }
+    assert_eq!(pool.stats().recycled, 4);
     drop(pool);
 }
 

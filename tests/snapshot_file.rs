@@ -1133,7 +1133,7 @@ fn a_file_taken_on_another_cpu_restores_into_vms_that_have_run() {
 
     // A pooled shell's vCPU has run: KVM takes no other CPUID for it.
     let pool = snapvm::ShellPool::for_snapshot(&config(), &snap, 1).unwrap();
-    let mut vm = pool.restore(&config(), &snap).unwrap();
+    let mut vm = pool.restore(&snap).unwrap();
     assert_eq!(counter(&mut vm), 2);
     // Nor for a poisoned VM rewound in place.
     let mut vm = VmInstance::new(&config()).unwrap();

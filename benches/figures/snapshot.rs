@@ -204,7 +204,7 @@ fn restores(ctx: &Ctx, config: &VmConfig, path: &Path) -> Restores {
         wait_full(&pool);
         let mut vm = None;
         let us = time_us(|| {
-            let mut restored = pool.restore(config, &loaded).expect("pooled restore");
+            let mut restored = pool.restore(&loaded).expect("pooled restore");
             empty(&mut restored);
             vm = Some(restored);
         });

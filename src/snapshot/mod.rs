@@ -50,7 +50,7 @@ use std::sync::Arc;
 pub use error::SnapshotError;
 #[doc(hidden)]
 pub use file::fuzz_load;
-pub use pool::ShellPool;
+pub use pool::{PoolStats, ShellPool};
 
 use crate::vm::cpu::CpuState;
 use crate::vm::machine::Machine;

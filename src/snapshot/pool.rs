@@ -3,9 +3,10 @@
 //! on the request path.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::image::BLOCK_SIZE;
 use super::{Snapshot, SnapshotError, SnapshotId};
@@ -26,9 +27,43 @@ struct Shared {
     /// 2 MiB blocks to allocate in every new shell (where the snapshot the
     /// pool was made for stores data).
     prefault: Vec<u64>,
-    shells: Mutex<Vec<Machine>>,
+    shells: Mutex<Pooled>,
     wake: Condvar,
     stop: AtomicBool,
+    restores: AtomicU64,
+    dry: AtomicU64,
+    recycled: AtomicU64,
+    /// When the pool last warned that it ran dry (warnings are at most one
+    /// per [`DRY_WARNING_INTERVAL`]).
+    last_dry_warning: Mutex<Option<Instant>>,
+}
+
+/// What the background thread works on.
+#[derive(Default)]
+struct Pooled {
+    shells: Vec<Machine>,
+    /// VMs handed back, to be torn down off the request path.
+    retired: Vec<VmInstance>,
+}
+
+/// Shortest time between two "pool ran dry" warnings.
+const DRY_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Counters of a [`ShellPool`], for monitoring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Shells ready right now.
+    pub available: usize,
+    /// Shells the pool keeps ready.
+    pub capacity: usize,
+    /// Restores served.
+    pub restores: u64,
+    /// Restores that found no ready shell and built a VM on the request
+    /// path (each also logs a warning, at most one per 10 s).
+    pub dry_restores: u64,
+    /// VMs handed back with [`ShellPool::recycle`].
+    pub recycled: u64,
 }
 
 /// Creates a shell: a VM whose vCPU ran a two-instruction program once (so
@@ -74,7 +109,14 @@ fn new_shell(memory_size: u64, dirty_tracking: bool, prefault: &[u64]) -> Result
 /// already allocated where the pool's snapshot stores data. Restoring into
 /// one skips VM creation, memory allocation and those first-run costs.
 ///
-/// Dropping the pool stops and joins its thread and frees every shell.
+/// Hand VMs back with [`ShellPool::recycle`]: tearing a VM down costs more
+/// than restoring one (about a millisecond on PVM hosts), and the pool does
+/// it on its own thread. A restore that finds the pool empty builds a VM on
+/// the request path; [`ShellPool::stats`] counts those and the pool logs a
+/// warning, so a pool too small for its load is visible.
+///
+/// Dropping the pool stops and joins its thread and frees every shell and
+/// every VM handed back.
 ///
 /// ```no_run
 /// use snapvm::{GuestProgram, ShellPool, VmConfig, VmInstance};
@@ -83,11 +125,15 @@ fn new_shell(memory_size: u64, dirty_tracking: bool, prefault: &[u64]) -> Result
 /// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?);
 /// let ready = VmInstance::new(&config)?.snapshot()?;
 /// let pool = ShellPool::for_snapshot(&config, &ready, 8)?;
-/// let mut vm = pool.restore(&config, &ready)?;
+/// let mut vm = pool.restore(&ready)?;
+/// let out = vm.invoke("handle", b"request")?;
+/// pool.recycle(vm); // torn down on the pool's thread, not this one
 /// # Ok(()) }
 /// ```
 pub struct ShellPool {
     shared: Arc<Shared>,
+    /// The config the pool was made for: [`Self::restore`] uses it.
+    config: VmConfig,
     /// Per snapshot: whether its page tables are the ones warm shells were
     /// built with (only then is a warm shell used for it).
     layout_ok: Mutex<HashMap<SnapshotId, bool>>,
@@ -148,9 +194,16 @@ impl ShellPool {
             dirty_tracking,
             capacity,
             prefault,
-            shells: Mutex::new(shells),
+            shells: Mutex::new(Pooled {
+                shells,
+                retired: Vec::new(),
+            }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            restores: AtomicU64::new(0),
+            dry: AtomicU64::new(0),
+            recycled: AtomicU64::new(0),
+            last_dry_warning: Mutex::new(None),
         });
         let worker = Arc::clone(&shared);
         let refill = std::thread::Builder::new()
@@ -159,6 +212,7 @@ impl ShellPool {
             .map_err(SnapshotError::io("starting the shell pool thread", None))?;
         Ok(Self {
             shared,
+            config: config.clone(),
             layout_ok: Mutex::new(HashMap::new()),
             refill: Some(refill),
         })
@@ -166,12 +220,47 @@ impl ShellPool {
 
     /// Shells ready right now.
     pub fn available(&self) -> usize {
-        self.shared.shells.lock().map(|s| s.len()).unwrap_or(0)
+        self.shared
+            .shells
+            .lock()
+            .map(|s| s.shells.len())
+            .unwrap_or(0)
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            available: self.available(),
+            capacity: self.shared.capacity,
+            restores: self.shared.restores.load(Ordering::Relaxed),
+            dry_restores: self.shared.dry.load(Ordering::Relaxed),
+            recycled: self.shared.recycled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Hands `vm` back: the pool's thread tears it down, off the caller's
+    /// path. (Its memory held another request's data, so it is never reused
+    /// as a shell.)
+    pub fn recycle(&self, vm: VmInstance) {
+        self.shared.recycled.fetch_add(1, Ordering::Relaxed);
+        match self.shared.shells.lock() {
+            Ok(mut pooled) => pooled.retired.push(vm),
+            // The pool's thread is gone: tear it down here.
+            Err(_) => drop(vm),
+        }
+        self.shared.wake.notify_one();
     }
 
     /// Restores `snapshot` into a pooled shell (or a new VM if the pool is
-    /// empty). Same checks and result as [`VmInstance::restore`].
-    pub fn restore(
+    /// empty) with the config the pool was made for. Same checks and result
+    /// as [`VmInstance::restore`].
+    pub fn restore(&self, snapshot: &Snapshot) -> Result<VmInstance, SnapshotError> {
+        self.restore_with(&self.config, snapshot)
+    }
+
+    /// Like [`Self::restore`] with another config (other host functions or
+    /// limits), which must have the pool's memory size and dirty tracking.
+    pub fn restore_with(
         &self,
         config: &VmConfig,
         snapshot: &Snapshot,
@@ -187,8 +276,15 @@ impl ShellPool {
             .into());
         }
         snapshot.check_restorable(config)?;
-        let shell = if self.layout_matches(snapshot)? {
-            let shell = self.shared.shells.lock().ok().and_then(|mut s| s.pop());
+        self.shared.restores.fetch_add(1, Ordering::Relaxed);
+        let layout_ok = self.layout_matches(snapshot)?;
+        let shell = if layout_ok {
+            let shell = self
+                .shared
+                .shells
+                .lock()
+                .ok()
+                .and_then(|mut s| s.shells.pop());
             self.shared.wake.notify_one();
             shell
         } else {
@@ -197,6 +293,9 @@ impl ShellPool {
         let machine = match shell {
             Some(machine) => machine,
             None => {
+                if layout_ok {
+                    self.ran_dry();
+                }
                 let size = self.shared.memory_size;
                 let ram =
                     GuestRam::new(size).map_err(|source| VmError::MapMemory { size, source })?;
@@ -208,6 +307,22 @@ impl ShellPool {
             .iter()
             .try_for_each(|s| s.inner.memory.apply(&machine.ram))?;
         snapshot.finish_restore(machine, config)
+    }
+
+    fn ran_dry(&self) {
+        let dry = self.shared.dry.fetch_add(1, Ordering::Relaxed) + 1;
+        let Ok(mut last) = self.shared.last_dry_warning.lock() else {
+            return;
+        };
+        if last.is_none_or(|at| at.elapsed() >= DRY_WARNING_INTERVAL) {
+            *last = Some(Instant::now());
+            log::warn!(
+                target: "snapvm::pool",
+                "shell pool ran dry ({dry} restores so far built a VM on the request path; \
+                 capacity {}): consider a larger pool",
+                self.shared.capacity
+            );
+        }
     }
 
     /// Whether `snapshot`'s page tables translate exactly like the ones a
@@ -264,7 +379,17 @@ fn refill(shared: &Shared) {
         return;
     };
     while !shared.stop.load(Ordering::Acquire) {
-        if shells.len() >= shared.capacity {
+        if !shells.retired.is_empty() {
+            let retired = std::mem::take(&mut shells.retired);
+            drop(shells);
+            drop(retired);
+            shells = match shared.shells.lock() {
+                Ok(guard) => guard,
+                Err(_) => return,
+            };
+            continue;
+        }
+        if shells.shells.len() >= shared.capacity {
             shells = match shared.wake.wait(shells) {
                 Ok(guard) => guard,
                 Err(_) => return,
@@ -278,7 +403,7 @@ fn refill(shared: &Shared) {
             Err(_) => return,
         };
         match shell {
-            Ok(machine) => shells.push(machine),
+            Ok(machine) => shells.shells.push(machine),
             // Out of resources: stop refilling until the next restore.
             Err(_) => {
                 shells = match shared.wake.wait(shells) {
