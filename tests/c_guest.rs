@@ -39,7 +39,7 @@ fn c_exports_transform_their_input() {
         names,
         [
             "abort", "counters", "greet", "heap", "host_any", "host_big", "lifetime", "log",
-            "panic", "random", "reverse", "upper"
+            "panic", "random", "reverse", "twice", "upper"
         ]
     );
     assert_eq!(
@@ -47,6 +47,9 @@ fn c_exports_transform_their_input() {
         b"HELLO, C GUEST!"
     );
     assert_eq!(vm.invoke("reverse", b"abc").unwrap(), b"cba");
+    // Output copied from the output itself, large enough to make it grow.
+    let text = common::pseudo_random(100_000, 3);
+    assert_eq!(vm.invoke("twice", &text).unwrap(), text.repeat(2));
     assert_eq!(vm.invoke("upper", b"").unwrap(), b"");
     assert_eq!(vm.invoke("reverse", b"").unwrap(), b"");
     // Larger than the initial input buffer: the runtime grows it.

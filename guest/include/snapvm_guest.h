@@ -97,7 +97,8 @@ typedef void (*snapvm_fn)(const uint8_t *input, size_t len);
  * name is copied. */
 void snapvm_export(const char *name, snapvm_fn f);
 
-/* Appends `len` bytes to the running export's output. */
+/* Appends `len` bytes to the running export's output. `data` may point into
+ * the output itself (bytes from snapvm_output_reserve). */
 void snapvm_output(const void *data, size_t len);
 
 /* Appends `len` zero bytes to the running export's output and returns a

@@ -310,15 +310,30 @@ mod functions {
     }
 
     /// Appends `len` bytes at `data` to the running export's output.
+    /// `data` may point into the output itself (bytes from
+    /// [`snapvm_output_reserve`]): they are copied before the output grows.
     /// Panics outside an exported function.
     ///
     /// # Safety
     /// `data` must be null with `len == 0`, or valid for `len` byte reads.
     #[unsafe(no_mangle)]
     pub unsafe extern "C" fn snapvm_output(data: *const c_void, len: usize) {
-        // SAFETY: forwarded from the caller.
+        let out = output("snapvm_output");
+        let (base, addr) = (out.as_ptr() as usize, data as usize);
+        if len != 0 && addr >= base && addr - base < out.capacity() {
+            // Growing the output could move the bytes being copied.
+            let from = addr - base;
+            let to = from.checked_add(len).filter(|&to| to <= out.len());
+            let Some(to) = to else {
+                panic!("snapvm_output: the source runs past the output's bytes");
+            };
+            out.extend_from_within(from..to);
+            return;
+        }
+        // SAFETY: forwarded from the caller; the bytes are not the
+        // output's own (checked above), so growing it does not move them.
         let data = unsafe { bytes(data.cast(), len) };
-        output("snapvm_output").extend_from_slice(data);
+        out.extend_from_slice(data);
     }
 
     /// Appends `len` zero bytes to the running export's output and returns

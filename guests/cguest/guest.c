@@ -25,6 +25,15 @@ static void upper(const uint8_t *input, size_t len) {
     }
 }
 
+/* Returns the input twice: the second copy comes from the output itself. */
+static void twice(const uint8_t *input, size_t len) {
+    uint8_t *first = snapvm_output_reserve(len);
+    for (size_t i = 0; i < len; i++) {
+        first[i] = input[i];
+    }
+    snapvm_output(first, len);
+}
+
 /* Returns the input reversed, built in a heap buffer. */
 static void reverse(const uint8_t *input, size_t len) {
     uint8_t *buf = snapvm_alloc(len);
@@ -176,6 +185,7 @@ void snapvm_init(void) {
     snapvm_on_restore(on_restore);
     snapvm_log(SNAPVM_LOG_INFO, "C guest ready", 13);
     snapvm_export("upper", upper);
+    snapvm_export("twice", twice);
     snapvm_export("reverse", reverse);
     snapvm_export("greet", greet);
     snapvm_export("host_big", host_big);
