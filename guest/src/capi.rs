@@ -3,7 +3,7 @@
 //! A guest written in C (or in any language that can call C functions and
 //! link a static library) links this runtime as a static library,
 //! `libsnapvm_guest_c.a` (built from `guests/cguest` in the snapvm
-//! repository: this crate plus a `_start` that calls [`start`]). The entry
+//! repository: this crate plus a `_start` that calls `capi::start`). The entry
 //! point sets up the heap, calls the guest's `void snapvm_init(void)`,
 //! reports ready and serves the host's calls, exactly as
 //! [`entry!`](crate::entry) does for a Rust guest. During `snapvm_init` the
