@@ -6,7 +6,7 @@
 //! repository: this crate plus a `_start` that calls `capi::start`). The entry
 //! point sets up the heap, calls the guest's `void snapvm_init(void)`,
 //! reports ready and serves the host's calls, exactly as
-//! [`entry!`](crate::entry) does for a Rust guest. During `snapvm_init` the
+//! `entry!` does for a Rust guest. During `snapvm_init` the
 //! guest registers its functions with `snapvm_export`.
 //!
 //! Conventions of the interface:
