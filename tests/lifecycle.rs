@@ -291,3 +291,48 @@ fn an_interrupt_during_a_host_function_cancels_when_it_returns() {
     started.store(0, Ordering::SeqCst);
     assert_eq!(vm.invoke("echo", b"again").unwrap(), b"again");
 }
+
+/// A host function that sleeps stands in for a loaded host: wall-clock
+/// time passes while the vCPU thread uses no CPU.
+#[test]
+fn timeouts_run_on_the_clock_the_config_chooses() {
+    require_kvm!();
+    let sleepy = || {
+        testguest().host_function("sleep", |_| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(Vec::new())
+        })
+    };
+    let limit = Duration::from_millis(150);
+    // Wall clock (the default): the sleep counts, and the error says why a
+    // short call could time out.
+    let mut vm = VmInstance::new(&sleepy().timeout(Some(limit))).unwrap();
+    let err = vm
+        .invoke("host_call", b"sleep\n")
+        .expect_err("wall-clock timeout");
+    assert!(
+        matches!(
+            err,
+            VmError::Timeout {
+                clock: snapvm::vm::TimeoutClock::Wall,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ThreadCpu"), "{err}");
+    // CPU time: the sleep does not count, the call succeeds...
+    let config = sleepy()
+        .timeout(Some(limit))
+        .timeout_clock(snapvm::vm::TimeoutClock::ThreadCpu);
+    let mut vm = VmInstance::new(&config).unwrap();
+    assert_eq!(vm.invoke("host_call", b"sleep\n").unwrap(), b"ok:");
+    // ...while a guest that really runs that long still times out.
+    let err = vm
+        .invoke("infinite_loop", b"")
+        .expect_err("CPU-time timeout");
+    assert!(
+        matches!(err, VmError::Timeout { clock: snapvm::vm::TimeoutClock::ThreadCpu, limit: l } if l == limit),
+        "{err}"
+    );
+}

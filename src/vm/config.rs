@@ -32,6 +32,33 @@ pub const DEFAULT_LOG_BUDGET: u64 = 256 << 10;
 /// the guest, which sees `HostError::Failed(message)`.
 pub type HostFnError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Which clock a call's timeout ([`VmConfig::timeout`]) runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TimeoutClock {
+    /// Wall-clock time from the start of the call (host functions
+    /// included). The default: it bounds how long a caller waits. On a
+    /// loaded host it also counts time the vCPU thread waited for a core,
+    /// so a short call can time out without having run long.
+    #[default]
+    Wall,
+    /// CPU time of the thread running the vCPU during the call (guest code,
+    /// exits and host functions on that thread). A call times out only
+    /// when it has really run that long, however loaded the host; a call
+    /// starved of CPU may take longer than the limit in wall-clock time.
+    /// Costs one extra system call per call.
+    ThreadCpu,
+}
+
+impl fmt::Display for TimeoutClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Wall => "wall-clock",
+            Self::ThreadCpu => "CPU-time",
+        })
+    }
+}
+
 /// A function the host offers to guests: input bytes in, output bytes out.
 pub type HostFn = dyn Fn(&[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync;
 
@@ -55,6 +82,7 @@ pub struct VmConfig {
     pub(crate) program: GuestProgram,
     pub(crate) memory_size: u64,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) timeout_clock: TimeoutClock,
     pub(crate) max_output: u64,
     pub(crate) host_functions: Arc<HashMap<String, Arc<HostFn>>>,
     pub(crate) dirty_tracking: bool,
@@ -171,6 +199,7 @@ impl fmt::Debug for VmConfig {
             .field("program", &self.program)
             .field("memory_size", &self.memory_size)
             .field("timeout", &self.timeout)
+            .field("timeout_clock", &self.timeout_clock)
             .field("max_output", &self.max_output)
             .field("host_functions", &names)
             .field("dirty_tracking", &self.dirty_tracking)
@@ -189,6 +218,7 @@ impl VmConfig {
             program,
             memory_size: DEFAULT_MEMORY_SIZE,
             timeout: Some(DEFAULT_TIMEOUT),
+            timeout_clock: TimeoutClock::Wall,
             max_output: DEFAULT_MAX_OUTPUT,
             host_functions: Arc::default(),
             dirty_tracking: false,
@@ -212,6 +242,14 @@ impl VmConfig {
     /// comes late by however long the host takes to schedule the vCPU thread.
     pub fn timeout(mut self, limit: Option<Duration>) -> Self {
         self.timeout = limit;
+        self
+    }
+
+    /// Which clock [`Self::timeout`] runs on (default
+    /// [`TimeoutClock::Wall`]; see [`TimeoutClock::ThreadCpu`] for loaded
+    /// hosts).
+    pub fn timeout_clock(mut self, clock: TimeoutClock) -> Self {
+        self.timeout_clock = clock;
         self
     }
 

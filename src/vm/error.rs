@@ -292,10 +292,17 @@ pub enum VmError {
     #[error("guest shut down (triple fault)")]
     Shutdown,
     /// The call ran longer than the configured timeout. *Poisons.*
-    #[error("guest call exceeded its {limit:?} timeout")]
+    #[error("guest call exceeded its {limit:?} {clock} timeout{}", if *clock == super::TimeoutClock::Wall {
+        " (wall-clock time includes time the vCPU thread waited for a core on a loaded host; \
+         TimeoutClock::ThreadCpu counts only the time it ran)"
+    } else {
+        ""
+    })]
     Timeout {
         /// The configured limit.
         limit: Duration,
+        /// The clock it ran on.
+        clock: super::TimeoutClock,
     },
     /// A hypercall pointed outside guest memory or was otherwise malformed. *Poisons.*
     #[error("bad hypercall {hypercall}: {reason}")]

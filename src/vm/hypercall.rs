@@ -12,21 +12,92 @@ use kvm_ioctls::VcpuExit;
 
 use super::abi_page::{bad, check_user_range, field, read_str, ARGS, RET};
 use super::error::{GuestFault, PanicLocation, VmError};
-use super::{timer, Stop, VmInstance, MAX_PRESERVED_REGIONS};
+use super::{timer, Stop, TimeoutClock, VmInstance, MAX_PRESERVED_REGIONS};
 use crate::abi::{self, AbiPage, Hypercall, PORT_FAULT, PORT_HYPERCALL};
 
 /// Longest source file name in a panic location.
 const MAX_FILE_NAME: u64 = 4096;
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Result<Duration, VmError> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a
+    // constant every Linux supports.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Err(VmError::Timer(std::io::Error::last_os_error()));
+    }
+    Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// A call's deadline. The timer always runs on the monotonic clock: a
+/// thread's CPU time never runs faster than wall-clock time, so for a
+/// CPU-time limit the wall-clock deadline is the earliest the limit can be
+/// reached, and it is pushed back by the CPU time still unused whenever it
+/// passes.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Deadline {
+    at: Instant,
+    limit: Duration,
+    clock: TimeoutClock,
+    /// The thread's CPU time when the call started (CPU-time limits only).
+    cpu_start: Duration,
+}
+
+impl Deadline {
+    fn start(limit: Duration, clock: TimeoutClock) -> Result<Self, VmError> {
+        let cpu_start = match clock {
+            TimeoutClock::ThreadCpu => thread_cpu_time()?,
+            _ => Duration::ZERO,
+        };
+        Ok(Self {
+            at: Instant::now() + limit,
+            limit,
+            clock,
+            cpu_start,
+        })
+    }
+
+    /// Fails with [`VmError::Timeout`] if the limit is reached; otherwise
+    /// the wall-clock time left until it could be.
+    fn check(&mut self) -> Result<Duration, VmError> {
+        let now = Instant::now();
+        if now < self.at {
+            return Ok(self.at - now);
+        }
+        let timeout = VmError::Timeout {
+            limit: self.limit,
+            clock: self.clock,
+        };
+        match self.clock {
+            TimeoutClock::ThreadCpu => {
+                let used = thread_cpu_time()?.saturating_sub(self.cpu_start);
+                let left = self.limit.saturating_sub(used);
+                if left.is_zero() {
+                    return Err(timeout);
+                }
+                self.at = now + left;
+                Ok(left)
+            }
+            _ => Err(timeout),
+        }
+    }
+}
 
 impl VmInstance {
     /// Runs the vCPU until the guest reports Ready or Done, serving the
     /// hypercalls it makes on the way.
     pub(super) fn run(&mut self) -> Result<Stop, VmError> {
         self.dirty_fresh = false;
-        let deadline = self.timeout.map(|limit| (Instant::now() + limit, limit));
+        let deadline = match self.timeout {
+            Some(limit) => Some(Deadline::start(limit, self.timeout_clock)?),
+            None => None,
+        };
         // Disarmed on every way out, a panic unwinding through here included.
         let _armed = match deadline {
-            Some((_, limit)) => Some(timer::Armed::new(limit).map_err(VmError::Timer)?),
+            Some(d) => Some(timer::Armed::new(d.limit).map_err(VmError::Timer)?),
             None => None,
         };
         // Dropped first: unregisters the thread, then the timer is disarmed.
@@ -34,7 +105,7 @@ impl VmInstance {
         self.run_loop(deadline)
     }
 
-    fn run_loop(&mut self, deadline: Option<(Instant, Duration)>) -> Result<Stop, VmError> {
+    fn run_loop(&mut self, mut deadline: Option<Deadline>) -> Result<Stop, VmError> {
         loop {
             if self.interrupt.requested() {
                 return Err(VmError::Cancelled);
@@ -44,9 +115,12 @@ impl VmInstance {
                 if self.interrupt.requested() {
                     return Err(VmError::Cancelled);
                 }
-                if let Some((at, limit)) = deadline {
-                    if Instant::now() >= at {
-                        return Err(VmError::Timeout { limit });
+                if let Some(d) = deadline.as_mut() {
+                    let before = d.at;
+                    let left = d.check()?;
+                    if d.at != before {
+                        // A CPU-time limit not reached yet: wait for the rest.
+                        timer::arm(left).map_err(VmError::Timer)?;
                     }
                 }
                 continue;
@@ -71,7 +145,7 @@ impl VmInstance {
                     Some(Hypercall::Ready) => return Ok(Stop::Ready),
                     Some(Hypercall::Done) => return Ok(Stop::Done),
                     Some(Hypercall::Log) => self.hypercall_log()?,
-                    Some(Hypercall::HostCall) => self.hypercall_host_call(deadline)?,
+                    Some(Hypercall::HostCall) => self.hypercall_host_call(&mut deadline)?,
                     Some(Hypercall::HostResult) => self.hypercall_host_result()?,
                     Some(Hypercall::Panic) => return Err(self.hypercall_panic()),
                     Some(Hypercall::Abort) => return Err(self.hypercall_abort()),
@@ -204,10 +278,7 @@ impl VmInstance {
     /// copy runs under the call's deadline, and only the host function
     /// itself runs with the timer off (so its system calls are not
     /// interrupted). A panic in the host function is caught here.
-    fn hypercall_host_call(
-        &mut self,
-        deadline: Option<(Instant, Duration)>,
-    ) -> Result<(), VmError> {
+    fn hypercall_host_call(&mut self, deadline: &mut Option<Deadline>) -> Result<(), VmError> {
         let [name_ptr, name_len, in_ptr, in_len, out_ptr, out_cap] = self.read_words::<6>(ARGS)?;
         let size = self.memory_size();
         let name = read_str(
@@ -243,11 +314,8 @@ impl VmInstance {
             if self.interrupt.requested() {
                 return Err(VmError::Cancelled);
             }
-            if let Some((at, limit)) = deadline {
-                let left = at.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(VmError::Timeout { limit });
-                }
+            if let Some(d) = deadline.as_mut() {
+                let left = d.check()?;
                 timer::arm(left).map_err(VmError::Timer)?;
             }
             match outcome {

@@ -40,9 +40,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{
-    HostFn, HostFnError, ScratchDisk, VmConfig, DEFAULT_LOG_BUDGET, DEFAULT_MAX_HOST_CALL_INPUT,
-    DEFAULT_MAX_HOST_CALL_OUTPUT, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED,
-    DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE, MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
+    HostFn, HostFnError, ScratchDisk, TimeoutClock, VmConfig, DEFAULT_LOG_BUDGET,
+    DEFAULT_MAX_HOST_CALL_INPUT, DEFAULT_MAX_HOST_CALL_OUTPUT, DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED, DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE,
+    MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
 pub use interrupt::InterruptHandle;
@@ -117,6 +118,7 @@ pub struct VmInstance {
     /// marks set when a call or restore starts are static).
     poison_cause: Cow<'static, str>,
     timeout: Option<Duration>,
+    timeout_clock: TimeoutClock,
     max_output: u64,
     host_functions: Arc<HashMap<String, Arc<HostFn>>>,
     pending_host_result: Option<Vec<u8>>,
@@ -254,6 +256,7 @@ impl VmInstance {
             state: VmState::Ready,
             poison_cause: Cow::Borrowed(""),
             timeout: config.timeout,
+            timeout_clock: config.timeout_clock,
             max_output: config.max_output,
             host_functions: Arc::clone(&config.host_functions),
             pending_host_result: None,
