@@ -90,6 +90,6 @@ pub use store::{
     Redundancy, SaltSelector, StoreConfig, StoreError,
 };
 pub use vm::{
-    Generation, GuestFault, GuestProgram, InterruptHandle, InvalidGuest, PanicLocation, VmConfig,
-    VmError, VmInstance, VmState, VmStats,
+    Generation, GuestFault, GuestProgram, HostCaller, InterruptHandle, InvalidGuest, PanicLocation,
+    VmConfig, VmError, VmInstance, VmState, VmStats,
 };

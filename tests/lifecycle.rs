@@ -336,3 +336,48 @@ fn timeouts_run_on_the_clock_the_config_chooses() {
         "{err}"
     );
 }
+
+#[derive(Debug)]
+struct Tenant(&'static str);
+#[derive(Debug)]
+struct RequestId(u64);
+
+#[test]
+fn host_functions_see_the_call_context_and_user_data() {
+    require_kvm!();
+    let config = testguest()
+        .timeout(Some(Duration::from_secs(5)))
+        .host_function_with_caller("whoami", |caller, input| {
+            let tenant = caller.data::<Tenant>().map_or("none", |t| t.0);
+            let request = caller.call_data::<RequestId>().map_or(0, |r| {
+                r.0 += 1; // call data is the caller's to change
+                r.0
+            });
+            assert!(caller.deadline().is_some());
+            Ok(format!(
+                "{tenant}/{request}/{}/{}/{}",
+                caller.function(),
+                caller.generation(),
+                input.len()
+            )
+            .into_bytes())
+        });
+    let mut vm = VmInstance::new(&config).unwrap();
+    let generation = vm.generation();
+    let out = vm.invoke("host_call", b"whoami\nabc").unwrap();
+    assert_eq!(
+        out,
+        format!("ok:none/0/host_call/{generation}/3").into_bytes()
+    );
+    vm.set_data(Tenant("acme"));
+    let mut request = RequestId(41);
+    let out = vm
+        .invoke_with("host_call", b"whoami\n", &mut request)
+        .unwrap();
+    assert_eq!(
+        out,
+        format!("ok:acme/42/host_call/{generation}/0").into_bytes()
+    );
+    assert_eq!(request.0, 42);
+    assert_eq!(vm.data_mut::<Tenant>().map(|t| t.0), Some("acme"));
+}

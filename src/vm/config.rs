@@ -62,6 +62,11 @@ impl fmt::Display for TimeoutClock {
 /// A function the host offers to guests: input bytes in, output bytes out.
 pub type HostFn = dyn Fn(&[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync;
 
+/// A host function that also receives the call's context (see
+/// [`HostCaller`](super::HostCaller)).
+pub type HostFnWithCaller =
+    dyn Fn(&mut super::HostCaller<'_>, &[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync;
+
 /// How a VM is built: the guest program, memory size, limits and host
 /// functions. Cheap to clone (the program and functions are shared), so one
 /// config can build any number of VMs, from any thread.
@@ -84,7 +89,7 @@ pub struct VmConfig {
     pub(crate) timeout: Option<Duration>,
     pub(crate) timeout_clock: TimeoutClock,
     pub(crate) max_output: u64,
-    pub(crate) host_functions: Arc<HashMap<String, Arc<HostFn>>>,
+    pub(crate) host_functions: Arc<HashMap<String, Arc<HostFnWithCaller>>>,
     pub(crate) dirty_tracking: bool,
     pub(crate) max_preserved: u64,
     pub(crate) scratch_disk: Option<ScratchDisk>,
@@ -262,9 +267,23 @@ impl VmConfig {
 
     /// Registers a host function the guest can call by `name`
     /// (`snapvm_guest::host::call`). Registering a name again replaces it.
-    pub fn host_function<F>(mut self, name: impl Into<String>, f: F) -> Self
+    pub fn host_function<F>(self, name: impl Into<String>, f: F) -> Self
     where
         F: Fn(&[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync + 'static,
+    {
+        self.host_function_with_caller(name, move |_, input| f(input))
+    }
+
+    /// Registers a host function that also receives a
+    /// [`HostCaller`](super::HostCaller): the guest function calling it, the
+    /// VM's generation, the call's deadline and user data. Registering a
+    /// name again replaces it.
+    pub fn host_function_with_caller<F>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(&mut super::HostCaller<'_>, &[u8]) -> Result<Vec<u8>, HostFnError>
+            + Send
+            + Sync
+            + 'static,
     {
         Arc::make_mut(&mut self.host_functions).insert(name.into(), Arc::new(f));
         self

@@ -12,7 +12,7 @@ use kvm_ioctls::VcpuExit;
 
 use super::abi_page::{bad, check_user_range, field, read_str, ARGS, RET};
 use super::error::{GuestFault, PanicLocation, VmError};
-use super::{timer, Stop, TimeoutClock, VmInstance, MAX_PRESERVED_REGIONS};
+use super::{timer, CallData, HostCaller, Stop, TimeoutClock, VmInstance, MAX_PRESERVED_REGIONS};
 use crate::abi::{self, AbiPage, Hypercall, PORT_FAULT, PORT_HYPERCALL};
 
 /// Longest source file name in a panic location.
@@ -89,7 +89,7 @@ impl Deadline {
 impl VmInstance {
     /// Runs the vCPU until the guest reports Ready or Done, serving the
     /// hypercalls it makes on the way.
-    pub(super) fn run(&mut self) -> Result<Stop, VmError> {
+    pub(super) fn run(&mut self, call_data: CallData<'_>) -> Result<Stop, VmError> {
         self.dirty_fresh = false;
         let deadline = match self.timeout {
             Some(limit) => Some(Deadline::start(limit, self.timeout_clock)?),
@@ -102,10 +102,14 @@ impl VmInstance {
         };
         // Dropped first: unregisters the thread, then the timer is disarmed.
         let _running = self.interrupt.enter()?;
-        self.run_loop(deadline)
+        self.run_loop(deadline, call_data)
     }
 
-    fn run_loop(&mut self, mut deadline: Option<Deadline>) -> Result<Stop, VmError> {
+    fn run_loop(
+        &mut self,
+        mut deadline: Option<Deadline>,
+        mut call_data: CallData<'_>,
+    ) -> Result<Stop, VmError> {
         loop {
             if self.interrupt.requested() {
                 return Err(VmError::Cancelled);
@@ -145,7 +149,9 @@ impl VmInstance {
                     Some(Hypercall::Ready) => return Ok(Stop::Ready),
                     Some(Hypercall::Done) => return Ok(Stop::Done),
                     Some(Hypercall::Log) => self.hypercall_log()?,
-                    Some(Hypercall::HostCall) => self.hypercall_host_call(&mut deadline)?,
+                    Some(Hypercall::HostCall) => {
+                        self.hypercall_host_call(&mut deadline, call_data.as_deref_mut())?
+                    }
                     Some(Hypercall::HostResult) => self.hypercall_host_result()?,
                     Some(Hypercall::Panic) => return Err(self.hypercall_panic()),
                     Some(Hypercall::Abort) => return Err(self.hypercall_abort()),
@@ -278,7 +284,11 @@ impl VmInstance {
     /// copy runs under the call's deadline, and only the host function
     /// itself runs with the timer off (so its system calls are not
     /// interrupted). A panic in the host function is caught here.
-    fn hypercall_host_call(&mut self, deadline: &mut Option<Deadline>) -> Result<(), VmError> {
+    fn hypercall_host_call(
+        &mut self,
+        deadline: &mut Option<Deadline>,
+        call_data: CallData<'_>,
+    ) -> Result<(), VmError> {
         let [name_ptr, name_len, in_ptr, in_len, out_ptr, out_cap] = self.read_words::<6>(ARGS)?;
         let size = self.memory_size();
         let name = read_str(
@@ -310,7 +320,19 @@ impl VmInstance {
             if deadline.is_some() {
                 timer::disarm();
             }
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&input)));
+            let function = self
+                .current_function
+                .and_then(|index| self.functions.iter().find(|(_, &i)| i == index))
+                .map_or("(init)", |(name, _)| name.as_str());
+            let mut caller = HostCaller {
+                function,
+                generation: self.generation,
+                deadline: deadline.as_ref().map(|d| d.at),
+                data: self.data.as_deref_mut(),
+                call_data,
+            };
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut caller, &input)));
             if self.interrupt.requested() {
                 return Err(VmError::Cancelled);
             }

@@ -23,6 +23,7 @@ mod dirty;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+mod host;
 mod hypercall;
 mod interrupt;
 mod layout;
@@ -40,12 +41,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{
-    HostFn, HostFnError, ScratchDisk, TimeoutClock, VmConfig, DEFAULT_LOG_BUDGET,
+    HostFn, HostFnError, HostFnWithCaller, ScratchDisk, TimeoutClock, VmConfig, DEFAULT_LOG_BUDGET,
     DEFAULT_MAX_HOST_CALL_INPUT, DEFAULT_MAX_HOST_CALL_OUTPUT, DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED, DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE,
     MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
+pub use host::HostCaller;
 pub use interrupt::InterruptHandle;
 pub use loader::GuestProgram;
 pub use machine::{check_kvm, check_kvm_device};
@@ -58,6 +60,9 @@ use abi_page::{abi_boot_words, bad, field, guest_log_level, read_str, ARGS};
 use config::GuestLimits;
 pub(crate) use hypercall::io_exit;
 use machine::Machine;
+
+/// The user data of one call (see [`VmInstance::invoke_with`]).
+pub(super) type CallData<'a> = Option<&'a mut (dyn std::any::Any + Send)>;
 
 /// The lifecycle state of a [`VmInstance`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +125,9 @@ pub struct VmInstance {
     timeout: Option<Duration>,
     timeout_clock: TimeoutClock,
     max_output: u64,
-    host_functions: Arc<HashMap<String, Arc<HostFn>>>,
+    host_functions: Arc<HashMap<String, Arc<HostFnWithCaller>>>,
+    /// The embedder's data for this VM (see [`VmInstance::set_data`]).
+    data: Option<Box<dyn std::any::Any + Send>>,
     pending_host_result: Option<Vec<u8>>,
     pending_status: u64,
     stats: VmStats,
@@ -234,7 +241,7 @@ impl VmInstance {
         }
         vm.new_generation()?;
         vm.write_words(field(offset_of!(AbiPage, log_level)), &[guest_log_level()])?;
-        match vm.run()? {
+        match vm.run(None)? {
             Stop::Ready => vm.read_ready()?,
             Stop::Done => {
                 return Err(bad(
@@ -278,6 +285,7 @@ impl VmInstance {
             exit_pending: false,
             interrupt: std::sync::Arc::default(),
             current_function: None,
+            data: None,
         }
     }
 
@@ -327,10 +335,38 @@ impl VmInstance {
 
     /// Calls guest function `name` with `input` and returns its output.
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, VmError> {
-        let (ptr, len) = self.call(name, input)?;
+        let (ptr, len) = self.call(name, input, None)?;
         let mut out = vec![0; len as usize];
         self.read_output(ptr, &mut out)?;
         Ok(out)
+    }
+
+    /// Like [`Self::invoke`], with `call_data` for the host functions the
+    /// call makes: they see it as
+    /// [`HostCaller::call_data`](HostCaller::call_data) (a request id, a
+    /// per-request budget, a connection to answer on).
+    pub fn invoke_with(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        call_data: &mut (dyn std::any::Any + Send),
+    ) -> Result<Vec<u8>, VmError> {
+        let (ptr, len) = self.call(name, input, Some(call_data))?;
+        let mut out = vec![0; len as usize];
+        self.read_output(ptr, &mut out)?;
+        Ok(out)
+    }
+
+    /// Attaches the embedder's data to this VM (the tenant, a database
+    /// handle, counters); host functions reach it through
+    /// [`HostCaller::data`]. Replaces what was there.
+    pub fn set_data<T: std::any::Any + Send>(&mut self, data: T) {
+        self.data = Some(Box::new(data));
+    }
+
+    /// The VM's data, if it is a `T`.
+    pub fn data_mut<T: std::any::Any>(&mut self) -> Option<&mut T> {
+        self.data.as_deref_mut().and_then(|d| d.downcast_mut())
     }
 
     /// Calls guest function `name` with `input` and writes its output into
@@ -345,7 +381,7 @@ impl VmInstance {
         input: &[u8],
         output: &mut [u8],
     ) -> Result<usize, VmError> {
-        let (ptr, len) = self.call(name, input)?;
+        let (ptr, len) = self.call(name, input, None)?;
         let len = len as usize;
         let capacity = output.len();
         let dest = output.get_mut(..len).ok_or(VmError::OutputBufferTooSmall {
@@ -366,7 +402,12 @@ impl VmInstance {
     }
 
     /// Runs one call and returns the guest address and length of its output.
-    fn call(&mut self, name: &str, input: &[u8]) -> Result<(u64, u64), VmError> {
+    fn call(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        call_data: CallData<'_>,
+    ) -> Result<(u64, u64), VmError> {
         if self.state == VmState::Poisoned {
             return Err(VmError::Poisoned {
                 cause: self.poison_cause.to_string(),
@@ -383,7 +424,7 @@ impl VmInstance {
         // out of here leaves no instance that claims to be ready.
         self.state = VmState::Poisoned;
         self.poison_cause = Cow::Borrowed("a call did not finish");
-        let result = self.call_inner(index, input);
+        let result = self.call_inner(index, input, call_data);
         self.finish(result)
     }
 
@@ -403,12 +444,17 @@ impl VmInstance {
         }
     }
 
-    fn call_inner(&mut self, index: u64, input: &[u8]) -> Result<(u64, u64), VmError> {
+    fn call_inner(
+        &mut self,
+        index: u64,
+        input: &[u8],
+        mut call_data: CallData<'_>,
+    ) -> Result<(u64, u64), VmError> {
         self.pending_host_result = None;
         self.log_used = 0;
         let len = input.len() as u64;
         if len > self.input_cap {
-            self.grow_input(input.len())?;
+            self.grow_input(input.len(), call_data.as_deref_mut())?;
         }
         self.machine
             .ram
@@ -420,7 +466,7 @@ impl VmInstance {
             &[abi::REQUEST_CALL, index, len],
         )?;
         self.write_words(field(offset_of!(AbiPage, log_level)), &[guest_log_level()])?;
-        self.expect_done()?;
+        self.expect_done(call_data)?;
         let [output_ptr, output_len, status, heap_used] =
             self.read_words::<4>(field(offset_of!(AbiPage, output_ptr)))?;
         let [garbage] = self.read_words::<1>(field(offset_of!(AbiPage, garbage)))?;
@@ -455,7 +501,7 @@ impl VmInstance {
     }
 
     /// Asks the guest for an input buffer of at least `len` bytes.
-    fn grow_input(&mut self, len: usize) -> Result<(), VmError> {
+    fn grow_input(&mut self, len: usize, call_data: CallData<'_>) -> Result<(), VmError> {
         self.machine
             .ram
             .check(0, len as u64)
@@ -464,7 +510,7 @@ impl VmInstance {
             field(offset_of!(AbiPage, request)),
             &[abi::REQUEST_GROW_INPUT, 0, len as u64],
         )?;
-        self.expect_done()?;
+        self.expect_done(call_data)?;
         let [status] = self.read_words::<1>(field(offset_of!(AbiPage, status)))?;
         self.read_input_buffer()?;
         match status {
@@ -481,8 +527,8 @@ impl VmInstance {
         }
     }
 
-    fn expect_done(&mut self) -> Result<(), VmError> {
-        match self.run()? {
+    fn expect_done(&mut self, call_data: CallData<'_>) -> Result<(), VmError> {
+        match self.run(call_data)? {
             Stop::Done => Ok(()),
             Stop::Ready => Err(bad(
                 "Ready",
