@@ -70,6 +70,9 @@
 //! host process.
 //!
 //! ## Cargo features
+//! - `serde` (on by default): typed calls, [`VmInstance::call`], with
+//!   inputs and outputs encoded with postcard (the guest exports them with
+//!   `snapvm-guest`'s `serde` feature and `Exports::export_typed`).
 //! - `s3` (off by default): `store::S3Backend`, an S3-compatible backend for
 //!   the store built on the `object_store` crate.
 

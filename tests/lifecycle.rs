@@ -381,3 +381,58 @@ fn host_functions_see_the_call_context_and_user_data() {
     assert_eq!(request.0, 42);
     assert_eq!(vm.data_mut::<Tenant>().map(|t| t.0), Some("acme"));
 }
+
+#[derive(serde::Serialize)]
+struct Order {
+    items: u32,
+    price_cents: u64,
+    note: String,
+}
+
+#[derive(serde::Deserialize, Debug, PartialEq)]
+struct Total {
+    cents: u64,
+    note_len: usize,
+}
+
+#[test]
+fn typed_calls_round_trip_and_fail_without_poisoning() {
+    require_kvm!();
+    let mut vm = VmInstance::new(&testguest()).unwrap();
+    let order = Order {
+        items: 3,
+        price_cents: 250,
+        note: "gift wrap".into(),
+    };
+    let total: Total = vm.call("total", &order).unwrap();
+    assert_eq!(
+        total,
+        Total {
+            cents: 750,
+            note_len: 9
+        }
+    );
+    // The guest's own error.
+    let overflow = Order {
+        items: 2,
+        price_cents: u64::MAX,
+        note: String::new(),
+    };
+    match vm.call::<_, Total>("total", &overflow) {
+        Err(VmError::GuestError { code: 422, message }) => assert_eq!(message, "total overflows"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // An input the guest cannot decode.
+    match vm.call::<_, Total>("total", &7u8) {
+        Err(VmError::GuestError { code, .. }) => assert_eq!(code, u32::MAX),
+        other => panic!("unexpected {other:?}"),
+    }
+    // An output that is not what the host expects.
+    assert!(matches!(
+        vm.call::<_, String>("total", &order),
+        Err(VmError::Decode { .. })
+    ));
+    assert_eq!(vm.state(), VmState::Ready);
+    let again: Total = vm.call("total", &order).unwrap();
+    assert_eq!(again.cents, 750);
+}

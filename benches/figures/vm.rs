@@ -36,7 +36,7 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
     // ~0.5 ms to each `kvm.create_us` and `vm.new_us` sample here.
     let _idle = RawGuest::new(EXIT_LOOP, RAW_MEMORY).expect("raw guest");
 
-    let (exit, warm, one_mib) = exits_and_invokes(ctx, &config);
+    let (exit, warm, one_mib, typed) = exits_and_invokes(ctx, &config);
     let exit = Figure::of("kvm.exit_us", &exit, "us");
     let fault = Figure::of("kvm.fault_us", &first_touch(ctx), "us");
     let (create, new) = creation(ctx, &config);
@@ -46,7 +46,10 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
         .against(&exit)
         .target(Target::AtMost(1.5));
     let one_mib = Figure::of("invoke.1mib_us", &one_mib, "us").against(&exit);
-    vec![exit, fault, create, new, warm, one_mib]
+    let typed = Figure::of("invoke.typed_us", &typed, "us")
+        .against(&warm)
+        .target(Target::AtMost(1.1));
+    vec![exit, fault, create, new, warm, one_mib, typed]
 }
 
 /// The quickstart guest, configured as in the README.
@@ -57,10 +60,19 @@ fn quickstart_config() -> VmConfig {
     VmConfig::new(program).host_function("greeting", |_| Ok(b"Hello".to_vec()))
 }
 
-/// `kvm.exit_us`, `invoke.warm_us` and `invoke.1mib_us`, interleaved: each
-/// round runs a block of bare exits, a block of empty invokes and a tenth of
-/// a block of 1 MiB echoes.
-fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats) {
+/// The small struct of `invoke.typed_us`.
+#[derive(serde::Serialize)]
+struct Point {
+    x: i32,
+    y: i32,
+}
+
+/// `kvm.exit_us`, `invoke.warm_us`, `invoke.1mib_us` and `invoke.typed_us`
+/// (a typed call with a small struct in and an integer out,
+/// `VmInstance::call`), interleaved: each round runs a block of bare exits,
+/// a block of empty invokes, a block of typed calls and a tenth of a block
+/// of 1 MiB echoes.
+fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats, Stats) {
     let mut guest = RawGuest::new(EXIT_LOOP, RAW_MEMORY).expect("raw guest");
     let mut vm = VmInstance::new(config).expect("quickstart VM");
     let input = vec![0x5A; ONE_MIB];
@@ -73,6 +85,12 @@ fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats) {
         let out = vm.invoke("empty", b"").expect("invoke empty");
         debug_assert!(out.is_empty());
     };
+    let typed = |vm: &mut VmInstance| {
+        let sum: i64 = vm
+            .call("sum_point", &Point { x: 40, y: 2 })
+            .expect("typed call");
+        debug_assert_eq!(sum, 42);
+    };
     let echo = |vm: &mut VmInstance, output: &mut [u8]| {
         let len = vm.invoke_into("echo", &input, output).expect("invoke echo");
         assert_eq!(len, ONE_MIB);
@@ -83,6 +101,7 @@ fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats) {
     for _ in 0..200 {
         exit();
         empty(&mut vm);
+        typed(&mut vm);
     }
     for _ in 0..5 {
         echo(&mut vm, &mut output);
@@ -92,9 +111,11 @@ fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats) {
     let mut exits = Vec::with_capacity(rounds * BLOCK);
     let mut warms = Vec::with_capacity(rounds * BLOCK);
     let mut mibs = Vec::with_capacity(rounds * BLOCK / 10);
+    let mut typeds = Vec::with_capacity(rounds * BLOCK);
     for _ in 0..rounds {
         exits.extend((0..BLOCK).map(|_| time_us(&mut exit)));
         warms.extend((0..BLOCK).map(|_| time_us(|| empty(&mut vm))));
+        typeds.extend((0..BLOCK).map(|_| time_us(|| typed(&mut vm))));
         mibs.extend((0..BLOCK / 10).map(|_| time_us(|| echo(&mut vm, &mut output))));
     }
     assert_eq!(output[ONE_MIB - 1], 0x5A, "echo returned its input");
@@ -102,6 +123,7 @@ fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats) {
         Stats::of(&mut exits),
         Stats::of(&mut warms),
         Stats::of(&mut mibs),
+        Stats::of(&mut typeds),
     )
 }
 

@@ -361,6 +361,20 @@ pub enum VmError {
     /// stopped mid-call); a reset makes the VM usable again.
     #[error("the call was cancelled")]
     Cancelled,
+    /// The input of a typed call (`VmInstance::call`) could not be encoded.
+    /// Nothing ran; the instance stays ready.
+    #[error("the input of a typed call does not encode: {reason}")]
+    Encode {
+        /// The encoder's message.
+        reason: String,
+    },
+    /// The output of a typed call (`VmInstance::call`) does not decode as
+    /// the type asked for. The call finished; the instance stays ready.
+    #[error("the output of a typed call does not decode: {reason}")]
+    Decode {
+        /// The decoder's message.
+        reason: String,
+    },
     /// A host function panicked while serving the guest. The panic is
     /// caught at the host-function boundary; the guest is left inside its
     /// host call, so this *poisons*.
@@ -489,6 +503,8 @@ impl VmError {
             | Self::InvalidGuest(_)
             | Self::UnknownFunction { .. }
             | Self::GuestError { .. }
+            | Self::Encode { .. }
+            | Self::Decode { .. }
             | Self::InputTooLarge { .. }
             | Self::OutputTooLarge { .. }
             | Self::MemoryOutOfRange { .. }

@@ -335,10 +335,51 @@ impl VmInstance {
 
     /// Calls guest function `name` with `input` and returns its output.
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, VmError> {
-        let (ptr, len) = self.call(name, input, None)?;
+        let (ptr, len) = self.call_raw(name, input, None)?;
         let mut out = vec![0; len as usize];
         self.read_output(ptr, &mut out)?;
         Ok(out)
+    }
+
+    /// Calls a typed guest function (exported with
+    /// `Exports::export_typed`): `input` is encoded with
+    /// [postcard](https://docs.rs/postcard), the output decoded as `Out`.
+    /// Bytes in and out ([`Self::invoke`]) stay the zero-copy core; this
+    /// adds one encode and one decode. A guest `Err` is
+    /// [`VmError::GuestError`]; an output that does not decode as `Out` is
+    /// [`VmError::Decode`]. Neither poisons.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "serde")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use snapvm::{GuestProgram, VmConfig, VmInstance};
+    ///
+    /// #[derive(serde::Serialize)]
+    /// struct Order { items: u32, price_cents: u64 }
+    /// #[derive(serde::Deserialize)]
+    /// struct Total { cents: u64 }
+    ///
+    /// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?);
+    /// let mut vm = VmInstance::new(&config)?;
+    /// let total: Total = vm.call("total", &Order { items: 3, price_cents: 250 })?;
+    /// assert_eq!(total.cents, 750);
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "serde"))]
+    /// # fn main() {}
+    /// ```
+    #[cfg(feature = "serde")]
+    pub fn call<In, Out>(&mut self, name: &str, input: &In) -> Result<Out, VmError>
+    where
+        In: serde::Serialize + ?Sized,
+        Out: serde::de::DeserializeOwned,
+    {
+        let bytes = postcard::to_allocvec(input).map_err(|e| VmError::Encode {
+            reason: e.to_string(),
+        })?;
+        let output = self.invoke(name, &bytes)?;
+        postcard::from_bytes(&output).map_err(|e| VmError::Decode {
+            reason: e.to_string(),
+        })
     }
 
     /// Like [`Self::invoke`], with `call_data` for the host functions the
@@ -351,7 +392,7 @@ impl VmInstance {
         input: &[u8],
         call_data: &mut (dyn std::any::Any + Send),
     ) -> Result<Vec<u8>, VmError> {
-        let (ptr, len) = self.call(name, input, Some(call_data))?;
+        let (ptr, len) = self.call_raw(name, input, Some(call_data))?;
         let mut out = vec![0; len as usize];
         self.read_output(ptr, &mut out)?;
         Ok(out)
@@ -381,7 +422,7 @@ impl VmInstance {
         input: &[u8],
         output: &mut [u8],
     ) -> Result<usize, VmError> {
-        let (ptr, len) = self.call(name, input, None)?;
+        let (ptr, len) = self.call_raw(name, input, None)?;
         let len = len as usize;
         let capacity = output.len();
         let dest = output.get_mut(..len).ok_or(VmError::OutputBufferTooSmall {
@@ -402,7 +443,7 @@ impl VmInstance {
     }
 
     /// Runs one call and returns the guest address and length of its output.
-    fn call(
+    fn call_raw(
         &mut self,
         name: &str,
         input: &[u8],

@@ -60,11 +60,40 @@ impl core::fmt::Display for GuestError {
     }
 }
 
-/// An exported function: infallible or fallible.
-#[derive(Clone, Copy)]
+/// An exported function: infallible, fallible, or typed (a closure that
+/// decodes its input and encodes its output).
 enum Export {
     Plain(GuestFn),
     Fallible(FallibleGuestFn),
+    #[cfg(feature = "serde")]
+    Typed(TypedFn),
+}
+
+/// A typed export with its decoding and encoding around it.
+#[cfg(feature = "serde")]
+type TypedFn = alloc::boxed::Box<dyn Fn(&[u8]) -> Result<Vec<u8>, GuestError>>;
+
+impl GuestError {
+    /// The code of the error a typed function returns when its input does
+    /// not decode (see `Exports::export_typed`).
+    pub const BAD_INPUT: u32 = u32::MAX;
+    /// The code of the error a typed function returns when its output
+    /// does not encode.
+    pub const BAD_OUTPUT: u32 = u32::MAX - 1;
+}
+
+impl From<String> for GuestError {
+    /// An error with code 0 and this message.
+    fn from(message: String) -> Self {
+        Self::new(0, message)
+    }
+}
+
+impl From<&str> for GuestError {
+    /// An error with code 0 and this message.
+    fn from(message: &str) -> Self {
+        Self::new(0, message)
+    }
 }
 
 /// Input buffer capacity the guest starts with; the host asks for more when a
@@ -114,6 +143,59 @@ impl Exports {
     /// As [`Exports::export`].
     pub fn export_fallible(&mut self, name: &'static str, f: FallibleGuestFn) -> &mut Self {
         self.add(name, Export::Fallible(f))
+    }
+
+    /// Exports a typed function (the `serde` feature): its input is decoded
+    /// from, and its output encoded to, [postcard](https://docs.rs/postcard)
+    /// — the host calls it with `VmInstance::call::<In, Out>`. An `Err`
+    /// reaches the host as `VmError::GuestError` (code and message from
+    /// `E: Into<GuestError>`); an input that does not decode as `In` is a
+    /// `GuestError` with code [`GuestError::BAD_INPUT`]. The VM stays ready
+    /// either way.
+    ///
+    /// ```ignore
+    /// #[derive(serde::Deserialize)]
+    /// struct Order { items: u32, price_cents: u64 }
+    /// #[derive(serde::Serialize)]
+    /// struct Total { cents: u64 }
+    ///
+    /// fn total(order: Order) -> Result<Total, GuestError> {
+    ///     let cents = order.price_cents.checked_mul(u64::from(order.items))
+    ///         .ok_or_else(|| GuestError::new(422, "total overflows"))?;
+    ///     Ok(Total { cents })
+    /// }
+    /// // in init: exports.export_typed("total", total);
+    /// ```
+    ///
+    /// # Panics
+    /// As [`Exports::export`].
+    #[cfg(feature = "serde")]
+    pub fn export_typed<In, Out, E>(
+        &mut self,
+        name: &'static str,
+        f: fn(In) -> Result<Out, E>,
+    ) -> &mut Self
+    where
+        In: serde::de::DeserializeOwned + 'static,
+        Out: serde::Serialize + 'static,
+        E: Into<GuestError> + 'static,
+    {
+        let typed = move |bytes: &[u8]| -> Result<Vec<u8>, GuestError> {
+            let input: In = postcard::from_bytes(bytes).map_err(|e| {
+                GuestError::new(
+                    GuestError::BAD_INPUT,
+                    alloc::format!("input does not decode: {e}"),
+                )
+            })?;
+            let output = f(input).map_err(Into::into)?;
+            postcard::to_allocvec(&output).map_err(|e| {
+                GuestError::new(
+                    GuestError::BAD_OUTPUT,
+                    alloc::format!("output does not encode: {e}"),
+                )
+            })
+        };
+        self.add(name, Export::Typed(alloc::boxed::Box::new(typed)))
     }
 
     fn add(&mut self, name: &'static str, f: Export) -> &mut Self {
@@ -302,22 +384,22 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
                 let len = abi_read!(input_len) as usize;
                 match (funcs.get(index), input.get(..len)) {
                     (Some((_, f)), Some(bytes)) => {
-                        let status = match *f {
-                            Export::Plain(f) => {
-                                output = f(bytes);
+                        let result = match f {
+                            Export::Plain(f) => Ok(f(bytes)),
+                            Export::Fallible(f) => f(bytes),
+                            #[cfg(feature = "serde")]
+                            Export::Typed(f) => f(bytes),
+                        };
+                        let status = match result {
+                            Ok(out) => {
+                                output = out;
                                 abi::STATUS_OK
                             }
-                            Export::Fallible(f) => match f(bytes) {
-                                Ok(out) => {
-                                    output = out;
-                                    abi::STATUS_OK
-                                }
-                                Err(e) => {
-                                    set_arg(0, u64::from(e.code));
-                                    output = e.message.into_bytes();
-                                    abi::STATUS_GUEST_ERROR
-                                }
-                            },
+                            Err(e) => {
+                                set_arg(0, u64::from(e.code));
+                                output = e.message.into_bytes();
+                                abi::STATUS_GUEST_ERROR
+                            }
                         };
                         abi_write!(output_ptr, output.as_ptr() as u64);
                         abi_write!(output_len, output.len() as u64);

@@ -88,6 +88,7 @@ fn init(exports: &mut Exports) {
         .export("host_call", host_call)
         .export("sse_avx", sse_avx)
         .export_fallible("fallible", fallible)
+        .export_typed("total", total)
         .export("log_levels", |_| {
             use snapvm_guest::LogLevel;
             snapvm_guest::debug!("a debug message {}", 1);
@@ -435,6 +436,31 @@ fn alloc_then_oom(input: &[u8]) -> Vec<u8> {
     alloc_mib(input);
     let huge = black_box(1usize << 40);
     vec![2u8; huge]
+}
+
+/// A typed function: an order in, its total out; an overflow is an error.
+#[derive(serde::Deserialize)]
+struct Order {
+    items: u32,
+    price_cents: u64,
+    note: alloc::string::String,
+}
+
+#[derive(serde::Serialize)]
+struct Total {
+    cents: u64,
+    note_len: usize,
+}
+
+fn total(order: Order) -> Result<Total, snapvm_guest::GuestError> {
+    let cents = order
+        .price_cents
+        .checked_mul(u64::from(order.items))
+        .ok_or_else(|| snapvm_guest::GuestError::new(422, "total overflows"))?;
+    Ok(Total {
+        cents,
+        note_len: order.note.len(),
+    })
 }
 
 /// Succeeds on `ok`; any other input is an error the caller handles.
