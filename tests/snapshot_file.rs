@@ -1320,3 +1320,37 @@ fn padding_after_the_state_is_not_checked() {
     let mut vm = VmInstance::restore(&config(), &snap).unwrap();
     assert_eq!(counter(&mut vm), 2);
 }
+
+/// A tampered file with valid digests cannot aim the host's writes of every
+/// request's input at the system area or the ABI page: the restore refuses
+/// its guest state, and an in-place restore leaves the VM poisoned.
+#[test]
+fn a_rehashed_file_cannot_aim_host_writes_outside_user_memory() {
+    require_kvm!();
+    let input_buf = HEADER + 16 + 16 + 32 + 8;
+    for (name, target) in [("idt", 0x3000u64), ("pml4", 0xA000), ("abi", 0x1000)] {
+        let mut b = fixture().full.clone();
+        put_u64(&mut b, input_buf, target);
+        put_u64(&mut b, input_buf + 8, 0x1000);
+        fix_digests(&mut b);
+        let snap =
+            load(&format!("input-at-{name}.snap"), &b).expect("the loader checks only bounds");
+        assert!(
+            matches!(
+                VmInstance::restore(&config(), &snap),
+                Err(SnapshotError::Malformed {
+                    section: "guest state",
+                    ..
+                })
+            ),
+            "{name}"
+        );
+        let mut vm = VmInstance::new(&config()).unwrap();
+        assert!(vm.restore_in_place(&snap).is_err(), "{name}");
+        assert_eq!(vm.state(), snapvm::VmState::Poisoned, "{name}");
+        assert!(matches!(
+            vm.invoke("counter", b""),
+            Err(snapvm::VmError::Poisoned { .. })
+        ));
+    }
+}
