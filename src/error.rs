@@ -28,5 +28,25 @@ impl From<InvalidGuest> for Error {
     }
 }
 
+impl Error {
+    /// What kind of failure this is (see [`crate::ErrorKind`]).
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            Self::Vm(e) => e.kind(),
+            Self::Snapshot(e) => e.kind(),
+            Self::Store(e) => e.kind(),
+        }
+    }
+
+    /// The VM error inside, if this is (or wraps) a VM failure.
+    pub fn vm_error(&self) -> Option<&VmError> {
+        match self {
+            Self::Vm(e) => Some(e),
+            Self::Snapshot(e) => e.vm_error(),
+            Self::Store(_) => None,
+        }
+    }
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

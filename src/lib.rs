@@ -77,6 +77,7 @@
 //!   the store built on the `object_store` crate.
 
 pub mod error;
+mod error_kind;
 pub mod policy;
 pub mod snapshot;
 pub mod store;
@@ -86,6 +87,7 @@ pub mod vm;
 pub use snapvm_guest::abi;
 
 pub use error::{Error, Result};
+pub use error_kind::ErrorKind;
 pub use policy::{Decision, InvokeStats, ManagedVm, RestorePolicy};
 pub use snapshot::{PoolStats, RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
 pub use store::{

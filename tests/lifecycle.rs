@@ -436,3 +436,48 @@ fn typed_calls_round_trip_and_fail_without_poisoning() {
     let again: Total = vm.call("total", &order).unwrap();
     assert_eq!(again.cents, 750);
 }
+
+/// One classification across entry points: `invoke`, `ManagedVm::invoke`,
+/// `restore` and `ShellPool::restore` errors all answer `kind()` and
+/// `vm_error()`.
+#[test]
+fn every_entry_point_classifies_its_errors_the_same_way() {
+    use snapvm::ErrorKind;
+    require_kvm!();
+    let config = testguest()
+        .dirty_tracking(true)
+        .timeout(Some(Duration::from_millis(50)));
+    let mut vm = VmInstance::new(&config).unwrap();
+    let ready = vm.snapshot().unwrap();
+    let unknown = vm.invoke("nope", b"").unwrap_err();
+    assert_eq!(unknown.kind(), ErrorKind::BadRequest);
+    assert_eq!(
+        vm.invoke("fallible", b"x").unwrap_err().kind(),
+        ErrorKind::GuestError
+    );
+    assert_eq!(
+        vm.invoke("infinite_loop", b"").unwrap_err().kind(),
+        ErrorKind::Timeout
+    );
+    assert_eq!(
+        vm.invoke("echo", b"").unwrap_err().kind(),
+        ErrorKind::Poisoned
+    );
+
+    let mut managed = ManagedVm::new(vm, ready.clone(), policy::Always).unwrap();
+    let crash = managed.invoke("panic", b"").unwrap_err();
+    assert_eq!(crash.kind(), ErrorKind::GuestCrash);
+    assert!(matches!(crash.vm_error(), Some(VmError::GuestPanic { .. })));
+
+    let wrong = testguest().memory_size(128 << 20);
+    let restore = VmInstance::restore(&wrong, &ready).unwrap_err();
+    assert_eq!(restore.kind(), ErrorKind::Invalid);
+    assert_eq!(snapvm::Error::from(restore).kind(), ErrorKind::Invalid);
+    let pool = snapvm::ShellPool::new(&config, 1).unwrap();
+    let pooled = pool.restore_with(&wrong, &ready).unwrap_err();
+    assert_eq!(pooled.kind(), ErrorKind::Invalid);
+    assert!(matches!(
+        pooled.vm_error(),
+        Some(VmError::InvalidConfig { .. })
+    ));
+}

@@ -149,6 +149,45 @@ impl SnapshotError {
     }
 }
 
+impl SnapshotError {
+    /// What kind of failure this is (see [`crate::ErrorKind`]): the VM
+    /// error's kind for a VM failure, [`crate::ErrorKind::Invalid`] for a
+    /// snapshot that is malformed, corrupt or does not fit,
+    /// [`crate::ErrorKind::Host`] for I/O.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            Self::Vm(e) => e.kind(),
+            Self::Store(e) => e.kind(),
+            Self::Io { .. } => K::Host,
+            Self::NotReady => K::Poisoned,
+            Self::Symlink { .. }
+            | Self::BadMagic
+            | Self::UnsupportedVersion { .. }
+            | Self::Truncated { .. }
+            | Self::ChecksumMismatch { .. }
+            | Self::CorruptMemory { .. }
+            | Self::Malformed { .. }
+            | Self::MemoryTooLarge { .. }
+            | Self::MemorySizeMismatch { .. }
+            | Self::ProgramMismatch
+            | Self::CpuMismatch { .. }
+            | Self::WrongBase { .. }
+            | Self::BaseRequired { .. }
+            | Self::NotTracking { .. }
+            | Self::FileChanged { .. } => K::Invalid,
+        }
+    }
+
+    /// The VM error inside, if this is a VM failure.
+    pub fn vm_error(&self) -> Option<&VmError> {
+        match self {
+            Self::Vm(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl From<crate::vm::cpu::CpuMismatch> for SnapshotError {
     fn from(m: crate::vm::cpu::CpuMismatch) -> Self {
         SnapshotError::CpuMismatch {

@@ -514,6 +514,51 @@ impl VmError {
         }
     }
 
+    /// What kind of failure this is (see [`ErrorKind`](crate::ErrorKind)).
+    /// An exhaustive `match`: a new variant must decide.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            Self::GuestPanic { .. }
+            | Self::GuestAbort { .. }
+            | Self::GuestOutOfMemory { .. }
+            | Self::GuestFault(_)
+            | Self::Shutdown
+            | Self::BadHypercall { .. }
+            | Self::UnknownHypercall { .. }
+            | Self::UnexpectedExit { .. }
+            | Self::VcpuStuck { .. } => K::GuestCrash,
+            Self::GuestError { .. } => K::GuestError,
+            Self::Timeout { .. } => K::Timeout,
+            Self::Cancelled => K::Cancelled,
+            Self::UnknownFunction { .. }
+            | Self::InputTooLarge { .. }
+            | Self::OutputTooLarge { .. }
+            | Self::OutputBufferTooSmall { .. }
+            | Self::MemoryOutOfRange { .. }
+            | Self::Encode { .. }
+            | Self::Decode { .. } => K::BadRequest,
+            Self::Poisoned { .. } => K::Poisoned,
+            Self::InvalidConfig { .. }
+            | Self::InvalidGuest(_)
+            | Self::AbiMismatch { .. }
+            | Self::InvalidVcpuState { .. }
+            | Self::InvalidGuestState { .. } => K::Invalid,
+            Self::KvmUnavailable { .. }
+            | Self::Kvm { .. }
+            | Self::MapMemory { .. }
+            | Self::Entropy(_)
+            | Self::Timer(_)
+            | Self::HostFunctionPanic { .. } => K::Host,
+        }
+    }
+
+    /// This error itself (for code that handles [`crate::Error`],
+    /// [`crate::SnapshotError`] and `VmError` alike).
+    pub fn vm_error(&self) -> Option<&VmError> {
+        Some(self)
+    }
+
     pub(crate) fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
         move |source| Self::Kvm { step, source }
     }
