@@ -481,3 +481,24 @@ fn every_entry_point_classifies_its_errors_the_same_way() {
         Some(VmError::InvalidConfig { .. })
     ));
 }
+
+#[test]
+fn typed_host_functions_round_trip() {
+    require_kvm!();
+    let config =
+        testguest().typed_host_function("host_total", |caller, (items, cents): (u32, u64)| {
+            assert_eq!(caller.function(), "ask_host_total");
+            Ok(u64::from(items) * cents)
+        });
+    let mut vm = VmInstance::new(&config).unwrap();
+    let total: u64 = vm.call("ask_host_total", &(4u32, 25u64)).unwrap();
+    assert_eq!(total, 100);
+    // A host function registered for other types fails the guest's call.
+    let config = testguest().typed_host_function("host_total", |_, s: String| Ok(s.len() as u64));
+    let mut vm = VmInstance::new(&config).unwrap();
+    match vm.call::<_, u64>("ask_host_total", &(4u32, 25u64)) {
+        Err(VmError::GuestError { code: 1, .. }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(vm.state(), VmState::Ready);
+}

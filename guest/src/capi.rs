@@ -468,7 +468,8 @@ mod functions {
             Ok(result) => (SNAPVM_OK, result),
             Err(rt::host::HostError::Failed(message)) => (SNAPVM_ERR_FAILED, message.into_bytes()),
             Err(rt::host::HostError::Unknown) => return SNAPVM_ERR_UNKNOWN,
-            Err(rt::host::HostError::Protocol(_)) => return SNAPVM_ERR_PROTOCOL,
+            // `call` itself never decodes; any other kind is a protocol error.
+            Err(_) => return SNAPVM_ERR_PROTOCOL,
         };
         let block = snapvm_alloc(result.len()).cast::<u8>();
         if block.is_null() {

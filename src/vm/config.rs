@@ -289,6 +289,45 @@ impl VmConfig {
         self
     }
 
+    /// Registers a typed host function (the `serde` feature): the guest
+    /// calls it with `snapvm_guest::host::call_typed::<In, Out>`, and input
+    /// and result travel encoded with postcard. An input that does not
+    /// decode as `In` fails the guest's call (`HostError::Failed`) without
+    /// running `f`.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "serde")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use snapvm::{GuestProgram, VmConfig};
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Lookup { user: u64 }
+    /// #[derive(serde::Serialize)]
+    /// struct Profile { name: String }
+    ///
+    /// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?)
+    ///     .typed_host_function("profile", |_caller, q: Lookup| {
+    ///         Ok(Profile { name: format!("user {}", q.user) })
+    ///     });
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "serde"))]
+    /// # fn main() {}
+    /// ```
+    #[cfg(feature = "serde")]
+    pub fn typed_host_function<In, Out, F>(self, name: impl Into<String>, f: F) -> Self
+    where
+        In: serde::de::DeserializeOwned,
+        Out: serde::Serialize,
+        F: Fn(&mut super::HostCaller<'_>, In) -> Result<Out, HostFnError> + Send + Sync + 'static,
+    {
+        self.host_function_with_caller(name, move |caller, input| {
+            let input: In =
+                postcard::from_bytes(input).map_err(|e| format!("input does not decode: {e}"))?;
+            let out = f(caller, input)?;
+            Ok(postcard::to_allocvec(&out).map_err(|e| format!("result does not encode: {e}"))?)
+        })
+    }
+
     /// Tracks the guest pages written after a snapshot (KVM dirty logging),
     /// so [`VmInstance::snapshot_diff`](super::VmInstance::snapshot_diff)
     /// can capture only those. Off by default: on hosts without hardware

@@ -633,6 +633,7 @@ pub mod host {
 
     /// Why a host call failed.
     #[derive(Clone, Debug, PartialEq, Eq)]
+    #[non_exhaustive]
     pub enum HostError {
         /// The host has no function of that name.
         Unknown,
@@ -640,6 +641,9 @@ pub mod host {
         Failed(String),
         /// The host answered with a status this runtime does not know.
         Protocol(u64),
+        /// A typed call's input did not encode, or its result did not
+        /// decode as the type asked for (`call_typed`).
+        Codec(String),
     }
 
     impl fmt::Display for HostError {
@@ -648,6 +652,7 @@ pub mod host {
                 Self::Unknown => f.write_str("no such host function"),
                 Self::Failed(msg) => write!(f, "host function failed: {msg}"),
                 Self::Protocol(status) => write!(f, "unexpected host call status {status}"),
+                Self::Codec(msg) => write!(f, "typed host call: {msg}"),
             }
         }
     }
@@ -689,5 +694,21 @@ pub mod host {
             abi::HOST_CALL_UNKNOWN => Err(HostError::Unknown),
             other => Err(HostError::Protocol(other)),
         }
+    }
+
+    /// Calls a typed host function (registered on the host with
+    /// `VmConfig::typed_host_function`): `input` and the result travel
+    /// encoded with postcard, as in typed guest functions.
+    #[cfg(feature = "serde")]
+    pub fn call_typed<In, Out>(name: &str, input: &In) -> Result<Out, HostError>
+    where
+        In: serde::Serialize + ?Sized,
+        Out: serde::de::DeserializeOwned,
+    {
+        let bytes = postcard::to_allocvec(input)
+            .map_err(|e| HostError::Codec(alloc::format!("input does not encode: {e}")))?;
+        let out = call(name, &bytes)?;
+        postcard::from_bytes(&out)
+            .map_err(|e| HostError::Codec(alloc::format!("result does not decode: {e}")))
     }
 }

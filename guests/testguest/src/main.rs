@@ -89,6 +89,7 @@ fn init(exports: &mut Exports) {
         .export("sse_avx", sse_avx)
         .export_fallible("fallible", fallible)
         .export_typed("total", total)
+        .export_typed("ask_host_total", ask_host_total)
         .export("log_levels", |_| {
             use snapvm_guest::LogLevel;
             snapvm_guest::debug!("a debug message {}", 1);
@@ -461,6 +462,13 @@ fn total(order: Order) -> Result<Total, snapvm_guest::GuestError> {
         cents,
         note_len: order.note.len(),
     })
+}
+
+/// Asks the typed host function `host_total` for the total of `items`
+/// at `price_cents` each.
+fn ask_host_total(order: (u32, u64)) -> Result<u64, snapvm_guest::GuestError> {
+    snapvm_guest::host::call_typed::<(u32, u64), u64>("host_total", &order)
+        .map_err(|e| snapvm_guest::GuestError::new(1, alloc::format!("{e}")))
 }
 
 /// Succeeds on `ok`; any other input is an error the caller handles.
