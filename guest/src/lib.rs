@@ -31,7 +31,10 @@
 //! - `runtime` (default): the entry point, global allocator, panic handler and
 //!   the C memory functions. Without it only [`abi`] is compiled — that is how
 //!   the host crate uses this one.
+//! - `serde` (off by default): typed exports (`Exports::export_typed`) and
+//!   typed host calls (`host::call_typed`), encoded with postcard.
 #![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod abi;
 pub mod capi;
