@@ -493,3 +493,41 @@ fn a_grow_answered_with_a_smaller_buffer_says_so() {
         "{err}"
     );
 }
+
+/// A guest error (`STATUS_GUEST_ERROR`) is read with the same rules as any
+/// output: a message in the system area is refused, a huge one truncated.
+#[test]
+fn guest_error_messages_obey_the_buffer_rule_and_the_limit() {
+    require_kvm!();
+    for target in SYSTEM_TARGETS {
+        let (mut vm, _) = serving(|s| {
+            s.abi(offset_of!(AbiPage, output_ptr), target)
+                .abi(offset_of!(AbiPage, output_len), 64)
+                .abi(offset_of!(AbiPage, status), abi::STATUS_GUEST_ERROR)
+                .arg(0, 7)
+                .hypercall(Hypercall::Done as u32);
+        });
+        let err = vm
+            .invoke("hostile", b"")
+            .expect_err("message in the system area");
+        assert!(is_bad_hypercall(&err), "{target:#x}: {err}");
+    }
+    let mut script = Script::new();
+    script.data(0x8000, &[b'y'; 0x4000]);
+    script.ready().serve(|s| {
+        s.abi_disk(offset_of!(AbiPage, output_ptr), 0x8000)
+            .abi(offset_of!(AbiPage, output_len), 0x4000)
+            .abi(offset_of!(AbiPage, status), abi::STATUS_GUEST_ERROR)
+            .arg(0, u64::MAX)
+            .hypercall(Hypercall::Done as u32);
+    });
+    let mut vm = VmInstance::new(&script.config().max_message(32)).expect("boots");
+    match vm.invoke("hostile", b"") {
+        Err(VmError::GuestError { code, message }) => {
+            assert_eq!(code, u32::MAX);
+            assert_eq!(message, "y".repeat(32));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(vm.state(), VmState::Ready);
+}
