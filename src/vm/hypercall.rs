@@ -5,6 +5,7 @@
 //! against the VM's limits, and the copy of a host-call input happens under
 //! the call's deadline.
 
+use std::collections::HashMap;
 use std::mem::offset_of;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,14 @@ use crate::abi::{self, AbiPage, Hypercall, PORT_FAULT, PORT_HYPERCALL};
 
 /// Longest source file name in a panic location.
 const MAX_FILE_NAME: u64 = 4096;
+
+/// The name of the exported function at `index` (the call being served),
+/// for log fields and host functions; `"(init)"` outside a call.
+fn current_function_name(functions: &HashMap<String, u64>, index: Option<u64>) -> &str {
+    index
+        .and_then(|index| functions.iter().find(|(_, &i)| i == index))
+        .map_or("(init)", |(name, _)| name.as_str())
+}
 
 /// CPU time this thread has used.
 fn thread_cpu_time() -> Result<Duration, VmError> {
@@ -132,12 +141,12 @@ impl VmInstance {
             // A hypercall is one 32-bit `out`; anything else at the port (a
             // narrow write, string I/O of several elements) is refused, and
             // the vCPU stays marked as stopped mid-instruction.
-            if port == PORT_HYPERCALL && size != 4 {
-                return Err(VmError::UnexpectedExit {
-                    exit: format!("{size}-byte write to the hypercall port"),
-                });
-            }
             if port == PORT_HYPERCALL {
+                if size != 4 {
+                    return Err(VmError::UnexpectedExit {
+                        exit: format!("{size}-byte write to the hypercall port"),
+                    });
+                }
                 // A complete 4-byte `out`: KVM has nothing left to finish
                 // (a string `outs` of one element is completed before the
                 // exit, and a `rep outs` resumes by executing again, from
@@ -251,9 +260,6 @@ impl VmInstance {
         let ram = &self.machine.ram;
         check_user_range(ram.size(), ptr, len).map_err(|e| bad("Log", e))?;
         let len = len.min(self.limits.message);
-        if !self.log_allowed(len) {
-            return Ok(());
-        }
         let level = match level {
             1 => log::Level::Error,
             2 => log::Level::Warn,
@@ -261,18 +267,15 @@ impl VmInstance {
             4 => log::Level::Debug,
             _ => log::Level::Trace,
         };
-        if !log::log_enabled!(target: "snapvm::guest", level) {
+        // Messages the logger drops use none of the call's budget.
+        if !log::log_enabled!(target: "snapvm::guest", level) || !self.log_allowed(len) {
             return Ok(());
         }
         let text = read_str(&self.machine.ram, ptr, len, len, true).map_err(|e| bad("Log", e))?;
-        let function = self
-            .current_function
-            .and_then(|index| self.functions.iter().find(|(_, &i)| i == index))
-            .map_or("(init)", |(name, _)| name.as_str());
         log::log!(
             target: "snapvm::guest",
             level,
-            function = function,
+            function = current_function_name(&self.functions, self.current_function),
             generation:% = self.generation;
             "{text}"
         );
@@ -320,12 +323,8 @@ impl VmInstance {
             if deadline.is_some() {
                 timer::disarm();
             }
-            let function = self
-                .current_function
-                .and_then(|index| self.functions.iter().find(|(_, &i)| i == index))
-                .map_or("(init)", |(name, _)| name.as_str());
             let mut caller = HostCaller {
-                function,
+                function: current_function_name(&self.functions, self.current_function),
                 generation: self.generation,
                 deadline: deadline.as_ref().map(|d| d.at),
                 data: self.data.as_deref_mut(),

@@ -335,7 +335,16 @@ impl VmInstance {
 
     /// Calls guest function `name` with `input` and returns its output.
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, VmError> {
-        let (ptr, len) = self.call_raw(name, input, None)?;
+        self.invoke_with_data(name, input, None)
+    }
+
+    fn invoke_with_data(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        call_data: CallData<'_>,
+    ) -> Result<Vec<u8>, VmError> {
+        let (ptr, len) = self.call_raw(name, input, call_data)?;
         let mut out = vec![0; len as usize];
         self.read_output(ptr, &mut out)?;
         Ok(out)
@@ -392,10 +401,7 @@ impl VmInstance {
         input: &[u8],
         call_data: &mut (dyn std::any::Any + Send),
     ) -> Result<Vec<u8>, VmError> {
-        let (ptr, len) = self.call_raw(name, input, Some(call_data))?;
-        let mut out = vec![0; len as usize];
-        self.read_output(ptr, &mut out)?;
-        Ok(out)
+        self.invoke_with_data(name, input, Some(call_data))
     }
 
     /// Attaches the embedder's data to this VM (the tenant, a database
