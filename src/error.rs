@@ -1,6 +1,7 @@
 //! The crate-level error: one variant per primitive, each wrapping that
 //! module's own error enum.
 
+use crate::policy::TxError;
 use crate::snapshot::SnapshotError;
 use crate::store::StoreError;
 use crate::vm::{InvalidGuest, VmError};
@@ -20,6 +21,9 @@ pub enum Error {
     /// The convergent store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A transaction did not succeed.
+    #[error(transparent)]
+    Tx(#[from] TxError),
 }
 
 impl From<InvalidGuest> for Error {
@@ -35,6 +39,7 @@ impl Error {
             Self::Vm(e) => e.kind(),
             Self::Snapshot(e) => e.kind(),
             Self::Store(e) => e.kind(),
+            Self::Tx(e) => e.kind(),
         }
     }
 
@@ -44,6 +49,7 @@ impl Error {
             Self::Vm(e) => Some(e),
             Self::Snapshot(e) => e.vm_error(),
             Self::Store(_) => None,
+            Self::Tx(e) => e.vm_error(),
         }
     }
 }

@@ -60,6 +60,10 @@
 //! - **Full and diff snapshots**: a full snapshot stores every non-zero
 //!   page; a diff ([`VmInstance::snapshot_diff`]) stores the pages written
 //!   since its base. See the [`snapshot`] module and `docs/snapshots.md`.
+//! - **Transactions**: a guest marks part of a function as a transaction
+//!   (`snapvm_guest::tx`); [`policy::Transaction`] judges each attempt with
+//!   a [`policy::SuccessCriteria`] and retries failed ones by rewinding the
+//!   VM to the transaction's start. See `docs/transactions.md`.
 //! - **Guest ABI**: [`abi`] is the single definition of the memory layout,
 //!   ports and shared structures, compiled by host and guest alike.
 //!
@@ -88,7 +92,10 @@ pub use snapvm_guest::abi;
 
 pub use error::{Error, Result};
 pub use error_kind::ErrorKind;
-pub use policy::{Decision, InvokeStats, ManagedVm, RestorePolicy};
+pub use policy::{
+    Decision, InvokeStats, ManagedVm, RestorePolicy, RetryPolicy, SuccessCriteria, Transaction,
+    TxError,
+};
 pub use snapshot::{PoolStats, RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
 pub use store::{
     Backend, ConvergentStore, FsBackend, Manifest, ManifestId, ManifestKey, MemoryBackend,
@@ -96,5 +103,5 @@ pub use store::{
 };
 pub use vm::{
     Generation, GuestFault, GuestProgram, HostCaller, InterruptHandle, InvalidGuest, PanicLocation,
-    VmConfig, VmError, VmInstance, VmState, VmStats,
+    TxEnd, TxFault, VmConfig, VmError, VmInstance, VmState, VmStats,
 };

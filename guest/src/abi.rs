@@ -89,6 +89,16 @@ pub enum Hypercall {
     Preserve = 8,
     /// The guest ran out of heap: `args = [requested_bytes]`. Never returns.
     OutOfMemory = 9,
+    /// A transaction starts here (at most one per call). Under a host
+    /// transaction runner the host checkpoints the VM and, to retry, rewinds
+    /// it to right after this hypercall; `ret = [attempt]`, 1 for the first
+    /// attempt (always 1 without a runner). A guest that sets
+    /// [`GUEST_FLAG_RESETS_VECTOR_STATE`] resets its vector state around
+    /// this hypercall as around `Ready` and `Done`.
+    TxBegin = 10,
+    /// The transaction ends: `args = [outcome, reason_ptr, reason_len]`,
+    /// outcome [`TX_COMMIT`] or [`TX_ABORT`] (with a UTF-8 reason).
+    TxEnd = 11,
 }
 
 impl Hypercall {
@@ -104,6 +114,8 @@ impl Hypercall {
             7 => Self::Abort,
             8 => Self::Preserve,
             9 => Self::OutOfMemory,
+            10 => Self::TxBegin,
+            11 => Self::TxEnd,
             _ => return None,
         })
     }
@@ -146,6 +158,12 @@ pub const PRESERVE_OK: u64 = 0;
 pub const PRESERVE_OUT_OF_RANGE: u64 = 1;
 /// Preserve status: the VM's limit on preserved bytes or regions is exceeded.
 pub const PRESERVE_TOO_LARGE: u64 = 2;
+
+/// [`Hypercall::TxEnd`] outcome: the transaction succeeded.
+pub const TX_COMMIT: u64 = 0;
+/// [`Hypercall::TxEnd`] outcome: the transaction failed; the arguments
+/// carry the reason.
+pub const TX_ABORT: u64 = 1;
 
 /// [`AbiPage::garbage`] when the guest reported no garbage measure.
 pub const GARBAGE_UNREPORTED: u64 = u64::MAX;
@@ -240,7 +258,8 @@ pub struct AbiPage {
 pub const LOG_LEVEL_SET: u64 = 0x100;
 
 /// [`AbiPage::guest_flags`]: right before and after every `Ready` and
-/// `Done` hypercall (the points a VM is captured at and reset to), the guest
+/// `Done` hypercall (the points a VM is captured at and reset to), and
+/// around every `TxBegin` (the point a transaction is rewound to), the guest
 /// itself puts its x87/SSE/AVX state in the initial state (`xrstor` of an
 /// all-init area). A host rewinding such a guest to one of those points
 /// need not restore the vector state.
@@ -298,6 +317,8 @@ const _: () = {
     assert!(Hypercall::Abort as u32 == 7);
     assert!(Hypercall::Preserve as u32 == 8);
     assert!(Hypercall::OutOfMemory as u32 == 9);
+    assert!(Hypercall::TxBegin as u32 == 10 && Hypercall::TxEnd as u32 == 11);
+    assert!(TX_COMMIT == 0 && TX_ABORT == 1);
     assert!(REQUEST_CALL == 1 && REQUEST_GROW_INPUT == 2);
     assert!(STATUS_OK == 0 && STATUS_OUT_OF_MEMORY == 1 && STATUS_BAD_REQUEST == 2);
     assert!(STATUS_GUEST_ERROR == 3);

@@ -2,7 +2,8 @@
 
 use std::time::Instant;
 
-use super::{Decision, InvokeStats, Outcome, RestorePolicy};
+use super::{Decision, InvokeStats, Outcome, RestorePolicy, SuccessCriteria, Transaction};
+use super::{TxError, TxOutcome};
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::vm::{VmError, VmInstance, VmState};
 
@@ -80,14 +81,50 @@ impl<P: RestorePolicy> ManagedVm<P> {
         Ok(len)
     }
 
+    /// Runs `name` as a transaction (see [`Transaction`]): attempts are
+    /// judged and retried by rewinding the VM to the transaction's start;
+    /// then the policy is applied once, to the transaction's final result
+    /// (a rewind is not a reset: it counts in neither [`Self::resets`] nor
+    /// the calls since the last reset, which count the transaction once).
+    ///
+    /// Preserved regions take part in the rewind like any memory — a
+    /// failed attempt's writes to them are undone — and survive the reset
+    /// that may follow, with the successful attempt's contents.
+    pub fn invoke_tx<C: SuccessCriteria>(
+        &mut self,
+        tx: &Transaction<C>,
+        name: &str,
+        input: &[u8],
+    ) -> Result<TxOutcome, TxError> {
+        let mut done = None;
+        let ready = self.ready.clone();
+        self.run_call(name, input, TxError::Reset, |vm, name, input| {
+            done = Some(tx.invoke(vm, &ready, name, input)?);
+            Ok(())
+        })?;
+        Ok(done.expect("set by a successful call"))
+    }
+
     fn invoke_with(
         &mut self,
         name: &str,
         input: &[u8],
         call: impl FnOnce(&mut VmInstance, &str, &[u8]) -> Result<(), VmError>,
     ) -> Result<(), crate::Error> {
+        self.run_call(name, input, crate::Error::from, |vm, name, input| {
+            call(vm, name, input).map_err(crate::Error::from)
+        })
+    }
+
+    fn run_call<E>(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        reset_error: impl FnOnce(SnapshotError) -> E,
+        call: impl FnOnce(&mut VmInstance, &str, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
         if self.needs_reset || self.vm.state() == VmState::Poisoned {
-            self.reset()?;
+            self.reset().map_err(reset_error)?;
         }
         let start = Instant::now();
         let result = call(&mut self.vm, name, input);
@@ -132,7 +169,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
                 );
             }
         }
-        result.map_err(crate::Error::from)
+        result
     }
 
     /// Resets the VM to its ready snapshot now.

@@ -1,4 +1,8 @@
-//! Restore policies: when to rewind a VM to its ready state.
+//! Restore policies: when to rewind a VM to its ready state; and
+//! transactions: when to rewind it to a transaction's start and retry.
+//!
+//! Transactions ([`Transaction`], [`SuccessCriteria`], [`RetryPolicy`])
+//! are described in `docs/transactions.md` and on [`Transaction`].
 //!
 //! After every call, a [`RestorePolicy`] looks at the call's
 //! [`InvokeStats`] and decides to [`Decision::Keep`] the VM as it is or
@@ -38,10 +42,15 @@
 //! ```
 
 mod managed;
+mod tx;
 
 use std::time::Duration;
 
 pub use managed::ManagedVm;
+pub use tx::{
+    And, Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, Not, Or, OutputMatches,
+    RetryPolicy, ReturnedOk, SuccessCriteria, Transaction, TxError, TxOutcome, Verdict,
+};
 
 /// What a policy decides after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! [`VmConfig`]: everything a [`VmInstance`](super::VmInstance) is built from.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +90,9 @@ pub struct VmConfig {
     pub(crate) timeout_clock: TimeoutClock,
     pub(crate) max_output: u64,
     pub(crate) host_functions: Arc<HashMap<String, Arc<HostFnWithCaller>>>,
+    /// Host functions whose calls inside a transaction attempt are
+    /// buffered and delivered only if the attempt succeeds.
+    pub(crate) deferred: Arc<HashSet<String>>,
     pub(crate) dirty_tracking: bool,
     pub(crate) max_preserved: u64,
     pub(crate) scratch_disk: Option<ScratchDisk>,
@@ -226,6 +229,7 @@ impl VmConfig {
             timeout_clock: TimeoutClock::Wall,
             max_output: DEFAULT_MAX_OUTPUT,
             host_functions: Arc::default(),
+            deferred: Arc::default(),
             dirty_tracking: false,
             max_preserved: DEFAULT_MAX_PRESERVED,
             scratch_disk: None,
@@ -285,7 +289,54 @@ impl VmConfig {
             + Sync
             + 'static,
     {
-        Arc::make_mut(&mut self.host_functions).insert(name.into(), Arc::new(f));
+        let name = name.into();
+        if self.deferred.contains(&name) {
+            Arc::make_mut(&mut self.deferred).remove(&name);
+        }
+        Arc::make_mut(&mut self.host_functions).insert(name, Arc::new(f));
+        self
+    }
+
+    /// Registers a *deferred* host function: an outbound effect (a
+    /// notification, a message, an email) that must not happen for a
+    /// transaction attempt that is rolled back.
+    ///
+    /// Called inside a transaction attempt under a transaction runner
+    /// (`snapvm::policy::Transaction`), from `tx::begin` to the function's
+    /// return, the call is only recorded: the guest gets an immediate empty
+    /// success (`Ok` with no bytes), and the host runs `f` with the
+    /// recorded input once the attempt is judged a success — never for an
+    /// attempt that is rewound or fails. Anywhere else (before `tx::begin`,
+    /// in a plain `invoke`) it runs at once like any host function. At most
+    /// [`MAX_DEFERRED_CALLS`](super::MAX_DEFERRED_CALLS) calls and the
+    /// host-call input limit's worth of bytes per call are buffered per
+    /// attempt; a call over either limit fails for the guest.
+    ///
+    /// Ordinary (*immediate*) host functions run at once on every attempt:
+    /// they may run several times for one successful transaction.
+    ///
+    /// ```no_run
+    /// use snapvm::{GuestProgram, VmConfig};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?)
+    ///     .dirty_tracking(true)
+    ///     .deferred_host_function("notify", |_caller, message| {
+    ///         println!("{}", String::from_utf8_lossy(message));
+    ///         Ok(Vec::new())
+    ///     });
+    /// # Ok(()) }
+    /// ```
+    pub fn deferred_host_function<F>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(&mut super::HostCaller<'_>, &[u8]) -> Result<Vec<u8>, HostFnError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let name = name.into();
+        self = self.host_function_with_caller(name.clone(), f);
+        Arc::make_mut(&mut self.deferred).insert(name);
         self
     }
 

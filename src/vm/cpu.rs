@@ -83,6 +83,72 @@ pub(crate) struct CpuState {
     pub(crate) compatible: OnceLock<Result<(), CpuMismatch>>,
 }
 
+/// The vCPU state a transaction checkpoint keeps: what CPL3 code can
+/// change (general and segment registers, flags, vector state) plus the
+/// pending events, so a vCPU stopped anywhere (a timeout, a fault in the
+/// CPL0 stub) can be brought back. Control registers, MSRs, XCR0 and debug
+/// registers cannot change at CPL3 without faulting and are not kept.
+pub(crate) struct UserCpu {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    /// `None` when the guest resets its vector state around the point the
+    /// checkpoint is taken at (`GUEST_FLAG_RESETS_VECTOR_STATE`).
+    xsave: Option<Box<kvm_xsave>>,
+    events: kvm_vcpu_events,
+}
+
+impl UserCpu {
+    /// Reads the state of a vCPU stopped at a completed hypercall.
+    pub(crate) fn capture(vcpu: &mut VcpuFd, vector: bool) -> Result<Self, VmError> {
+        flush_sync_regs(vcpu)?;
+        Ok(Self {
+            regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            xsave: match vector {
+                true => Some(Box::new(vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?)),
+                false => None,
+            },
+            events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Puts the vCPU back. `anywhere`: the vCPU may have stopped outside a
+    /// hypercall (the pending events and the full vector state are
+    /// restored too); otherwise it stopped at a hypercall at CPL3, and the
+    /// registers go through `kvm_run` with `sync_regs`.
+    pub(crate) fn apply(
+        &self,
+        vcpu: &mut VcpuFd,
+        anywhere: bool,
+        sync_regs: bool,
+    ) -> Result<(), VmError> {
+        if let Some(xsave) = &self.xsave {
+            // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy structure, which
+            // is exactly what KVM_SET_XSAVE reads.
+            unsafe { vcpu.set_xsave(xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        }
+        if anywhere {
+            clear_sync_regs(vcpu);
+            vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
+            return vcpu
+                .set_vcpu_events(&self.events)
+                .map_err(kvm("KVM_SET_VCPU_EVENTS"));
+        }
+        if sync_regs {
+            let shared = vcpu.sync_regs_mut();
+            shared.regs = self.regs;
+            shared.sregs = self.sregs;
+            vcpu.set_sync_dirty_reg(SyncReg::Register);
+            vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+            Ok(())
+        } else {
+            vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))
+        }
+    }
+}
+
 /// A feature the snapshot's CPUID has and the host's lacks (the fields of
 /// `SnapshotError::CpuMismatch`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

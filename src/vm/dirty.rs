@@ -75,6 +75,16 @@ impl DirtyTracker {
         }
     }
 
+    /// How many host writes are recorded: a mark for [`Self::host_since`].
+    pub(crate) fn host_mark(&self) -> usize {
+        self.host.len()
+    }
+
+    /// The host writes (address, length) recorded after `mark`.
+    pub(crate) fn host_since(&self, mark: usize) -> &[(u64, u64)] {
+        self.host.get(mark..).unwrap_or(&[])
+    }
+
     /// Guest pages written since the last commit (as absorbed so far).
     pub(crate) fn count(&self) -> u64 {
         self.count

@@ -409,6 +409,35 @@ pub enum VmError {
         /// The exit KVM kept reporting.
         exit: String,
     },
+    /// The guest broke the transaction protocol (`tx::begin` inside a
+    /// transaction, `tx::commit` without one, a function that returned
+    /// with its transaction still open, …). *Poisons*: the guest's own
+    /// bookkeeping is wrong.
+    #[error("transaction protocol violation: {0}")]
+    Transaction(TxFault),
+}
+
+/// How a guest broke the transaction protocol (see
+/// [`VmError::Transaction`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TxFault {
+    /// `TxBegin` while a transaction was open.
+    #[error("a transaction began inside another")]
+    Nested,
+    /// `TxBegin` after the call's transaction had ended: one transaction
+    /// per call.
+    #[error("a second transaction began in one call")]
+    SecondTransaction,
+    /// `TxEnd` with no transaction open.
+    #[error("a transaction ended that had not begun")]
+    EndWithoutBegin,
+    /// The function returned with its transaction still open.
+    #[error("the function returned inside its transaction")]
+    NotEnded,
+    /// `TxEnd` with an outcome other than `TX_COMMIT` or `TX_ABORT`.
+    #[error("unknown transaction outcome {0}")]
+    BadOutcome(u64),
 }
 
 /// What was wrong with a hypercall.
@@ -495,7 +524,8 @@ impl VmError {
             | Self::Timer(_)
             | Self::HostFunctionPanic { .. }
             | Self::Cancelled
-            | Self::VcpuStuck { .. } => true,
+            | Self::VcpuStuck { .. }
+            | Self::Transaction(_) => true,
             Self::KvmUnavailable { .. }
             | Self::MapMemory { .. }
             | Self::Entropy(_)
@@ -527,7 +557,8 @@ impl VmError {
             | Self::BadHypercall { .. }
             | Self::UnknownHypercall { .. }
             | Self::UnexpectedExit { .. }
-            | Self::VcpuStuck { .. } => K::GuestCrash,
+            | Self::VcpuStuck { .. }
+            | Self::Transaction(_) => K::GuestCrash,
             Self::GuestError { .. } => K::GuestError,
             Self::Timeout { .. } => K::Timeout,
             Self::Cancelled => K::Cancelled,

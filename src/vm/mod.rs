@@ -33,6 +33,7 @@ pub(crate) mod memory;
 pub(crate) mod persist;
 pub mod raw;
 mod timer;
+mod tx;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -46,13 +47,14 @@ pub use config::{
     DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED, DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE,
     MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
-pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
+pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, TxFault, VmError};
 pub use host::HostCaller;
 pub use interrupt::InterruptHandle;
 pub use loader::GuestProgram;
 pub use machine::{check_kvm, check_kvm_device};
 pub use persist::SnapshotId;
 pub use timer::timeout_signal;
+pub use tx::{TxEnd, MAX_DEFERRED_CALLS};
 
 use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
 pub(crate) use abi_page::check_user_range;
@@ -62,7 +64,7 @@ pub(crate) use hypercall::io_exit;
 use machine::Machine;
 
 /// The user data of one call (see [`VmInstance::invoke_with`]).
-pub(super) type CallData<'a> = Option<&'a mut (dyn std::any::Any + Send)>;
+pub(crate) type CallData<'a> = Option<&'a mut (dyn std::any::Any + Send)>;
 
 /// The lifecycle state of a [`VmInstance`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +128,10 @@ pub struct VmInstance {
     timeout_clock: TimeoutClock,
     max_output: u64,
     host_functions: Arc<HashMap<String, Arc<HostFnWithCaller>>>,
+    /// Host functions whose calls inside a transaction attempt are buffered.
+    deferred: Arc<std::collections::HashSet<String>>,
+    /// The current call's transaction.
+    tx: tx::TxCall,
     /// The embedder's data for this VM (see [`VmInstance::set_data`]).
     data: Option<Box<dyn std::any::Any + Send>>,
     pending_host_result: Option<Vec<u8>>,
@@ -266,6 +272,8 @@ impl VmInstance {
             timeout_clock: config.timeout_clock,
             max_output: config.max_output,
             host_functions: Arc::clone(&config.host_functions),
+            deferred: Arc::clone(&config.deferred),
+            tx: tx::TxCall::default(),
             pending_host_result: None,
             pending_status: 0,
             stats: VmStats::default(),
@@ -338,7 +346,7 @@ impl VmInstance {
         self.invoke_with_data(name, input, None)
     }
 
-    fn invoke_with_data(
+    pub(crate) fn invoke_with_data(
         &mut self,
         name: &str,
         input: &[u8],
@@ -499,6 +507,7 @@ impl VmInstance {
     ) -> Result<(u64, u64), VmError> {
         self.pending_host_result = None;
         self.log_used = 0;
+        self.tx.new_call();
         let len = input.len() as u64;
         if len > self.input_cap {
             self.grow_input(input.len(), call_data.as_deref_mut())?;
@@ -513,7 +522,16 @@ impl VmInstance {
             &[abi::REQUEST_CALL, index, len],
         )?;
         self.write_words(field(offset_of!(AbiPage, log_level)), &[guest_log_level()])?;
+        self.finish_call(call_data)
+    }
+
+    /// Runs a started call (or a rewound transaction attempt) to `Done` and
+    /// reads its result.
+    fn finish_call(&mut self, call_data: CallData<'_>) -> Result<(u64, u64), VmError> {
         self.expect_done(call_data)?;
+        if self.tx.phase == tx::Phase::Open {
+            return Err(VmError::Transaction(TxFault::NotEnded));
+        }
         let [output_ptr, output_len, status, heap_used] =
             self.read_words::<4>(field(offset_of!(AbiPage, output_ptr)))?;
         let [garbage] = self.read_words::<1>(field(offset_of!(AbiPage, garbage)))?;

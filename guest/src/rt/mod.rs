@@ -4,6 +4,7 @@ mod alloc_impl;
 mod mem;
 mod panic;
 mod restore;
+pub mod tx;
 
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -323,8 +324,13 @@ fn hypercall_resetting(nr: Hypercall) {
     }
 }
 
-/// Issues `Ready`/`Done`, resetting CPU state around it when the CPU has XSAVE.
-fn hypercall_stop(nr: Hypercall, resets: bool) {
+/// Whether this guest resets its vector state around `Ready`, `Done` and
+/// `TxBegin` (decided once at boot, from [`has_xsave`]).
+pub(crate) static RESETS: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+
+/// Issues `Ready`/`Done`/`TxBegin`, resetting CPU state around it when the CPU has XSAVE.
+pub(crate) fn hypercall_stop(nr: Hypercall, resets: bool) {
     if resets {
         hypercall_resetting(nr);
     } else {
@@ -360,6 +366,7 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
     abi_write!(input_cap, input.len() as u64);
     abi_write!(heap_used, heap_used() as u64);
     let resets = has_xsave();
+    RESETS.store(resets, core::sync::atomic::Ordering::Relaxed);
     abi_write!(
         guest_flags,
         if resets {
