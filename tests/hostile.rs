@@ -531,3 +531,79 @@ fn guest_error_messages_obey_the_buffer_rule_and_the_limit() {
     }
     assert_eq!(vm.state(), VmState::Ready);
 }
+
+/// Raw transaction hypercalls out of order or with hostile arguments end
+/// the call with a typed error, under a transaction runner or not, and the
+/// VM resets cleanly.
+#[test]
+fn hostile_transaction_hypercalls_are_typed_errors() {
+    require_kvm!();
+    use snapvm::policy::{RetryPolicy, Transaction, TxError};
+    use snapvm::TxFault;
+    let begin = Hypercall::TxBegin as u32;
+    let end = Hypercall::TxEnd as u32;
+    let attacks: Vec<(&str, Attack, fn(&VmError) -> bool)> = vec![
+        (
+            "begin twice",
+            Box::new(move |s: &mut Script| {
+                s.hypercall(begin).hypercall(begin);
+            }),
+            |e| matches!(e, VmError::Transaction(TxFault::Nested)),
+        ),
+        (
+            "end without begin",
+            Box::new(move |s: &mut Script| {
+                s.arg(0, abi::TX_COMMIT).hypercall(end);
+            }),
+            |e| matches!(e, VmError::Transaction(TxFault::EndWithoutBegin)),
+        ),
+        (
+            "unknown outcome",
+            Box::new(move |s: &mut Script| {
+                s.hypercall(begin).arg(0, 7).hypercall(end);
+            }),
+            |e| matches!(e, VmError::Transaction(TxFault::BadOutcome(7))),
+        ),
+        (
+            "abort reason in the system area",
+            Box::new(move |s: &mut Script| {
+                s.hypercall(begin)
+                    .arg(0, abi::TX_ABORT)
+                    .arg(1, 0x3000)
+                    .arg(2, 0x100)
+                    .hypercall(end);
+            }),
+            is_bad_hypercall,
+        ),
+        (
+            "abort reason past the end of memory",
+            Box::new(move |s: &mut Script| {
+                s.hypercall(begin)
+                    .arg(0, abi::TX_ABORT)
+                    .arg(1, u64::MAX - 8)
+                    .arg(2, 0x100)
+                    .hypercall(end);
+            }),
+            is_bad_hypercall,
+        ),
+        (
+            "return inside the transaction",
+            Box::new(move |s: &mut Script| {
+                s.hypercall(begin);
+            }),
+            |e| matches!(e, VmError::Transaction(TxFault::NotEnded)),
+        ),
+    ];
+    for (what, attack, expected) in attacks {
+        let (mut vm, ready) = serving(|s| attack(s));
+        let err = vm.invoke("hostile", b"").expect_err(what);
+        assert!(expected(&err), "{what}: {err}");
+        vm.restore_in_place(&ready).expect("reset");
+        let tx = Transaction::new().retry(RetryPolicy::default().max_attempts(3).no_backoff());
+        let err = tx.invoke(&mut vm, &ready, "hostile", b"").expect_err(what);
+        assert!(matches!(err, TxError::Fatal { .. }), "{what}: {err}");
+        assert!(err.vm_error().is_some_and(expected), "{what}: {err}");
+        vm.restore_in_place(&ready).expect("reset");
+        assert_eq!(vm.invoke("innocent", b"").expect(what), b"innocent");
+    }
+}
