@@ -48,6 +48,9 @@ fn main() -> ExitCode {
     // The reset figures are judged against the VM module's `kvm.exit_us`.
     let reset = figures::reset::measure(&ctx, &all);
     all.extend(reset);
+    // The transaction figures are judged against `reset.16page_us`.
+    let tx = figures::tx::measure(&ctx, &all);
+    all.extend(tx);
     all.extend(figures::store::measure(&ctx));
 
     print!("{}", table(&all));
