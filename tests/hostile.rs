@@ -542,7 +542,8 @@ fn hostile_transaction_hypercalls_are_typed_errors() {
     use snapvm::TxFault;
     let begin = Hypercall::TxBegin as u32;
     let end = Hypercall::TxEnd as u32;
-    let attacks: Vec<(&str, Attack, fn(&VmError) -> bool)> = vec![
+    type Expected = fn(&VmError) -> bool;
+    let attacks: Vec<(&str, Attack, Expected)> = vec![
         (
             "begin twice",
             Box::new(move |s: &mut Script| {
