@@ -360,3 +360,45 @@ fn a_vm_not_tracking_against_the_base_is_refused() {
         .invoke(&mut vm, &other, "fail_times", &[0, 0])
         .expect("tracking against the newer snapshot");
 }
+
+/// A guest cannot make the host buffer deferred calls without bound: past
+/// `MAX_DEFERRED_CALLS` calls or the host-call input limit in bytes, a
+/// deferred call fails for the guest, and only the buffered ones are
+/// delivered.
+#[test]
+fn deferred_calls_are_bounded_per_attempt() {
+    require_kvm!();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let d = Arc::clone(&delivered);
+    let config = config()
+        .host_call_limits(1000, 4096)
+        .deferred_host_function("notify", move |_caller, _input| {
+            d.fetch_add(1, Ordering::SeqCst);
+            Ok(Vec::new())
+        });
+    let (mut vm, base) = boot(&config);
+    let words = |out: &[u8]| {
+        (
+            u64::from_le_bytes(out[..8].try_into().unwrap()),
+            u64::from_le_bytes(out[8..16].try_into().unwrap()),
+        )
+    };
+    let tx = Transaction::with_criteria(Committed);
+    // Bytes: 100-byte inputs against a 1000-byte budget.
+    let done = tx
+        .invoke(&mut vm, &base, "notify_many", &[20, 0, 100])
+        .expect("commits");
+    assert_eq!(words(&done.output), (10, 10));
+    assert_eq!(done.delivered, 10);
+    assert_eq!(delivered.load(Ordering::SeqCst), 10);
+    // Count: empty inputs.
+    vm.restore_in_place(&base).expect("reset");
+    let calls = snapvm::vm::MAX_DEFERRED_CALLS as u16 + 50;
+    let [lo, hi] = calls.to_le_bytes();
+    let done = tx
+        .invoke(&mut vm, &base, "notify_many", &[lo, hi, 0])
+        .expect("commits");
+    let max = snapvm::vm::MAX_DEFERRED_CALLS as u64;
+    assert_eq!(words(&done.output), (max, 50));
+    assert_eq!(delivered.load(Ordering::SeqCst), 10 + max);
+}

@@ -308,9 +308,10 @@ impl VmConfig {
     /// recorded input once the attempt is judged a success — never for an
     /// attempt that is rewound or fails. Anywhere else (before `tx::begin`,
     /// in a plain `invoke`) it runs at once like any host function. At most
-    /// [`MAX_DEFERRED_CALLS`](super::MAX_DEFERRED_CALLS) calls and the
-    /// host-call input limit's worth of bytes per call are buffered per
-    /// attempt; a call over either limit fails for the guest.
+    /// [`MAX_DEFERRED_CALLS`](super::MAX_DEFERRED_CALLS) calls, and inputs
+    /// of at most the host-call input limit
+    /// ([`Self::host_call_limits`]) in all, are buffered per attempt; a
+    /// call over either limit fails for the guest.
     ///
     /// Ordinary (*immediate*) host functions run at once on every attempt:
     /// they may run several times for one successful transaction.

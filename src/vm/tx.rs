@@ -6,13 +6,18 @@
 //!
 //! - at `TxBegin` the host copies only the pages written since the base
 //!   (`S0`: the request's input, the stack, what the function wrote before
-//!   `begin`), then write-protects them, so KVM's log reports exactly the
-//!   pages written after `begin`;
-//! - to rewind, each page written after `begin` (by the guest, from the
-//!   log, or by the host, from the tracker) is copied back from that copy
-//!   if it is in `S0`, otherwise from the base snapshot, where it still
-//!   holds the base's bytes. The rewound pages stay in the tracker's set,
-//!   so the next reset to the base rewinds them as usual.
+//!   `begin`, the pages recent calls keep writing);
+//! - to rewind, every page KVM's log reports written since the tracker's
+//!   last commit, plus the host's writes since `begin`, is copied back:
+//!   from that copy if it is in `S0`, otherwise from the base snapshot,
+//!   where it still holds the base's bytes (it was not written since the
+//!   base, before `begin`). The rewound pages stay in the tracker's set, so
+//!   the next reset to the base rewinds them as usual.
+//!
+//! Nothing is write-protected during a transaction: protecting `S0` at
+//! `begin` would make each attempt fault on the pages it writes again (a
+//! page fault costs more than copying a 4 KiB page back), so a rewind
+//! copies all of `S0` (small after a reset) plus what the attempts wrote.
 //!
 //! The vCPU state is a [`UserCpu`]: registers, segment state, flags and
 //! vector state (what CPL3 code can change) and the pending events.
@@ -80,6 +85,8 @@ pub(super) struct TxCall {
     attempt: u64,
     checkpoint: Option<Box<Checkpoint>>,
     deferred: Vec<Deferred>,
+    /// Input bytes buffered in `deferred`.
+    deferred_bytes: u64,
 }
 
 impl TxCall {
@@ -95,6 +102,7 @@ impl TxCall {
         self.attempt = 0;
         self.checkpoint = None;
         self.deferred.clear();
+        self.deferred_bytes = 0;
     }
 }
 
@@ -131,9 +139,6 @@ impl VmInstance {
                     len: e.len,
                 })?;
         }
-        // From here on KVM's log holds exactly the pages written after
-        // `TxBegin`; the tracker keeps the earlier ones in its set.
-        self.machine.clear_dirty_log(0, &log)?;
         let cpu = UserCpu::capture(&mut self.machine.vcpu, !self.guest_resets_cpu)?;
         Ok(Checkpoint {
             cpu,
@@ -169,12 +174,16 @@ impl VmInstance {
     /// Records a call to deferred host function `name` during an attempt;
     /// returns the status and result the guest gets now.
     pub(super) fn defer_host_call(&mut self, name: String, input: Vec<u8>) -> (u64, Vec<u8>) {
-        if self.tx.deferred.len() >= MAX_DEFERRED_CALLS {
+        let bytes = self.tx.deferred_bytes.saturating_add(input.len() as u64);
+        if self.tx.deferred.len() >= MAX_DEFERRED_CALLS || bytes > self.limits.host_call_input {
             let message = format!(
-                "more than {MAX_DEFERRED_CALLS} deferred host calls in one transaction attempt"
+                "the deferred host calls of one transaction attempt exceed {MAX_DEFERRED_CALLS} \
+                 calls or {} input bytes",
+                self.limits.host_call_input
             );
             return (abi::HOST_CALL_FAILED, message.into_bytes());
         }
+        self.tx.deferred_bytes = bytes;
         self.tx.deferred.push(Deferred { name, input });
         (abi::HOST_CALL_OK, Vec::new())
     }
@@ -226,6 +235,7 @@ impl VmInstance {
         self.tx.phase = Phase::Open;
         self.tx.end = None;
         self.tx.deferred.clear();
+        self.tx.deferred_bytes = 0;
         self.pending_host_result = None;
         self.write_words(RET, &[self.tx.attempt])?;
         Ok(())
@@ -264,8 +274,6 @@ impl VmInstance {
                     len: PAGE_SIZE,
                 })?;
         }
-        // The next attempt's writes are logged afresh.
-        self.machine.clear_dirty_log(0, &log)?;
         Ok(())
     }
 
@@ -288,6 +296,7 @@ impl VmInstance {
         mut call_data: CallData<'_>,
     ) -> (usize, Vec<(String, String)>) {
         let calls = std::mem::take(&mut self.tx.deferred);
+        self.tx.deferred_bytes = 0;
         let count = calls.len();
         let mut failures = Vec::new();
         let function =

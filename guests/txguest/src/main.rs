@@ -40,6 +40,7 @@ fn init(exports: &mut Exports) {
         .export("preserved_tx", preserved_tx)
         .export("pages", pages)
         .export("increment", increment)
+        .export("notify_many", notify_many)
         .export("no_tx", |input| input.to_vec())
         .export("nested", |_| {
             tx::begin();
@@ -204,4 +205,27 @@ fn increment(_: &[u8]) -> Vec<u8> {
         Ok(value) => value.to_le_bytes().to_vec(),
         Err(_) => Vec::new(),
     }
+}
+
+/// `[calls (u16 LE), size]`: inside a committed transaction, calls the
+/// deferred host function `notify` `calls` times with `size` bytes each.
+/// Returns `[answered empty, failed]` as two u64 words.
+fn notify_many(input: &[u8]) -> Vec<u8> {
+    let calls = u16::from_le_bytes([
+        input.first().copied().unwrap_or(0),
+        input.get(1).copied().unwrap_or(0),
+    ]);
+    let payload = alloc::vec![0xAB; usize::from(input.get(2).copied().unwrap_or(0))];
+    let (mut ok, mut failed) = (0u64, 0u64);
+    tx::begin();
+    for _ in 0..calls {
+        match host::call("notify", &payload) {
+            Ok(answer) if answer.is_empty() => ok += 1,
+            _ => failed += 1,
+        }
+    }
+    tx::commit();
+    let mut out = ok.to_le_bytes().to_vec();
+    out.extend_from_slice(&failed.to_le_bytes());
+    out
 }
