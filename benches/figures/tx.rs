@@ -13,6 +13,11 @@
 //!   plus the stack and ABI page copied back, registers. Baseline
 //!   `reset.16page_us` of this run (a request plus the reset to ready after
 //!   it dirtied 16 pages); target `<= 1.2`.
+//! - `tx.reset_us`: the (otherwise untimed) reset to ready after each
+//!   `pages [16, 2]` sample — the same dirty-page machinery over the same
+//!   pages, without a call — and `tx.rewind_us/reset`, the rewind judged
+//!   against it (no target: a like-for-like view beside the one the
+//!   design names).
 //! - `tx.1attempt_us`, `tx.3attempts_us`: `Transaction::invoke` of
 //!   `pages [16, 1]` (commits at once) and `pages [16, 3]` (commits on
 //!   attempt 3), interleaved in blocks.
@@ -60,11 +65,13 @@ pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
         sample(&tx, &mut vm, &ready, 3);
     }
     let rounds = ctx.samples(40, 8);
-    let (mut rewind, mut one, mut three) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rewind, mut reset, mut one, mut three) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         for _ in 0..BLOCK {
-            let (_, rewinds) = sample(&tx, &mut vm, &ready, 2);
+            let (_, rewinds, reset_us) = sample(&tx, &mut vm, &ready, 2);
             rewind.push(rewinds[0]);
+            reset.push(reset_us);
         }
         for _ in 0..BLOCK {
             one.push(sample(&tx, &mut vm, &ready, 1).0);
@@ -73,11 +80,14 @@ pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
             three.push(sample(&tx, &mut vm, &ready, 3).0);
         }
     }
-    let (rewind, one, three) = (
+    let (rewind, reset, one, three) = (
         Stats::of(&mut rewind),
+        Stats::of(&mut reset),
         Stats::of(&mut one),
         Stats::of(&mut three),
     );
+    let reset_figure = Figure::of("tx.reset_us", &reset, "us");
+    let rewind_vs_reset = Figure::of("tx.rewind_us/reset", &rewind, "us").against(&reset_figure);
     let mut rewind_figure = Figure::of("tx.rewind_us", &rewind, "us").target(Target::AtMost(1.2));
     if let Some(base) = so_far.iter().find(|f| f.name == "reset.16page_us") {
         rewind_figure = rewind_figure.against(base);
@@ -87,20 +97,22 @@ pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
     overhead.spread = Some((three.p10 / (3.0 * one.p10), three.p90 / (3.0 * one.p90)));
     vec![
         rewind_figure,
+        reset_figure,
+        rewind_vs_reset,
         Figure::of("tx.1attempt_us", &one, "us"),
         Figure::of("tx.3attempts_us", &three, "us"),
         overhead,
     ]
 }
 
-/// One transaction of `pages [16, commit_on]`: its time and its rewinds
-/// (µs); then the VM is rewound to `ready`, untimed.
+/// One transaction of `pages [16, commit_on]`: its time, its rewinds, and
+/// the time of the reset to `ready` after it (µs).
 fn sample(
     tx: &Transaction,
     vm: &mut VmInstance,
     ready: &Snapshot,
     commit_on: u8,
-) -> (f64, Vec<f64>) {
+) -> (f64, Vec<f64>, f64) {
     let start = Instant::now();
     let done = tx
         .invoke(vm, ready, "pages", &[16, commit_on])
@@ -112,6 +124,7 @@ fn sample(
         .iter()
         .filter_map(|a| a.rewind.map(|d| d.as_secs_f64() * 1e6))
         .collect();
+    let start = Instant::now();
     vm.restore_in_place(ready).expect("reset");
-    (us, rewinds)
+    (us, rewinds, start.elapsed().as_secs_f64() * 1e6)
 }
