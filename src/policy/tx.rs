@@ -663,3 +663,89 @@ impl<C: SuccessCriteria> Transaction<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info<'a>(tx: Option<&'a TxEnd>, result: Result<&'a [u8], &'a VmError>) -> AttemptInfo<'a> {
+        AttemptInfo {
+            number: 1,
+            elapsed: Duration::ZERO,
+            tx,
+            result,
+        }
+    }
+
+    fn retry(v: &Verdict) -> bool {
+        matches!(v, Verdict::Retry(_))
+    }
+
+    #[test]
+    fn built_in_criteria_judge_as_documented() {
+        let committed = TxEnd::Committed;
+        let aborted = TxEnd::Aborted("busy".into());
+        let timeout = VmError::Timeout {
+            limit: Duration::from_secs(1),
+            clock: crate::vm::TimeoutClock::Wall,
+        };
+        let ok = info(Some(&committed), Ok(b"yes"));
+        assert_eq!(Committed.judge(&ok), Verdict::Success);
+        assert_eq!(
+            Committed.judge(&info(Some(&aborted), Ok(b""))),
+            Verdict::Retry("aborted: busy".into())
+        );
+        assert!(retry(&Committed.judge(&info(None, Err(&timeout)))));
+        assert_eq!(ReturnedOk.judge(&ok), Verdict::Success);
+        assert!(retry(&ReturnedOk.judge(&info(None, Err(&timeout)))));
+        let yes = OutputMatches(|out: &[u8]| out == b"yes");
+        assert_eq!(yes.judge(&ok), Verdict::Success);
+        assert!(retry(&yes.judge(&info(Some(&committed), Ok(b"no")))));
+        assert_eq!(NoTimeout.judge(&ok), Verdict::Success);
+        assert!(retry(&NoTimeout.judge(&info(None, Err(&timeout)))));
+        assert_eq!(HostCheck(|| Ok(())).judge(&ok), Verdict::Success);
+        assert_eq!(
+            HostCheck(|| Err("locked".to_string())).judge(&ok),
+            Verdict::Retry("locked".into())
+        );
+    }
+
+    #[test]
+    fn combinators_compose_verdicts() {
+        let committed = TxEnd::Committed;
+        let ok = info(Some(&committed), Ok(b""));
+        let fatal = |_: &AttemptInfo<'_>| Verdict::Fatal("bad".into());
+        let never = |_: &AttemptInfo<'_>| Verdict::Retry("never".into());
+        assert_eq!(Committed.and(ReturnedOk).judge(&ok), Verdict::Success);
+        assert_eq!(
+            Committed.and(never).judge(&ok),
+            Verdict::Retry("never".into())
+        );
+        assert_eq!(never.and(fatal).judge(&ok), Verdict::Fatal("bad".into()));
+        assert_eq!(never.or(Committed).judge(&ok), Verdict::Success);
+        assert_eq!(never.or(fatal).judge(&ok), Verdict::Retry("never".into()));
+        assert_eq!(fatal.or(fatal).judge(&ok), Verdict::Fatal("bad".into()));
+        assert!(retry(&Committed.not().judge(&ok)));
+        assert_eq!(never.not().judge(&ok), Verdict::Success);
+        assert_eq!(fatal.not().judge(&ok), Verdict::Fatal("bad".into()));
+        let boxed: Box<dyn SuccessCriteria> = Box::new(Committed.and(ReturnedOk.not()));
+        assert!(retry(&boxed.judge(&ok)));
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_within_its_bounds() {
+        let policy = RetryPolicy::default()
+            .backoff(Duration::from_millis(2), Duration::from_millis(10))
+            .jitter(false);
+        let delays: Vec<_> = (1..=5).map(|n| policy.delay(n).as_millis()).collect();
+        assert_eq!(delays, [2, 4, 8, 10, 10]);
+        let jittered = policy.jitter(true);
+        for n in 1..=5 {
+            let full = Duration::from_millis([2, 4, 8, 10, 10][n as usize - 1]);
+            let d = jittered.delay(n);
+            assert!(d >= full / 2 && d <= full, "{n}: {d:?}");
+        }
+        assert_eq!(RetryPolicy::default().no_backoff().delay(7), Duration::ZERO);
+        assert_eq!(RetryPolicy::default().max_attempts(0).max_attempts, 1);
+    }
+}
