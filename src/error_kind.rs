@@ -70,7 +70,9 @@ impl crate::StoreError {
             | E::ManifestMissing { .. }
             | E::Manifest { .. }
             | E::FutureMarker { .. } => ErrorKind::Invalid,
-            E::MetadataTooLarge { .. } | E::ManifestTooLarge { .. } => ErrorKind::BadRequest,
+            E::MetadataTooLarge { .. } | E::ManifestTooLarge { .. } | E::NotOwner { .. } => {
+                ErrorKind::BadRequest
+            }
             E::Input { .. }
             | E::Output { .. }
             | E::Backend { .. }

@@ -43,6 +43,14 @@ pub enum StoreError {
         #[source]
         source: ManifestError,
     },
+    /// The manifest belongs to another owner: it is sealed under another
+    /// [`ManifestKey`](super::ManifestKey), so this store may not delete it.
+    /// Nothing was deleted.
+    #[error("manifest {manifest} belongs to another owner; only its owner's key can delete it")]
+    NotOwner {
+        /// The manifest.
+        manifest: ManifestId,
+    },
     /// Reading the caller's input failed.
     #[error("reading the input at offset {offset} failed")]
     Input {

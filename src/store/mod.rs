@@ -337,11 +337,34 @@ impl ConvergentStore {
         Ok(out)
     }
 
-    /// Deletes a manifest. Its blocks that no other manifest references
-    /// become garbage, removed by the next [`ConvergentStore::gc`].
-    /// Deleting a missing manifest is not an error.
+    /// Deletes one of the owner's data sets: its manifest. Its blocks that no
+    /// other manifest (of any owner) references become garbage, removed by
+    /// the next [`ConvergentStore::gc`]. Deleting a missing manifest is not
+    /// an error.
+    ///
+    /// Only the owner may delete: the manifest is read first, and one sealed
+    /// under another owner's key is refused with [`StoreError::NotOwner`]
+    /// (so is one that carries this owner's key id but does not open under
+    /// this key although its bytes are intact). A manifest whose bytes are
+    /// damaged, so that they no longer hash to its id, is removed when its
+    /// clear header names this owner's key, or when no header can be read at
+    /// all: it is no one's data set any more, and while it exists `gc`
+    /// deletes no block. See "Owners and trust" in `docs/store.md`.
     pub fn delete(&self, id: &ManifestId) -> Result<(), StoreError> {
         let name = ObjectName::manifest(id);
+        let bytes = match self.fetch_manifest(id) {
+            Ok(bytes) => Some(bytes),
+            Err(StoreError::ManifestMissing { .. }) => return Ok(()),
+            // Not an object a manifest can be (fs backend): no one's.
+            Err(StoreError::Backend {
+                source: BackendError::Symlink { .. } | BackendError::NotAFile { .. },
+                ..
+            }) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(bytes) = bytes {
+            self.check_owner(id, &bytes)?;
+        }
         self.backend
             .delete(&name)
             .map_err(|source| StoreError::Backend {
@@ -349,6 +372,29 @@ impl ConvergentStore {
                 object: name,
                 source,
             })
+    }
+
+    /// Whether this owner may delete manifest `id` whose bytes are `bytes`.
+    fn check_owner(&self, id: &ManifestId, bytes: &[u8]) -> Result<(), StoreError> {
+        let Ok(header) = manifest::SealedHeader::parse(bytes) else {
+            log::warn!("delete: {id} is not a readable manifest; removing it");
+            return Ok(());
+        };
+        let intact = crypto::sha256(bytes) == *id.as_bytes();
+        let mine = header.key_id == manifest::key_id(&self.key);
+        match (intact, mine) {
+            (_, false) => Err(StoreError::NotOwner { manifest: *id }),
+            (true, true) => match Manifest::open(bytes, &self.key) {
+                Ok(_) => Ok(()),
+                // Intact bytes that do not open under this key: another
+                // owner's key with the same 8-byte id.
+                Err(_) => Err(StoreError::NotOwner { manifest: *id }),
+            },
+            (false, true) => {
+                log::warn!("delete: manifest {id} is damaged (its bytes do not hash to its id); removing it");
+                Ok(())
+            }
+        }
     }
 
     /// Removes every block no manifest references (of any owner), following
