@@ -69,7 +69,7 @@ impl crate::StoreError {
             | E::Missing { .. }
             | E::ManifestMissing { .. }
             | E::Manifest { .. }
-            | E::FutureMarker { .. } => ErrorKind::Invalid,
+            | E::UnreadableMarker { .. } => ErrorKind::Invalid,
             E::MetadataTooLarge { .. } | E::ManifestTooLarge { .. } | E::NotOwner { .. } => {
                 ErrorKind::BadRequest
             }

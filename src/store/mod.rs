@@ -49,7 +49,7 @@ pub use backend::{
 pub use backend::{S3Backend, S3Config};
 pub use block::{DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use error::{BackendError, ConfigError, StoreError};
-pub use gc::{GcReport, Problem, VerifyReport};
+pub use gc::{GcReport, Problem, SweepWait, VerifyReport};
 pub use ids::{BlockId, BlockKey, ManifestId, ManifestKey, ParseIdError, Salt};
 pub use manifest::{Entry, Manifest, ManifestError};
 pub use marker::CLOCK_SKEW_ALLOWANCE;
@@ -57,6 +57,9 @@ pub use redundancy::{
     PerLocation, PerTenant, PerTimeWindow, PutInfo, Random, Redundancy, SaltSelector,
 };
 pub use stream::ManifestReader;
+
+/// A callback told while a put waits for a sweep ([`StoreConfig::on_wait`]).
+pub type OnWait = Arc<dyn Fn(&SweepWait) + Send + Sync>;
 
 /// Settings of a [`ConvergentStore`], checked by [`ConvergentStore::new`].
 #[derive(Clone)]
@@ -84,9 +87,14 @@ pub struct StoreConfig {
     /// Also the longest a put waits for a running sweep before it fails
     /// with [`StoreError::SweepInProgress`]. A marker left by a process of
     /// this host that has exited stops counting at once; one dated more
-    /// than [`CLOCK_SKEW_ALLOWANCE`] in the future is
-    /// [`StoreError::FutureMarker`]. Default 15 minutes.
+    /// than [`CLOCK_SKEW_ALLOWANCE`] in the future, by a writer that is not
+    /// a running process of this host, is treated as expired. Default 15
+    /// minutes.
     pub lease_ttl: Duration,
+    /// Told while a put waits for a garbage-collection sweep to finish (a
+    /// few times a second, and once when it is over), for a progress
+    /// display. The wait is also logged. Default: none.
+    pub on_wait: Option<OnWait>,
     /// The largest sealed manifest accepted, in bytes (4096 to 4 GiB); also bounds user
     /// metadata. Default 256 MiB (about 3.7 million blocks). Every manifest
     /// read (get, list, gc, verify) is refused before its bytes are read
@@ -105,6 +113,7 @@ impl Default for StoreConfig {
             ingest_threads: cores.min(2),
             queue_blocks: 8,
             lease_ttl: Duration::from_secs(15 * 60),
+            on_wait: None,
             max_manifest_len: 256 << 20,
         }
     }
