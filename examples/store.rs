@@ -23,12 +23,13 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use snapvm::store::sizing::{block_size_table, Table};
 use snapvm::store::{
-    Backend, ConvergentStore, FsBackend, ManifestId, ManifestKey, Problem, StoreConfig,
+    Backend, ConvergentStore, FsBackend, ManifestId, ManifestKey, Problem, StoreConfig, SweepWait,
 };
 
 const USAGE: &str = "usage: store (--dir DIR | --s3) [--key FILE] [--block-size BYTES] COMMAND
@@ -36,7 +37,7 @@ commands:
   put FILE [--meta TEXT]   store FILE, print its manifest id
   get ID OUT               write data set ID to OUT (- for stdout)
   ls                       list your data sets
-  rm ID                    delete a data set's manifest (gc frees its blocks)
+  rm ID                    delete one of your data sets (only its owner's key can; gc frees its blocks)
   verify                   read every block and manifest, report problems
   gc                       remove blocks no manifest references
   blocksizes FILE...       dedup vs metadata overhead per block size (stores nothing)";
@@ -178,11 +179,29 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     if let Some(bs) = args.block_size {
         config.block_size = bs;
     }
+    // A put waiting for another process's gc shows it on the put's bar.
+    let put_bar = Arc::new(Mutex::new(None::<ProgressBar>));
+    config.on_wait = Some({
+        let put_bar = put_bar.clone();
+        Arc::new(move |w: &SweepWait| {
+            if let Some(bar) = &*put_bar.lock().unwrap_or_else(|p| p.into_inner()) {
+                if w.over {
+                    bar.set_message("put");
+                } else {
+                    bar.set_message(format!(
+                        "put: waiting {:.0?}/{:.0?} for gc by {}",
+                        w.waited, w.limit, w.holder
+                    ));
+                }
+            }
+        })
+    });
     let store = ConvergentStore::new(&config, backend, key)?;
     match (cmd.as_str(), operands) {
         ("put", [file]) => {
             let f = File::open(file)?;
             let bar = bar(f.metadata()?.len(), "put");
+            *put_bar.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.clone());
             let report = store.put(bar.wrap_read(f), &args.meta)?;
             bar.finish_and_clear();
             eprintln!(

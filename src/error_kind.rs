@@ -69,8 +69,10 @@ impl crate::StoreError {
             | E::Missing { .. }
             | E::ManifestMissing { .. }
             | E::Manifest { .. }
-            | E::FutureMarker { .. } => ErrorKind::Invalid,
-            E::MetadataTooLarge { .. } | E::ManifestTooLarge { .. } => ErrorKind::BadRequest,
+            | E::UnreadableMarker { .. } => ErrorKind::Invalid,
+            E::MetadataTooLarge { .. } | E::ManifestTooLarge { .. } | E::NotOwner { .. } => {
+                ErrorKind::BadRequest
+            }
             E::Input { .. }
             | E::Output { .. }
             | E::Backend { .. }

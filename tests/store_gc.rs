@@ -471,7 +471,7 @@ fn real_marker(magic: &[u8; 8], created_ms: u64, pid: u32) -> Vec<u8> {
     .unwrap();
     s.gc().unwrap();
     let mut m = seen.lock().unwrap()[0].clone();
-    assert_eq!(m.len(), 112, "docs/store-format.md");
+    assert_eq!(m.len(), 136, "docs/store-format.md");
     m[..8].copy_from_slice(magic);
     m[8..16].copy_from_slice(&created_ms.to_le_bytes());
     m[24..28].copy_from_slice(&pid.to_le_bytes());
@@ -560,70 +560,230 @@ fn markers_of_exited_processes_on_this_host_are_taken_over_at_once() {
     assert_eq!(s.gc().unwrap().deferred, Some(1));
 }
 
+/// `marker` as if written on another host (another host instance id).
+fn from_another_host(mut marker: Vec<u8>) -> Vec<u8> {
+    marker[40] ^= 1;
+    marker
+}
+
 #[test]
-fn future_dated_markers_are_typed_errors_not_hangs() {
+fn future_dated_markers_expire_beyond_the_skew_allowance() {
     let backend = MemoryBackend::new();
     let s = Arc::new(hour_store(&backend));
     let data = s.put_bytes(&blocks(6, 3), b"").unwrap();
     let day_ahead = now_ms() + 24 * 3600 * 1000;
     let me = std::process::id();
 
-    // A sweep marker a day ahead: the put fails at once, typed.
+    // A sweep marker a day ahead from another host: its date is not
+    // trusted, so the put goes ahead at once instead of waiting a day.
     let sweep = ObjectName {
         namespace: Namespace::Sweeps,
         id: [7; 32],
     };
     backend
-        .put_if_absent(&sweep, &real_marker(b"SNAPVMSW", day_ahead, me))
+        .put_if_absent(
+            &sweep,
+            &from_another_host(real_marker(b"SNAPVMSW", day_ahead, me)),
+        )
         .unwrap();
-    let err = {
+    let put = {
         let s = s.clone();
         within_a_minute(move || s.put_bytes(&blocks(7, 3), b""))
     }
-    .unwrap_err();
-    match err {
-        StoreError::FutureMarker { marker, ahead } => {
-            assert_eq!(marker, sweep);
-            assert!(ahead > Duration::from_secs(23 * 3600), "{ahead:?}");
-        }
-        other => panic!("expected FutureMarker, got {other:?}"),
-    }
-    assert_eq!(backend.count(Namespace::Leases), 0, "the lease is released");
-    // The legacy 16-byte form is judged the same way.
+    .unwrap();
+    assert_eq!(s.get_bytes(&put.manifest).unwrap(), blocks(7, 3));
+    // The oldest 16-byte form (no writer recorded) is judged the same way.
     backend.overwrite(&sweep, &real_marker(b"SNAPVMSW", day_ahead, me)[..16]);
-    assert!(matches!(
-        s.put_bytes(&blocks(7, 3), b""),
-        Err(StoreError::FutureMarker { .. })
-    ));
-    backend.delete(&sweep).unwrap();
+    s.put_bytes(&blocks(8, 3), b"").unwrap();
 
-    // A lease a day ahead: gc refuses to sweep, typed, and deletes nothing.
+    // A lease a day ahead from another host: gc does not defer a day; it
+    // removes the lease (and the future sweep marker) and sweeps.
     let lease = ObjectName {
         namespace: Namespace::Leases,
         id: [8; 32],
     };
     backend
-        .put_if_absent(&lease, &real_marker(b"SNAPVMLS", day_ahead, me))
+        .put_if_absent(
+            &lease,
+            &from_another_host(real_marker(b"SNAPVMLS", day_ahead, me)),
+        )
         .unwrap();
     s.delete(&data.manifest).unwrap();
-    let err = {
+    let report = {
         let s = s.clone();
         within_a_minute(move || s.gc())
     }
-    .unwrap_err();
-    assert!(
-        matches!(err, StoreError::FutureMarker { marker, .. } if marker == lease),
-        "{err:?}"
-    );
-    assert_eq!(backend.count(Namespace::Blocks), 3);
+    .unwrap();
+    assert_eq!(report.deferred, None);
+    assert_eq!(report.deleted_blocks, 3);
+    assert_eq!(report.expired_markers, 2);
     assert_eq!(
-        backend.count(Namespace::Sweeps),
-        0,
-        "the marker is released"
+        backend.count(Namespace::Leases) + backend.count(Namespace::Sweeps),
+        0
     );
-    // Within the clock-skew allowance a marker is simply live.
-    backend.overwrite(&lease, &real_marker(b"SNAPVMLS", now_ms() + 10_000, me));
+    assert!(s.verify().unwrap().is_clean());
+
+    // Within the clock-skew allowance a marker from another host is live.
+    backend
+        .put_if_absent(
+            &lease,
+            &from_another_host(real_marker(b"SNAPVMLS", now_ms() + 10_000, me)),
+        )
+        .unwrap();
     assert_eq!(s.gc().unwrap().deferred, Some(1));
-    backend.delete(&lease).unwrap();
+    // Far ahead but written by a running process of this host (this one):
+    // respected, since that process is really there.
+    backend.overwrite(&lease, &real_marker(b"SNAPVMLS", day_ahead, me));
+    assert_eq!(s.gc().unwrap().deferred, Some(1));
+    // Far ahead, this host, a process that has exited: expired at once.
+    backend.overwrite(&lease, &real_marker(b"SNAPVMLS", day_ahead, dead_pid()));
+    let report = s.gc().unwrap();
+    assert_eq!((report.deferred, report.expired_markers), (None, 1));
+}
+
+#[test]
+fn past_dated_markers_expire_after_their_ttl_whoever_wrote_them() {
+    let backend = MemoryBackend::new();
+    let s = hour_store(&backend);
+    let two_hours_ago = now_ms() - 2 * 3600 * 1000;
+    let lease = ObjectName {
+        namespace: Namespace::Leases,
+        id: [8; 32],
+    };
+    // A live process (this one) that stopped renewing, another host's
+    // process, a dead process: all past the TTL, all expired.
+    for marker in [
+        real_marker(b"SNAPVMLS", two_hours_ago, std::process::id()),
+        from_another_host(real_marker(b"SNAPVMLS", two_hours_ago, 1)),
+        real_marker(b"SNAPVMLS", two_hours_ago, dead_pid()),
+    ] {
+        backend.put_if_absent(&lease, &marker).unwrap();
+        let report = s.gc().unwrap();
+        assert_eq!((report.deferred, report.expired_markers), (None, 1));
+    }
+    // Another host's fresh lease counts until its TTL: gc defers.
+    backend
+        .put_if_absent(
+            &lease,
+            &from_another_host(real_marker(b"SNAPVMLS", now_ms() - 60_000, 1)),
+        )
+        .unwrap();
+    assert_eq!(s.gc().unwrap().deferred, Some(1));
+}
+
+#[test]
+fn a_put_waiting_for_a_live_sweep_reports_it_and_gives_up_in_bounded_time() {
+    let backend = MemoryBackend::new();
+    let waits = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let config = StoreConfig {
+        block_size: 1024,
+        lease_ttl: Duration::from_secs(2),
+        on_wait: Some({
+            let waits = waits.clone();
+            Arc::new(move |w: &snapvm::store::SweepWait| waits.lock().unwrap().push(w.clone()))
+        }),
+        ..StoreConfig::default()
+    };
+    let s =
+        ConvergentStore::new(&config, backend.clone(), ManifestKey::from_bytes([1; 32])).unwrap();
+    // A sweep marker of a live process of this host (this one), dated far
+    // in the future: respected, but the put waits at most its lease TTL.
+    let sweep = ObjectName {
+        namespace: Namespace::Sweeps,
+        id: [7; 32],
+    };
+    let me = std::process::id();
+    backend
+        .put_if_absent(
+            &sweep,
+            &real_marker(b"SNAPVMSW", now_ms() + 3600 * 1000, me),
+        )
+        .unwrap();
+    let err = s.put_bytes(&blocks(9, 2), b"").unwrap_err();
+    let StoreError::SweepInProgress {
+        marker,
+        holder,
+        waited,
+    } = &err
+    else {
+        panic!("expected SweepInProgress, got {err:?}");
+    };
+    assert_eq!(*marker, sweep);
+    assert!(holder.starts_with(&format!("pid {me} on ")), "{holder}");
+    assert!(*waited >= Duration::from_secs(2));
+    assert!(err.to_string().contains(&format!("pid {me}")), "{err}");
+    assert_eq!(backend.count(Namespace::Blocks), 0);
+    assert_eq!(backend.count(Namespace::Leases), 0, "the lease is released");
+    {
+        let waits = waits.lock().unwrap();
+        assert!(!waits.is_empty());
+        assert!(waits.iter().all(|w| w.marker == sweep && !w.over));
+        assert!(waits.iter().all(|w| w.limit == Duration::from_secs(2)));
+        assert_eq!(&waits[0].holder, holder);
+    }
+
+    // When the sweep ends while the put waits, the put says so and goes on.
+    waits.lock().unwrap().clear();
+    let s = Arc::new(s);
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || s.put_bytes(&blocks(9, 2), b""))
+    };
+    while waits.lock().unwrap().is_empty() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    backend.delete(&sweep).unwrap();
+    let put = writer.join().unwrap().unwrap();
+    assert_eq!(s.get_bytes(&put.manifest).unwrap(), blocks(9, 2));
+    assert!(waits.lock().unwrap().last().unwrap().over);
+}
+
+#[test]
+fn markers_that_cannot_be_interpreted_make_gc_and_put_refuse_with_advice() {
+    let backend = MemoryBackend::new();
+    let s = hour_store(&backend);
+    let data = s.put_bytes(&blocks(10, 3), b"").unwrap();
+    s.delete(&data.manifest).unwrap();
+    // A marker of a newer format (another length), and one of an unknown
+    // kind, in each namespace.
+    let mut newer = real_marker(b"SNAPVMLS", now_ms(), std::process::id());
+    newer.extend_from_slice(&[0; 8]);
+    let lease = ObjectName {
+        namespace: Namespace::Leases,
+        id: [8; 32],
+    };
+    let sweep = ObjectName {
+        namespace: Namespace::Sweeps,
+        id: [7; 32],
+    };
+    for (name, bytes) in [
+        (lease, newer.clone()),
+        (lease, b"SNAPVMXX and then some bytes".to_vec()),
+        (sweep, newer.clone()),
+        (sweep, vec![0; 300]),
+    ] {
+        backend.put_if_absent(&name, &bytes).unwrap();
+        let err = s.gc().unwrap_err();
+        assert!(
+            matches!(&err, StoreError::UnreadableMarker { marker, .. } if *marker == name),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("upgrade snapvm") && msg.contains("delete the object"),
+            "{msg}"
+        );
+        // Nothing was swept and no marker was removed.
+        assert_eq!(backend.count(Namespace::Blocks), 3);
+        assert!(backend.has(&name).unwrap());
+        if name.namespace == Namespace::Sweeps {
+            assert!(matches!(
+                s.put_bytes(&blocks(11, 1), b""),
+                Err(StoreError::UnreadableMarker { .. })
+            ));
+            assert_eq!(backend.count(Namespace::Leases), 0);
+        }
+        backend.delete(&name).unwrap();
+    }
     assert_eq!(s.gc().unwrap().deleted_blocks, 3);
 }

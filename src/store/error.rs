@@ -43,6 +43,14 @@ pub enum StoreError {
         #[source]
         source: ManifestError,
     },
+    /// The manifest belongs to another owner: it is sealed under another
+    /// [`ManifestKey`](super::ManifestKey), so this store may not delete it.
+    /// Nothing was deleted.
+    #[error("manifest {manifest} belongs to another owner; only its owner's key can delete it")]
+    NotOwner {
+        /// The manifest.
+        manifest: ManifestId,
+    },
     /// Reading the caller's input failed.
     #[error("reading the input at offset {offset} failed")]
     Input {
@@ -88,29 +96,35 @@ pub enum StoreError {
     /// committed; repeat the put.
     #[error("the put's write lease expired before it finished; repeat the put")]
     LeaseExpired,
-    /// A write lease or sweep marker is dated more than
-    /// [`CLOCK_SKEW_ALLOWANCE`](super::CLOCK_SKEW_ALLOWANCE) in the future:
-    /// a clock is wrong, or the object was damaged or forged. Whether its
-    /// holder is alive cannot be told, so `gc` refuses to sweep and a put
-    /// refuses to start (instead of deferring or waiting without end).
-    /// Fix the clock, or delete the object once its holder is known to be
-    /// gone. A marker whose holder ran on this host and has exited is never
-    /// suspect: it is removed as expired.
-    #[error("{marker} is dated {ahead:?} in the future; fix the clock or delete it")]
-    FutureMarker {
-        /// The lease or sweep marker.
+    /// An object among the write leases or sweep markers is not a marker
+    /// this version of snapvm can interpret: written by a newer version, or
+    /// damaged. Whether a put or a sweep is running cannot be told, so `gc`
+    /// refuses to sweep and a put refuses to start; nothing was changed.
+    /// Upgrade snapvm on this host; or, once no process of another version
+    /// uses the store, delete the named object.
+    #[error(
+        "{marker} is not a lease or sweep marker this snapvm can read ({reason}): written by a \
+         newer snapvm, or damaged; upgrade snapvm here, or delete the object once no process of \
+         another version uses the store"
+    )]
+    UnreadableMarker {
+        /// The object.
         marker: ObjectName,
-        /// How far ahead of this host's clock it is dated.
-        ahead: std::time::Duration,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A put waited [`StoreConfig::lease_ttl`](super::StoreConfig) for a
     /// garbage-collection sweep to finish and gave up. Nothing was written;
     /// repeat the put (the sweep may be long, or its process stalled on
     /// another host).
-    #[error("waited {waited:?} for the sweep holding {marker} to finish; repeat the put")]
+    #[error(
+        "waited {waited:?} for the sweep holding {marker} ({holder}) to finish; repeat the put"
+    )]
     SweepInProgress {
         /// The sweep marker still live when the put gave up.
         marker: ObjectName,
+        /// Who wrote it, as recorded in it (`pid P on HOST (writer ID)`).
+        holder: String,
         /// How long the put waited.
         waited: std::time::Duration,
     },

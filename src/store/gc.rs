@@ -30,12 +30,15 @@
 //! processes sharing a backend must agree to within
 //! [`CLOCK_SKEW_ALLOWANCE`](super::CLOCK_SKEW_ALLOWANCE).
 //!
-//! Markers record their writer's process and host (`marker.rs`): one whose
-//! writer ran on this host and has exited counts as expired at once; one
-//! dated beyond the clock-skew allowance in the future makes a put or gc
-//! fail with [`StoreError::FutureMarker`] rather than wait for that date.
-//! A put waits for a sweep at most `lease_ttl`
-//! ([`StoreError::SweepInProgress`]), logging while it waits.
+//! Markers record their writer's process, host and a random writer id
+//! (`marker.rs`): one whose writer ran on this host and has exited counts
+//! as expired at once; one dated beyond the clock-skew allowance in the
+//! future, whose writer is not a running process of this host, is treated
+//! as expired (with a warning) rather than waited for until that date; one
+//! that cannot be interpreted makes a put or gc refuse with
+//! [`StoreError::UnreadableMarker`]. A put waits for a sweep at most
+//! `lease_ttl` ([`StoreError::SweepInProgress`]), logging while it waits
+//! and telling [`StoreConfig::on_wait`](super::StoreConfig::on_wait).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -81,6 +84,28 @@ pub struct GcReport {
     /// The sweep stopped early because its marker lapsed (the process
     /// stalled for longer than the lease TTL); run gc again.
     pub interrupted: bool,
+}
+
+/// A put waiting for a garbage-collection sweep to finish, as told to
+/// [`StoreConfig::on_wait`](super::StoreConfig::on_wait) (each time the put
+/// looks again, a few times a second, and once when the wait is over).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SweepWait {
+    /// The sweep marker waited for.
+    pub marker: ObjectName,
+    /// Who wrote it, as recorded in it: `pid P on HOST (writer ID)`, or
+    /// `an unknown process` for the oldest marker format.
+    pub holder: String,
+    /// The marker's age by this host's clock.
+    pub marker_age: Duration,
+    /// How long the put has waited so far.
+    pub waited: Duration,
+    /// The longest it waits ([`StoreConfig::lease_ttl`](super::StoreConfig::lease_ttl))
+    /// before failing with [`StoreError::SweepInProgress`].
+    pub limit: Duration,
+    /// The sweep is over and the put goes ahead.
+    pub over: bool,
 }
 
 /// One problem found by [`ConvergentStore::verify`].
@@ -240,47 +265,64 @@ impl<'a> WriteLease<'a> {
     /// done), starts over with a new one.
     ///
     /// The wait is bounded by `lease_ttl` ([`StoreError::SweepInProgress`]
-    /// after that) and logged: a warning when it starts, then every
-    /// [`WAIT_REPORT_EVERY`]. A sweep marker whose holder ran on this host
-    /// and has exited does not count; one dated in the future fails at once
-    /// ([`StoreError::FutureMarker`]).
+    /// after that), logged (a warning when it starts, then every
+    /// [`WAIT_REPORT_EVERY`]) and told to `StoreConfig::on_wait`. A sweep
+    /// marker whose holder ran on this host and has exited does not count,
+    /// nor does one dated beyond the clock-skew allowance in the future
+    /// (logged); one that cannot be interpreted fails the put at once
+    /// ([`StoreError::UnreadableMarker`]).
     pub(super) fn acquire(store: &'a ConvergentStore) -> Result<Self, StoreError> {
         let start = Instant::now();
         let mut reported: Option<Instant> = None;
+        let mut last: Option<SweepWait> = None;
         loop {
             let mut lease = WriteLease(Marker::write(store, Namespace::Leases, LEASE_MAGIC)?);
             let mut pause = Duration::from_millis(10);
             loop {
                 let scan = live_markers(store, Namespace::Sweeps, SWEEP_MAGIC, None)?;
-                if let Some((marker, ahead)) = scan.future.first() {
-                    return Err(StoreError::FutureMarker {
-                        marker: *marker,
-                        ahead: *ahead,
-                    });
+                if let Some((marker, why)) = scan.unreadable.first() {
+                    return Err(unreadable(marker, why));
                 }
+                warn_future("put", &scan);
                 let Some((marker, info)) = scan.live.first() else {
                     break;
                 };
                 let waited = start.elapsed();
+                let holder = info
+                    .holder
+                    .as_ref()
+                    .map_or_else(|| "an unknown process".to_owned(), |h| h.to_string());
                 if waited >= store.config.lease_ttl {
                     return Err(StoreError::SweepInProgress {
                         marker: *marker,
+                        holder,
                         waited,
                     });
                 }
+                let wait = SweepWait {
+                    marker: *marker,
+                    holder,
+                    marker_age: Duration::from_millis(now_millis().saturating_sub(info.created)),
+                    waited,
+                    limit: store.config.lease_ttl,
+                    over: false,
+                };
                 if reported.is_none_or(|t| t.elapsed() >= WAIT_REPORT_EVERY) {
-                    let holder = info.holder.as_ref().map_or_else(
-                        || "an unknown process".to_owned(),
-                        |h| format!("pid {} on {}", h.pid, h.host_name),
-                    );
                     log::warn!(
-                        "put: waiting for the garbage-collection sweep {marker} of {holder} \
-                         (marker {:.0?} old) to finish; waited {waited:.0?} of at most {:.0?}",
-                        Duration::from_millis(now_millis().saturating_sub(info.created)),
-                        store.config.lease_ttl,
+                        "put: waiting for the garbage-collection sweep {} of {} (marker {:.0?} \
+                         old) to finish; waited {:.0?} of at most {:.0?}",
+                        wait.marker,
+                        wait.holder,
+                        wait.marker_age,
+                        wait.waited,
+                        wait.limit,
                     );
                     reported = Some(Instant::now());
                 }
+                if let Some(on_wait) = &store.config.on_wait {
+                    on_wait(&wait);
+                }
+                last = Some(wait);
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(250));
                 lease.renew_if_due()?;
@@ -292,6 +334,11 @@ impl<'a> WriteLease<'a> {
                 );
             }
             if lease.0.is_fresh() {
+                if let (Some(mut wait), Some(on_wait)) = (last, &store.config.on_wait) {
+                    wait.waited = start.elapsed();
+                    wait.over = true;
+                    on_wait(&wait);
+                }
                 return Ok(lease);
             }
         }
@@ -322,10 +369,34 @@ pub(super) const WAIT_REPORT_EVERY: Duration = Duration::from_secs(30);
 struct MarkerScan {
     /// Live markers (name, contents).
     live: Vec<(ObjectName, marker::MarkerInfo)>,
-    /// Expired, unreadable, or left by a process of this host that exited.
+    /// Expired, or left by a process of this host that exited.
     expired: Vec<ObjectName>,
-    /// Dated beyond the clock-skew allowance in the future (by how much).
-    future: Vec<(ObjectName, Duration)>,
+    /// Dated beyond the clock-skew allowance in the future by a writer that
+    /// is not a running process of this host: treated as expired.
+    future: Vec<(ObjectName, Duration, Option<marker::Holder>)>,
+    /// Not interpretable.
+    unreadable: Vec<(ObjectName, marker::Unreadable)>,
+}
+
+fn unreadable(marker: &ObjectName, why: &marker::Unreadable) -> StoreError {
+    StoreError::UnreadableMarker {
+        marker: *marker,
+        reason: why.to_string(),
+    }
+}
+
+/// Logs the future-dated markers of a scan, which are treated as expired.
+fn warn_future(who: &str, scan: &MarkerScan) {
+    for (name, ahead, holder) in &scan.future {
+        let holder = holder
+            .as_ref()
+            .map_or_else(|| "an unknown process".to_owned(), |h| h.to_string());
+        log::warn!(
+            "{who}: {name} of {holder} is dated {ahead:.0?} in the future, beyond the clock-skew \
+             allowance of {:?}; treating it as expired (check that host's clock)",
+            super::CLOCK_SKEW_ALLOWANCE,
+        );
+    }
 }
 
 /// Lists markers of one kind and judges each (see [`marker::judge`]).
@@ -348,6 +419,7 @@ fn live_markers(
         live: Vec::new(),
         expired: Vec::new(),
         future: Vec::new(),
+        unreadable: Vec::new(),
     };
     for name in names {
         if Some(&name) == mine {
@@ -356,12 +428,10 @@ fn live_markers(
         let info = match store.backend.get(&name, marker::MARKER_READ_LIMIT) {
             Ok(Some(b)) => marker::decode(&b, magic),
             Ok(None) => continue, // released meanwhile
-            // Not a marker this crate writes: treat like a bad magic.
-            Err(
-                super::BackendError::TooLarge { .. }
-                | super::BackendError::NotAFile { .. }
-                | super::BackendError::Symlink { .. },
-            ) => None,
+            Err(super::BackendError::TooLarge { len, .. }) => Err(marker::Unreadable::Length(len)),
+            Err(super::BackendError::NotAFile { .. } | super::BackendError::Symlink { .. }) => {
+                Err(marker::Unreadable::NotAFile)
+            }
             Err(source) => {
                 return Err(StoreError::Backend {
                     op: Op::Get,
@@ -370,14 +440,18 @@ fn live_markers(
                 })
             }
         };
-        match marker::judge(info.as_ref(), now, store.config.lease_ttl) {
+        match marker::judge(info.as_ref().map_err(|e| *e), now, store.config.lease_ttl) {
             marker::Verdict::Live => {
-                if let Some(info) = info {
+                if let Ok(info) = info {
                     scan.live.push((name, info));
                 }
             }
             marker::Verdict::Expired => scan.expired.push(name),
-            marker::Verdict::Future(ahead) => scan.future.push((name, ahead)),
+            marker::Verdict::Future(ahead) => {
+                scan.future
+                    .push((name, ahead, info.ok().and_then(|i| i.holder)));
+            }
+            marker::Verdict::Unreadable(why) => scan.unreadable.push((name, why)),
         }
     }
     Ok(scan)
@@ -411,20 +485,24 @@ pub(super) fn gc(
     let mut report = GcReport::default();
     let mut marker = Marker::write(store, Namespace::Sweeps, SWEEP_MAGIC)?;
     let leases = live_markers(store, Namespace::Leases, LEASE_MAGIC, None)?;
-    if let Some((lease, ahead)) = leases.future.first() {
+    let sweeps = live_markers(store, Namespace::Sweeps, SWEEP_MAGIC, Some(&marker.name))?;
+    if let Some((name, why)) = leases.unreadable.first().or(sweeps.unreadable.first()) {
         marker.release();
-        log::warn!("gc: write lease {lease} is dated {ahead:?} in the future; not sweeping");
-        return Err(StoreError::FutureMarker {
-            marker: *lease,
-            ahead: *ahead,
-        });
+        let err = unreadable(name, why);
+        log::warn!("gc: not sweeping: {err}");
+        return Err(err);
     }
     if !leases.live.is_empty() {
         marker.release();
         report.deferred = Some(leases.live.len());
         return Ok(report);
     }
-    for name in &leases.expired {
+    warn_future("gc", &leases);
+    for name in leases
+        .expired
+        .iter()
+        .chain(leases.future.iter().map(|(name, _, _)| name))
+    {
         delete(store, name)?;
         report.expired_markers += 1;
     }
@@ -515,8 +593,14 @@ pub(super) fn gc(
     progress(report.blocks, report.blocks);
 
     let mine = marker.name;
-    for name in live_markers(store, Namespace::Sweeps, SWEEP_MAGIC, Some(&mine))?.expired {
-        delete(store, &name)?;
+    let sweeps = live_markers(store, Namespace::Sweeps, SWEEP_MAGIC, Some(&mine))?;
+    warn_future("gc", &sweeps);
+    for name in sweeps
+        .expired
+        .iter()
+        .chain(sweeps.future.iter().map(|(name, _, _)| name))
+    {
+        delete(store, name)?;
         report.expired_markers += 1;
     }
     report.incomplete_removed = store

@@ -49,7 +49,7 @@ pub use backend::{
 pub use backend::{S3Backend, S3Config};
 pub use block::{DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use error::{BackendError, ConfigError, StoreError};
-pub use gc::{GcReport, Problem, VerifyReport};
+pub use gc::{GcReport, Problem, SweepWait, VerifyReport};
 pub use ids::{BlockId, BlockKey, ManifestId, ManifestKey, ParseIdError, Salt};
 pub use manifest::{Entry, Manifest, ManifestError};
 pub use marker::CLOCK_SKEW_ALLOWANCE;
@@ -57,6 +57,9 @@ pub use redundancy::{
     PerLocation, PerTenant, PerTimeWindow, PutInfo, Random, Redundancy, SaltSelector,
 };
 pub use stream::ManifestReader;
+
+/// A callback told while a put waits for a sweep ([`StoreConfig::on_wait`]).
+pub type OnWait = Arc<dyn Fn(&SweepWait) + Send + Sync>;
 
 /// Settings of a [`ConvergentStore`], checked by [`ConvergentStore::new`].
 #[derive(Clone)]
@@ -84,9 +87,14 @@ pub struct StoreConfig {
     /// Also the longest a put waits for a running sweep before it fails
     /// with [`StoreError::SweepInProgress`]. A marker left by a process of
     /// this host that has exited stops counting at once; one dated more
-    /// than [`CLOCK_SKEW_ALLOWANCE`] in the future is
-    /// [`StoreError::FutureMarker`]. Default 15 minutes.
+    /// than [`CLOCK_SKEW_ALLOWANCE`] in the future, by a writer that is not
+    /// a running process of this host, is treated as expired. Default 15
+    /// minutes.
     pub lease_ttl: Duration,
+    /// Told while a put waits for a garbage-collection sweep to finish (a
+    /// few times a second, and once when it is over), for a progress
+    /// display. The wait is also logged. Default: none.
+    pub on_wait: Option<OnWait>,
     /// The largest sealed manifest accepted, in bytes (4096 to 4 GiB); also bounds user
     /// metadata. Default 256 MiB (about 3.7 million blocks). Every manifest
     /// read (get, list, gc, verify) is refused before its bytes are read
@@ -105,6 +113,7 @@ impl Default for StoreConfig {
             ingest_threads: cores.min(2),
             queue_blocks: 8,
             lease_ttl: Duration::from_secs(15 * 60),
+            on_wait: None,
             max_manifest_len: 256 << 20,
         }
     }
@@ -337,11 +346,34 @@ impl ConvergentStore {
         Ok(out)
     }
 
-    /// Deletes a manifest. Its blocks that no other manifest references
-    /// become garbage, removed by the next [`ConvergentStore::gc`].
-    /// Deleting a missing manifest is not an error.
+    /// Deletes one of the owner's data sets: its manifest. Its blocks that no
+    /// other manifest (of any owner) references become garbage, removed by
+    /// the next [`ConvergentStore::gc`]. Deleting a missing manifest is not
+    /// an error.
+    ///
+    /// Only the owner may delete: the manifest is read first, and one sealed
+    /// under another owner's key is refused with [`StoreError::NotOwner`]
+    /// (so is one that carries this owner's key id but does not open under
+    /// this key although its bytes are intact). A manifest whose bytes are
+    /// damaged, so that they no longer hash to its id, is removed when its
+    /// clear header names this owner's key, or when no header can be read at
+    /// all: it is no one's data set any more, and while it exists `gc`
+    /// deletes no block. See "Owners and trust" in `docs/store.md`.
     pub fn delete(&self, id: &ManifestId) -> Result<(), StoreError> {
         let name = ObjectName::manifest(id);
+        let bytes = match self.fetch_manifest(id) {
+            Ok(bytes) => Some(bytes),
+            Err(StoreError::ManifestMissing { .. }) => return Ok(()),
+            // Not an object a manifest can be (fs backend): no one's.
+            Err(StoreError::Backend {
+                source: BackendError::Symlink { .. } | BackendError::NotAFile { .. },
+                ..
+            }) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(bytes) = bytes {
+            self.check_owner(id, &bytes)?;
+        }
         self.backend
             .delete(&name)
             .map_err(|source| StoreError::Backend {
@@ -349,6 +381,29 @@ impl ConvergentStore {
                 object: name,
                 source,
             })
+    }
+
+    /// Whether this owner may delete manifest `id` whose bytes are `bytes`.
+    fn check_owner(&self, id: &ManifestId, bytes: &[u8]) -> Result<(), StoreError> {
+        let Ok(header) = manifest::SealedHeader::parse(bytes) else {
+            log::warn!("delete: {id} is not a readable manifest; removing it");
+            return Ok(());
+        };
+        let intact = crypto::sha256(bytes) == *id.as_bytes();
+        let mine = header.key_id == manifest::key_id(&self.key);
+        match (intact, mine) {
+            (_, false) => Err(StoreError::NotOwner { manifest: *id }),
+            (true, true) => match Manifest::open(bytes, &self.key) {
+                Ok(_) => Ok(()),
+                // Intact bytes that do not open under this key: another
+                // owner's key with the same 8-byte id.
+                Err(_) => Err(StoreError::NotOwner { manifest: *id }),
+            },
+            (false, true) => {
+                log::warn!("delete: manifest {id} is damaged (its bytes do not hash to its id); removing it");
+                Ok(())
+            }
+        }
     }
 
     /// Removes every block no manifest references (of any owner), following
