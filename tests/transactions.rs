@@ -402,3 +402,35 @@ fn deferred_calls_are_bounded_per_attempt() {
     assert_eq!(words(&done.output), (max, 50));
     assert_eq!(delivered.load(Ordering::SeqCst), 10 + max);
 }
+
+/// A crash inside an attempt is fatal by default (a retry would repeat
+/// it); a policy that retries it rewinds the VM out of the fault, and the
+/// VM is usable afterwards.
+#[test]
+fn a_fault_inside_an_attempt_is_fatal_unless_the_policy_retries_it() {
+    require_kvm!();
+    let (mut vm, base) = boot(&config());
+    let err = Transaction::new()
+        .retry(quick(3))
+        .invoke(&mut vm, &base, "fault_once", b"")
+        .unwrap_err();
+    assert!(
+        matches!(err, TxError::Fatal { ref attempts, .. } if attempts.len() == 1),
+        "{err}"
+    );
+    assert!(matches!(err.vm_error(), Some(VmError::GuestFault(f)) if f.is_null_dereference()));
+    assert_eq!(vm.state(), VmState::Poisoned);
+    vm.restore_in_place(&base).expect("reset");
+    let done = Transaction::new()
+        .retry(quick(3).retry_if(|_| true))
+        .invoke(&mut vm, &base, "fault_once", b"")
+        .expect("second attempt");
+    assert_eq!(done.attempts.len(), 2);
+    assert!(matches!(
+        done.attempts[0].error,
+        Some(VmError::GuestFault(_))
+    ));
+    assert_eq!(state(&done.output).0, [2]);
+    assert_eq!(vm.state(), VmState::Ready);
+    assert_eq!(vm.invoke("no_tx", b"ok").expect("usable"), b"ok");
+}
