@@ -434,3 +434,32 @@ fn a_fault_inside_an_attempt_is_fatal_unless_the_policy_retries_it() {
     assert_eq!(vm.state(), VmState::Ready);
     assert_eq!(vm.invoke("no_tx", b"ok").expect("usable"), b"ok");
 }
+
+/// The restore policy sees a transaction once, with every page it wrote.
+#[test]
+fn the_restore_policy_sees_the_transaction_once_with_its_pages() {
+    require_kvm!();
+    use snapvm::policy::{Decision, InvokeStats};
+    let config = config();
+    let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    let policy = move |stats: &InvokeStats<'_>| {
+        s.lock()
+            .unwrap()
+            .push((stats.pages_dirtied, stats.invocations_since_reset));
+        Decision::Keep
+    };
+    let mut vm = ManagedVm::new(VmInstance::restore(&config, &ready).unwrap(), ready, policy)
+        .expect("managed");
+    let tx = Transaction::new().retry(quick(5));
+    let done = vm
+        .invoke_tx(&tx, "fail_times", &[2, 32])
+        .expect("third attempt");
+    assert_eq!(done.attempts.len(), 3);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "one decision per transaction");
+    assert!(seen[0].0 >= 32, "pages written: {}", seen[0].0);
+    assert_eq!(seen[0].1, 1);
+    assert_eq!(vm.resets(), 0);
+}
