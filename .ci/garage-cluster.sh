@@ -2,7 +2,7 @@
 # A three-node Garage cluster on loopback, for the store's fleet tests and
 # benchmarks, and for developers:
 #
-#   bash .ci/garage-cluster.sh start DIR        # three nodes, layout, key, bucket
+#   bash .ci/garage-cluster.sh start DIR [NODES] # 3 nodes (or 1), layout, key, bucket
 #   bash .ci/garage-cluster.sh status DIR
 #   bash .ci/garage-cluster.sh stop-node DIR N  # N = 1, 2 or 3
 #   bash .ci/garage-cluster.sh start-node DIR N
@@ -10,7 +10,8 @@
 #
 # `replication_factor = 3` with the default `consistency_mode = "consistent"`:
 # reads and writes need two of the three nodes, so with one node down both
-# keep working. Each node is in its own zone.
+# keep working. Each node is in its own zone. `start DIR 1` starts a single
+# node (`replication_factor = 1`) the same way, for comparison.
 #
 # `start` writes DIR/cluster.env (shell syntax, also read by the tests):
 #   SNAPVM_S3_ENDPOINT_1..3   each node's S3 API
@@ -133,7 +134,7 @@ start() {
     fi
     local secret n rpc s3 ids=() id key
     secret="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
-    for n in 1 2 3; do
+    for n in $(seq "$nodes"); do
         mkdir -p "$dir/node$n"
         rpc="$(free_port)"
         s3="$(free_port)"
@@ -141,7 +142,7 @@ start() {
 metadata_dir = "$dir/node$n/meta"
 data_dir = "$dir/node$n/data"
 db_engine = "lmdb"
-replication_factor = 3
+replication_factor = $nodes
 consistency_mode = "consistent"
 rpc_bind_addr = "127.0.0.1:$rpc"
 rpc_public_addr = "127.0.0.1:$rpc"
@@ -155,25 +156,25 @@ EOF
         echo "$rpc" >"$dir/node$n/rpc_port"
         echo "$s3" >"$dir/node$n/s3_port"
     done
-    for n in 1 2 3; do
+    for n in $(seq "$nodes"); do
         start_node "$n" &
     done
     wait
-    for n in 1 2 3; do
+    for n in $(seq "$nodes"); do
         is_ours "$(cat "$dir/node$n/pid" 2>/dev/null)" || {
             echo "node $n did not start; see $dir/node$n/server.log" >&2
             stop
             exit 1
         }
     done
-    for n in 1 2 3; do
+    for n in $(seq "$nodes"); do
         id="$(retry node_cli "$n" node id -q | tail -n1)"
         ids+=("${id%%@*}")
     done
-    for n in 2 3; do
+    for n in $(seq 2 "$nodes"); do
         retry node_cli 1 node connect "${ids[$((n - 1))]}@127.0.0.1:$(cat "$dir/node$n/rpc_port")" >/dev/null
     done
-    for n in 1 2 3; do
+    for n in $(seq "$nodes"); do
         retry node_cli 1 layout assign -z "dc$n" -c 1G "${ids[$((n - 1))]}" >/dev/null
     done
     retry node_cli 1 layout apply --version 1 >/dev/null
@@ -190,7 +191,7 @@ EOF
         exit 1
     fi
     {
-        for n in 1 2 3; do
+        for n in $(seq "$nodes"); do
             echo "SNAPVM_S3_ENDPOINT_$n=http://127.0.0.1:$(cat "$dir/node$n/s3_port")"
         done
         echo "SNAPVM_S3_BUCKET=snapvm-test"
@@ -205,7 +206,7 @@ EOF
 stop() {
     local n
     for n in 1 2 3; do
-        [ -d "$dir/node$n" ] && stop_node "$n"
+        if [ -d "$dir/node$n" ]; then stop_node "$n"; fi
     done
     rm -f "$dir/cluster.env"
 }
@@ -213,6 +214,7 @@ stop() {
 status() {
     local n pid state=0
     for n in 1 2 3; do
+        [ -d "$dir/node$n" ] || continue
         pid="$(cat "$dir/node$n/pid" 2>/dev/null || true)"
         if is_ours "$pid"; then
             echo "node $n: up (pid $pid, s3 http://127.0.0.1:$(cat "$dir/node$n/s3_port"))"
@@ -233,6 +235,11 @@ node_arg() {
 
 case "$cmd" in
 start)
+    nodes="${3:-3}"
+    case "$nodes" in
+    1 | 3) ;;
+    *) usage ;;
+    esac
     bin="$(garage_bin)"
     start
     ;;

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
     let tx = figures::tx::measure(&ctx, &all);
     all.extend(tx);
     all.extend(figures::store::measure(&ctx));
+    all.extend(figures::fleet::measure(&ctx));
 
     print!("{}", table(&all));
     println!(

@@ -402,3 +402,64 @@ fn deferred_calls_are_bounded_per_attempt() {
     assert_eq!(words(&done.output), (max, 50));
     assert_eq!(delivered.load(Ordering::SeqCst), 10 + max);
 }
+
+/// A crash inside an attempt is fatal by default (a retry would repeat
+/// it); a policy that retries it rewinds the VM out of the fault, and the
+/// VM is usable afterwards.
+#[test]
+fn a_fault_inside_an_attempt_is_fatal_unless_the_policy_retries_it() {
+    require_kvm!();
+    let (mut vm, base) = boot(&config());
+    let err = Transaction::new()
+        .retry(quick(3))
+        .invoke(&mut vm, &base, "fault_once", b"")
+        .unwrap_err();
+    assert!(
+        matches!(err, TxError::Fatal { ref attempts, .. } if attempts.len() == 1),
+        "{err}"
+    );
+    assert!(matches!(err.vm_error(), Some(VmError::GuestFault(f)) if f.is_null_dereference()));
+    assert_eq!(vm.state(), VmState::Poisoned);
+    vm.restore_in_place(&base).expect("reset");
+    let done = Transaction::new()
+        .retry(quick(3).retry_if(|_| true))
+        .invoke(&mut vm, &base, "fault_once", b"")
+        .expect("second attempt");
+    assert_eq!(done.attempts.len(), 2);
+    assert!(matches!(
+        done.attempts[0].error,
+        Some(VmError::GuestFault(_))
+    ));
+    assert_eq!(state(&done.output).0, [2]);
+    assert_eq!(vm.state(), VmState::Ready);
+    assert_eq!(vm.invoke("no_tx", b"ok").expect("usable"), b"ok");
+}
+
+/// The restore policy sees a transaction once, with every page it wrote.
+#[test]
+fn the_restore_policy_sees_the_transaction_once_with_its_pages() {
+    require_kvm!();
+    use snapvm::policy::{Decision, InvokeStats};
+    let config = config();
+    let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    let policy = move |stats: &InvokeStats<'_>| {
+        s.lock()
+            .unwrap()
+            .push((stats.pages_dirtied, stats.invocations_since_reset));
+        Decision::Keep
+    };
+    let mut vm = ManagedVm::new(VmInstance::restore(&config, &ready).unwrap(), ready, policy)
+        .expect("managed");
+    let tx = Transaction::new().retry(quick(5));
+    let done = vm
+        .invoke_tx(&tx, "fail_times", &[2, 32])
+        .expect("third attempt");
+    assert_eq!(done.attempts.len(), 3);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "one decision per transaction");
+    assert!(seen[0].0 >= 32, "pages written: {}", seen[0].0);
+    assert_eq!(seen[0].1, 1);
+    assert_eq!(vm.resets(), 0);
+}

@@ -126,6 +126,9 @@ impl<P: RestorePolicy> ManagedVm<P> {
         if self.needs_reset || self.vm.state() == VmState::Poisoned {
             self.reset().map_err(reset_error)?;
         }
+        // Pages first written in this call: a transaction reads the dirty
+        // log during the call too, so count from the tracker's total.
+        let dirty_before = self.vm.dirty_since_base();
         let start = Instant::now();
         let result = call(&mut self.vm, name, input);
         let elapsed = start.elapsed();
@@ -137,7 +140,10 @@ impl<P: RestorePolicy> ManagedVm<P> {
         };
         // Without the dirty log the policy cannot judge: reset.
         let (pages_dirtied, log_failed) = match self.vm.collect_dirty() {
-            Ok(pages) => (pages, false),
+            Ok(_) => (
+                self.vm.dirty_since_base().saturating_sub(dirty_before),
+                false,
+            ),
             Err(e) => {
                 log::warn!(target: "snapvm::policy", "reading the dirty log failed: {e}");
                 (0, true)

@@ -275,6 +275,7 @@ impl<'a> WriteLease<'a> {
         let start = Instant::now();
         let mut reported: Option<Instant> = None;
         let mut last: Option<SweepWait> = None;
+        let mut warned_future = false;
         loop {
             let mut lease = WriteLease(Marker::write(store, Namespace::Leases, LEASE_MAGIC)?);
             let mut pause = Duration::from_millis(10);
@@ -283,7 +284,10 @@ impl<'a> WriteLease<'a> {
                 if let Some((marker, why)) = scan.unreadable.first() {
                     return Err(unreadable(marker, why));
                 }
-                warn_future("put", &scan);
+                if !warned_future {
+                    warn_future("put", &scan);
+                    warned_future = !scan.future.is_empty();
+                }
                 let Some((marker, info)) = scan.live.first() else {
                     break;
                 };

@@ -15,6 +15,11 @@
 //! fails with [`VmError::Poisoned`]. Drop it and build (or, with snapshots,
 //! restore) a new one. Other errors — an unknown function name, an output
 //! larger than the limit, a caller buffer too small — leave it ready.
+//!
+//! A transaction runner (`policy::Transaction`) is the exception: it can
+//! rewind a call that failed inside its transaction (a timeout, a crash)
+//! to the checkpoint taken at `tx::begin` and resume it, which makes the
+//! instance ready again (see `docs/transactions.md`).
 
 mod abi_page;
 mod config;

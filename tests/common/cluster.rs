@@ -2,6 +2,10 @@
 //! `.ci/garage-cluster.sh` in a temporary directory and stopped on drop
 //! (also when a test panics). Only the nodes the script started are
 //! stopped, by their recorded pids.
+#![allow(
+    dead_code,
+    reason = "the tests and the benchmark report use different parts"
+)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,15 +50,22 @@ fn script() -> PathBuf {
 }
 
 impl Cluster {
-    /// Starts a cluster with `garage` (the script bounds its own waits).
+    /// Starts a three-node cluster with `garage` (the script bounds its
+    /// own waits).
     pub fn start(garage: PathBuf) -> Result<Cluster, String> {
+        Self::start_nodes(garage, 3)
+    }
+
+    /// Starts a cluster of `nodes` nodes (1 or 3), replication factor
+    /// `nodes`.
+    pub fn start_nodes(garage: PathBuf, nodes: usize) -> Result<Cluster, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let mut cluster = Cluster {
             garage,
             dir,
             env: HashMap::new(),
         };
-        cluster.run(&["start"])?;
+        cluster.run(&["start", &nodes.to_string()])?;
         cluster.env = parse_env(&cluster.env_file())?;
         Ok(cluster)
     }

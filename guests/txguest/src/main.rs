@@ -41,6 +41,7 @@ fn init(exports: &mut Exports) {
         .export("pages", pages)
         .export("increment", increment)
         .export("notify_many", notify_many)
+        .export("fault_once", fault_once)
         .export("no_tx", |input| input.to_vec())
         .export("nested", |_| {
             tx::begin();
@@ -228,4 +229,18 @@ fn notify_many(input: &[u8]) -> Vec<u8> {
     let mut out = ok.to_le_bytes().to_vec();
     out.extend_from_slice(&failed.to_le_bytes());
     out
+}
+
+/// Writes to the null page on the first attempt (a page fault inside the
+/// transaction), commits afterwards.
+fn fault_once(_: &[u8]) -> Vec<u8> {
+    tx::begin();
+    append();
+    if tx::attempt() == 1 {
+        // SAFETY: deliberately invalid: the null guard page is not mapped,
+        // so this faults and the host reports a guest fault.
+        unsafe { core::ptr::null_mut::<u64>().add(8).write_volatile(1) };
+    }
+    tx::commit();
+    state()
 }
