@@ -38,10 +38,12 @@
 //! ```
 
 mod managed;
+mod pool;
 
 use std::time::Duration;
 
 pub use managed::ManagedVm;
+pub use pool::{PooledVm, ReadyPool, ReadyPoolStats};
 
 /// What a policy decides after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
