@@ -283,6 +283,7 @@ struct Metrics {
     pool_vms_created: Family<Labels, Gauge<i64, AtomicI64>>,
     pool_shells: Family<Labels, Gauge<i64, AtomicI64>>,
     queue_depth: Gauge<i64, AtomicI64>,
+    in_flight: Gauge<i64, AtomicI64>,
 }
 
 impl Metrics {
@@ -298,6 +299,7 @@ impl Metrics {
         let pool_vms_created = Family::default();
         let pool_shells = Family::default();
         let queue_depth = Gauge::default();
+        let in_flight = Gauge::default();
         registry.register(
             "requests",
             "Requests by function and status code",
@@ -330,6 +332,11 @@ impl Metrics {
             "Requests waiting for a worker",
             queue_depth.clone(),
         );
+        registry.register(
+            "in_flight",
+            "Function requests being served",
+            in_flight.clone(),
+        );
         Self {
             registry,
             requests,
@@ -340,6 +347,7 @@ impl Metrics {
             pool_vms_created,
             pool_shells,
             queue_depth,
+            in_flight,
         }
     }
 }
@@ -389,6 +397,8 @@ async fn call(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes
         );
     };
     let deadline = start + app.deadline;
+    // Counted until the handler ends, also when the client goes away.
+    let _in_flight = InFlight::enter(&app.metrics.in_flight);
     let (reply, answer) = tokio::sync::oneshot::channel();
     let job = Job {
         function,
@@ -449,6 +459,22 @@ async fn call(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes
         .get_or_create(&vec![("function", route.clone())])
         .observe(start.elapsed().as_secs_f64());
     response
+}
+
+/// Counts a request in the in-flight gauge while it lives.
+struct InFlight<'a>(&'a Gauge<i64, AtomicI64>);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge<i64, AtomicI64>) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
