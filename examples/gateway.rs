@@ -819,6 +819,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::INFO)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .init();
     let (settings, listen) = parse_args().unwrap_or_else(|e| {
         eprintln!("{e}");
