@@ -49,6 +49,8 @@ fn main() -> ExitCode {
     let reset = figures::reset::measure(&ctx, &all);
     all.extend(reset);
     all.extend(figures::store::measure(&ctx));
+    all.extend(figures::executor::measure(&ctx));
+    all.extend(figures::gateway::measure(&ctx));
 
     print!("{}", table(&all));
     println!(

@@ -572,8 +572,10 @@ fn build_functions(settings: &Settings) -> Result<Vec<Function>, String> {
     let mut functions = Vec::new();
     for route in &settings.routes {
         let backend = if settings.native {
-            let f = native_function(&route.function)
-                .ok_or_else(|| format!("no native version of {:?}", route.function))?;
+            let Some(f) = native_function(&route.function) else {
+                tracing::warn!(function = %route.name, "no native version: not served");
+                continue;
+            };
             Backend::Native(f)
         } else {
             if !ready.contains_key(&route.guest) {
@@ -806,11 +808,6 @@ fn parse_args() -> Result<(Settings, String), String> {
     }
     if !routes.is_empty() {
         settings.routes = routes;
-    }
-    if settings.native {
-        settings
-            .routes
-            .retain(|r| native_function(&r.function).is_some());
     }
     Ok((settings, listen))
 }

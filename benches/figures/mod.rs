@@ -3,6 +3,8 @@
 //! whose figures are judged against another module's baselines also takes
 //! the figures measured so far (`measure(ctx, &so_far)`).
 
+pub mod executor;
+pub mod gateway;
 pub mod reset;
 pub mod snapshot;
 pub mod store;

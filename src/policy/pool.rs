@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use super::{ManagedVm, RestorePolicy};
 use crate::snapshot::{PoolStats, ShellPool, Snapshot, SnapshotError};
@@ -21,9 +22,10 @@ type PolicyFactory<P> = Arc<dyn Fn() -> P + Send + Sync>;
 /// thread refills shells in the background, so neither VM creation nor
 /// teardown is on a request's path once the pool is warm.
 ///
-/// Idle VMs are reused last-in first-out, so a worker that takes a VM and
-/// gives it back keeps getting the same one (warm caches, one VM per
-/// worker); the pool holds at most `capacity` idle VMs and tears down the
+/// A thread gets back the VM it gave back last when that one is idle (or
+/// else the VM given back last), so each worker thread keeps using its own
+/// VM: its caches stay warm and its vCPU stays on one thread. The pool
+/// holds at most `capacity` idle VMs and tears down the
 /// rest. Every VM starts from the ready snapshot: a VM never carries state
 /// from one pool user to the next except what its policy keeps between
 /// calls.
@@ -54,7 +56,8 @@ pub struct ReadyPool<P> {
     ready: Snapshot,
     shells: ShellPool,
     policy: PolicyFactory<P>,
-    idle: Mutex<Vec<ManagedVm<P>>>,
+    /// Idle VMs, each with the thread that gave it back.
+    idle: Mutex<Vec<(ThreadId, ManagedVm<P>)>>,
     capacity: usize,
     created: AtomicU64,
     discarded: AtomicU64,
@@ -120,14 +123,22 @@ impl<P: RestorePolicy> ReadyPool<P> {
         let warm = (0..capacity)
             .map(|_| pool.restore())
             .collect::<Result<Vec<_>, _>>()?;
-        *pool.lock_idle() = warm;
+        let here = std::thread::current().id();
+        *pool.lock_idle() = warm.into_iter().map(|vm| (here, vm)).collect();
         Ok(pool)
     }
 
     /// Lends a ready VM: an idle one, or one restored now from the
     /// snapshot. The VM returns to the pool when the [`PooledVm`] drops.
     pub fn get(&self) -> Result<PooledVm<'_, P>, SnapshotError> {
-        let idle = self.lock_idle().pop();
+        let here = std::thread::current().id();
+        let idle = {
+            let mut idle = self.lock_idle();
+            match idle.iter().rposition(|(thread, _)| *thread == here) {
+                Some(mine) => Some(idle.remove(mine).1),
+                None => idle.pop().map(|(_, vm)| vm),
+            }
+        };
         let vm = match idle {
             Some(vm) => vm,
             None => self.restore()?,
@@ -164,7 +175,7 @@ impl<P: RestorePolicy> ReadyPool<P> {
         Ok(managed)
     }
 
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<ManagedVm<P>>> {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<(ThreadId, ManagedVm<P>)>> {
         // A panic while holding the lock cannot leave the list inconsistent
         // (push and pop only): keep using it.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
@@ -176,7 +187,7 @@ impl<P: RestorePolicy> ReadyPool<P> {
         if vm.vm().state() == VmState::Ready {
             let mut idle = self.lock_idle();
             if idle.len() < self.capacity {
-                idle.push(vm);
+                idle.push((std::thread::current().id(), vm));
                 return;
             }
         }
