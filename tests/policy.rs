@@ -360,3 +360,28 @@ fn ready_pool_reuses_the_last_vm_given_back_and_bounds_idle_vms() {
     assert_eq!((stats.created, stats.idle, stats.discarded), (2, 1, 1));
     assert_eq!(stats.shells.recycled, 1);
 }
+
+#[test]
+fn ready_pool_gives_each_thread_its_own_vm_back() {
+    require_kvm!();
+    let config = config();
+    let pool = ReadyPool::new(&config, ready(&config), 2, || Never).unwrap();
+    // Under `Never` a VM's counter counts every call it served: each thread
+    // counting 1, 2, 3, ... means each kept its own VM throughout.
+    let counts: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..30)
+                        .map(|_| words(&pool.get().unwrap().invoke("counter", b"").unwrap())[0])
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for thread in &counts {
+        assert_eq!(*thread, (1..=30).collect::<Vec<u64>>());
+    }
+    assert_eq!(pool.stats().created, 2);
+}

@@ -23,7 +23,7 @@ type PolicyFactory<P> = Arc<dyn Fn() -> P + Send + Sync>;
 /// teardown is on a request's path once the pool is warm.
 ///
 /// A thread gets back the VM it gave back last when that one is idle (or
-/// else the VM given back last), so each worker thread keeps using its own
+/// else the VM idle longest), so each worker thread keeps using its own
 /// VM: its caches stay warm and its vCPU stays on one thread. The pool
 /// holds at most `capacity` idle VMs and tears down the
 /// rest. Every VM starts from the ready snapshot: a VM never carries state
@@ -136,7 +136,9 @@ impl<P: RestorePolicy> ReadyPool<P> {
             let mut idle = self.lock_idle();
             match idle.iter().rposition(|(thread, _)| *thread == here) {
                 Some(mine) => Some(idle.remove(mine).1),
-                None => idle.pop().map(|(_, vm)| vm),
+                // The one idle longest: likely no other worker's own VM.
+                None if idle.is_empty() => None,
+                None => Some(idle.remove(0).1),
             }
         };
         let vm = match idle {
