@@ -53,6 +53,8 @@ fn main() -> ExitCode {
     all.extend(tx);
     all.extend(figures::store::measure(&ctx));
     all.extend(figures::fleet::measure(&ctx));
+    all.extend(figures::executor::measure(&ctx));
+    all.extend(figures::gateway::measure(&ctx));
 
     print!("{}", table(&all));
     println!(

@@ -18,6 +18,8 @@
 //!   rewind it to its ready state: single-request isolation, garbage
 //!   collection by restore, or every N calls, keeping the state the guest
 //!   asked to preserve. A reset copies back only the pages the call wrote.
+//!   [`ReadyPool`] hands out ready `ManagedVm`s of one snapshot to any
+//!   number of worker threads, restoring new ones into warm shells.
 //! - [`store::ConvergentStore`] — data sets (such as snapshot images) kept as
 //!   fixed-size blocks under convergent encryption: each block is encrypted
 //!   with a key derived from its own content and a salt, so identical blocks
@@ -93,8 +95,8 @@ pub use snapvm_guest::abi;
 pub use error::{Error, Result};
 pub use error_kind::ErrorKind;
 pub use policy::{
-    Decision, InvokeStats, ManagedVm, RestorePolicy, RetryPolicy, SuccessCriteria, Transaction,
-    TxError,
+    Decision, InvokeStats, ManagedVm, ReadyPool, RestorePolicy, RetryPolicy, SuccessCriteria,
+    Transaction, TxError,
 };
 pub use snapshot::{PoolStats, RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
 pub use store::{

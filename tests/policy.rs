@@ -8,7 +8,7 @@ use snapvm::policy::{
     RestorePolicy,
 };
 use snapvm::vm::ScratchDisk;
-use snapvm::{Decision, Snapshot, VmConfig, VmError, VmInstance};
+use snapvm::{Decision, ReadyPool, Snapshot, VmConfig, VmError, VmInstance};
 
 fn config() -> VmConfig {
     common::config("testguest").dirty_tracking(true)
@@ -294,4 +294,94 @@ fn a_managed_vm_needs_dirty_tracking() {
     let ready = ready(&config);
     let vm = VmInstance::restore(&config, &ready).unwrap();
     assert!(ManagedVm::new(vm, ready, Always).is_err());
+}
+
+#[test]
+fn ready_pool_lends_ready_vms_to_threads_and_keeps_them_ready() {
+    require_kvm!();
+    let config = config();
+    let pool = ReadyPool::new(&config, ready(&config), 2, || Always).unwrap();
+    // Two threads at once, each with its own VM from the ready state.
+    let outputs: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..20)
+                        .map(|_| words(&pool.get().unwrap().invoke("counter", b"").unwrap())[0])
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(outputs.iter().flatten().all(|&n| n == 1), "{outputs:?}");
+    let stats = pool.stats();
+    assert_eq!((stats.created, stats.in_use, stats.discarded), (2, 0, 0));
+    assert_eq!(stats.idle, 2);
+    assert_eq!(stats.resets, 40);
+
+    // A panic poisons the VM; it comes back reset and serves the next call.
+    {
+        let mut vm = pool.get().unwrap();
+        let err = vm.invoke("panic", b"").unwrap_err();
+        assert_eq!(err.kind(), snapvm::ErrorKind::GuestCrash);
+        assert_eq!(vm.resets(), 1);
+        assert_eq!(pool.stats().in_use, 1);
+    }
+    assert_eq!(
+        words(&pool.get().unwrap().invoke("counter", b"").unwrap()),
+        [1]
+    );
+    assert_eq!(pool.stats().created, 2);
+}
+
+#[test]
+fn ready_pool_reuses_the_last_vm_given_back_and_bounds_idle_vms() {
+    require_kvm!();
+    let config = config();
+    let pool = ReadyPool::new(&config, ready(&config), 1, || Never).unwrap();
+    // Under `Never` the counter counts up on the one VM lent again and again.
+    for expected in 1..=5 {
+        assert_eq!(
+            words(&pool.get().unwrap().invoke("counter", b"").unwrap()),
+            [expected]
+        );
+    }
+    // Two lent at once: the second is restored from the snapshot (a fresh
+    // counter); only one fits back in a pool of capacity 1.
+    let mut a = pool.get().unwrap();
+    let mut b = pool.get().unwrap();
+    assert_eq!(words(&a.invoke("counter", b"").unwrap()), [6]);
+    assert_eq!(words(&b.invoke("counter", b"").unwrap()), [1]);
+    assert_eq!(pool.stats().in_use, 2);
+    drop(a);
+    drop(b);
+    let stats = pool.stats();
+    assert_eq!((stats.created, stats.idle, stats.discarded), (2, 1, 1));
+    assert_eq!(stats.shells.recycled, 1);
+}
+
+#[test]
+fn ready_pool_gives_each_thread_its_own_vm_back() {
+    require_kvm!();
+    let config = config();
+    let pool = ReadyPool::new(&config, ready(&config), 2, || Never).unwrap();
+    // Under `Never` a VM's counter counts every call it served: each thread
+    // counting 1, 2, 3, ... means each kept its own VM throughout.
+    let counts: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..30)
+                        .map(|_| words(&pool.get().unwrap().invoke("counter", b"").unwrap())[0])
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for thread in &counts {
+        assert_eq!(*thread, (1..=30).collect::<Vec<u64>>());
+    }
+    assert_eq!(pool.stats().created, 2);
 }

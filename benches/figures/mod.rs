@@ -4,6 +4,8 @@
 //! the figures measured so far (`measure(ctx, &so_far)`).
 
 pub mod fleet;
+pub mod executor;
+pub mod gateway;
 pub mod reset;
 pub mod snapshot;
 pub mod store;

@@ -43,6 +43,7 @@
 
 mod managed;
 mod tx;
+mod pool;
 
 use std::time::Duration;
 
@@ -51,6 +52,7 @@ pub use tx::{
     And, Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, Not, Or, OutputMatches,
     RetryPolicy, ReturnedOk, SuccessCriteria, Transaction, TxError, TxOutcome, Verdict,
 };
+pub use pool::{PooledVm, ReadyPool, ReadyPoolStats};
 
 /// What a policy decides after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
