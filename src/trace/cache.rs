@@ -1,0 +1,1 @@
+//! The trace cache: keyed, bounded, checksummed entries.

@@ -1,0 +1,1 @@
+//! Working-set traces: the pages a restored VM touched, in fault order.
