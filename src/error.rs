@@ -3,6 +3,7 @@
 
 use crate::snapshot::SnapshotError;
 use crate::store::StoreError;
+use crate::trace::TraceError;
 use crate::vm::{InvalidGuest, VmError};
 
 /// Any error snapvm returns. Match on the variant to reach the module's own
@@ -20,6 +21,9 @@ pub enum Error {
     /// The convergent store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The trace cache failed.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
 }
 
 impl From<InvalidGuest> for Error {
@@ -35,6 +39,7 @@ impl Error {
             Self::Vm(e) => e.kind(),
             Self::Snapshot(e) => e.kind(),
             Self::Store(e) => e.kind(),
+            Self::Trace(e) => e.kind(),
         }
     }
 
@@ -43,7 +48,7 @@ impl Error {
         match self {
             Self::Vm(e) => Some(e),
             Self::Snapshot(e) => e.vm_error(),
-            Self::Store(_) => None,
+            Self::Store(_) | Self::Trace(_) => None,
         }
     }
 }

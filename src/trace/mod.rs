@@ -8,3 +8,5 @@
 
 mod cache;
 mod working_set;
+
+pub use cache::{CodeId, TraceCache, TraceError, TraceKey, TraceKind, MAX_KEY_LEN};
