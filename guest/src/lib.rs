@@ -45,8 +45,8 @@ mod rt;
 #[cfg(feature = "runtime")]
 pub use rt::{
     __start, abort, disk, generation, heap_used, host, log_enabled, log_message, on_restore,
-    preserve, preserve_region, random_bytes, random_u64, report_garbage, Exports, FallibleGuestFn,
-    GuestError, GuestFn, LogLevel, PreserveError,
+    preserve, preserve_region, random_bytes, random_u64, report_garbage, trace, Exports,
+    FallibleGuestFn, GuestError, GuestFn, LogLevel, PreserveError,
 };
 
 /// Declares the guest's init function and the program entry point.

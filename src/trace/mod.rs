@@ -7,6 +7,8 @@
 //! code or tenant.
 
 mod cache;
+mod profile;
 mod working_set;
 
 pub use cache::{CodeId, TraceCache, TraceError, TraceKey, TraceKind, MAX_KEY_LEN};
+pub use profile::{ProfileScope, DEFAULT_RUNTIME};

@@ -21,7 +21,7 @@ const MAX_FILE_NAME: u64 = 4096;
 
 /// The name of the exported function at `index` (the call being served),
 /// for log fields and host functions; `"(init)"` outside a call.
-fn current_function_name(functions: &HashMap<String, u64>, index: Option<u64>) -> &str {
+pub(super) fn current_function_name(functions: &HashMap<String, u64>, index: Option<u64>) -> &str {
     index
         .and_then(|index| functions.iter().find(|(_, &i)| i == index))
         .map_or("(init)", |(name, _)| name.as_str())
@@ -165,6 +165,8 @@ impl VmInstance {
                     Some(Hypercall::Panic) => return Err(self.hypercall_panic()),
                     Some(Hypercall::Abort) => return Err(self.hypercall_abort()),
                     Some(Hypercall::Preserve) => self.hypercall_preserve()?,
+                    Some(Hypercall::TraceExport) => self.hypercall_trace_export()?,
+                    Some(Hypercall::TraceImport) => self.hypercall_trace_import()?,
                     Some(Hypercall::OutOfMemory) => {
                         let [requested] = self.read_words::<1>(ARGS)?;
                         let [heap_used] =

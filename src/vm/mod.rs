@@ -31,6 +31,7 @@ mod loader;
 pub(crate) mod machine;
 pub(crate) mod memory;
 pub(crate) mod persist;
+mod profile;
 pub mod raw;
 mod timer;
 
@@ -43,8 +44,8 @@ use std::time::Duration;
 pub use config::{
     HostFn, HostFnError, HostFnWithCaller, ScratchDisk, TimeoutClock, VmConfig, DEFAULT_LOG_BUDGET,
     DEFAULT_MAX_HOST_CALL_INPUT, DEFAULT_MAX_HOST_CALL_OUTPUT, DEFAULT_MAX_MESSAGE,
-    DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED, DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE,
-    MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
+    DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED, DEFAULT_MAX_PROFILE, DEFAULT_MEMORY_SIZE,
+    DEFAULT_TIMEOUT, MAX_DISK_SIZE, MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, VmError};
 pub use host::HostCaller;
@@ -164,6 +165,8 @@ pub struct VmInstance {
     interrupt: std::sync::Arc<interrupt::Shared>,
     /// Index of the function being called (for log fields); `None` in init.
     current_function: Option<u64>,
+    /// Guest profiles: where they go, and the code identity they are keyed by.
+    profiles: profile::Profiles,
 }
 
 /// Most regions a guest may preserve.
@@ -285,6 +288,7 @@ impl VmInstance {
             exit_pending: false,
             interrupt: std::sync::Arc::default(),
             current_function: None,
+            profiles: profile::Profiles::new(config.profiles.clone()),
             data: None,
         }
     }

@@ -178,6 +178,7 @@ impl VmInstance {
         let mut vm = Self::from_machine(machine, config);
         vm.install_guest(guest)?;
         vm.track_from(tracked)?;
+        vm.profiles.origin = Some(tracked);
         Ok(vm)
     }
 
@@ -235,6 +236,7 @@ impl VmInstance {
         }
         self.install_guest(guest)?;
         self.write_preserved(preserved)?;
+        self.profiles.origin = Some(source.id());
         if self.base != Some(source.id()) {
             self.track_from(source.id())?;
         }

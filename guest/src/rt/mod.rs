@@ -4,6 +4,7 @@ mod alloc_impl;
 mod mem;
 mod panic;
 mod restore;
+pub mod trace;
 
 use core::cell::UnsafeCell;
 use core::fmt;
