@@ -80,7 +80,8 @@ impl crate::StoreError {
             | E::SweepInProgress { .. }
             | E::List { .. }
             | E::Random(_)
-            | E::WorkerPanicked => ErrorKind::Host,
+            | E::WorkerPanicked
+            | E::FetchTimeout { .. } => ErrorKind::Host,
         }
     }
 }

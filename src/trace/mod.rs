@@ -12,3 +12,4 @@ mod working_set;
 
 pub use cache::{CodeId, TraceCache, TraceError, TraceKey, TraceKind, MAX_KEY_LEN};
 pub use profile::{ProfileScope, DEFAULT_RUNTIME};
+pub use working_set::WorkingSet;
