@@ -406,6 +406,22 @@ impl TraceCache {
         let encoded = key.encode();
         let hash = key_hash(&encoded);
         let mut inner = self.lock();
+        if !inner.entries.contains_key(&hash) {
+            // Another process sharing the directory may have written it.
+            let dir = self.dir.as_ref()?;
+            let (found, value) = read_entry(&entry_path(dir, &hash), self.max_bytes)?;
+            if found != *key {
+                drop_file(
+                    &entry_path(dir, &hash),
+                    "it carries another key (renamed or foreign)",
+                );
+                return None;
+            }
+            let size = entry_size(encoded.len(), value.len());
+            self.insert(&mut inner, hash, found, size, None);
+            // `insert` may have evicted it right away (a full cache).
+            return inner.entries.contains_key(&hash).then_some(value);
+        }
         let entry = inner.entries.get(&hash)?;
         if entry.key != *key {
             // A SHA-256 collision; treat as missing.
