@@ -6,6 +6,7 @@
 pub mod reset;
 pub mod snapshot;
 pub mod store;
+pub mod trace;
 pub mod vm;
 
 use std::time::{Duration, Instant};
