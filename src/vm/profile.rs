@@ -24,9 +24,9 @@ pub(crate) struct Profiles {
     /// The snapshot this VM's state came from (restored, or reset to);
     /// `None` for a VM booted from its program.
     pub(crate) origin: Option<SnapshotId>,
-    /// A blob an import found too large for the guest's buffer, kept for
-    /// the guest's second import (bounded by the profile limit).
-    pending: Option<Vec<u8>>,
+    /// A blob an import found too large for the guest's buffer, kept with
+    /// its key for the guest's second import (bounded by the profile limit).
+    pending: Option<(TraceKey, Vec<u8>)>,
 }
 
 impl Profiles {
@@ -100,9 +100,12 @@ impl VmInstance {
         let Some(scope) = self.profiles.scope.clone() else {
             return self.write_words(RET, &[abi::TRACE_UNAVAILABLE, 0]);
         };
+        let key = self.profile_key(&scope);
         let blob = match self.profiles.pending.take() {
-            Some(blob) if blob.len() as u64 <= cap => Some(blob),
-            _ => scope.cache().get(&self.profile_key(&scope)),
+            // The blob the previous import announced, if it was for the same
+            // function and tenant and now fits.
+            Some((pending, blob)) if pending == key && blob.len() as u64 <= cap => Some(blob),
+            _ => scope.cache().get(&key),
         };
         let limit = self.limits.profile;
         let blob = match blob {
@@ -121,7 +124,7 @@ impl VmInstance {
         };
         let len = blob.len() as u64;
         if len > cap {
-            self.profiles.pending = Some(blob);
+            self.profiles.pending = Some((key, blob));
             return self.write_words(RET, &[abi::TRACE_TOO_SMALL, len]);
         }
         self.machine
