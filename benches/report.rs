@@ -55,6 +55,7 @@ fn main() -> ExitCode {
     all.extend(figures::fleet::measure(&ctx));
     all.extend(figures::executor::measure(&ctx));
     all.extend(figures::gateway::measure(&ctx));
+    all.extend(figures::trace::measure(&ctx));
 
     print!("{}", table(&all));
     println!(

@@ -4,6 +4,7 @@
 use crate::policy::TxError;
 use crate::snapshot::SnapshotError;
 use crate::store::StoreError;
+use crate::trace::TraceError;
 use crate::vm::{InvalidGuest, VmError};
 
 /// Any error snapvm returns. Match on the variant to reach the module's own
@@ -24,6 +25,9 @@ pub enum Error {
     /// A transaction did not succeed.
     #[error(transparent)]
     Tx(#[from] TxError),
+    /// The trace cache failed.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
 }
 
 impl From<InvalidGuest> for Error {
@@ -40,6 +44,7 @@ impl Error {
             Self::Snapshot(e) => e.kind(),
             Self::Store(e) => e.kind(),
             Self::Tx(e) => e.kind(),
+            Self::Trace(e) => e.kind(),
         }
     }
 
@@ -48,7 +53,7 @@ impl Error {
         match self {
             Self::Vm(e) => Some(e),
             Self::Snapshot(e) => e.vm_error(),
-            Self::Store(_) => None,
+            Self::Store(_) | Self::Trace(_) => None,
             Self::Tx(e) => e.vm_error(),
         }
     }

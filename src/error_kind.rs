@@ -5,7 +5,8 @@
 
 /// What kind of failure an error is. Every error type of snapvm has a
 /// `kind()` ([`crate::Error::kind`], [`crate::VmError::kind`],
-/// [`crate::SnapshotError::kind`], [`crate::StoreError::kind`]) and a
+/// [`crate::SnapshotError::kind`], [`crate::StoreError::kind`],
+/// [`crate::trace::TraceError::kind`]) and a
 /// `vm_error()` that reaches the [`VmError`](crate::VmError) inside, if
 /// any, so one `match` serves them all.
 ///
@@ -81,7 +82,21 @@ impl crate::StoreError {
             | E::SweepInProgress { .. }
             | E::List { .. }
             | E::Random(_)
-            | E::WorkerPanicked => ErrorKind::Host,
+            | E::WorkerPanicked
+            | E::FetchTimeout { .. } => ErrorKind::Host,
+        }
+    }
+}
+
+impl crate::trace::TraceError {
+    /// What kind of failure this is (see [`ErrorKind`]): an entry or key
+    /// over a limit is [`ErrorKind::BadRequest`], I/O failures
+    /// [`ErrorKind::Host`].
+    pub fn kind(&self) -> ErrorKind {
+        use crate::trace::TraceError as E;
+        match self {
+            E::TooLarge { .. } | E::KeyTooLarge { .. } => ErrorKind::BadRequest,
+            E::Open { .. } | E::Write { .. } => ErrorKind::Host,
         }
     }
 }

@@ -87,6 +87,7 @@ mod error_kind;
 pub mod policy;
 pub mod snapshot;
 pub mod store;
+pub mod trace;
 pub mod vm;
 
 /// The host/guest ABI, shared with the `snapvm-guest` crate.

@@ -155,7 +155,7 @@ fn a_data_set_that_is_not_a_snapshot_is_rejected() {
     let stranger = ConvergentStore::open_dir(dir.path(), ManifestKey::from_bytes([6; 32])).unwrap();
     assert!(matches!(
         Snapshot::load_from_store(&stranger, &id),
-        Err(SnapshotError::Store(_))
+        Err(SnapshotError::Store { .. })
     ));
 }
 

@@ -10,6 +10,7 @@ pub mod reset;
 pub mod snapshot;
 pub mod store;
 pub mod tx;
+pub mod trace;
 pub mod vm;
 
 use std::time::{Duration, Instant};

@@ -99,6 +99,14 @@ pub enum Hypercall {
     /// The transaction ends: `args = [outcome, reason_ptr, reason_len]`,
     /// outcome [`TX_COMMIT`] or [`TX_ABORT`] (with a UTF-8 reason).
     TxEnd = 11,
+    /// Export a profile blob for later environments of the same code and
+    /// tenant: `args = [ptr, len]`; `ret = [status]` with status one of the
+    /// `TRACE_*` values.
+    TraceExport = 16,
+    /// Import the newest profile blob an earlier environment exported:
+    /// `args = [ptr, cap]`; `ret = [status, len]` with status one of the
+    /// `TRACE_*` values (`TRACE_TOO_SMALL` gives the length needed).
+    TraceImport = 17,
 }
 
 impl Hypercall {
@@ -116,6 +124,8 @@ impl Hypercall {
             9 => Self::OutOfMemory,
             10 => Self::TxBegin,
             11 => Self::TxEnd,
+            16 => Self::TraceExport,
+            17 => Self::TraceImport,
             _ => return None,
         })
     }
@@ -164,6 +174,18 @@ pub const TX_COMMIT: u64 = 0;
 /// [`Hypercall::TxEnd`] outcome: the transaction failed; the arguments
 /// carry the reason.
 pub const TX_ABORT: u64 = 1;
+/// Trace status: the blob was stored (export) or copied (import).
+pub const TRACE_OK: u64 = 0;
+/// Trace status (import): no blob is stored for this code and tenant.
+pub const TRACE_NONE: u64 = 1;
+/// Trace status (import): the blob is `ret[1]` bytes, more than the buffer
+/// holds; nothing was copied.
+pub const TRACE_TOO_SMALL: u64 = 2;
+/// Trace status (export): the blob exceeds the VM's profile size limit.
+pub const TRACE_TOO_LARGE: u64 = 3;
+/// Trace status: the host keeps no profiles for this VM, or failed to
+/// store this one.
+pub const TRACE_UNAVAILABLE: u64 = 4;
 
 /// [`AbiPage::garbage`] when the guest reported no garbage measure.
 pub const GARBAGE_UNREPORTED: u64 = u64::MAX;
@@ -319,6 +341,10 @@ const _: () = {
     assert!(Hypercall::OutOfMemory as u32 == 9);
     assert!(Hypercall::TxBegin as u32 == 10 && Hypercall::TxEnd as u32 == 11);
     assert!(TX_COMMIT == 0 && TX_ABORT == 1);
+    assert!(Hypercall::TraceExport as u32 == 16);
+    assert!(Hypercall::TraceImport as u32 == 17);
+    assert!(TRACE_OK == 0 && TRACE_NONE == 1 && TRACE_TOO_SMALL == 2);
+    assert!(TRACE_TOO_LARGE == 3 && TRACE_UNAVAILABLE == 4);
     assert!(REQUEST_CALL == 1 && REQUEST_GROW_INPUT == 2);
     assert!(STATUS_OK == 0 && STATUS_OUT_OF_MEMORY == 1 && STATUS_BAD_REQUEST == 2);
     assert!(STATUS_GUEST_ERROR == 3);
@@ -333,7 +359,7 @@ const _: () = {
 // `from_u32` is the inverse of the discriminants above.
 const _: () = {
     let mut nr = 0;
-    while nr < 16 {
+    while nr < 32 {
         if let Some(h) = Hypercall::from_u32(nr) {
             assert!(h as u32 == nr);
         }

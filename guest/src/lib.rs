@@ -45,7 +45,7 @@ mod rt;
 #[cfg(feature = "runtime")]
 pub use rt::{
     __start, abort, disk, generation, heap_used, host, log_enabled, log_message, on_restore,
-    preserve, preserve_region, random_bytes, random_u64, report_garbage, tx, Exports,
+    preserve, preserve_region, random_bytes, random_u64, report_garbage, trace, tx, Exports,
     FallibleGuestFn, GuestError, GuestFn, LogLevel, PreserveError,
 };
 

@@ -12,9 +12,18 @@ pub enum SnapshotError {
     /// The VM failed (creating the restored VM, or reading its state).
     #[error(transparent)]
     Vm(VmError),
-    /// The store failed (saving to or loading from a `ConvergentStore`).
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    /// The store failed (saving to or loading from a `ConvergentStore`, or
+    /// filling the memory of a VM restored straight from one). `block`
+    /// names the block when one block was at fault: it failed verification
+    /// (id or AES-GCM tag), was missing, or did not arrive in time.
+    #[error("{}{source}", block.map(|b| format!("store block {b}: ")).unwrap_or_default())]
+    Store {
+        /// The block at fault, if the failure was one block's.
+        block: Option<crate::store::BlockId>,
+        /// The store's error.
+        #[source]
+        source: crate::store::StoreError,
+    },
     /// Only a ready VM can be captured: a poisoned one stopped mid-call.
     #[error("the VM is poisoned and cannot be captured")]
     NotReady,
@@ -158,7 +167,7 @@ impl SnapshotError {
         use crate::ErrorKind as K;
         match self {
             Self::Vm(e) => e.kind(),
-            Self::Store(e) => e.kind(),
+            Self::Store { source, .. } => source.kind(),
             Self::Io { .. } => K::Host,
             Self::NotReady => K::Poisoned,
             Self::Symlink { .. }
@@ -195,6 +204,15 @@ impl From<crate::vm::cpu::CpuMismatch> for SnapshotError {
             index: m.index,
             register: m.register,
             missing: m.missing,
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for SnapshotError {
+    fn from(source: crate::store::StoreError) -> Self {
+        SnapshotError::Store {
+            block: None,
+            source,
         }
     }
 }

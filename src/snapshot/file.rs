@@ -357,6 +357,7 @@ pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError
     let (head, memory_offset) = encode_header_and_state(snapshot);
     let io = |step| SnapshotError::io(step, Some(path));
     let (mut file, tmp) = create_temp(path).map_err(io("creating the snapshot file"))?;
+    s.memory.ensure_all()?;
     let result = (|| {
         file.write_all(&head)
             .map_err(io("writing the header and state"))?;
@@ -438,15 +439,64 @@ fn load_from(file: File, path: &Path, base: Option<&Snapshot>) -> Result<Snapsho
     }
     let source = FileIdentity::of(&file, path.to_path_buf())
         .map_err(SnapshotError::io("stat", Some(path)))?;
-    decode_state(&state, &h, file, source, base)
+    let offset = h.memory_offset;
+    decode_state(&state, &h, base, |size, extents, block_crc| {
+        MemoryImage::from_file(file, offset, size, extents, block_crc, source)
+    })
+}
+
+/// Reads the header and state of a full snapshot from `head` (the tail of
+/// its data set in a store) for an on-demand image of `size` bytes held in
+/// `cache` and filled by `memory`.
+pub(crate) fn load_on_demand(
+    head: &[u8],
+    cache: File,
+    size: u64,
+    memory: Arc<super::ondemand::StoreMemory>,
+) -> Result<Snapshot, SnapshotError> {
+    let header: &[u8; HEADER_SIZE as usize] = head
+        .get(..HEADER_SIZE as usize)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(SnapshotError::Truncated {
+            section: "header",
+            needed: HEADER_SIZE,
+            available: head.len() as u64,
+        })?;
+    // The memory image is not in `head`: any length passes the header's
+    // own check, the sizes are checked here.
+    let h = Header::decode(header, u64::MAX)?;
+    let malformed = |reason| SnapshotError::Malformed {
+        section: "store data set",
+        reason,
+    };
+    if h.memory_size != size {
+        return Err(malformed("memory size differs from the manifest's"));
+    }
+    if h.flags & FLAG_DIFF != 0 {
+        return Err(malformed("a diff snapshot cannot be opened on demand"));
+    }
+    let state = usize::try_from(h.state_offset + h.state_len)
+        .ok()
+        .and_then(|end| head.get(h.state_offset as usize..end))
+        .ok_or(SnapshotError::Truncated {
+            section: "state",
+            needed: h.state_offset + h.state_len,
+            available: head.len() as u64,
+        })?;
+    let digest: [u8; 32] = Sha256::digest(state).into();
+    if digest != h.state_digest {
+        return Err(SnapshotError::ChecksumMismatch { section: "state" });
+    }
+    decode_state(state, &h, None, |size, extents, block_crc| {
+        MemoryImage::new_on_demand(cache, size, extents, block_crc, memory)
+    })
 }
 
 fn decode_state(
     state: &[u8],
     h: &Header,
-    file: File,
-    source: FileIdentity,
     base: Option<&Snapshot>,
+    image: impl FnOnce(u64, Vec<Extent>, Vec<u32>) -> Result<MemoryImage, SnapshotError>,
 ) -> Result<Snapshot, SnapshotError> {
     let mut r = Reader::new(state, "state");
     let malformed = |reason| SnapshotError::Malformed {
@@ -568,14 +618,7 @@ fn decode_state(
         .map(|_| r.u32())
         .collect::<Result<Vec<_>, _>>()?;
     r.finish()?;
-    let memory = MemoryImage::from_file(
-        file,
-        h.memory_offset,
-        h.memory_size,
-        extents,
-        block_crc,
-        source,
-    )?;
+    let memory = image(h.memory_size, extents, block_crc)?;
     Ok(Snapshot {
         inner: Arc::new(Inner {
             id,

@@ -12,9 +12,11 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use memmap2::{Mmap, MmapOptions};
 
+use super::ondemand::StoreMemory;
 use super::SnapshotError;
 use crate::abi::PAGE_SIZE;
 use crate::vm::memory::{Backing, GuestRam};
@@ -74,6 +76,10 @@ pub(crate) struct MemoryImage {
     verified: Vec<AtomicBool>,
     holes_checked: AtomicBool,
     pub(crate) source: Option<FileIdentity>,
+    /// For an image restored straight from a store: the block cache that
+    /// fills `file` on demand (its blocks are authenticated by the store,
+    /// so the CRCs are not checked).
+    on_demand: Option<Arc<StoreMemory>>,
 }
 
 pub(crate) fn memfd(size: u64) -> Result<File, SnapshotError> {
@@ -197,6 +203,7 @@ impl MemoryImage {
             verified,
             holes_checked: AtomicBool::new(true),
             source: None,
+            on_demand: None,
         })
     }
 
@@ -222,7 +229,51 @@ impl MemoryImage {
             verified,
             holes_checked: AtomicBool::new(false),
             source: Some(source),
+            on_demand: None,
         })
+    }
+
+    /// An image of `size` bytes in `cache` (a memfd, empty at first) that
+    /// `memory` fills block by block from a store.
+    pub(crate) fn new_on_demand(
+        cache: File,
+        size: u64,
+        extents: Vec<Extent>,
+        block_crc: Vec<u32>,
+        memory: Arc<StoreMemory>,
+    ) -> Result<Self, SnapshotError> {
+        let map = map(&cache, 0, size)?;
+        let verified = block_crc.iter().map(|_| AtomicBool::new(true)).collect();
+        Ok(Self {
+            file: cache,
+            offset: 0,
+            size,
+            map,
+            extents,
+            block_crc,
+            verified,
+            holes_checked: AtomicBool::new(true),
+            source: None,
+            on_demand: Some(memory),
+        })
+    }
+
+    /// The block cache filling this image, if it is restored on demand.
+    pub(crate) fn on_demand(&self) -> Option<&Arc<StoreMemory>> {
+        self.on_demand.as_ref()
+    }
+
+    /// Makes sure every stored page of the image is present (fetches the
+    /// rest of an on-demand image; nothing to do for others).
+    pub(crate) fn ensure_all(&self) -> Result<(), SnapshotError> {
+        self.ensure(0, self.size)
+    }
+
+    fn ensure(&self, addr: u64, len: u64) -> Result<(), SnapshotError> {
+        match &self.on_demand {
+            Some(m) => m.ensure_range(addr, len),
+            None => Ok(()),
+        }
     }
 
     /// Guest memory size.
@@ -362,6 +413,7 @@ impl MemoryImage {
                     return Ok(Some(None));
                 }
                 self.verify_block(page / BLOCK_PAGES)?;
+                self.ensure(page * PAGE_SIZE, PAGE_SIZE)?;
                 let start = (page * PAGE_SIZE) as usize;
                 Ok(Some(Some(&self.map[start..start + PAGE_SIZE as usize])))
             }
@@ -387,6 +439,7 @@ impl MemoryImage {
             let done = if e.zero {
                 ram.zero(e.addr(), e.len())
             } else {
+                self.ensure(e.addr(), e.len())?;
                 ram.copy_in(e.addr(), self.data(e))
             };
             done.map_err(|_| SnapshotError::Malformed {
@@ -395,6 +448,37 @@ impl MemoryImage {
             })?;
         }
         Ok(())
+    }
+
+    /// Asks the kernel to read `pages` of the image file into the page
+    /// cache (sorted and merged into ranges, so the reads are sequential).
+    /// Advisory: errors are ignored.
+    pub(crate) fn prefetch(&self, pages: impl Iterator<Item = u64>) {
+        let limit = self.size / PAGE_SIZE;
+        let mut sorted: Vec<u64> = pages.filter(|&p| p < limit).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut i = 0;
+        while i < sorted.len() {
+            let first = sorted[i];
+            let mut end = first + 1;
+            i += 1;
+            while i < sorted.len() && sorted[i] == end {
+                end += 1;
+                i += 1;
+            }
+            let (Ok(at), Ok(len)) = (
+                libc::off_t::try_from(self.offset + first * PAGE_SIZE),
+                libc::off_t::try_from((end - first) * PAGE_SIZE),
+            ) else {
+                return;
+            };
+            // SAFETY: posix_fadvise on a descriptor this image owns; it only
+            // starts reads into the page cache.
+            unsafe {
+                libc::posix_fadvise(self.file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED);
+            }
+        }
     }
 
     /// Zeroes in `ram` every page this image stores data for.

@@ -41,6 +41,7 @@
 mod error;
 mod file;
 mod image;
+mod ondemand;
 mod pool;
 mod stored;
 
@@ -50,6 +51,7 @@ use std::sync::Arc;
 pub use error::SnapshotError;
 #[doc(hidden)]
 pub use file::fuzz_load;
+pub use ondemand::OnDemandConfig;
 pub use pool::{PoolStats, ShellPool};
 
 use crate::vm::cpu::CpuState;
@@ -203,6 +205,9 @@ impl Snapshot {
             RestoreStrategy::Lazy => {
                 let root = &chain[0].inner.memory;
                 root.verify_all()?;
+                // Mapped without a fault handler, an on-demand image must
+                // be complete first.
+                root.ensure_all()?;
                 (
                     GuestRam::with_backing(size, root.backing()).map_err(map_err)?,
                     &chain[1..],
@@ -236,7 +241,16 @@ impl VmInstance {
         if self.state() != crate::vm::VmState::Ready {
             return Err(SnapshotError::NotReady);
         }
+        // Capture reads the pages the mapping holds: an on-demand image
+        // must hold all of its pages first.
+        if let Some(b) = self
+            .backing()
+            .and_then(|b| b.downcast_ref::<ondemand::OnDemandBacking>())
+        {
+            b.snapshot.inner.memory.ensure_all()?;
+        }
         let memory = MemoryImage::capture_full(self.ram())?;
+        self.check_memory()?;
         self.capture(memory, None)
     }
 
@@ -291,6 +305,10 @@ impl VmInstance {
         strategy: RestoreStrategy,
     ) -> Result<VmInstance, SnapshotError> {
         snapshot.check_restorable(config)?;
+        if let Some(memory) = snapshot.chain()[0].inner.memory.on_demand() {
+            // Memory arrives on demand, whatever the strategy.
+            return ondemand::restore(config, snapshot, memory);
+        }
         let ram = snapshot.build_ram(strategy)?;
         let machine = Machine::create(ram, config.dirty_tracking_enabled())?;
         let mut vm = snapshot.finish_restore(machine, config)?;
@@ -350,7 +368,13 @@ impl MemorySource for Snapshot {
         // If that image is the chain's root, it already holds the root's
         // pages; otherwise clear what it stores first.
         let mut skip = 0;
-        if let Some(backing) = backing.and_then(|b| b.downcast_ref::<Snapshot>()) {
+        let backing = backing.and_then(|b| {
+            b.downcast_ref::<Snapshot>().or_else(|| {
+                b.downcast_ref::<ondemand::OnDemandBacking>()
+                    .map(|o| &o.snapshot)
+            })
+        });
+        if let Some(backing) = backing {
             if backing.id() == chain[0].id() {
                 skip = 1;
             } else {
@@ -360,5 +384,36 @@ impl MemorySource for Snapshot {
         chain[skip..]
             .iter()
             .try_for_each(|s| s.inner.memory.apply(ram))
+    }
+}
+
+/// Guest pages `vm` touched since it was restored: in fault order for a VM
+/// restored on demand, in address order otherwise (the pages its memory
+/// mapping holds).
+pub(crate) fn touched_pages(vm: &VmInstance) -> Result<Vec<u64>, SnapshotError> {
+    let present = vm
+        .ram()
+        .present_pages()
+        .map_err(SnapshotError::io("reading /proc/self/pagemap", None))?;
+    let Some(mut order) = ondemand::fault_order(vm) else {
+        return Ok(present);
+    };
+    // The handler sees the first touch of each block; the other pages of a
+    // block that had arrived were mapped without it: add them after.
+    let mut seen = std::collections::HashSet::with_capacity(order.len());
+    seen.extend(order.iter().copied());
+    order.extend(present.into_iter().filter(|p| !seen.contains(p)));
+    Ok(order)
+}
+
+/// Brings `pages` of `snapshot`'s memory in ahead of a restore (see
+/// [`crate::trace::WorkingSet::prefetch`]).
+pub(crate) fn prefetch_pages(snapshot: &Snapshot, pages: impl Iterator<Item = u64>) {
+    let root = &snapshot.chain()[0].inner.memory;
+    match root.on_demand() {
+        Some(memory) => {
+            memory.prefetch(pages);
+        }
+        None => root.prefetch(pages),
     }
 }

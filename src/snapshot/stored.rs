@@ -72,6 +72,7 @@ impl Snapshot {
     /// Saves this snapshot into `store` and returns the manifest id to load
     /// it with. A diff is saved alone: save its base too.
     pub fn save_to_store(&self, store: &ConvergentStore) -> Result<ManifestId, SnapshotError> {
+        self.inner.memory.ensure_all()?;
         let (head, _) = encode_header_and_state(self);
         let size = self.memory_size();
         let mut extents = self.inner.memory.extents.iter();
@@ -124,12 +125,7 @@ fn load_from_store(
         reason,
     };
     let mut reader = store.reader(id)?;
-    let metadata = reader.manifest().metadata.clone();
-    let size = metadata
-        .strip_prefix(METADATA_TAG)
-        .and_then(|rest| <[u8; 8]>::try_from(rest).ok())
-        .map(u64::from_le_bytes)
-        .ok_or(malformed("not a snapshot (unknown metadata)"))?;
+    let size = memory_size_of(&reader.manifest().metadata)?;
     if size == 0 || size % HUGE_PAGE_SIZE != 0 || size > MAX_MEMORY_SIZE {
         return Err(malformed("memory size"));
     }
@@ -179,6 +175,18 @@ fn load_from_store(
         }
     }
     load_file(file, &PathBuf::from(format!("store:{id}")), base)
+}
+
+/// The memory size a snapshot's manifest metadata records.
+pub(crate) fn memory_size_of(metadata: &[u8]) -> Result<u64, SnapshotError> {
+    metadata
+        .strip_prefix(METADATA_TAG)
+        .and_then(|rest| <[u8; 8]>::try_from(rest).ok())
+        .map(u64::from_le_bytes)
+        .ok_or(SnapshotError::Malformed {
+            section: "store data set",
+            reason: "not a snapshot (unknown metadata)",
+        })
 }
 
 /// Bytes of the memory image read from the store at a time.

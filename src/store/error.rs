@@ -160,6 +160,15 @@ pub enum StoreError {
     /// An ingest worker thread panicked (a bug, or a panicking backend).
     #[error("an ingest worker thread panicked")]
     WorkerPanicked,
+    /// A block was not fetched before its deadline (restoring a snapshot
+    /// straight from the store).
+    #[error("block {block} did not arrive within {after:?}")]
+    FetchTimeout {
+        /// The block.
+        block: BlockId,
+        /// The deadline it missed.
+        after: std::time::Duration,
+    },
 }
 
 impl StoreError {

@@ -286,6 +286,17 @@ impl ConvergentStore {
             .ok_or(StoreError::ManifestMissing { manifest: *id })
     }
 
+    /// Fetches one block of a manifest: checks its id (SHA-256 of the
+    /// ciphertext) and AES-GCM tag, and decrypts it.
+    pub(crate) fn fetch_block(
+        &self,
+        id: &BlockId,
+        key: &BlockKey,
+        len: u32,
+    ) -> Result<Vec<u8>, StoreError> {
+        stream::fetch_block(self, id, key, len)
+    }
+
     /// Writes the data set `id` to `output`, in order; returns its length.
     pub fn get(&self, id: &ManifestId, output: impl Write) -> Result<u64, StoreError> {
         let manifest = self.manifest(id)?;

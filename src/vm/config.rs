@@ -27,6 +27,8 @@ pub const DEFAULT_MAX_HOST_CALL_OUTPUT: u64 = 16 << 20;
 pub const DEFAULT_MAX_MESSAGE: u64 = 16 << 10;
 /// Default budget of guest log bytes per call (and for init).
 pub const DEFAULT_LOG_BUDGET: u64 = 256 << 10;
+/// Default limit on one guest profile blob (`snapvm_guest::trace`).
+pub const DEFAULT_MAX_PROFILE: u64 = 4 << 20;
 
 /// The error type host functions return. Its `Display` text is passed to
 /// the guest, which sees `HostError::Failed(message)`.
@@ -97,6 +99,7 @@ pub struct VmConfig {
     pub(crate) max_preserved: u64,
     pub(crate) scratch_disk: Option<ScratchDisk>,
     pub(crate) limits: GuestLimits,
+    pub(crate) profiles: Option<crate::trace::ProfileScope>,
 }
 
 /// Limits on what the host allocates or copies on a guest's behalf. Each
@@ -115,6 +118,8 @@ pub(crate) struct GuestLimits {
     pub(crate) message: u64,
     /// Log bytes per call ([`DEFAULT_LOG_BUDGET`]).
     pub(crate) log_budget: u64,
+    /// One guest profile blob ([`DEFAULT_MAX_PROFILE`]).
+    pub(crate) profile: u64,
 }
 
 impl Default for GuestLimits {
@@ -124,6 +129,7 @@ impl Default for GuestLimits {
             host_call_output: DEFAULT_MAX_HOST_CALL_OUTPUT,
             message: DEFAULT_MAX_MESSAGE,
             log_budget: DEFAULT_LOG_BUDGET,
+            profile: DEFAULT_MAX_PROFILE,
         }
     }
 }
@@ -214,6 +220,7 @@ impl fmt::Debug for VmConfig {
             .field("max_preserved", &self.max_preserved)
             .field("scratch_disk", &self.scratch_disk)
             .field("limits", &self.limits)
+            .field("profiles", &self.profiles)
             .finish()
     }
 }
@@ -234,6 +241,7 @@ impl VmConfig {
             max_preserved: DEFAULT_MAX_PRESERVED,
             scratch_disk: None,
             limits: GuestLimits::default(),
+            profiles: None,
         }
     }
 
@@ -423,6 +431,26 @@ impl VmConfig {
     /// cannot flood the host's logs.
     pub fn log_budget(mut self, bytes: u64) -> Self {
         self.limits.log_budget = bytes;
+        self
+    }
+
+    /// Keeps the guest's profiles (`snapvm_guest::trace`) in `scope`'s
+    /// cache, for its tenant: what a VM exports is offered to later VMs of
+    /// the same tenant, code and runtime version (see
+    /// [`ProfileScope`](crate::trace::ProfileScope) and `docs/trace.md`).
+    /// Without it the guest's exports are refused and its imports find
+    /// nothing.
+    pub fn profiles(mut self, scope: crate::trace::ProfileScope) -> Self {
+        self.profiles = Some(scope);
+        self
+    }
+
+    /// Largest guest profile blob the host stores or offers (default
+    /// [`DEFAULT_MAX_PROFILE`]). A larger export is refused
+    /// (`ExportError::TooLarge` in the guest) before a byte is copied; a
+    /// larger stored blob is never offered.
+    pub fn max_profile(mut self, bytes: u64) -> Self {
+        self.limits.profile = bytes;
         self
     }
 

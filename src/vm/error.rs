@@ -361,6 +361,20 @@ pub enum VmError {
     /// stopped mid-call); a reset makes the VM usable again.
     #[error("the call was cancelled")]
     Cancelled,
+    /// Guest memory that is filled on demand (a VM restored straight from a
+    /// store) could not be filled: a block failed verification, was
+    /// missing, or did not arrive before the deadline. The source says
+    /// which (for a store, a [`SnapshotError::Store`](crate::SnapshotError::Store)
+    /// naming the block). *Poisons*, and stays: the VM cannot get that
+    /// memory; drop it and restore a new one.
+    #[error("guest page {page:#x} could not be filled: {source}")]
+    MemoryUnavailable {
+        /// The guest page (address / 4096) whose fill failed first.
+        page: u64,
+        /// Why.
+        #[source]
+        source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// The input of a typed call (`VmInstance::call`) could not be encoded.
     /// Nothing ran; the instance stays ready.
     #[error("the input of a typed call does not encode: {reason}")]
@@ -524,6 +538,7 @@ impl VmError {
             | Self::Timer(_)
             | Self::HostFunctionPanic { .. }
             | Self::Cancelled
+            | Self::MemoryUnavailable { .. }
             | Self::VcpuStuck { .. }
             | Self::Transaction(_) => true,
             Self::KvmUnavailable { .. }
@@ -580,6 +595,7 @@ impl VmError {
             | Self::MapMemory { .. }
             | Self::Entropy(_)
             | Self::Timer(_)
+            | Self::MemoryUnavailable { .. }
             | Self::HostFunctionPanic { .. } => K::Host,
         }
     }

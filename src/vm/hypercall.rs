@@ -120,11 +120,18 @@ impl VmInstance {
         mut call_data: CallData<'_>,
     ) -> Result<Stop, VmError> {
         loop {
+            self.check_memory()?;
             if self.interrupt.requested() {
                 return Err(VmError::Cancelled);
             }
             self.exit_pending = true;
-            let Some((port, value, size)) = io_exit(self.machine.vcpu.run())? else {
+            let exit = self.machine.vcpu.run();
+            // Memory that could not be filled poisons the VM before any exit
+            // is served: the guest may have run on a stand-in page.
+            if let Some(fault) = &self.memory_fault {
+                fault.check()?;
+            }
+            let Some((port, value, size)) = io_exit(exit)? else {
                 if self.interrupt.requested() {
                     return Err(VmError::Cancelled);
                 }
@@ -167,6 +174,8 @@ impl VmInstance {
                     Some(Hypercall::Preserve) => self.hypercall_preserve()?,
                     Some(Hypercall::TxBegin) => self.hypercall_tx_begin()?,
                     Some(Hypercall::TxEnd) => self.hypercall_tx_end()?,
+                    Some(Hypercall::TraceExport) => self.hypercall_trace_export()?,
+                    Some(Hypercall::TraceImport) => self.hypercall_trace_import()?,
                     Some(Hypercall::OutOfMemory) => {
                         let [requested] = self.read_words::<1>(ARGS)?;
                         let [heap_used] =
@@ -329,6 +338,8 @@ impl VmInstance {
                 .ram
                 .read_vec(in_ptr, in_len)
                 .map_err(|e| bad("HostCall", e.into()))?;
+            // The input must not be a stand-in for memory that failed.
+            self.check_memory()?;
             if deadline.is_some() {
                 timer::disarm();
             }

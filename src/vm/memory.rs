@@ -222,6 +222,32 @@ impl GuestRam {
         Ok(vec)
     }
 
+    /// Guest pages this process's page tables map (touched since the
+    /// mapping was made or last discarded), from `/proc/self/pagemap`.
+    pub(crate) fn present_pages(&self) -> io::Result<Vec<u64>> {
+        use std::os::unix::fs::FileExt;
+        let page = crate::abi::PAGE_SIZE as usize;
+        let pages = self.mapping.size / page;
+        let file = std::fs::File::open("/proc/self/pagemap")?;
+        let first = (self.mapping.addr.as_ptr() as usize / page) as u64 * 8;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 8 * 4096];
+        let mut done = 0usize;
+        while done < pages {
+            let n = (pages - done).min(4096);
+            file.read_exact_at(&mut buf[..n * 8], first + done as u64 * 8)?;
+            for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                // Bit 63: present; bit 62: swapped out.
+                if e & (3 << 62) != 0 {
+                    out.push((done + i) as u64);
+                }
+            }
+            done += n;
+        }
+        Ok(out)
+    }
+
     /// The whole of guest memory as a byte slice.
     ///
     /// # Safety

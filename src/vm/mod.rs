@@ -36,9 +36,11 @@ mod loader;
 pub(crate) mod machine;
 pub(crate) mod memory;
 pub(crate) mod persist;
+mod profile;
 pub mod raw;
 mod timer;
 mod tx;
+pub(crate) mod userfault;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -49,8 +51,8 @@ use std::time::Duration;
 pub use config::{
     HostFn, HostFnError, HostFnWithCaller, ScratchDisk, TimeoutClock, VmConfig, DEFAULT_LOG_BUDGET,
     DEFAULT_MAX_HOST_CALL_INPUT, DEFAULT_MAX_HOST_CALL_OUTPUT, DEFAULT_MAX_MESSAGE,
-    DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED, DEFAULT_MEMORY_SIZE, DEFAULT_TIMEOUT, MAX_DISK_SIZE,
-    MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
+    DEFAULT_MAX_OUTPUT, DEFAULT_MAX_PRESERVED, DEFAULT_MAX_PROFILE, DEFAULT_MEMORY_SIZE,
+    DEFAULT_TIMEOUT, MAX_DISK_SIZE, MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, TxFault, VmError};
 pub use host::HostCaller;
@@ -149,6 +151,10 @@ pub struct VmInstance {
     base: Option<persist::SnapshotId>,
     /// What this VM's memory maps, kept alive with it (lazy restore).
     backing: Option<Box<persist::Backing>>,
+    /// The snapshot this VM was last restored from or rewound to.
+    origin: Option<persist::SnapshotId>,
+    /// Set when memory is filled on demand: a failed fill poisons the VM.
+    memory_fault: Option<Arc<userfault::MemoryFault>>,
     /// SHA-256 of the guest program this VM runs.
     program_digest: [u8; 32],
     /// Regions (address, length) the guest asked to keep across resets.
@@ -175,6 +181,8 @@ pub struct VmInstance {
     interrupt: std::sync::Arc<interrupt::Shared>,
     /// Index of the function being called (for log fields); `None` in init.
     current_function: Option<u64>,
+    /// Guest profiles: where they go, and the code identity they are keyed by.
+    profiles: profile::Profiles,
 }
 
 /// Most regions a guest may preserve.
@@ -286,6 +294,8 @@ impl VmInstance {
             dirty_tracking: config.dirty_tracking,
             base: None,
             backing: None,
+            memory_fault: None,
+            origin: None,
             program_digest: *config.program.digest(),
             preserved: Vec::new(),
             dirty: dirty::DirtyTracker::default(),
@@ -298,6 +308,7 @@ impl VmInstance {
             exit_pending: false,
             interrupt: std::sync::Arc::default(),
             current_function: None,
+            profiles: profile::Profiles::new(config.profiles.clone()),
             data: None,
         }
     }
@@ -457,8 +468,24 @@ impl VmInstance {
             .machine
             .ram
             .read(ptr, out)
-            .map_err(|e| bad("Done", e.into()));
+            .map_err(|e| bad("Done", e.into()))
+            // Never hand out bytes read from a stand-in for failed memory.
+            .and_then(|()| self.check_memory());
         result.map_err(|e| self.poison(e))
+    }
+
+    /// Fails if memory filled on demand could not be filled.
+    pub(crate) fn check_memory(&self) -> Result<(), VmError> {
+        match &self.memory_fault {
+            Some(fault) => fault.check(),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes a failure to fill this VM's memory poison it and kick its vCPU.
+    pub(crate) fn set_memory_fault(&mut self, fault: Arc<userfault::MemoryFault>) {
+        fault.set_interrupt(self.interrupt_handle());
+        self.memory_fault = Some(fault);
     }
 
     /// Runs one call and returns the guest address and length of its output.
@@ -540,6 +567,7 @@ impl VmInstance {
         let [output_ptr, output_len, status, heap_used] =
             self.read_words::<4>(field(offset_of!(AbiPage, output_ptr)))?;
         let [garbage] = self.read_words::<1>(field(offset_of!(AbiPage, garbage)))?;
+        self.check_memory()?;
         self.stats.heap_used = heap_used;
         self.stats.guest_garbage = (garbage != abi::GARBAGE_UNREPORTED).then_some(garbage);
         if status == abi::STATUS_GUEST_ERROR {
@@ -690,7 +718,9 @@ impl VmInstance {
             .map_err(|e| VmError::MemoryOutOfRange {
                 addr: e.addr,
                 len: e.len,
-            })
+            })?;
+        // Never hand out a stand-in for memory that could not be filled.
+        self.check_memory()
     }
 
     /// The regions the guest asked to keep across resets.

@@ -163,6 +163,16 @@ impl VmInstance {
         self.backing = Some(backing);
     }
 
+    /// The snapshot this VM was last restored from (or rewound to).
+    pub(crate) fn restored_from(&self) -> Option<SnapshotId> {
+        self.origin
+    }
+
+    /// What [`Self::set_backing`] gave this VM.
+    pub(crate) fn backing(&self) -> Option<&Backing> {
+        self.backing.as_deref()
+    }
+
     /// The restore constructor: a ready VM around `machine`, whose memory
     /// already holds the saved image, with the saved vCPU and guest state.
     pub(crate) fn from_saved(
@@ -178,6 +188,8 @@ impl VmInstance {
         let mut vm = Self::from_machine(machine, config);
         vm.install_guest(guest)?;
         vm.track_from(tracked)?;
+        vm.profiles.origin = Some(tracked);
+        vm.origin = Some(tracked);
         Ok(vm)
     }
 
@@ -235,9 +247,11 @@ impl VmInstance {
         }
         self.install_guest(guest)?;
         self.write_preserved(preserved)?;
+        self.profiles.origin = Some(source.id());
         if self.base != Some(source.id()) {
             self.track_from(source.id())?;
         }
+        self.origin = Some(source.id());
         self.clear_poison();
         Ok(())
     }

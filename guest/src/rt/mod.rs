@@ -5,6 +5,7 @@ mod mem;
 mod panic;
 mod restore;
 pub mod tx;
+pub mod trace;
 
 use core::cell::UnsafeCell;
 use core::fmt;

@@ -67,6 +67,8 @@ fn init(exports: &mut Exports) {
         .export("empty", |_| Vec::new())
         .export("echo", |input| input.to_vec())
         .export("counter", counter)
+        .export("fill_region", fill_region)
+        .export("touch_region", touch_region)
         .export("panic", |_| panic!("boom {}", 42))
         .export("abort", |_| snapvm_guest::abort("refusing this input"))
         .export("null_deref", null_deref)
@@ -107,6 +109,9 @@ fn init(exports: &mut Exports) {
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Address and length of the region `fill_region` made (0 before).
+static REGION: AtomicU64 = AtomicU64::new(0);
+static REGION_LEN: AtomicU64 = AtomicU64::new(0);
 static TOKEN: AtomicU64 = AtomicU64::new(0);
 static RESTORES: AtomicU64 = AtomicU64::new(0);
 static PRESERVED_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -531,4 +536,59 @@ fn sse_avx(input: &[u8]) -> Vec<u8> {
     let mut out = sse.to_le_bytes().to_vec();
     out.extend_from_slice(&avx.to_le_bytes());
     out
+}
+
+/// Allocates and keeps a region of N MiB (N = u16 LE in the first two
+/// input bytes), every word pseudo-random (seed: third byte): memory a
+/// snapshot stores in full. Replaces an earlier region (which stays
+/// allocated).
+fn fill_region(input: &[u8]) -> Vec<u8> {
+    let mib = u16::from_le_bytes([input[0], input[1]]) as usize;
+    let mut x = u64::from(input.get(2).copied().unwrap_or(1)) | 0x9E37_79B9_0000_0000;
+    let mut region = vec![0u64; mib << 17];
+    for w in region.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x;
+    }
+    REGION.store(region.as_ptr() as u64, Ordering::Relaxed);
+    REGION_LEN.store((mib << 20) as u64, Ordering::Relaxed);
+    core::mem::forget(region);
+    Vec::new()
+}
+
+/// Reads one word from each of N pages of the `fill_region` region (N = u32
+/// LE in input bytes 0..4), in runs of R consecutive pages (R = u32 LE in
+/// bytes 4..8, default 1) spread evenly over the region, and returns the
+/// wrapping sum of the words: a request whose working set is N scattered
+/// pages.
+fn touch_region(input: &[u8]) -> Vec<u8> {
+    let word = |i: usize| {
+        input
+            .get(i..i + 4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
+    };
+    let (n, run) = (word(0), word(4).max(1));
+    let (base, len) = (
+        REGION.load(Ordering::Relaxed),
+        REGION_LEN.load(Ordering::Relaxed),
+    );
+    let pages = len / 4096;
+    let runs = n.div_ceil(run).max(1);
+    let stride = (pages / runs).max(run);
+    let mut sum = 0u64;
+    let mut done = 0;
+    'outer: for r in 0..runs {
+        for p in 0..run {
+            let page = r * stride + p;
+            if done == n || page >= pages {
+                break 'outer;
+            }
+            // SAFETY: inside the region `fill_region` allocated and leaked.
+            sum = sum.wrapping_add(unsafe { ((base + page * 4096) as *const u64).read_volatile() });
+            done += 1;
+        }
+    }
+    sum.to_le_bytes().to_vec()
 }

@@ -1,0 +1,632 @@
+//! Restore straight from a [`ConvergentStore`], on demand: a VM starts
+//! before its snapshot has arrived.
+//!
+//! [`Snapshot::open_from_store`] reads only the snapshot's state (the tail
+//! of its data set). Its memory image is a sparse memfd that acts as the
+//! process-wide cache of the snapshot's blocks: every VM restored from the
+//! handle maps it privately (copy-on-write, as a lazy restore maps a
+//! file), and its mapping is registered with a userfaultfd. A fault on a
+//! page whose block has not arrived wakes the VM's handler thread, which
+//! asks the fetch workers for the block (the block id and AES-GCM tag are
+//! checked, then it is decrypted and written into the memfd, once, for all
+//! VMs) and then wakes the faulting access; pages of all-zero blocks get
+//! the zero page. With a working-set trace, the traced blocks are queued
+//! first and fetched in parallel while the guest starts; a block a fault
+//! needs jumps the queue.
+//!
+//! # Failing safely
+//! A block that fails verification, is missing, or does not arrive within
+//! [`OnDemandConfig::fetch_deadline`] poisons the VM: the handler records a
+//! [`SnapshotError::Store`] naming the block, kicks the vCPU (a `KVM_RUN`
+//! waiting on the fault returns `EINTR` without the guest seeing the page),
+//! and only then resolves the faulting access with a zero page so that no
+//! thread waits forever. The VM checks the failure before and after every
+//! entry into the guest, before serving any exit and before handing out
+//! any output, so nothing computed from the stand-in page leaves the VM:
+//! the call returns [`VmError::MemoryUnavailable`] and the VM stays
+//! poisoned.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::file::{load_on_demand, HEADER_SIZE, MAX_HEADER_AND_STATE};
+use super::image::memfd;
+use super::{Snapshot, SnapshotError};
+use crate::abi::{HUGE_PAGE_SIZE, PAGE_SIZE};
+use crate::store::{BlockId, BlockKey, ConvergentStore, Entry, ManifestId, StoreError};
+use crate::vm::machine::Machine;
+use crate::vm::memory::GuestRam;
+use crate::vm::userfault::{MemoryFault, Userfault};
+use crate::vm::{VmConfig, VmError, VmInstance, MAX_MEMORY_SIZE};
+
+/// Settings of an on-demand snapshot handle ([`Snapshot::open_from_store`]).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct OnDemandConfig {
+    /// How long a faulting access waits for its block before the VM is
+    /// poisoned with [`StoreError::FetchTimeout`]. Default 10 s.
+    pub fetch_deadline: Duration,
+    /// Threads fetching blocks (for faults and working-set prefetch), shared
+    /// by every VM restored from the handle. Default 4.
+    pub fetch_threads: usize,
+}
+
+impl Default for OnDemandConfig {
+    fn default() -> Self {
+        Self {
+            fetch_deadline: Duration::from_secs(10),
+            fetch_threads: 4,
+        }
+    }
+}
+
+const ABSENT: u8 = 0;
+const QUEUED: u8 = 1;
+const FETCHING: u8 = 2;
+const PRESENT: u8 = 3;
+const FAILED: u8 = 4;
+
+/// One distinct stored block of the memory image.
+struct Block {
+    id: BlockId,
+    key: BlockKey,
+    len: u32,
+    /// Offsets in the memory image where it occurs.
+    offsets: Vec<u64>,
+}
+
+struct State {
+    status: Vec<u8>,
+    errors: HashMap<u32, Arc<SnapshotError>>,
+    queue: VecDeque<u32>,
+    stop: bool,
+}
+
+struct Shared {
+    store: Arc<ConvergentStore>,
+    cache: File,
+    size: u64,
+    block_size: u64,
+    blocks: Vec<Block>,
+    /// For each block-sized slot of memory, its distinct block (or
+    /// `u32::MAX` for an all-zero one).
+    slots: Vec<u32>,
+    state: Mutex<State>,
+    /// Signalled when a block changes status or work is queued.
+    changed: Condvar,
+    deadline: Duration,
+    fetches: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is a table of bytes and a queue: never half-updated.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn worker(&self) {
+        loop {
+            let block = {
+                let mut st = self.lock();
+                loop {
+                    if st.stop {
+                        return;
+                    }
+                    match st.queue.pop_front() {
+                        Some(b) if st.status[b as usize] == QUEUED => {
+                            st.status[b as usize] = FETCHING;
+                            break b;
+                        }
+                        Some(_) => continue,
+                        None => st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner()),
+                    }
+                }
+            };
+            let result = self.fetch(block);
+            let mut st = self.lock();
+            match result {
+                Ok(()) => st.status[block as usize] = PRESENT,
+                Err(e) => {
+                    st.status[block as usize] = FAILED;
+                    st.errors.insert(block, Arc::new(e));
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    fn fetch(&self, block: u32) -> Result<(), SnapshotError> {
+        let b = &self.blocks[block as usize];
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let plain = self
+            .store
+            .fetch_block(&b.id, &b.key, b.len)
+            .map_err(|source| SnapshotError::Store {
+                block: Some(b.id),
+                source,
+            })?;
+        for &at in &b.offsets {
+            let n = (self.size - at).min(plain.len() as u64) as usize;
+            self.cache
+                .write_all_at(&plain[..n], at)
+                .map_err(SnapshotError::io("writing a fetched block", None))?;
+        }
+        Ok(())
+    }
+
+    /// The distinct block holding guest page `page`, if it stores data.
+    fn block_of(&self, page: u64) -> Option<u32> {
+        let slot = (page * PAGE_SIZE / self.block_size) as usize;
+        self.slots.get(slot).copied().filter(|&b| b != u32::MAX)
+    }
+
+    /// Queues `blocks` (those not yet asked for) behind earlier requests.
+    fn queue(&self, blocks: impl Iterator<Item = u32>) {
+        let mut st = self.lock();
+        for b in blocks {
+            if st.status[b as usize] == ABSENT {
+                st.status[b as usize] = QUEUED;
+                st.queue.push_back(b);
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until `block` is in the cache (asking for it first, ahead of
+    /// queued prefetches), at most the deadline.
+    fn ensure(&self, block: u32) -> Result<(), Arc<SnapshotError>> {
+        let mut st = self.lock();
+        let i = block as usize;
+        match st.status[i] {
+            PRESENT => return Ok(()),
+            ABSENT | QUEUED => {
+                st.status[i] = QUEUED;
+                st.queue.push_front(block);
+                self.changed.notify_all();
+            }
+            _ => {}
+        }
+        let until = Instant::now() + self.deadline;
+        loop {
+            match st.status[i] {
+                PRESENT => return Ok(()),
+                FAILED => return Err(Arc::clone(&st.errors[&block])),
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= until {
+                let id = self.blocks[i].id;
+                return Err(Arc::new(SnapshotError::Store {
+                    block: Some(id),
+                    source: StoreError::FetchTimeout {
+                        block: id,
+                        after: self.deadline,
+                    },
+                }));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The block cache of one on-demand snapshot handle and its fetch workers.
+/// Shared (through the snapshot and every VM restored from it); the
+/// workers stop when the last user is gone.
+pub(crate) struct StoreMemory {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for StoreMemory {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl StoreMemory {
+    /// Makes sure every stored page in `[addr, addr + len)` is in the
+    /// cache (the memfd reads as the snapshot there).
+    pub(crate) fn ensure_range(&self, addr: u64, len: u64) -> Result<(), SnapshotError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.shared.block_size;
+        let (first, last) = (addr / bs, (addr + len - 1) / bs);
+        let blocks: Vec<u32> = (first..=last)
+            .filter_map(|s| self.shared.slots.get(s as usize).copied())
+            .filter(|&b| b != u32::MAX)
+            .collect();
+        self.shared.queue(blocks.iter().copied());
+        for b in blocks {
+            self.shared.ensure(b).map_err(unwrap_shared)?;
+        }
+        Ok(())
+    }
+
+    /// Queues the blocks holding `pages` (in this order) for fetching by
+    /// the workers, behind what is already queued; returns how many
+    /// blocks were newly queued.
+    pub(crate) fn prefetch(&self, pages: impl Iterator<Item = u64>) -> usize {
+        let mut seen = vec![false; self.shared.blocks.len()];
+        let mut order = Vec::new();
+        for page in pages {
+            if let Some(b) = self.shared.block_of(page) {
+                if !std::mem::replace(&mut seen[b as usize], true) {
+                    order.push(b);
+                }
+            }
+        }
+        let before = self.shared.lock().queue.len();
+        self.shared.queue(order.into_iter());
+        self.shared.lock().queue.len().saturating_sub(before)
+    }
+
+    /// Blocks fetched from the store so far (each distinct block once,
+    /// unless a fetch failed).
+    pub(crate) fn fetches(&self) -> u64 {
+        self.shared.fetches.load(Ordering::Relaxed)
+    }
+}
+
+/// A shared error as an owned one, for calls that return `SnapshotError`.
+fn unwrap_shared(e: Arc<SnapshotError>) -> SnapshotError {
+    SnapshotError::Vm(VmError::MemoryUnavailable { page: 0, source: e })
+}
+
+/// The per-VM fault handler: a thread serving the VM's userfaultfd, stopped
+/// and joined when the VM is dropped.
+pub(crate) struct FaultHandler {
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+    order: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes to the eventfd this handler owns.
+        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl FaultHandler {
+    fn start(
+        ram: &GuestRam,
+        memory: Arc<StoreMemory>,
+        fault: Arc<MemoryFault>,
+    ) -> Result<Self, SnapshotError> {
+        let io = |step| SnapshotError::io(step, None);
+        let uffd = Userfault::new().map_err(io("opening a userfaultfd"))?;
+        uffd.register(ram.host_addr(), ram.size())
+            .map_err(io("registering guest memory with userfaultfd"))?;
+        // SAFETY: eventfd takes two integers and returns a new descriptor
+        // (or -1), owned from here on.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io("eventfd")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let stop = unsafe { OwnedFd::from_raw_fd(raw) };
+        let stop_raw = stop.as_raw_fd();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let serve = Serve {
+            uffd,
+            memory,
+            fault,
+            base: ram.host_addr(),
+            size: ram.size(),
+            order: Arc::clone(&order),
+            seen: vec![0u64; (ram.size() / PAGE_SIZE).div_ceil(64) as usize],
+        };
+        let thread = std::thread::Builder::new()
+            .name("snapvm-uffd".into())
+            .spawn(move || serve.run(stop_raw))
+            .map_err(io("starting the fault handler"))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            order,
+        })
+    }
+
+    /// Guest pages in the order this VM first faulted on them.
+    pub(crate) fn fault_order(&self) -> Vec<u64> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+struct Serve {
+    uffd: Userfault,
+    memory: Arc<StoreMemory>,
+    fault: Arc<MemoryFault>,
+    base: u64,
+    size: u64,
+    order: Arc<Mutex<Vec<u64>>>,
+    seen: Vec<u64>,
+}
+
+impl Serve {
+    fn run(mut self, stop: i32) {
+        let mut faults = [0u64; 16];
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.uffd.raw(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: polls two descriptors this thread's owner keeps open
+            // until it has joined the thread; `fds` lives for the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                continue; // EINTR
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            let n = match self.uffd.read_faults(&mut faults) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            for &addr in &faults[..n] {
+                self.serve(addr);
+            }
+        }
+    }
+
+    fn serve(&mut self, addr: u64) {
+        let Some(offset) = addr.checked_sub(self.base).filter(|&o| o < self.size) else {
+            return;
+        };
+        let page = offset / PAGE_SIZE;
+        let page_addr = self.base + page * PAGE_SIZE;
+        let (word, bit) = ((page / 64) as usize, page % 64);
+        if self.seen[word] & (1 << bit) == 0 {
+            self.seen[word] |= 1 << bit;
+            self.order
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(page);
+        }
+        let shared = &self.memory.shared;
+        let block = if self.fault.failed() {
+            None
+        } else {
+            shared.block_of(page)
+        };
+        let Some(block) = block else {
+            // An all-zero block, or memory that failed: the zero page.
+            let _ = self.uffd.zero(page_addr, PAGE_SIZE);
+            return;
+        };
+        match shared.ensure(block) {
+            Ok(()) => {
+                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+            }
+            Err(e) => {
+                // Poison first (and kick the vCPU), then release the access.
+                self.fault.fail(page, e);
+                let _ = self.uffd.zero(page_addr, PAGE_SIZE);
+            }
+        }
+    }
+}
+
+/// What an on-demand VM keeps alive: the snapshot whose memfd it maps and
+/// its fault handler (dropped, and joined, with the VM).
+pub(crate) struct OnDemandBacking {
+    pub(crate) snapshot: Snapshot,
+    pub(crate) handler: FaultHandler,
+}
+
+impl Snapshot {
+    /// Opens a full snapshot saved with [`Snapshot::save_to_store`] for
+    /// restoring **on demand**: only the snapshot's state is read now;
+    /// memory arrives block by block as VMs restored from this handle touch
+    /// it (see `docs/trace.md`, "On-demand restore"). Restore from the
+    /// returned handle as usual ([`VmInstance::restore`]); every VM restored
+    /// from it (and its clones) shares one block cache, so each block is
+    /// fetched at most once per handle. Prefetch a recorded working set
+    /// with [`WorkingSet::prefetch`](crate::trace::WorkingSet::prefetch).
+    ///
+    /// Needs a store block size that is a multiple of 4 KiB (the default
+    /// 64 KiB is), and userfaultfd (Linux; the process needs the right to
+    /// handle kernel faults: root, `CAP_SYS_PTRACE`, or access to
+    /// `/dev/userfaultfd`).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use snapvm::snapshot::OnDemandConfig;
+    /// use snapvm::store::{ConvergentStore, ManifestId, ManifestKey};
+    /// use snapvm::{GuestProgram, Snapshot, VmConfig, VmInstance};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let (key, id): (ManifestKey, ManifestId) = unimplemented!();
+    /// let store = Arc::new(ConvergentStore::open_dir("/var/lib/snaps", key)?);
+    /// let snapshot = Snapshot::open_from_store(&store, &id, &OnDemandConfig::default())?;
+    /// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?);
+    /// let mut vm = VmInstance::restore(&config, &snapshot)?; // starts at once
+    /// vm.invoke("handle", b"request")?; // fetches what it touches
+    /// # Ok(()) }
+    /// ```
+    pub fn open_from_store(
+        store: &Arc<ConvergentStore>,
+        id: &ManifestId,
+        config: &OnDemandConfig,
+    ) -> Result<Snapshot, SnapshotError> {
+        let malformed = |reason| SnapshotError::Malformed {
+            section: "store data set",
+            reason,
+        };
+        if config.fetch_threads == 0 || config.fetch_deadline.is_zero() {
+            return Err(malformed(
+                "on-demand settings: no fetch threads or no deadline",
+            ));
+        }
+        let mut reader = store.reader(id)?;
+        let manifest = reader.manifest().clone();
+        let size = super::stored::memory_size_of(&manifest.metadata)?;
+        let block_size = u64::from(manifest.block_size);
+        if block_size == 0 || block_size % PAGE_SIZE != 0 {
+            return Err(malformed("on-demand restore needs blocks of whole pages"));
+        }
+        if size == 0 || size % HUGE_PAGE_SIZE != 0 || size > MAX_MEMORY_SIZE {
+            return Err(malformed("memory size"));
+        }
+        let tail = reader
+            .len()
+            .checked_sub(size)
+            .filter(|&t| (HEADER_SIZE..=MAX_HEADER_AND_STATE).contains(&t))
+            .ok_or(malformed("length does not match the memory size"))?;
+        let io = |step| SnapshotError::io(step, None);
+        // Header and state: bounded by MAX_HEADER_AND_STATE, checked above.
+        let mut head = vec![0u8; tail as usize];
+        reader
+            .seek(SeekFrom::Start(size))
+            .map_err(io("seeking in the store"))?;
+        reader
+            .read_exact(&mut head)
+            .map_err(io("reading the snapshot state"))?;
+        // The memory image's blocks: every entry must have the manifest's
+        // block size except the last, so slot n starts at n × block size.
+        let mut blocks: Vec<Block> = Vec::new();
+        let mut by_id: HashMap<BlockId, u32> = HashMap::new();
+        let mut slots = Vec::new();
+        let mut offset = 0u64;
+        for entry in &manifest.entries {
+            if offset >= size {
+                break;
+            }
+            if u64::from(entry.len()) != block_size && offset + u64::from(entry.len()) < size {
+                return Err(malformed(
+                    "a memory block is not of the manifest's block size",
+                ));
+            }
+            match entry {
+                Entry::Zero { .. } => slots.push(u32::MAX),
+                Entry::Data { id, key, len } => {
+                    let next = blocks.len() as u32;
+                    let b = *by_id.entry(*id).or_insert(next);
+                    if b == next {
+                        blocks.push(Block {
+                            id: *id,
+                            key: key.clone(),
+                            len: *len,
+                            offsets: Vec::new(),
+                        });
+                    }
+                    blocks[b as usize].offsets.push(offset);
+                    slots.push(b);
+                }
+            }
+            offset += u64::from(entry.len());
+        }
+        let cache = memfd(size)?;
+        let shared = Arc::new(Shared {
+            store: Arc::clone(store),
+            cache: cache
+                .try_clone()
+                .map_err(io("duplicating the block cache"))?,
+            size,
+            block_size,
+            state: Mutex::new(State {
+                status: vec![ABSENT; blocks.len()],
+                errors: HashMap::new(),
+                queue: VecDeque::new(),
+                stop: false,
+            }),
+            blocks,
+            slots,
+            changed: Condvar::new(),
+            deadline: config.fetch_deadline,
+            fetches: AtomicU64::new(0),
+        });
+        let mut memory = StoreMemory {
+            shared: Arc::clone(&shared),
+            workers: Vec::new(),
+        };
+        for _ in 0..config.fetch_threads {
+            let s = Arc::clone(&shared);
+            let w = std::thread::Builder::new()
+                .name("snapvm-fetch".into())
+                .spawn(move || s.worker())
+                .map_err(io("starting a fetch thread"))?;
+            memory.workers.push(w);
+        }
+        load_on_demand(&head, cache, size, Arc::new(memory))
+    }
+
+    /// For a handle from [`Snapshot::open_from_store`], the number of
+    /// blocks fetched from the store so far; `None` for other snapshots.
+    pub fn blocks_fetched(&self) -> Option<u64> {
+        self.chain()[0]
+            .inner
+            .memory
+            .on_demand()
+            .map(|m| m.fetches())
+    }
+}
+
+/// Restores `snapshot`, whose root is an on-demand image: guest memory is
+/// a private mapping of the block cache, served by a fault handler.
+pub(crate) fn restore(
+    config: &VmConfig,
+    snapshot: &Snapshot,
+    memory: &Arc<StoreMemory>,
+) -> Result<VmInstance, SnapshotError> {
+    let chain = snapshot.chain();
+    let root = &chain[0].inner.memory;
+    let size = snapshot.memory_size();
+    let ram = GuestRam::with_backing(size, root.backing())
+        .map_err(|source| VmError::MapMemory { size, source })?;
+    let fault = Arc::new(MemoryFault::default());
+    let handler = FaultHandler::start(&ram, Arc::clone(memory), Arc::clone(&fault))?;
+    let built = (|| {
+        chain[1..]
+            .iter()
+            .try_for_each(|s| s.inner.memory.apply(&ram))?;
+        let machine = Machine::create(ram, config.dirty_tracking_enabled())?;
+        snapshot.finish_restore(machine, config)
+    })();
+    // A failure while the state was written is the store's, not the VM's.
+    fault.check()?;
+    let mut vm = built?;
+    vm.set_memory_fault(fault);
+    vm.set_backing(Box::new(OnDemandBacking {
+        snapshot: chain[0].clone(),
+        handler,
+    }));
+    Ok(vm)
+}
+
+/// Guest pages `vm` faulted on since it was restored, in fault order, when
+/// it was restored on demand.
+pub(crate) fn fault_order(vm: &VmInstance) -> Option<Vec<u64>> {
+    vm.backing()
+        .and_then(|b| b.downcast_ref::<OnDemandBacking>())
+        .map(|b| b.handler.fault_order())
+}

@@ -1,0 +1,15 @@
+//! Carrying what one short-lived VM learned into the next one.
+//!
+//! Two kinds of trace: the *working set* a restored VM touched (host side,
+//! used to prefetch memory on the next restore of the same snapshot) and
+//! *profiles* a guest exports for its successors (guest side). Both live in
+//! a [`TraceCache`], keyed so that an entry is never applied to the wrong
+//! code or tenant.
+
+mod cache;
+mod profile;
+mod working_set;
+
+pub use cache::{CodeId, TraceCache, TraceError, TraceKey, TraceKind, MAX_KEY_LEN};
+pub use profile::{ProfileScope, DEFAULT_RUNTIME};
+pub use working_set::WorkingSet;
