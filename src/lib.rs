@@ -78,6 +78,7 @@
 
 pub mod error;
 mod error_kind;
+pub mod net;
 pub mod policy;
 pub mod snapshot;
 pub mod store;
