@@ -89,6 +89,20 @@ pub enum Hypercall {
     Preserve = 8,
     /// The guest ran out of heap: `args = [requested_bytes]`. Never returns.
     OutOfMemory = 9,
+    /// The network device's identity: `ret = [status, mac, ip, gateway]`
+    /// with status one of the `NET_*` values, the MAC address in the low 48
+    /// bits of `mac` (first octet lowest), the IPv4 address in the low 32
+    /// bits of `ip` (first octet highest, as `u32::from(Ipv4Addr)`) and its
+    /// prefix length in bits 32..40, the gateway likewise.
+    NetInfo = 20,
+    /// Exchange Ethernet frames with the network device:
+    /// `args = [tx_ptr, tx_len, rx_ptr, rx_cap, wait_us]`. The host sends
+    /// the frames at `tx_ptr` (each a little-endian `u16` length and that
+    /// many bytes), then fills the buffer at `rx_ptr` with received frames
+    /// in the same format, waiting up to `wait_us` microseconds (at most
+    /// [`NET_MAX_WAIT_US`]) for the first one. `ret = [status, rx_len,
+    /// now_us, tx_dropped]`: `now_us` is the host's monotonic clock.
+    NetExchange = 21,
 }
 
 impl Hypercall {
@@ -104,6 +118,8 @@ impl Hypercall {
             7 => Self::Abort,
             8 => Self::Preserve,
             9 => Self::OutOfMemory,
+            20 => Self::NetInfo,
+            21 => Self::NetExchange,
             _ => return None,
         })
     }
@@ -146,6 +162,22 @@ pub const PRESERVE_OK: u64 = 0;
 pub const PRESERVE_OUT_OF_RANGE: u64 = 1;
 /// Preserve status: the VM's limit on preserved bytes or regions is exceeded.
 pub const PRESERVE_TOO_LARGE: u64 = 2;
+
+/// Network status: the call was served.
+pub const NET_OK: u64 = 0;
+/// Network status: this VM has no network device.
+pub const NET_NO_DEVICE: u64 = 1;
+/// Longest Ethernet frame (header included, no FCS) the device carries.
+pub const NET_MAX_FRAME: u64 = 1514;
+/// Most bytes of frames the host accepts in one [`Hypercall::NetExchange`].
+pub const NET_MAX_TX: u64 = 64 * 1024;
+/// Most bytes of frames the host returns in one [`Hypercall::NetExchange`].
+pub const NET_MAX_RX: u64 = 64 * 1024;
+/// Longest wait of one [`Hypercall::NetExchange`], in microseconds.
+pub const NET_MAX_WAIT_US: u64 = 1_000_000;
+/// The function a guest with networking exports so the host can make its
+/// stack take in frames the host queued (see `snapvm_guest::net`).
+pub const NET_POLL_EXPORT: &str = "snapvm.net.poll";
 
 /// [`AbiPage::garbage`] when the guest reported no garbage measure.
 pub const GARBAGE_UNREPORTED: u64 = u64::MAX;
@@ -298,6 +330,10 @@ const _: () = {
     assert!(Hypercall::Abort as u32 == 7);
     assert!(Hypercall::Preserve as u32 == 8);
     assert!(Hypercall::OutOfMemory as u32 == 9);
+    assert!(Hypercall::NetInfo as u32 == 20);
+    assert!(Hypercall::NetExchange as u32 == 21);
+    assert!(NET_OK == 0 && NET_NO_DEVICE == 1 && NET_MAX_FRAME == 1514);
+    assert!(NET_MAX_TX == 65536 && NET_MAX_RX == 65536 && NET_MAX_WAIT_US == 1_000_000);
     assert!(REQUEST_CALL == 1 && REQUEST_GROW_INPUT == 2);
     assert!(STATUS_OK == 0 && STATUS_OUT_OF_MEMORY == 1 && STATUS_BAD_REQUEST == 2);
     assert!(STATUS_GUEST_ERROR == 3);
@@ -312,7 +348,7 @@ const _: () = {
 // `from_u32` is the inverse of the discriminants above.
 const _: () = {
     let mut nr = 0;
-    while nr < 16 {
+    while nr < 32 {
         if let Some(h) = Hypercall::from_u32(nr) {
             assert!(h as u32 == nr);
         }

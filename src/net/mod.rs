@@ -27,8 +27,13 @@
 //! }
 //! ```
 
+mod device;
+pub(crate) mod tap;
 mod tracker;
 
+pub(crate) use device::NetDevice;
+pub use device::{NetConfig, NetIdentity, NetStats, DEFAULT_ARP_PER_SECOND, DEFAULT_MAX_QUEUED};
+pub use tap::Tap;
 pub use tracker::{
     ConnKey, ConnState, ConnTracker, Connection, Direction, Endpoint, Observation, Termination,
     TrackerConfig, TrackerStats,

@@ -79,6 +79,14 @@ pub struct Connection {
     pub peer_mac: [u8; 6],
 }
 
+impl Connection {
+    /// The frames that would end this connection on both sides (see
+    /// [`Termination`]).
+    pub fn termination(&self) -> Termination {
+        termination_frames(self)
+    }
+}
+
 /// What [`ConnTracker::observe`] made of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -423,19 +431,6 @@ impl ConnTracker {
         let conns = std::mem::take(&mut self.conns);
         self.stats.terminated += conns.len() as u64;
         conns.values().map(termination_frames).collect()
-    }
-
-    /// The frames that reset the guest's side only (appearing to come from
-    /// the peer), for every tracked connection, forgetting them all. Used
-    /// when the peer's side is already gone, e.g. when restoring a
-    /// snapshot taken without termination.
-    pub fn guest_side_resets(&mut self) -> Vec<Vec<u8>> {
-        let conns = std::mem::take(&mut self.conns);
-        self.stats.terminated += conns.len() as u64;
-        conns
-            .values()
-            .flat_map(|c| termination_frames(c).to_guest)
-            .collect()
     }
 }
 

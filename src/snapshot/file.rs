@@ -593,6 +593,7 @@ fn decode_state(
                 resets_cpu,
             },
             memory,
+            connections: Vec::new(),
         }),
     })
 }

@@ -30,6 +30,7 @@ mod layout;
 mod loader;
 pub(crate) mod machine;
 pub(crate) mod memory;
+mod netcall;
 pub(crate) mod persist;
 pub mod raw;
 mod timer;
@@ -164,6 +165,8 @@ pub struct VmInstance {
     interrupt: std::sync::Arc<interrupt::Shared>,
     /// Index of the function being called (for log fields); `None` in init.
     current_function: Option<u64>,
+    /// The network device, if the config has one.
+    net: Option<Box<crate::net::NetDevice>>,
 }
 
 /// Most regions a guest may preserve.
@@ -232,6 +235,7 @@ impl VmInstance {
             ..AbiPage::default()
         };
         let mut vm = Self::from_machine(machine, config);
+        vm.open_network(config)?;
         vm.write_words(field(0), &abi_boot_words(&boot))?;
         if let Some(disk) = &config.scratch_disk {
             vm.write_words(
@@ -286,6 +290,7 @@ impl VmInstance {
             interrupt: std::sync::Arc::default(),
             current_function: None,
             data: None,
+            net: None,
         }
     }
 
