@@ -49,6 +49,7 @@ fn main() -> ExitCode {
     let reset = figures::reset::measure(&ctx, &all);
     all.extend(reset);
     all.extend(figures::store::measure(&ctx));
+    all.extend(figures::net::measure(&ctx));
 
     print!("{}", table(&all));
     println!(

@@ -34,8 +34,8 @@
 //! - `serde` (off by default): typed exports (`Exports::export_typed`) and
 //!   typed host calls (`host::call_typed`), encoded with postcard.
 //! - `net` (off by default): guest networking on the host's network device
-//!   — a TCP/IP stack (smoltcp) with blocking [`net::TcpStream`] and
-//!   [`net::TcpListener`]; see `docs/networking.md`.
+//!   — a TCP/IP stack (smoltcp) with blocking `net::TcpStream` and
+//!   `net::TcpListener`; see `docs/networking.md`.
 #![no_std]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
