@@ -118,6 +118,10 @@ impl PeerNet {
             "dev",
             &self.tap,
         ]);
+        // No IPv6 chatter (router solicitations, MLD) on the guest's link:
+        // the tests count the frames the guest receives.
+        let sysctl = format!("net.ipv6.conf.{}.disable_ipv6=1", self.tap);
+        run(Command::new("ip").args(["netns", "exec", &self.ns, "sysctl", "-qw", &sysctl]));
         ip(&["-n", &self.ns, "link", "set", &self.tap, "up"]);
         ip(&["-n", &self.ns, "link", "set", "lo", "up"]);
     }

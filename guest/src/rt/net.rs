@@ -53,8 +53,12 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, IpList
 use super::{hypercall, ret, set_arg, Exports, GuestCell};
 use crate::abi::{self, Hypercall};
 
-/// Bytes of each TCP socket's receive and send buffers.
-const SOCKET_BUFFER: usize = 64 * 1024;
+/// Bytes of each TCP socket's receive buffer.
+const RX_BUFFER: usize = 64 * 1024;
+/// Bytes of each TCP socket's send buffer: twice a batch, so a bulk
+/// sender refills a whole batch per exit while the previous one is still
+/// unacknowledged.
+const TX_BUFFER: usize = 128 * 1024;
 /// How long [`TcpStream::connect`] waits by default, in milliseconds.
 const CONNECT_TIMEOUT_MS: u64 = 10_000;
 
@@ -184,12 +188,36 @@ impl Dev {
 
     /// One exit: sends the queued frames, receives what arrives within
     /// `wait_us`.
+    /// Received frames the stack has not taken yet (it stops taking them
+    /// while the send batch is full).
+    fn rx_pending(&self) -> bool {
+        self.rx_pos < self.rx_len
+    }
+
+    /// One exit: sends the queued frames, receives what arrives within
+    /// `wait_us`. While received frames are still pending it only sends
+    /// (an empty receive buffer, no wait), so none is overwritten.
     fn exchange(&mut self, wait_us: u64) -> Result<(), NetError> {
+        let receive = !self.rx_pending();
         set_arg(0, self.tx.as_ptr() as u64);
         set_arg(1, self.tx.len() as u64);
-        set_arg(2, self.rx.as_mut_ptr() as u64);
-        set_arg(3, self.rx.len() as u64);
-        set_arg(4, wait_us.min(abi::NET_MAX_WAIT_US));
+        set_arg(
+            2,
+            if receive {
+                self.rx.as_mut_ptr() as u64
+            } else {
+                0
+            },
+        );
+        set_arg(3, if receive { self.rx.len() as u64 } else { 0 });
+        set_arg(
+            4,
+            if receive {
+                wait_us.min(abi::NET_MAX_WAIT_US)
+            } else {
+                0
+            },
+        );
         hypercall(Hypercall::NetExchange);
         self.exchanges += 1;
         self.tx.clear();
@@ -198,8 +226,10 @@ impl Dev {
             abi::NET_NO_DEVICE => return Err(NetError::NoDevice),
             other => return Err(NetError::Protocol(other)),
         }
-        self.rx_len = (ret(1) as usize).min(self.rx.len());
-        self.rx_pos = 0;
+        if receive {
+            self.rx_len = (ret(1) as usize).min(self.rx.len());
+            self.rx_pos = 0;
+        }
         self.now_us = self.now_us.max(ret(2));
         Ok(())
     }
@@ -326,9 +356,13 @@ impl Net {
     /// Lets the stack process received frames and queue what it sends.
     fn poll(&mut self) {
         let now = now(&self.dev);
+        // smoltcp sends at most one segment per socket per poll: poll
+        // again while that fills the batch, or frames wait to be taken in.
         loop {
+            let queued = self.dev.tx.len();
             let _ = self.iface.poll(now, &mut self.dev, &mut self.sockets);
-            if self.dev.rx_pos >= self.dev.rx_len || !self.dev.tx_room() {
+            let sent = self.dev.tx.len() > queued;
+            if !self.dev.tx_room() || !(sent || self.dev.rx_pending()) {
                 break;
             }
         }
@@ -357,7 +391,7 @@ impl Net {
             }
             let now = now(&self.dev);
             // Frames still queued (a full batch): send them without waiting.
-            let mut wait = if self.dev.tx_room() && self.dev.rx_pos >= self.dev.rx_len {
+            let mut wait = if self.dev.tx_room() && !self.dev.rx_pending() {
                 self.iface
                     .poll_delay(now, &self.sockets)
                     .map_or(abi::NET_MAX_WAIT_US, |d| d.total_micros())
@@ -385,8 +419,8 @@ impl Net {
 
     fn new_socket(&mut self) -> SocketHandle {
         let socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; RX_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
         );
         self.sockets.add(socket)
     }
