@@ -56,6 +56,7 @@ fn main() -> ExitCode {
     all.extend(figures::executor::measure(&ctx));
     all.extend(figures::gateway::measure(&ctx));
     all.extend(figures::trace::measure(&ctx));
+    all.extend(figures::net::measure(&ctx));
 
     print!("{}", table(&all));
     println!(

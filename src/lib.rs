@@ -30,6 +30,12 @@
 //!   ([`store::MemoryBackend`]) and, with the `s3` feature, any
 //!   S3-compatible object store (`store::S3Backend`). The store depends on
 //!   nothing else in the crate.
+//! - [`net`] — guest networking on a host TAP device
+//!   ([`VmConfig::network`]) and connection recovery: the
+//!   [`net::ConnTracker`] follows every TCP connection, and
+//!   [`VmInstance::terminate_connections`] ends them on both sides, with
+//!   the exact sequence numbers each side expects, before a halt, snapshot
+//!   or migration. See `docs/networking.md`.
 //!
 //! ## Quick start
 //!
@@ -84,6 +90,7 @@
 
 pub mod error;
 mod error_kind;
+pub mod net;
 pub mod policy;
 pub mod snapshot;
 pub mod store;

@@ -6,6 +6,7 @@
 pub mod fleet;
 pub mod executor;
 pub mod gateway;
+pub mod net;
 pub mod reset;
 pub mod snapshot;
 pub mod store;

@@ -107,6 +107,20 @@ pub enum Hypercall {
     /// `args = [ptr, cap]`; `ret = [status, len]` with status one of the
     /// `TRACE_*` values (`TRACE_TOO_SMALL` gives the length needed).
     TraceImport = 17,
+    /// The network device's identity: `ret = [status, mac, ip, gateway]`
+    /// with status one of the `NET_*` values, the MAC address in the low 48
+    /// bits of `mac` (first octet lowest), the IPv4 address in the low 32
+    /// bits of `ip` (first octet highest, as `u32::from(Ipv4Addr)`) and its
+    /// prefix length in bits 32..40, the gateway likewise.
+    NetInfo = 20,
+    /// Exchange Ethernet frames with the network device:
+    /// `args = [tx_ptr, tx_len, rx_ptr, rx_cap, wait_us]`. The host sends
+    /// the frames at `tx_ptr` (each a little-endian `u16` length and that
+    /// many bytes), then fills the buffer at `rx_ptr` with received frames
+    /// in the same format, waiting up to `wait_us` microseconds (at most
+    /// [`NET_MAX_WAIT_US`]) for the first one. `ret = [status, rx_len,
+    /// now_us, tx_dropped]`: `now_us` is the host's monotonic clock.
+    NetExchange = 21,
 }
 
 impl Hypercall {
@@ -126,6 +140,8 @@ impl Hypercall {
             11 => Self::TxEnd,
             16 => Self::TraceExport,
             17 => Self::TraceImport,
+            20 => Self::NetInfo,
+            21 => Self::NetExchange,
             _ => return None,
         })
     }
@@ -186,6 +202,21 @@ pub const TRACE_TOO_LARGE: u64 = 3;
 /// Trace status: the host keeps no profiles for this VM, or failed to
 /// store this one.
 pub const TRACE_UNAVAILABLE: u64 = 4;
+/// Network status: the call was served.
+pub const NET_OK: u64 = 0;
+/// Network status: this VM has no network device.
+pub const NET_NO_DEVICE: u64 = 1;
+/// Longest Ethernet frame (header included, no FCS) the device carries.
+pub const NET_MAX_FRAME: u64 = 1514;
+/// Most bytes of frames the host accepts in one [`Hypercall::NetExchange`].
+pub const NET_MAX_TX: u64 = 64 * 1024;
+/// Most bytes of frames the host returns in one [`Hypercall::NetExchange`].
+pub const NET_MAX_RX: u64 = 64 * 1024;
+/// Longest wait of one [`Hypercall::NetExchange`], in microseconds.
+pub const NET_MAX_WAIT_US: u64 = 1_000_000;
+/// The function a guest with networking exports so the host can make its
+/// stack take in frames the host queued (see `snapvm_guest::net`).
+pub const NET_POLL_EXPORT: &str = "snapvm.net.poll";
 
 /// [`AbiPage::garbage`] when the guest reported no garbage measure.
 pub const GARBAGE_UNREPORTED: u64 = u64::MAX;
@@ -345,6 +376,10 @@ const _: () = {
     assert!(Hypercall::TraceImport as u32 == 17);
     assert!(TRACE_OK == 0 && TRACE_NONE == 1 && TRACE_TOO_SMALL == 2);
     assert!(TRACE_TOO_LARGE == 3 && TRACE_UNAVAILABLE == 4);
+    assert!(Hypercall::NetInfo as u32 == 20);
+    assert!(Hypercall::NetExchange as u32 == 21);
+    assert!(NET_OK == 0 && NET_NO_DEVICE == 1 && NET_MAX_FRAME == 1514);
+    assert!(NET_MAX_TX == 65536 && NET_MAX_RX == 65536 && NET_MAX_WAIT_US == 1_000_000);
     assert!(REQUEST_CALL == 1 && REQUEST_GROW_INPUT == 2);
     assert!(STATUS_OK == 0 && STATUS_OUT_OF_MEMORY == 1 && STATUS_BAD_REQUEST == 2);
     assert!(STATUS_GUEST_ERROR == 3);

@@ -33,6 +33,9 @@
 //!   the host crate uses this one.
 //! - `serde` (off by default): typed exports (`Exports::export_typed`) and
 //!   typed host calls (`host::call_typed`), encoded with postcard.
+//! - `net` (off by default): guest networking on the host's network device
+//!   — a TCP/IP stack (smoltcp) with blocking `net::TcpStream` and
+//!   `net::TcpListener`; see `docs/networking.md`.
 #![no_std]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -42,6 +45,10 @@ pub mod capi;
 #[cfg(feature = "runtime")]
 mod rt;
 
+/// Guest networking (the `net` feature).
+#[cfg(feature = "net")]
+#[cfg_attr(docsrs, doc(cfg(feature = "net")))]
+pub use rt::net;
 #[cfg(feature = "runtime")]
 pub use rt::{
     __start, abort, disk, generation, heap_used, host, log_enabled, log_message, on_restore,

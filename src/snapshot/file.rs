@@ -636,6 +636,7 @@ fn decode_state(
                 resets_cpu,
             },
             memory,
+            connections: Vec::new(),
         }),
     })
 }

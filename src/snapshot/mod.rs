@@ -95,6 +95,11 @@ pub(crate) struct Inner {
     pub(crate) cpu: CpuState,
     pub(crate) guest: GuestState,
     pub(crate) memory: MemoryImage,
+    /// The TCP connections the VM's network device tracked when it was
+    /// captured (none after `terminate_connections`): a restored VM gets
+    /// a reset for each, from the peer, before it runs guest code.
+    /// Snapshot files do not carry them (see `docs/networking.md`).
+    pub(crate) connections: Vec<crate::net::Connection>,
 }
 
 /// A captured VM: vCPU state, memory and guest state. Cheap to clone;
@@ -224,13 +229,15 @@ impl Snapshot {
         machine: Machine,
         config: &VmConfig,
     ) -> Result<VmInstance, SnapshotError> {
-        Ok(VmInstance::from_saved(
+        let mut vm = VmInstance::from_saved(
             machine,
             config,
             &self.inner.cpu,
             &self.inner.guest,
             self.id(),
-        )?)
+        )?;
+        vm.queue_guest_resets(&self.inner.connections);
+        Ok(vm)
     }
 }
 
@@ -283,6 +290,10 @@ impl VmInstance {
             cpu: self.save_cpu()?,
             guest: self.save_guest(),
             memory,
+            connections: self
+                .connections()
+                .map(|t| t.connections().copied().collect())
+                .unwrap_or_default(),
         };
         // Start tracking against the new snapshot.
         self.track_from(inner.id)?;

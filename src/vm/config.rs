@@ -100,6 +100,7 @@ pub struct VmConfig {
     pub(crate) scratch_disk: Option<ScratchDisk>,
     pub(crate) limits: GuestLimits,
     pub(crate) profiles: Option<crate::trace::ProfileScope>,
+    pub(crate) network: Option<crate::net::NetConfig>,
 }
 
 /// Limits on what the host allocates or copies on a guest's behalf. Each
@@ -240,6 +241,7 @@ impl VmConfig {
             dirty_tracking: false,
             max_preserved: DEFAULT_MAX_PRESERVED,
             scratch_disk: None,
+            network: None,
             limits: GuestLimits::default(),
             profiles: None,
         }
@@ -460,6 +462,16 @@ impl VmConfig {
         self
     }
 
+    /// Gives the VM a network device on a TAP device (see
+    /// [`NetConfig`](crate::net::NetConfig) and `docs/networking.md`). Each
+    /// VM built or restored with this config opens the TAP device and gets
+    /// this identity: to restore one snapshot into several VMs, give each
+    /// its own config with its own TAP device and identity.
+    pub fn network(mut self, network: crate::net::NetConfig) -> Self {
+        self.network = Some(network);
+        self
+    }
+
     /// Guest memory plus the scratch disk: the size of the VM's memory
     /// (and of its snapshots).
     pub fn total_memory(&self) -> u64 {
@@ -508,6 +520,12 @@ impl VmConfig {
                 field: "host_function",
                 reason: format!("name {name:?} must be 1..={MAX_FUNCTION_NAME} bytes"),
             });
+        }
+        if let Some(net) = &self.network {
+            net.validate().map_err(|reason| VmError::InvalidConfig {
+                field: "network",
+                reason,
+            })?;
         }
         if self.total_memory() > MAX_MEMORY_SIZE {
             return Err(VmError::InvalidConfig {

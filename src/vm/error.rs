@@ -217,6 +217,15 @@ pub enum VmError {
     /// The operating system could not provide fresh entropy.
     #[error("cannot read fresh entropy from the operating system")]
     Entropy(#[source] std::io::Error),
+    /// The VM's network device (its TAP device) could not be opened.
+    #[error("cannot open TAP device {tap:?} for the network device")]
+    NetworkDevice {
+        /// The TAP device's name.
+        tap: String,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The per-thread timeout timer could not be created or armed.
     /// *Poisons* (it may fail while the guest is stopped mid-call).
     #[error("cannot set up the timeout timer")]
@@ -544,6 +553,7 @@ impl VmError {
             Self::KvmUnavailable { .. }
             | Self::MapMemory { .. }
             | Self::Entropy(_)
+            | Self::NetworkDevice { .. }
             | Self::InvalidConfig { .. }
             | Self::InvalidGuest(_)
             | Self::UnknownFunction { .. }
@@ -594,6 +604,7 @@ impl VmError {
             | Self::Kvm { .. }
             | Self::MapMemory { .. }
             | Self::Entropy(_)
+            | Self::NetworkDevice { .. }
             | Self::Timer(_)
             | Self::MemoryUnavailable { .. }
             | Self::HostFunctionPanic { .. } => K::Host,

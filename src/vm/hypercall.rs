@@ -48,7 +48,7 @@ fn thread_cpu_time() -> Result<Duration, VmError> {
 /// passes.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Deadline {
-    at: Instant,
+    pub(super) at: Instant,
     limit: Duration,
     clock: TimeoutClock,
     /// The thread's CPU time when the call started (CPU-time limits only).
@@ -71,7 +71,7 @@ impl Deadline {
 
     /// Fails with [`VmError::Timeout`] if the limit is reached; otherwise
     /// the wall-clock time left until it could be.
-    fn check(&mut self) -> Result<Duration, VmError> {
+    pub(super) fn check(&mut self) -> Result<Duration, VmError> {
         let now = Instant::now();
         if now < self.at {
             return Ok(self.at - now);
@@ -176,6 +176,8 @@ impl VmInstance {
                     Some(Hypercall::TxEnd) => self.hypercall_tx_end()?,
                     Some(Hypercall::TraceExport) => self.hypercall_trace_export()?,
                     Some(Hypercall::TraceImport) => self.hypercall_trace_import()?,
+                    Some(Hypercall::NetInfo) => self.hypercall_net_info()?,
+                    Some(Hypercall::NetExchange) => self.hypercall_net_exchange(&mut deadline)?,
                     Some(Hypercall::OutOfMemory) => {
                         let [requested] = self.read_words::<1>(ARGS)?;
                         let [heap_used] =

@@ -35,6 +35,7 @@ mod layout;
 mod loader;
 pub(crate) mod machine;
 pub(crate) mod memory;
+mod netcall;
 pub(crate) mod persist;
 mod profile;
 pub mod raw;
@@ -183,6 +184,8 @@ pub struct VmInstance {
     current_function: Option<u64>,
     /// Guest profiles: where they go, and the code identity they are keyed by.
     profiles: profile::Profiles,
+    /// The network device, if the config has one.
+    net: Option<Box<crate::net::NetDevice>>,
 }
 
 /// Most regions a guest may preserve.
@@ -251,6 +254,7 @@ impl VmInstance {
             ..AbiPage::default()
         };
         let mut vm = Self::from_machine(machine, config);
+        vm.open_network(config)?;
         vm.write_words(field(0), &abi_boot_words(&boot))?;
         if let Some(disk) = &config.scratch_disk {
             vm.write_words(
@@ -310,6 +314,7 @@ impl VmInstance {
             current_function: None,
             profiles: profile::Profiles::new(config.profiles.clone()),
             data: None,
+            net: None,
         }
     }
 

@@ -186,6 +186,7 @@ impl VmInstance {
         cpu.apply(&mut machine.vcpu, current.as_deref())?;
         machine.cpuid = Some(cpu.cpuid.clone());
         let mut vm = Self::from_machine(machine, config);
+        vm.open_network(config)?;
         vm.install_guest(guest)?;
         vm.track_from(tracked)?;
         vm.profiles.origin = Some(tracked);

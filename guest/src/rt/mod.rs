@@ -2,6 +2,8 @@
 
 mod alloc_impl;
 mod mem;
+#[cfg(feature = "net")]
+pub mod net;
 mod panic;
 mod restore;
 pub mod tx;
@@ -434,6 +436,9 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
             }
             _ => abi::STATUS_BAD_REQUEST,
         };
+        // Frames the network stack queued leave before the guest stops.
+        #[cfg(feature = "net")]
+        net::flush_pending();
         abi_write!(status, status);
         abi_write!(heap_used, heap_used() as u64);
         hypercall_stop(Hypercall::Done, resets);

@@ -1,0 +1,413 @@
+//! The VM's network device: frames between the guest's buffers and a TAP
+//! device, watched by a [`ConnTracker`] and filtered against spoofing.
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use smoltcp::wire::{ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, Ipv4Packet};
+
+use super::tap::{Readiness, Tap};
+use super::tracker::{ConnTracker, Direction, Observation, TrackerConfig};
+use crate::abi;
+
+/// The network identity of one VM: what its frames must carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetIdentity {
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+    /// The guest's IPv4 address.
+    pub ip: Ipv4Addr,
+    /// The prefix length of its network (0..=32).
+    pub prefix_len: u8,
+    /// Its default gateway (the peer side of the TAP device).
+    pub gateway: Ipv4Addr,
+}
+
+/// Most ARP frames a guest may send per second by default (see
+/// [`NetConfig::arp_per_second`]).
+pub const DEFAULT_ARP_PER_SECOND: u32 = 50;
+/// Most frames the host queues for a guest (resets it must take in) by
+/// default.
+pub const DEFAULT_MAX_QUEUED: usize = 8192;
+
+/// A network device for a VM, backed by a TAP device on the host (see
+/// [`VmConfig::network`](crate::VmConfig::network)).
+///
+/// ```
+/// use std::net::Ipv4Addr;
+/// use snapvm::net::{NetConfig, NetIdentity};
+///
+/// let identity = NetIdentity {
+///     mac: [0x02, 0, 0, 0, 0, 0x10],
+///     ip: Ipv4Addr::new(10, 0, 0, 2),
+///     prefix_len: 24,
+///     gateway: Ipv4Addr::new(10, 0, 0, 1),
+/// };
+/// let net = NetConfig::new("tap0", identity);
+/// assert_eq!(net.identity().ip, Ipv4Addr::new(10, 0, 0, 2));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub(crate) tap: String,
+    pub(crate) identity: NetIdentity,
+    pub(crate) tracker: TrackerConfig,
+    pub(crate) arp_per_second: u32,
+    pub(crate) max_queued: usize,
+}
+
+impl NetConfig {
+    /// A device on TAP device `tap` with `identity`. Each VM opens the TAP
+    /// device when it is built or restored; a TAP device serves one VM at
+    /// a time.
+    pub fn new(tap: impl Into<String>, identity: NetIdentity) -> Self {
+        Self {
+            tap: tap.into(),
+            identity,
+            tracker: TrackerConfig::default(),
+            arp_per_second: DEFAULT_ARP_PER_SECOND,
+            max_queued: DEFAULT_MAX_QUEUED,
+        }
+    }
+
+    /// The TAP device's name.
+    pub fn tap(&self) -> &str {
+        &self.tap
+    }
+
+    /// The identity.
+    pub fn identity(&self) -> NetIdentity {
+        self.identity
+    }
+
+    /// Limits of the connection tracker (its table size also bounds how
+    /// many TCP connections the guest may have open: a SYN beyond it is
+    /// dropped and counted).
+    pub fn tracker(mut self, config: TrackerConfig) -> Self {
+        self.tracker = config;
+        self
+    }
+
+    /// Most ARP frames the guest may send per second (bursts up to the
+    /// same number); the rest are dropped and counted.
+    pub fn arp_per_second(mut self, n: u32) -> Self {
+        self.arp_per_second = n;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let id = &self.identity;
+        if id.mac[0] & 1 != 0 || id.mac == [0; 6] {
+            return Err("the MAC address must be unicast and not all zero".into());
+        }
+        if id.prefix_len > 32 {
+            return Err("the prefix length must be at most 32".into());
+        }
+        if self.tap.is_empty() || self.tap.len() >= libc::IFNAMSIZ {
+            return Err("a TAP device name has 1 to 15 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// Counters of a VM's network device. Every frame the guest hands over is
+/// either forwarded (`tx_frames`) or counted in exactly one `dropped_*`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NetStats {
+    /// Frames from the guest written to the TAP device.
+    pub tx_frames: u64,
+    /// Frames from the TAP device given to the guest.
+    pub rx_frames: u64,
+    /// `NetExchange` calls (each one exit).
+    pub exchanges: u64,
+    /// Guest frames whose source MAC or IP address (Ethernet, IPv4 or ARP
+    /// sender) is not the guest's own.
+    pub dropped_spoofed: u64,
+    /// Guest frames longer than [`abi::NET_MAX_FRAME`] or shorter than an
+    /// Ethernet header, and malformed frame records.
+    pub dropped_malformed: u64,
+    /// ARP frames over the guest's rate.
+    pub dropped_arp_flood: u64,
+    /// Guest frames of other protocols than IPv4 and ARP (IPv6 included).
+    pub dropped_protocol: u64,
+    /// SYNs for new connections beyond the tracker's table.
+    pub dropped_table_full: u64,
+    /// Frames the TAP device refused (e.g. while its link is down), and
+    /// frames from it longer than the guest can take.
+    pub dropped_device: u64,
+    /// Frames for the guest dropped because its queue was full.
+    pub dropped_queue_full: u64,
+    /// Connections ended by termination.
+    pub terminated: u64,
+}
+
+/// Why a guest frame was not forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    Spoofed,
+    Malformed,
+    ArpFlood,
+    Protocol,
+    TableFull,
+}
+
+/// One VM's device.
+#[derive(Debug)]
+pub(crate) struct NetDevice {
+    tap: Tap,
+    identity: NetIdentity,
+    tracker: ConnTracker,
+    /// Frames for the guest made by the host (resets), sent first.
+    to_guest: VecDeque<Vec<u8>>,
+    max_queued: usize,
+    /// Frames for the guest, encoded, of the exchange in progress.
+    pub(crate) rx_out: Vec<u8>,
+    /// A frame read from the TAP device that did not fit `rx_out`.
+    held: Option<Vec<u8>>,
+    /// The guest's batch, copied out of its memory.
+    pub(crate) tx_in: Vec<u8>,
+    /// One frame read from the TAP device.
+    read_buf: Vec<u8>,
+    arp_per_second: u32,
+    arp_tokens: u32,
+    arp_refilled: Instant,
+    stats: NetStats,
+}
+
+/// A frame's record in an exchange buffer: `u16` length, then the bytes.
+const RECORD_HEADER: usize = 2;
+
+impl NetDevice {
+    pub(crate) fn open(config: &NetConfig) -> std::io::Result<Self> {
+        let tap = Tap::open(&config.tap)?;
+        Ok(Self {
+            tap,
+            identity: config.identity,
+            tracker: ConnTracker::new(config.tracker),
+            to_guest: VecDeque::new(),
+            max_queued: config.max_queued,
+            rx_out: Vec::with_capacity(abi::NET_MAX_RX as usize),
+            held: None,
+            tx_in: Vec::with_capacity(abi::NET_MAX_TX as usize),
+            // Larger than any frame we accept, so a longer one is seen
+            // (and dropped) rather than cut.
+            read_buf: vec![0; 64 * 1024],
+            arp_per_second: config.arp_per_second,
+            arp_tokens: config.arp_per_second,
+            arp_refilled: Instant::now(),
+            stats: NetStats::default(),
+        })
+    }
+
+    pub(crate) fn identity(&self) -> NetIdentity {
+        self.identity
+    }
+
+    pub(crate) fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    pub(crate) fn tracker(&self) -> &ConnTracker {
+        &self.tracker
+    }
+
+    /// Sends every frame of the guest's batch in `tx_in` that passes the
+    /// checks; stops at a malformed record.
+    pub(crate) fn transmit_batch(&mut self) {
+        self.stats.exchanges += 1;
+        let batch = std::mem::take(&mut self.tx_in);
+        let mut rest = &batch[..];
+        while !rest.is_empty() {
+            let [a, b, tail @ ..] = rest else {
+                self.stats.dropped_malformed += 1;
+                break;
+            };
+            let len = usize::from(u16::from_le_bytes([*a, *b]));
+            if len > tail.len() {
+                self.stats.dropped_malformed += 1;
+                break;
+            }
+            let (frame, next) = tail.split_at(len);
+            rest = next;
+            match self.check(frame) {
+                Ok(()) => {
+                    if self.tap.write_frame(frame).is_ok() {
+                        self.stats.tx_frames += 1;
+                    } else {
+                        self.stats.dropped_device += 1;
+                    }
+                }
+                Err(Refused::Spoofed) => self.stats.dropped_spoofed += 1,
+                Err(Refused::Malformed) => self.stats.dropped_malformed += 1,
+                Err(Refused::ArpFlood) => self.stats.dropped_arp_flood += 1,
+                Err(Refused::Protocol) => self.stats.dropped_protocol += 1,
+                Err(Refused::TableFull) => self.stats.dropped_table_full += 1,
+            }
+        }
+        self.tx_in = batch;
+        self.tx_in.clear();
+    }
+
+    /// Whether a guest frame may leave: its own addresses only, IPv4 and
+    /// ARP only, within size and rate; TCP segments go through the tracker.
+    fn check(&mut self, frame: &[u8]) -> Result<(), Refused> {
+        if frame.len() > abi::NET_MAX_FRAME as usize {
+            return Err(Refused::Malformed);
+        }
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Refused::Malformed)?;
+        if eth.src_addr().0 != self.identity.mac {
+            return Err(Refused::Spoofed);
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {
+                let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| Refused::Malformed)?;
+                if ip.src_addr() != self.identity.ip {
+                    return Err(Refused::Spoofed);
+                }
+                match self.tracker.observe(Direction::FromGuest, frame) {
+                    Observation::TableFull => Err(Refused::TableFull),
+                    _ => Ok(()),
+                }
+            }
+            EthernetProtocol::Arp => {
+                let arp = ArpPacket::new_checked(eth.payload()).map_err(|_| Refused::Malformed)?;
+                if arp.hardware_len() != 6 || arp.protocol_len() != 4 {
+                    return Err(Refused::Malformed);
+                }
+                let sender_ip = Ipv4Addr::from(
+                    <[u8; 4]>::try_from(arp.source_protocol_addr())
+                        .map_err(|_| Refused::Malformed)?,
+                );
+                let sender_ok = arp.source_hardware_addr() == self.identity.mac
+                    && (sender_ip == self.identity.ip
+                        // An ARP probe (RFC 5227) has sender IP 0.0.0.0.
+                        || (sender_ip.is_unspecified()
+                            && arp.operation() == ArpOperation::Request));
+                if !sender_ok {
+                    return Err(Refused::Spoofed);
+                }
+                if !self.take_arp_token() {
+                    return Err(Refused::ArpFlood);
+                }
+                Ok(())
+            }
+            _ => Err(Refused::Protocol),
+        }
+    }
+
+    fn take_arp_token(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.arp_refilled);
+        let earned = (elapsed.as_micros() * u128::from(self.arp_per_second) / 1_000_000) as u64;
+        if earned > 0 {
+            self.arp_tokens =
+                (u64::from(self.arp_tokens) + earned).min(u64::from(self.arp_per_second)) as u32;
+            self.arp_refilled = now;
+        }
+        if self.arp_tokens == 0 {
+            return false;
+        }
+        self.arp_tokens -= 1;
+        true
+    }
+
+    /// Appends one frame for the guest to `rx_out` if it fits in `cap`.
+    fn push_rx(&mut self, frame: &[u8], cap: usize) -> bool {
+        if self.rx_out.len() + RECORD_HEADER + frame.len() > cap {
+            return false;
+        }
+        self.rx_out
+            .extend_from_slice(&(frame.len() as u16).to_le_bytes());
+        self.rx_out.extend_from_slice(frame);
+        self.stats.rx_frames += 1;
+        true
+    }
+
+    /// Collects frames for the guest into `rx_out` (at most `cap` bytes):
+    /// first the host's own, then what waits on the TAP device.
+    pub(crate) fn fill_rx(&mut self, cap: usize) {
+        while let Some(frame) = self.to_guest.pop_front() {
+            if !self.push_rx(&frame, cap) {
+                self.to_guest.push_front(frame);
+                return;
+            }
+        }
+        if let Some(frame) = self.held.take() {
+            if !self.push_rx(&frame, cap) {
+                self.held = Some(frame);
+                return;
+            }
+        }
+        loop {
+            let n = match self.tap.read_frame(&mut self.read_buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => return,
+                Err(_) => {
+                    self.stats.dropped_device += 1;
+                    return;
+                }
+            };
+            if n > abi::NET_MAX_FRAME as usize {
+                self.stats.dropped_device += 1;
+                continue;
+            }
+            let frame = std::mem::take(&mut self.read_buf);
+            self.tracker.observe(Direction::ToGuest, &frame[..n]);
+            let fitted = self.push_rx(&frame[..n], cap);
+            if !fitted {
+                self.held = Some(frame[..n].to_vec());
+            }
+            self.read_buf = frame;
+            if !fitted {
+                return;
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a frame on the TAP device.
+    pub(crate) fn wait_readable(&self, timeout: Duration) -> Readiness {
+        if !self.to_guest.is_empty() || self.held.is_some() {
+            return Readiness::Readable;
+        }
+        self.tap
+            .wait_readable(timeout)
+            .unwrap_or(Readiness::Interrupted)
+    }
+
+    /// Queues a frame for the guest; dropped (and counted) when the queue
+    /// is full.
+    pub(crate) fn queue_to_guest(&mut self, frame: Vec<u8>) {
+        if self.to_guest.len() >= self.max_queued {
+            self.stats.dropped_queue_full += 1;
+            return;
+        }
+        self.to_guest.push_back(frame);
+    }
+
+    /// Whether frames wait for the guest.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.to_guest.is_empty()
+    }
+
+    /// Ends every tracked connection: the peers' resets go out on the TAP
+    /// device now, the guest's are queued for its next exchange. Returns
+    /// how many connections were ended.
+    pub(crate) fn terminate_all(&mut self) -> usize {
+        let terms = self.tracker.terminate_all();
+        for t in &terms {
+            for f in &t.to_peer {
+                if self.tap.write_frame(f).is_err() {
+                    self.stats.dropped_device += 1;
+                }
+            }
+        }
+        for t in terms.iter() {
+            for f in &t.to_guest {
+                self.queue_to_guest(f.clone());
+            }
+        }
+        self.stats.terminated += terms.len() as u64;
+        terms.len()
+    }
+}

@@ -1,0 +1,722 @@
+//! Guest networking against a real Linux TCP stack: each test makes a TAP
+//! device for its VM and a network namespace for the peer (the TAP device
+//! moves into it once the VM has opened it), and the peer is an ordinary
+//! Python socket program run there with `ip netns exec`.
+//!
+//! Needs root, `/dev/net/tun`, `ip` and `python3`; skipped without them
+//! unless `SNAPVM_REQUIRE_KVM` is set (as in CI, which runs as root).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use snapvm::net::{NetConfig, NetIdentity};
+use snapvm::{Snapshot, VmConfig, VmError, VmInstance};
+
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// `NetError::ConnectionReset` as a guest error code.
+const RESET: u32 = 1002;
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run a command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(args: &[&str]) -> String {
+    run(Command::new("ip").args(args))
+}
+
+/// Whether this machine can run these tests (root, /dev/net/tun, tools).
+fn net_available(test: &str) -> bool {
+    if !common::kvm_available(test) {
+        return false;
+    }
+    let missing = if !std::path::Path::new("/dev/net/tun").exists() {
+        Some("/dev/net/tun is missing")
+    } else if Command::new("ip").arg("-V").output().is_err() {
+        Some("the ip tool is missing")
+    } else if Command::new("python3").arg("-V").output().is_err() {
+        Some("python3 is missing")
+    } else if unsafe_geteuid() != 0 {
+        Some("not running as root")
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() => {
+            panic!("SNAPVM_REQUIRE_KVM is set but {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped {test}: {why}");
+            false
+        }
+    }
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+macro_rules! require_net {
+    () => {
+        if !net_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+/// A TAP device for one VM and a namespace for its peer, removed on drop.
+struct PeerNet {
+    tap: String,
+    ns: String,
+    attached: bool,
+}
+
+impl PeerNet {
+    fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}x{n}", std::process::id());
+        let net = PeerNet {
+            tap: format!("snt{id}"),
+            ns: format!("snvtest{id}"),
+            attached: false,
+        };
+        ip(&["tuntap", "add", "dev", &net.tap, "mode", "tap"]);
+        ip(&["netns", "add", &net.ns]);
+        net
+    }
+
+    /// The VM side of this network: guest address `10.0.0.<host>`.
+    fn config(&self, base: &VmConfig, host: u8) -> VmConfig {
+        base.clone()
+            .network(NetConfig::new(&self.tap, identity(host)))
+    }
+
+    /// Moves the TAP device (which a VM has opened) into the peer's
+    /// namespace and gives it the peer's address.
+    fn attach(&mut self) {
+        ip(&["link", "set", "dev", &self.tap, "netns", &self.ns]);
+        self.attached = true;
+        ip(&[
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            "10.0.0.1/24",
+            "dev",
+            &self.tap,
+        ]);
+        // No IPv6 chatter (router solicitations, MLD) on the guest's link:
+        // the tests count the frames the guest receives.
+        let sysctl = format!("net.ipv6.conf.{}.disable_ipv6=1", self.tap);
+        run(Command::new("ip").args(["netns", "exec", &self.ns, "sysctl", "-qw", &sysctl]));
+        ip(&["-n", &self.ns, "link", "set", &self.tap, "up"]);
+        ip(&["-n", &self.ns, "link", "set", "lo", "up"]);
+    }
+
+    /// Runs a Python program in the peer's namespace.
+    fn python(&self, script: &str, args: &[&str]) -> Peer {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "python3", "-u", "-c", script])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start python3");
+        let out = BufReader::new(child.stdout.take().expect("piped"));
+        Peer { child, out }
+    }
+
+    /// TCP sockets left in the namespace (`ss`), listeners excluded.
+    fn sockets(&self) -> Vec<String> {
+        run(Command::new("ip").args(["netns", "exec", &self.ns, "ss", "-tanH"]))
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with("LISTEN"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The namespace's count of challenge ACKs sent (RFC 5961).
+    fn challenge_acks(&self) -> u64 {
+        let text =
+            run(Command::new("ip").args(["netns", "exec", &self.ns, "cat", "/proc/net/netstat"]));
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+                if n == "TCPChallengeACK" {
+                    return v.parse().expect("a number");
+                }
+            }
+        }
+        panic!("no TCPChallengeACK counter in /proc/net/netstat")
+    }
+
+    /// Frames the peer side of the TAP device received.
+    fn rx_packets(&self) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/rx_packets", self.tap);
+        run(Command::new("ip").args(["netns", "exec", &self.ns, "cat", &path]))
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+}
+
+impl Drop for PeerNet {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the TAP device inside it.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        if !self.attached {
+            let _ = Command::new("ip").args(["link", "del", &self.tap]).output();
+        }
+    }
+}
+
+fn identity(host: u8) -> NetIdentity {
+    NetIdentity {
+        mac: [0x02, 0x5a, 0, 0, 0, host],
+        ip: Ipv4Addr::new(10, 0, 0, host),
+        prefix_len: 24,
+        gateway: PEER_IP,
+    }
+}
+
+/// A peer program: its output lines, one at a time.
+struct Peer {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("read peer output");
+        assert!(!line.is_empty(), "the peer exited early");
+        line.trim().to_string()
+    }
+
+    fn expect(&mut self, want: &str) {
+        let got = self.line();
+        assert_eq!(got, want, "peer said {got:?}");
+    }
+
+    /// Lets the peer go on (it waits for a line on stdin).
+    fn go(&mut self) {
+        let stdin = self.child.stdin.as_mut().expect("piped");
+        stdin.write_all(b"go\n").expect("write to the peer");
+        stdin.flush().expect("write to the peer");
+    }
+
+    fn wait(mut self) {
+        let status = self.child.wait().expect("wait for the peer");
+        assert!(status.success(), "peer failed: {status}");
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Server: accepts N connections, echoes one message on each, sends 1000
+/// bytes on each that the guest never reads (data in flight), and once
+/// told to (a line on stdin) reads each connection to its end and reports
+/// how it ended: `reset` (ECONNRESET) or something else.
+const SERVER: &str = r#"
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.0.1", port))
+s.listen(64)
+print("listening")
+conns = []
+for _ in range(n):
+    c, _ = s.accept()
+    c.sendall(c.recv(100))
+    conns.append(c)
+for c in conns:
+    c.sendall(b"y" * 1000)
+print("sent")
+sys.stdin.readline()
+for c in conns:
+    c.settimeout(10)
+    try:
+        while c.recv(65536):
+            pass
+        print("eof")
+    except ConnectionResetError:
+        print("reset")
+    except Exception as e:
+        print("error", type(e).__name__)
+    c.close()
+s.close()
+"#;
+
+/// Client: opens N connections to the guest, sends one message on each
+/// and reads its echo, then goes on as the server does.
+const CLIENT: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for i in range(n):
+    c = socket.create_connection((host, port), timeout=20)
+    conns.append(c)
+for i, c in enumerate(conns):
+    msg = b"hello %d" % i
+    c.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        d = c.recv(100)
+        if not d:
+            break
+        got += d
+    print("echo" if got == msg else "bad echo %r" % got)
+for c in conns:
+    c.sendall(b"y" * 1000)
+print("sent")
+sys.stdin.readline()
+for c in conns:
+    c.settimeout(10)
+    try:
+        while c.recv(65536):
+            pass
+        print("eof")
+    except ConnectionResetError:
+        print("reset")
+    except Exception as e:
+        print("error", type(e).__name__)
+    c.close()
+"#;
+
+fn words(ws: &[u32]) -> Vec<u8> {
+    ws.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn id_of(out: &[u8]) -> u32 {
+    u32::from_le_bytes(out[..4].try_into().expect("a connection id"))
+}
+
+fn connect(vm: &mut VmInstance, port: u16) -> u32 {
+    id_of(
+        &vm.invoke("connect", &words(&[u32::from(PEER_IP), u32::from(port)]))
+            .expect("connect"),
+    )
+}
+
+fn send(vm: &mut VmInstance, id: u32, data: &[u8]) -> Result<(), VmError> {
+    let mut input = words(&[id]);
+    input.extend_from_slice(data);
+    vm.invoke("send", &input).map(drop)
+}
+
+fn recv(vm: &mut VmInstance, id: u32, len: u32) -> Result<Vec<u8>, VmError> {
+    vm.invoke("recv", &words(&[id, len, 5000]))
+}
+
+/// The guest error code of a failed call.
+fn guest_code(result: Result<Vec<u8>, VmError>) -> u32 {
+    match result {
+        Err(VmError::GuestError { code, .. }) => code,
+        other => panic!("expected a guest error, got {other:?}"),
+    }
+}
+
+fn base_config() -> VmConfig {
+    common::config("netguest").timeout(Some(Duration::from_secs(30)))
+}
+
+/// Waits until `f` holds (the peer's kernel works asynchronously).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn guest_client_connections_are_reset_on_both_sides_before_snapshot() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let mut server = net.python(SERVER, &["7000", "10"]);
+    server.expect("listening");
+
+    let ids: Vec<u32> = (0..10).map(|_| connect(&mut vm, 7000)).collect();
+    for (i, &id) in ids.iter().enumerate() {
+        let msg = format!("ping {i}");
+        send(&mut vm, id, msg.as_bytes()).expect("send");
+        assert_eq!(
+            recv(&mut vm, id, msg.len() as u32).expect("echo"),
+            msg.as_bytes()
+        );
+    }
+    server.expect("sent");
+    // Data in flight towards the peer too, unread when the reset comes.
+    for &id in &ids {
+        send(&mut vm, id, &[7; 3000]).expect("send");
+    }
+    assert_eq!(vm.connections().expect("a device").len(), 10);
+
+    let challenges_before = net.challenge_acks();
+    assert_eq!(vm.terminate_connections().expect("terminate"), 10);
+    server.go();
+    for _ in 0..10 {
+        server.expect("reset");
+    }
+    server.wait();
+    assert_eq!(
+        net.challenge_acks(),
+        challenges_before,
+        "the peer sent challenge ACKs"
+    );
+    eventually("no socket left in the peer namespace", || {
+        net.sockets().is_empty()
+    });
+    assert!(vm.connections().expect("a device").is_empty());
+
+    // The guest's own sockets are closed: each old stream reports a reset.
+    for &id in &ids {
+        assert_eq!(guest_code(vm.invoke("check", &words(&[id]))), RESET);
+    }
+    // And new connections work.
+    let mut server = net.python(SERVER, &["7001", "1"]);
+    server.expect("listening");
+    let id = connect(&mut vm, 7001);
+    send(&mut vm, id, b"again").expect("send");
+    assert_eq!(recv(&mut vm, id, 5).expect("echo"), b"again");
+}
+
+#[test]
+fn guest_server_connections_are_reset_on_both_sides() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    vm.invoke("listen", &words(&[8000, 16])).expect("listen");
+    let mut client = net.python(CLIENT, &["10.0.0.2", "8000", "10"]);
+
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(id_of(
+            &vm.invoke("accept", &words(&[10_000])).expect("accept"),
+        ));
+    }
+    for (i, &id) in ids.iter().enumerate() {
+        let msg = format!("hello {i}");
+        assert_eq!(
+            recv(&mut vm, id, msg.len() as u32).expect("recv"),
+            msg.as_bytes()
+        );
+        send(&mut vm, id, msg.as_bytes()).expect("echo");
+    }
+    for _ in 0..10 {
+        client.expect("echo");
+    }
+    client.expect("sent");
+    // Data in flight towards the peer, unread when the reset comes.
+    for &id in &ids {
+        send(&mut vm, id, &[7; 3000]).expect("send");
+    }
+
+    let challenges_before = net.challenge_acks();
+    assert_eq!(vm.terminate_connections().expect("terminate"), 10);
+    client.go();
+    for _ in 0..10 {
+        client.expect("reset");
+    }
+    client.wait();
+    assert_eq!(
+        net.challenge_acks(),
+        challenges_before,
+        "the peer sent challenge ACKs"
+    );
+    eventually("no socket left in the peer namespace", || {
+        net.sockets().is_empty()
+    });
+    for &id in &ids {
+        assert_eq!(guest_code(vm.invoke("check", &words(&[id]))), RESET);
+    }
+}
+
+/// Snapshot after termination, restore twice with new identities: both
+/// copies see the old connection reset and connect again, each from its
+/// own address.
+#[test]
+fn restored_copies_get_new_identities_and_reconnect() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let mut server = net.python(SERVER, &["7000", "1"]);
+    server.expect("listening");
+    let id = connect(&mut vm, 7000);
+    send(&mut vm, id, b"hi").expect("send");
+    assert_eq!(recv(&mut vm, id, 2).expect("echo"), b"hi");
+    server.expect("sent");
+    assert_eq!(vm.terminate_connections().expect("terminate"), 1);
+    server.go();
+    server.expect("reset");
+    let snapshot: Snapshot = vm.snapshot().expect("snapshot");
+    drop(vm);
+
+    let mut seen = Vec::new();
+    for host in [3u8, 4] {
+        let mut net = PeerNet::new();
+        let config = net.config(&base_config(), host);
+        let mut copy = VmInstance::restore(&config, &snapshot).expect("restore");
+        net.attach();
+        assert_eq!(guest_code(copy.invoke("check", &words(&[id]))), RESET);
+        let who = copy.invoke("identity", b"").expect("identity");
+        assert_eq!(&who[6..], &[10, 0, 0, host]);
+        assert_eq!(who[5], host);
+
+        let mut server = net.python(ECHO_PEER_ADDR, &["7000"]);
+        server.expect("listening");
+        let new_id = connect(&mut copy, 7000);
+        // The peer tells which address the guest connected from.
+        server.expect(&format!("10.0.0.{host}"));
+        send(&mut copy, new_id, b"x").expect("send");
+        assert_eq!(recv(&mut copy, new_id, 1).expect("echo"), b"x");
+        seen.push(host);
+    }
+    assert_eq!(seen, [3, 4]);
+}
+
+/// A snapshot taken with connections open (crash-consistent): a restored
+/// copy sees them reset (from the tracker state the snapshot holds, or,
+/// for a snapshot file, from the guest runtime's restore hook), while the
+/// original VM keeps using them undisturbed.
+#[test]
+fn crash_consistent_snapshots_reset_the_copy_and_spare_the_original() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let mut server = net.python(ECHO_PEER_ADDR, &["7000"]);
+    server.expect("listening");
+    let id = connect(&mut vm, 7000);
+    server.expect("10.0.0.2");
+    send(&mut vm, id, b"one").expect("send");
+    assert_eq!(recv(&mut vm, id, 3).expect("echo"), b"one");
+
+    let snapshot = vm.snapshot().expect("snapshot with a connection open");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("net.snap");
+    snapshot.save(&path).expect("save");
+    let from_file = Snapshot::load(&path).expect("load");
+
+    for (what, snap) in [("memory", &snapshot), ("file", &from_file)] {
+        let mut copy_net = PeerNet::new();
+        let copy_config = copy_net.config(&base_config(), 3);
+        let mut copy = VmInstance::restore(&copy_config, snap).expect("restore");
+        copy_net.attach();
+        assert_eq!(
+            guest_code(copy.invoke("check", &words(&[id]))),
+            RESET,
+            "{what}"
+        );
+        let stats = copy.net_stats().expect("a device");
+        assert_eq!(stats.tx_frames, 0, "{what}: the copy sent nothing");
+        // From memory, the reset came from the saved tracker state; a file
+        // carries none, and the guest's restore hook closed the socket.
+        match what {
+            "memory" => assert!(stats.rx_frames >= 1, "no reset was injected"),
+            _ => assert_eq!(stats.rx_frames, 0),
+        }
+        assert!(copy.connections().expect("a device").is_empty());
+    }
+
+    // The original's connection still works.
+    send(&mut vm, id, b"two").expect("send after the copies");
+    assert_eq!(recv(&mut vm, id, 3).expect("echo"), b"two");
+    assert_eq!(vm.connections().expect("a device").len(), 1);
+}
+
+/// Accepts one connection, prints the client's address, echoes.
+const ECHO_PEER_ADDR: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.0.1", int(sys.argv[1])))
+s.listen(4)
+print("listening")
+c, a = s.accept()
+print(a[0])
+while True:
+    d = c.recv(100)
+    if not d:
+        break
+    c.sendall(d)
+"#;
+
+fn record(frame: &[u8]) -> Vec<u8> {
+    let mut r = (frame.len() as u16).to_le_bytes().to_vec();
+    r.extend_from_slice(frame);
+    r
+}
+
+/// An ARP request from `mac`/`ip` for the peer.
+fn arp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&PEER_IP.octets());
+    f
+}
+
+/// A UDP datagram from `mac`/`src` to the peer (checksum left zero).
+fn udp(mac: [u8; 6], src: Ipv4Addr, payload: usize) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&PEER_IP.octets());
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0x30, 0x39, 0x30, 0x39]);
+    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend(std::iter::repeat_n(0x61, payload));
+    f
+}
+
+#[test]
+fn forged_flooding_and_oversized_frames_are_dropped_and_counted() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let me = identity(2);
+    let other_mac = [0x02, 0x5a, 0, 0, 0, 9];
+    let other_ip = Ipv4Addr::new(10, 0, 0, 9);
+
+    let mut batch = Vec::new();
+    batch.extend(record(&udp(me.mac, me.ip, 10))); // legitimate
+    batch.extend(record(&udp(other_mac, me.ip, 10))); // forged MAC
+    batch.extend(record(&udp(me.mac, other_ip, 10))); // forged IP
+    batch.extend(record(&arp(me.mac, other_ip))); // forged ARP sender
+    batch.extend(record(&udp(me.mac, me.ip, 1600))); // oversized
+    let mut ipv6 = udp(me.mac, me.ip, 10);
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    batch.extend(record(&ipv6)); // not IPv4 or ARP
+    batch.extend(record(&[0u8; 10])); // shorter than an Ethernet header
+    let before = vm.net_stats().expect("a device");
+    let rx_before = net.rx_packets();
+    vm.invoke("raw_exchange", &batch).expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    assert_eq!(after.tx_frames - before.tx_frames, 1);
+    assert_eq!(after.dropped_spoofed - before.dropped_spoofed, 3);
+    assert_eq!(after.dropped_malformed - before.dropped_malformed, 2);
+    assert_eq!(after.dropped_protocol - before.dropped_protocol, 1);
+    eventually("the legitimate frame arrives", || {
+        net.rx_packets() > rx_before
+    });
+    assert_eq!(
+        net.rx_packets() - rx_before,
+        1,
+        "only the legitimate frame left"
+    );
+
+    // An ARP flood: the rate limit lets a burst through, drops the rest.
+    let flood: Vec<u8> = (0..400).flat_map(|_| record(&arp(me.mac, me.ip))).collect();
+    let rx_before = net.rx_packets();
+    vm.invoke("raw_exchange", &flood).expect("raw exchange");
+    let flooded = vm.net_stats().expect("a device");
+    let passed = flooded.tx_frames - after.tx_frames;
+    assert!(
+        passed <= u64::from(snapvm::net::DEFAULT_ARP_PER_SECOND) + 1,
+        "{passed} ARP frames passed"
+    );
+    assert_eq!(
+        flooded.dropped_arp_flood - after.dropped_arp_flood,
+        400 - passed
+    );
+    eventually("the allowed ARP frames arrive", || {
+        net.rx_packets() >= rx_before + passed
+    });
+
+    // A malformed batch record (length past the end) stops the batch.
+    let mut bad = record(&udp(me.mac, me.ip, 10));
+    bad.extend_from_slice(&u16::MAX.to_le_bytes());
+    bad.extend_from_slice(&[1, 2, 3]);
+    vm.invoke("raw_exchange", &bad).expect("raw exchange");
+    let last = vm.net_stats().expect("a device");
+    assert_eq!(last.tx_frames - flooded.tx_frames, 1);
+    assert_eq!(last.dropped_malformed - flooded.dropped_malformed, 1);
+
+    // A batch larger than the limit is a protocol violation.
+    let huge = vec![0u8; snapvm::abi::NET_MAX_TX as usize + 1];
+    let err = vm
+        .invoke("raw_exchange", &huge)
+        .expect_err("over the limit");
+    assert!(matches!(err, VmError::BadHypercall { .. }), "{err:?}");
+}
+
+#[test]
+fn a_vm_without_a_device_reports_it() {
+    if !common::kvm_available(module_path!()) {
+        return;
+    }
+    let config = base_config();
+    let err = VmInstance::new(&config).expect_err("init needs a device");
+    assert!(matches!(err, VmError::GuestPanic { .. }), "{err:?}");
+}
+
+#[test]
+fn a_missing_tap_device_name_is_an_invalid_config() {
+    let id = identity(2);
+    let config = base_config().network(NetConfig::new("", id));
+    assert!(matches!(
+        VmInstance::new(&config),
+        Err(VmError::InvalidConfig {
+            field: "network",
+            ..
+        })
+    ));
+    let mut multicast = id;
+    multicast.mac[0] = 1;
+    let config = base_config().network(NetConfig::new("tap0", multicast));
+    assert!(matches!(
+        VmInstance::new(&config),
+        Err(VmError::InvalidConfig {
+            field: "network",
+            ..
+        })
+    ));
+}
