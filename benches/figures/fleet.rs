@@ -5,7 +5,7 @@
 //! feature) the section prints one "skipped" line.
 //!
 //! - `store.s3_put_mbps`: `ConvergentStore::put` of a data set of new
-//!   random bytes (2 MiB with `--quick`, else 8 MiB; 64 KiB blocks, default
+//!   random bytes (2 MiB with `--quick`, else 4 MiB; 64 KiB blocks, default
 //!   two ingest threads) through node 1's S3 API. Baseline: the same on a
 //!   single node, `store.s3_put_mbps_1node`. `store.s3_put_mbps_node_down`:
 //!   the same with node 3 stopped, same baseline.
@@ -85,7 +85,7 @@ mod s3 {
     /// Puts through node 1 and restores through `restore_node`, `samples`
     /// times each. `seed` keeps every put's data new to the bucket.
     fn run(ctx: &Ctx, cluster: &Cluster, restore_node: usize, seed: u64) -> Samples {
-        let len = if ctx.quick { 2 << 20 } else { 8 << 20 };
+        let len = if ctx.quick { 2 << 20 } else { 4 << 20 };
         let samples = ctx.samples(5, 3);
         let prefix = "bench/";
         let writer = store(cluster.backend(1, prefix));
