@@ -9,10 +9,6 @@
 //! - `executor.scaling`: `executor.rps_2workers` judged against
 //!   `executor.rps_1worker`: the ratio is the scaling, target `>= 1.7`
 //!   (two cores; other load on the machine lowers it).
-//! - `executor.cores_2workers`: CPU time this process got during the
-//!   2-worker rounds divided by their wall time (median round): how many
-//!   cores the two workers really had. Near 2 on an idle machine; when
-//!   other processes take the cores it is lower, and so is the scaling.
 
 use std::time::{Duration, Instant};
 
@@ -43,12 +39,9 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
     };
     let mut one = Vec::new();
     let mut two = Vec::new();
-    let mut cores = Vec::new();
     for _ in 0..rounds {
         one.push(rps(&pool, 1, round));
-        let (cpu, start) = (cpu_seconds(), Instant::now());
         two.push(rps(&pool, 2, round));
-        cores.push((cpu_seconds() - cpu) / start.elapsed().as_secs_f64());
     }
     let one = Figure::of("executor.rps_1worker", &Stats::of(&mut one), "req/s");
     let two_stats = Stats::of(&mut two);
@@ -58,19 +51,7 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
         Figure::of("executor.scaling", &two_stats, "req/s")
             .against(&one)
             .target(Target::AtLeast(1.7)),
-        Figure::of("executor.cores_2workers", &Stats::of(&mut cores), "cores"),
     ]
-}
-
-/// CPU time (user and system) of this process so far, in seconds.
-fn cpu_seconds() -> f64 {
-    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `getrusage` writes one `rusage` into the pointer it is given.
-    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0;
-    assert!(ok, "getrusage: {}", std::io::Error::last_os_error());
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Calls per second of `workers` threads serving from `pool` for `round`.
