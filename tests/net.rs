@@ -553,6 +553,49 @@ fn crash_consistent_snapshots_reset_the_copy_and_spare_the_original() {
     assert_eq!(vm.connections().expect("a device").len(), 1);
 }
 
+/// The check the termination tests rely on can fail: a RST one past the
+/// sequence number the peer expects (in its window, not exact) earns a
+/// challenge ACK and leaves the connection open (RFC 5961).
+#[test]
+fn an_inexact_rst_earns_a_challenge_ack() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let mut server = net.python(ECHO_PEER_ADDR, &["7000"]);
+    server.expect("listening");
+    let id = connect(&mut vm, 7000);
+    server.expect("10.0.0.2");
+    send(&mut vm, id, b"one").expect("send");
+    assert_eq!(recv(&mut vm, id, 3).expect("echo"), b"one");
+
+    let c = *vm
+        .connections()
+        .expect("a device")
+        .connections()
+        .next()
+        .expect("one connection");
+    let rst = snapvm::net::fuzzing::tcp_frame(
+        c.guest_mac,
+        c.peer_mac,
+        c.key.guest,
+        c.key.peer,
+        snapvm::net::fuzzing::Flags::Rst,
+        c.guest.next_seq.wrapping_add(1),
+        None,
+        0,
+        &[],
+    );
+    let before = net.challenge_acks();
+    vm.invoke("raw_exchange", &record(&rst))
+        .expect("raw exchange");
+    eventually("a challenge ACK", || net.challenge_acks() > before);
+    // The connection survived it.
+    send(&mut vm, id, b"two").expect("send");
+    assert_eq!(recv(&mut vm, id, 3).expect("echo"), b"two");
+}
+
 /// Accepts one connection, prints the client's address, echoes.
 const ECHO_PEER_ADDR: &str = r#"
 import socket, sys

@@ -298,6 +298,7 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
         term.push(start.elapsed().as_secs_f64() * 1e6);
         // The first round also ends the echo and sink connections.
         assert!(ended >= 100 && ended == open, "{ended} of {open} ended");
+        vm.invoke("drop_all", b"").expect("drop the old streams");
     }
     let terminate = Figure::of("net.terminate_100_us", &Stats::of(&mut term), "us");
     drop(vm);

@@ -200,11 +200,6 @@ fn seq_gt(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
-/// `start <= seq < start + len` in sequence-number space (RFC 793's test).
-fn in_window(seq: u32, start: u32, len: u32) -> bool {
-    seq.wrapping_sub(start) < len.max(1)
-}
-
 impl ConnTracker {
     /// An empty tracker.
     pub fn new(config: TrackerConfig) -> Self {
@@ -340,12 +335,19 @@ impl ConnTracker {
         };
 
         if seg.rst {
-            // The receiver honours a RST whose sequence number falls in its
-            // window (or, before its first ACK, any RST that acknowledges
-            // its SYN): then the connection is gone.
+            // A RST ends the connection only if its receiver surely takes
+            // it: exactly the sequence number it expects (RFC 5961; a RST
+            // merely in the window earns a challenge ACK from Linux), or,
+            // before the receiver's first ACK, one that acknowledges its
+            // SYN. Otherwise the connection stays tracked: terminating a
+            // connection that is already gone costs one ignored RST,
+            // forgetting a live one would leave it half-open.
+            let sender = *side(conn, dir);
             let receiver = *side(conn, other(dir));
             let accepted = match receiver.ack {
-                Some(rcv_nxt) => in_window(seg.seq, rcv_nxt, receiver.window),
+                Some(rcv_nxt) => {
+                    seg.seq == rcv_nxt || (sender.syn_seen && seg.seq == sender.next_seq)
+                }
                 None => seg.ack == Some(receiver.next_seq) || !receiver.syn_seen,
             };
             if accepted {
@@ -830,6 +832,17 @@ mod tests {
             &frame(
                 Direction::ToGuest,
                 seg(TcpControl::Rst, 7001 + 100_000, None, b""),
+            ),
+        );
+        assert!(matches!(o, Observation::Tracked(_)));
+        assert_eq!(t.len(), 1);
+        // In the window but not exact: Linux answers with a challenge ACK,
+        // so the connection stays tracked.
+        let o = t.observe(
+            Direction::ToGuest,
+            &frame(
+                Direction::ToGuest,
+                seg(TcpControl::Rst, 7001 + 10, None, b""),
             ),
         );
         assert!(matches!(o, Observation::Tracked(_)));
