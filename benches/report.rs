@@ -50,6 +50,7 @@ fn main() -> ExitCode {
     all.extend(reset);
     all.extend(figures::store::measure(&ctx));
     all.extend(figures::trace::measure(&ctx));
+    all.extend(figures::ondemand::measure(&ctx));
 
     print!("{}", table(&all));
     println!(

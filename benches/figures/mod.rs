@@ -3,6 +3,7 @@
 //! whose figures are judged against another module's baselines also takes
 //! the figures measured so far (`measure(ctx, &so_far)`).
 
+pub mod ondemand;
 pub mod reset;
 pub mod snapshot;
 pub mod store;

@@ -150,7 +150,7 @@ impl Shared {
             .fetch_block(&b.id, &b.key, b.len)
             .map_err(|source| SnapshotError::Store {
                 block: Some(b.id),
-                source,
+                source: Box::new(source),
             })?;
         for &at in &b.offsets {
             let n = (self.size - at).min(plain.len() as u64) as usize;
@@ -205,10 +205,10 @@ impl Shared {
                 let id = self.blocks[i].id;
                 return Err(Arc::new(SnapshotError::Store {
                     block: Some(id),
-                    source: StoreError::FetchTimeout {
+                    source: Box::new(StoreError::FetchTimeout {
                         block: id,
                         after: self.deadline,
-                    },
+                    }),
                 }));
             }
             st = self
