@@ -105,7 +105,7 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
         trace.record(&vm).expect("recording the working set");
     }
 
-    let samples = ctx.samples(7, 1);
+    let samples = ctx.samples(5, 1);
     let (mut cold, mut cold_traced, mut warm, mut warm_traced) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..samples {
@@ -152,7 +152,7 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
         t.record(&vm).expect("recording the working set");
         t
     };
-    let store_samples = ctx.samples(5, 1);
+    let store_samples = ctx.samples(3, 1);
     let (mut download, mut ondemand) = (Vec::new(), Vec::new());
     for _ in 0..store_samples {
         download.push(
