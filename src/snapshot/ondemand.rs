@@ -253,7 +253,9 @@ impl StoreMemory {
             .collect();
         self.shared.queue(blocks.iter().copied());
         for b in blocks {
-            self.shared.ensure(b).map_err(unwrap_shared)?;
+            self.shared
+                .ensure(b)
+                .map_err(|e| unwrap_shared(addr / PAGE_SIZE, e))?;
         }
         Ok(())
     }
@@ -283,9 +285,10 @@ impl StoreMemory {
     }
 }
 
-/// A shared error as an owned one, for calls that return `SnapshotError`.
-fn unwrap_shared(e: Arc<SnapshotError>) -> SnapshotError {
-    SnapshotError::Vm(VmError::MemoryUnavailable { page: 0, source: e })
+/// A shared error as an owned one, for calls that return `SnapshotError`
+/// (`page`: the first page of the range that was needed).
+fn unwrap_shared(page: u64, e: Arc<SnapshotError>) -> SnapshotError {
+    SnapshotError::Vm(VmError::MemoryUnavailable { page, source: e })
 }
 
 /// The per-VM fault handler: a thread serving the VM's userfaultfd, stopped
