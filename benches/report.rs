@@ -57,6 +57,7 @@ fn main() -> ExitCode {
     all.extend(figures::gateway::measure(&ctx));
     all.extend(figures::trace::measure(&ctx));
     all.extend(figures::net::measure(&ctx));
+    all.extend(figures::ondemand::measure(&ctx));
 
     print!("{}", table(&all));
     println!(

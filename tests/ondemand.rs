@@ -164,7 +164,7 @@ fn failed_block(e: &VmError) -> Option<(BlockId, &StoreError)> {
         SnapshotError::Store {
             block: Some(b),
             source,
-        } => Some((*b, source)),
+        } => Some((*b, &**source)),
         _ => None,
     }
 }

@@ -227,6 +227,97 @@ fn s3_backend_against_garage() {
     backend_contract(&garage.backend("contract/"));
     fleet(&garage);
     fleet_snapshot(&garage);
+    fleet_on_demand(&garage);
+}
+
+/// The request of the on-demand fleet case: 64 pages, in runs of 16.
+const TOUCH: [u8; 8] = [64, 0, 0, 0, 16, 0, 0, 0];
+
+/// Machine A saves a snapshot; machine B, another process with an empty
+/// block cache, restores it straight from the bucket, on demand.
+fn fleet_on_demand(garage: &Garage) {
+    if snapvm::vm::check_kvm().is_err() {
+        assert!(
+            std::env::var_os("SNAPVM_REQUIRE_KVM").is_none(),
+            "KVM required"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP fleet_on_demand: KVM is unavailable"
+        );
+        return;
+    }
+    let owner = [10u8; 32];
+    let machine_a = store(garage.backend("ondemand/"), owner);
+    let config = testguest();
+    let mut vm = snapvm::VmInstance::new(&config).unwrap();
+    vm.invoke("fill_region", &[8, 0, 5]).unwrap();
+    let snapshot = vm.snapshot().unwrap();
+    let id = snapshot.save_to_store(&machine_a).unwrap();
+    let expected = snapvm::VmInstance::restore(&config, &snapshot)
+        .unwrap()
+        .invoke("touch_region", &TOUCH)
+        .unwrap();
+    let data_blocks = machine_a.manifest(&id).unwrap().refs().len();
+
+    let s3 = garage.s3_config("ondemand/");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "on_demand_child", "--nocapture"])
+        .env("SNAPVM_CHILD_ENDPOINT", &s3.endpoint)
+        .env("SNAPVM_CHILD_KEY_ID", &s3.access_key_id)
+        .env("SNAPVM_CHILD_SECRET", &s3.secret_access_key)
+        .env("SNAPVM_CHILD_MANIFEST", id.to_string())
+        .env(
+            "SNAPVM_CHILD_EXPECTED",
+            u64::from_le_bytes(expected.try_into().unwrap()).to_string(),
+        )
+        .env("SNAPVM_CHILD_BLOCKS", data_blocks.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn testguest() -> snapvm::VmConfig {
+    let guest = std::path::Path::new(env!("SNAPVM_GUESTS_DIR")).join("testguest");
+    snapvm::VmConfig::new(snapvm::GuestProgram::from_file(guest).unwrap())
+        .timeout(Some(Duration::from_secs(120)))
+}
+
+/// Machine B of [`fleet_on_demand`]: run by it as a child process.
+#[test]
+#[ignore = "the child process of s3_backend_against_garage's on-demand fleet case"]
+fn on_demand_child() {
+    let var = |name| std::env::var(name).unwrap();
+    let config = S3Config {
+        endpoint: var("SNAPVM_CHILD_ENDPOINT"),
+        region: "garage".into(),
+        bucket: "snapvm-test".into(),
+        prefix: "ondemand/".into(),
+        access_key_id: var("SNAPVM_CHILD_KEY_ID"),
+        secret_access_key: var("SNAPVM_CHILD_SECRET"),
+        allow_http: true,
+    };
+    let machine_b = std::sync::Arc::new(store(S3Backend::new(&config).unwrap(), [10u8; 32]));
+    let id: snapvm::store::ManifestId = var("SNAPVM_CHILD_MANIFEST").parse().unwrap();
+    let snapshot = snapvm::Snapshot::open_from_store(
+        &machine_b,
+        &id,
+        &snapvm::snapshot::OnDemandConfig::default(),
+    )
+    .unwrap();
+    let mut vm = snapvm::VmInstance::restore(&testguest(), &snapshot).unwrap();
+    let out = vm.invoke("touch_region", &TOUCH).unwrap();
+    let expected: u64 = var("SNAPVM_CHILD_EXPECTED").parse().unwrap();
+    assert_eq!(u64::from_le_bytes(out.try_into().unwrap()), expected);
+    // Started before the snapshot arrived: only what it touched came.
+    let total: u64 = var("SNAPVM_CHILD_BLOCKS").parse().unwrap();
+    let fetched = snapshot.blocks_fetched().unwrap();
+    assert!(fetched > 0 && fetched < total / 2, "{fetched} of {total}");
 }
 
 /// A VM snapshot saved by one machine restores on another sharing the bucket.

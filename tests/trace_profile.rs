@@ -203,6 +203,46 @@ fn oversized_profiles_are_neither_stored_nor_offered() {
 }
 
 #[test]
+fn restored_environments_of_one_snapshot_share_function_profiles() {
+    require_kvm!();
+    let cache = Arc::new(TraceCache::in_memory(64 << 20));
+    let config = config(&cache, "acme");
+    let snap_a = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let snap_b = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let words = |vm: &mut VmInstance| {
+        assert_eq!(vm.invoke("words_source", b"").unwrap(), b"none");
+        let count = vm
+            .invoke("words", b"alpha one\nnothing\nZulu two\n")
+            .unwrap();
+        assert_eq!(count, 2u32.to_le_bytes());
+        String::from_utf8(vm.invoke("words_source", b"").unwrap()).unwrap()
+    };
+    // The first VM restored from snapshot A builds the DFA of `words` on
+    // its first call and exports it; the next one imports it.
+    let mut first = VmInstance::restore(&config, &snap_a).unwrap();
+    assert_eq!(words(&mut first), "compiled");
+    let mut second = VmInstance::restore(&config, &snap_a).unwrap();
+    assert_eq!(words(&mut second), "imported");
+    // So does a VM restored into a pooled shell.
+    let pool = snapvm::ShellPool::new(&config, 1).unwrap();
+    let mut pooled = pool.restore(&snap_a).unwrap();
+    assert_eq!(words(&mut pooled), "imported");
+    // Snapshot B is another code identity: its VMs start cold.
+    let mut other_snapshot = VmInstance::restore(&config, &snap_b).unwrap();
+    assert_eq!(words(&mut other_snapshot), "compiled");
+    // A VM of snapshot A serving another tenant starts cold too.
+    let mut other_tenant = VmInstance::restore(&config, &snap_a).unwrap();
+    other_tenant.set_profiles(Some(ProfileScope::new(Arc::clone(&cache), "globex")));
+    assert_eq!(words(&mut other_tenant), "compiled");
+    let key = ProfileScope::new(Arc::clone(&cache), "acme").key(first.code_id(), "words");
+    assert!(cache.get(&key).is_some());
+    assert_eq!(
+        first.code_id(),
+        CodeId::of(regex_program().digest(), snap_a.id())
+    );
+}
+
+#[test]
 fn without_a_scope_exports_are_refused_and_imports_find_nothing() {
     require_kvm!();
     let (_, source, _) = boot(&VmConfig::new(regex_program()));

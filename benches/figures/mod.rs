@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod executor;
 pub mod gateway;
 pub mod net;
+pub mod ondemand;
 pub mod reset;
 pub mod snapshot;
 pub mod store;

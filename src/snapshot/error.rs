@@ -20,9 +20,9 @@ pub enum SnapshotError {
     Store {
         /// The block at fault, if the failure was one block's.
         block: Option<crate::store::BlockId>,
-        /// The store's error.
+        /// The store's error (boxed: store errors are large).
         #[source]
-        source: crate::store::StoreError,
+        source: Box<crate::store::StoreError>,
     },
     /// Only a ready VM can be captured: a poisoned one stopped mid-call.
     #[error("the VM is poisoned and cannot be captured")]
@@ -212,7 +212,7 @@ impl From<crate::store::StoreError> for SnapshotError {
     fn from(source: crate::store::StoreError) -> Self {
         SnapshotError::Store {
             block: None,
-            source,
+            source: Box::new(source),
         }
     }
 }

@@ -325,6 +325,15 @@ impl MemoryImage {
         if self.source.is_some() && !self.holes_checked.load(Ordering::Acquire) {
             self.check_holes()?;
             self.holes_checked.store(true, Ordering::Release);
+            // The checks read the whole image through this mapping: drop
+            // its page-table entries so that it pins nothing in the page
+            // cache (a file page mapped anywhere cannot be evicted).
+            // SAFETY: a read-only shared file mapping: MADV_DONTNEED only
+            // drops its page-table entries, later reads see the file again.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+            };
         }
         Ok(())
     }

@@ -150,7 +150,7 @@ impl Shared {
             .fetch_block(&b.id, &b.key, b.len)
             .map_err(|source| SnapshotError::Store {
                 block: Some(b.id),
-                source,
+                source: Box::new(source),
             })?;
         for &at in &b.offsets {
             let n = (self.size - at).min(plain.len() as u64) as usize;
@@ -205,10 +205,10 @@ impl Shared {
                 let id = self.blocks[i].id;
                 return Err(Arc::new(SnapshotError::Store {
                     block: Some(id),
-                    source: StoreError::FetchTimeout {
+                    source: Box::new(StoreError::FetchTimeout {
                         block: id,
                         after: self.deadline,
-                    },
+                    }),
                 }));
             }
             st = self
@@ -253,7 +253,9 @@ impl StoreMemory {
             .collect();
         self.shared.queue(blocks.iter().copied());
         for b in blocks {
-            self.shared.ensure(b).map_err(unwrap_shared)?;
+            self.shared
+                .ensure(b)
+                .map_err(|e| unwrap_shared(addr / PAGE_SIZE, e))?;
         }
         Ok(())
     }
@@ -283,9 +285,10 @@ impl StoreMemory {
     }
 }
 
-/// A shared error as an owned one, for calls that return `SnapshotError`.
-fn unwrap_shared(e: Arc<SnapshotError>) -> SnapshotError {
-    SnapshotError::Vm(VmError::MemoryUnavailable { page: 0, source: e })
+/// A shared error as an owned one, for calls that return `SnapshotError`
+/// (`page`: the first page of the range that was needed).
+fn unwrap_shared(page: u64, e: Arc<SnapshotError>) -> SnapshotError {
+    SnapshotError::Vm(VmError::MemoryUnavailable { page, source: e })
 }
 
 /// The per-VM fault handler: a thread serving the VM's userfaultfd, stopped

@@ -10,6 +10,8 @@ mod cache;
 mod profile;
 mod working_set;
 
+#[doc(hidden)]
+pub use cache::{encode_entry_file, parse_entry_file};
 pub use cache::{CodeId, TraceCache, TraceError, TraceKey, TraceKind, MAX_KEY_LEN};
 pub use profile::{ProfileScope, DEFAULT_RUNTIME};
 pub use working_set::WorkingSet;

@@ -9,6 +9,12 @@
 //!   number of lines it matches (anywhere in the line).
 //! - `source`: `compiled` or `imported`, how init got its DFA.
 //! - `patterns`: the pattern set, one per line.
+//! - `words`: the number of input lines naming a word of the NATO
+//!   alphabet. Its DFA is built on the first call in each environment
+//!   (a VM restored from a snapshot taken after init builds its own), with
+//!   the same import-or-compile-and-export step, under the profile of
+//!   function `words`.
+//! - `words_source`: how `words` got its DFA (`none` before the first call).
 #![no_std]
 #![no_main]
 
@@ -35,6 +41,11 @@ const PATTERNS: &[&str] = &[
     r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+",
 ];
 
+/// The pattern set `words` compiles on its first call.
+const WORDS: &[&str] = &[
+    r"(?i)alpha|bravo|charlie|delta|echo|foxtrot|golf|hotel|india|juliett?|kilo|lima|mike|november|oscar|papa|quebec|romeo|sierra|tango|uniform|victor|whiskey|x-?ray|yankee|zulu",
+];
+
 /// Profile header: magic, format version, the hash of the pattern set and
 /// build options, the DFA's length and an FNV-1a checksum of its bytes.
 const MAGIC: &[u8; 8] = b"SNVRXDFA";
@@ -59,16 +70,29 @@ struct Global(OnceCell<Scanner>);
 // cell is never accessed concurrently.
 unsafe impl Sync for Global {}
 static SCANNER: Global = Global(OnceCell::new());
+static WORDS_SCANNER: Global = Global(OnceCell::new());
 
 fn init(exports: &mut Exports) {
-    let scanner = match trace::import().and_then(|blob| load(&blob)) {
+    let _ = SCANNER.0.set(build(PATTERNS));
+    exports
+        .export("scan", scan)
+        .export("source", source)
+        .export("patterns", patterns)
+        .export("words", words)
+        .export("words_source", words_source);
+}
+
+/// Imports the profile of the function running now and loads the DFA of
+/// `patterns` from it, or compiles the DFA and exports it.
+fn build(patterns: &[&str]) -> Scanner {
+    match trace::import().and_then(|blob| load(&blob, patterns)) {
         Some(dfa) => Scanner {
             dfa,
             source: Source::Imported,
         },
         None => {
-            let dfa = compile();
-            if let Err(e) = trace::export(&save(&dfa)) {
+            let dfa = compile(patterns);
+            if let Err(e) = trace::export(&save(&dfa, patterns)) {
                 snapvm_guest::info!("profile not exported: {e:?}");
             }
             Scanner {
@@ -76,20 +100,15 @@ fn init(exports: &mut Exports) {
                 source: Source::Compiled,
             }
         }
-    };
-    let _ = SCANNER.0.set(scanner);
-    exports
-        .export("scan", scan)
-        .export("source", source)
-        .export("patterns", patterns);
+    }
 }
 
 fn scanner() -> &'static Scanner {
     SCANNER.0.get().expect("init built the scanner")
 }
 
-/// Determinizes the pattern set: the expensive step a profile skips.
-fn compile() -> dense::DFA<Vec<u32>> {
+/// Determinizes a pattern set: the expensive step a profile skips.
+fn compile(patterns: &[&str]) -> dense::DFA<Vec<u32>> {
     dense::Builder::new()
         .syntax(syntax::Config::new().unicode(false).utf8(false))
         .configure(
@@ -97,7 +116,7 @@ fn compile() -> dense::DFA<Vec<u32>> {
                 .match_kind(MatchKind::All)
                 .starts_for_each_pattern(false),
         )
-        .build_many(PATTERNS)
+        .build_many(patterns)
         .expect("the built-in patterns compile")
 }
 
@@ -110,9 +129,9 @@ fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
 }
 
 /// Identifies the pattern set and build options a DFA was compiled from.
-fn pattern_set_hash() -> u64 {
+fn pattern_set_hash(patterns: &[&str]) -> u64 {
     let mut h = fnv1a(b"unicode=0 utf8=0 kind=all\0", 0xcbf2_9ce4_8422_2325);
-    for p in PATTERNS {
+    for p in patterns {
         h = fnv1a(p.as_bytes(), h);
         h = fnv1a(b"\0", h);
     }
@@ -120,13 +139,13 @@ fn pattern_set_hash() -> u64 {
 }
 
 /// The profile blob for `dfa`.
-fn save(dfa: &dense::DFA<Vec<u32>>) -> Vec<u8> {
+fn save(dfa: &dense::DFA<Vec<u32>>, patterns: &[&str]) -> Vec<u8> {
     let (buf, pad) = dfa.to_bytes_little_endian();
     let body = &buf[pad..];
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT.to_le_bytes());
-    out.extend_from_slice(&pattern_set_hash().to_le_bytes());
+    out.extend_from_slice(&pattern_set_hash(patterns).to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&fnv1a(body, 0xcbf2_9ce4_8422_2325).to_le_bytes());
     out.extend_from_slice(body);
@@ -135,7 +154,7 @@ fn save(dfa: &dense::DFA<Vec<u32>>) -> Vec<u8> {
 
 /// Validates a profile blob and loads its DFA; `None` (with a warning) for
 /// anything that is not a DFA of this exact pattern set.
-fn load(blob: &[u8]) -> Option<dense::DFA<Vec<u32>>> {
+fn load(blob: &[u8], patterns: &[&str]) -> Option<dense::DFA<Vec<u32>>> {
     let reject = |why: &str| {
         snapvm_guest::warn!("ignoring the imported profile: {why}");
         None
@@ -147,7 +166,7 @@ fn load(blob: &[u8]) -> Option<dense::DFA<Vec<u32>>> {
     if u32::from_le_bytes(blob[8..12].try_into().unwrap_or([0; 4])) != FORMAT {
         return reject("another profile format");
     }
-    if word(12) != pattern_set_hash() {
+    if word(12) != pattern_set_hash(patterns) {
         return reject("compiled from another pattern set");
     }
     let body = &blob[HEADER_LEN..];
@@ -169,7 +188,7 @@ fn load(blob: &[u8]) -> Option<dense::DFA<Vec<u32>>> {
     // `from_bytes` validates the whole DFA (every transition, state and
     // pattern id), so a malformed one is an error, never a bad search.
     match dense::DFA::from_bytes(&aligned[off..off + body.len()]) {
-        Ok((dfa, _)) if dfa.pattern_len() == PATTERNS.len() => Some(dfa.to_owned()),
+        Ok((dfa, _)) if dfa.pattern_len() == patterns.len() => Some(dfa.to_owned()),
         Ok(_) => reject("wrong number of patterns"),
         Err(_) => reject("the DFA does not validate"),
     }
@@ -197,11 +216,33 @@ fn scan(input: &[u8]) -> Vec<u8> {
     counts.iter().flat_map(|c| c.to_le_bytes()).collect()
 }
 
-fn source(_input: &[u8]) -> Vec<u8> {
-    match scanner().source {
+fn source_name(source: Source) -> Vec<u8> {
+    match source {
         Source::Compiled => b"compiled".to_vec(),
         Source::Imported => b"imported".to_vec(),
     }
+}
+
+fn source(_input: &[u8]) -> Vec<u8> {
+    source_name(scanner().source)
+}
+
+/// Counts the input lines naming a NATO-alphabet word; builds its DFA on
+/// the first call.
+fn words(input: &[u8]) -> Vec<u8> {
+    let dfa = &WORDS_SCANNER.0.get_or_init(|| build(WORDS)).dfa;
+    let count = input
+        .split(|&b| b == b'\n')
+        .filter(|line| matches!(dfa.try_search_fwd(&Input::new(*line)), Ok(Some(_))))
+        .count() as u32;
+    count.to_le_bytes().to_vec()
+}
+
+fn words_source(_input: &[u8]) -> Vec<u8> {
+    WORDS_SCANNER
+        .0
+        .get()
+        .map_or_else(|| b"none".to_vec(), |s| source_name(s.source))
 }
 
 fn patterns(_input: &[u8]) -> Vec<u8> {
