@@ -3,16 +3,16 @@
 //! whose figures are judged against another module's baselines also takes
 //! the figures measured so far (`measure(ctx, &so_far)`).
 
-pub mod fleet;
 pub mod executor;
+pub mod fleet;
 pub mod gateway;
 pub mod net;
 pub mod ondemand;
 pub mod reset;
 pub mod snapshot;
 pub mod store;
-pub mod tx;
 pub mod trace;
+pub mod tx;
 pub mod vm;
 
 use std::time::{Duration, Instant};
