@@ -504,9 +504,9 @@ fn restored_copies_get_new_identities_and_reconnect() {
 }
 
 /// A snapshot taken with connections open (crash-consistent): a restored
-/// copy sees them reset (from the tracker state the snapshot holds, or,
-/// for a snapshot file, from the guest runtime's restore hook), while the
-/// original VM keeps using them undisturbed.
+/// copy sees them reset (from the tracker state the snapshot holds, in
+/// memory and in its file), while the original VM keeps using them
+/// undisturbed.
 #[test]
 fn crash_consistent_snapshots_reset_the_copy_and_spare_the_original() {
     require_net!();
