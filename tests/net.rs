@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use snapvm::net::{NetConfig, NetIdentity};
+use snapvm::policy::{Always, ManagedVm};
 use snapvm::{Snapshot, VmConfig, VmError, VmInstance};
 
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -503,9 +504,9 @@ fn restored_copies_get_new_identities_and_reconnect() {
 }
 
 /// A snapshot taken with connections open (crash-consistent): a restored
-/// copy sees them reset (from the tracker state the snapshot holds, or,
-/// for a snapshot file, from the guest runtime's restore hook), while the
-/// original VM keeps using them undisturbed.
+/// copy sees them reset (from the tracker state the snapshot holds, in
+/// memory and in its file), while the original VM keeps using them
+/// undisturbed.
 #[test]
 fn crash_consistent_snapshots_reset_the_copy_and_spare_the_original() {
     require_net!();
@@ -538,12 +539,9 @@ fn crash_consistent_snapshots_reset_the_copy_and_spare_the_original() {
         );
         let stats = copy.net_stats().expect("a device");
         assert_eq!(stats.tx_frames, 0, "{what}: the copy sent nothing");
-        // From memory, the reset came from the saved tracker state; a file
-        // carries none, and the guest's restore hook closed the socket.
-        match what {
-            "memory" => assert!(stats.rx_frames >= 1, "no reset was injected"),
-            _ => assert_eq!(stats.rx_frames, 0),
-        }
+        // The reset came from the saved tracker state, which a file
+        // carries too.
+        assert!(stats.rx_frames >= 1, "{what}: no reset was injected");
         assert!(copy.connections().expect("a device").is_empty());
     }
 
@@ -551,6 +549,136 @@ fn crash_consistent_snapshots_reset_the_copy_and_spare_the_original() {
     send(&mut vm, id, b"two").expect("send after the copies");
     assert_eq!(recv(&mut vm, id, 3).expect("echo"), b"two");
     assert_eq!(vm.connections().expect("a device").len(), 1);
+}
+
+/// A crash-consistent snapshot file carries the tracked connections: a VM
+/// restored from it elsewhere gets a reset for each old socket (and sends
+/// nothing to the peers), makes new connections, and the original keeps
+/// its own.
+#[test]
+fn crash_consistent_snapshot_files_carry_connections_to_the_restored_copy() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let mut servers: Vec<Peer> = [7000u16, 7001]
+        .iter()
+        .map(|port| {
+            let mut server = net.python(ECHO_PEER_ADDR, &[&port.to_string()]);
+            server.expect("listening");
+            server
+        })
+        .collect();
+    let ids: Vec<u32> = [7000u16, 7001]
+        .iter()
+        .zip(&mut servers)
+        .map(|(&port, server)| {
+            let id = connect(&mut vm, port);
+            server.expect("10.0.0.2");
+            send(&mut vm, id, b"one").expect("send");
+            assert_eq!(recv(&mut vm, id, 3).expect("echo"), b"one");
+            id
+        })
+        .collect();
+    assert_eq!(vm.connections().expect("a device").len(), 2);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("net.snap");
+    vm.snapshot().expect("snapshot").save(&path).expect("save");
+    let from_file = Snapshot::load(&path).expect("load");
+
+    let mut copy_net = PeerNet::new();
+    let copy_config = copy_net.config(&base_config(), 3);
+    let mut copy = VmInstance::restore(&copy_config, &from_file).expect("restore");
+    copy_net.attach();
+    for &id in &ids {
+        assert_eq!(guest_code(copy.invoke("check", &words(&[id]))), RESET);
+    }
+    let stats = copy.net_stats().expect("a device");
+    assert!(
+        stats.rx_frames >= 2,
+        "one reset per saved connection expected, the guest got {}",
+        stats.rx_frames
+    );
+    assert_eq!(stats.tx_frames, 0, "the copy sent nothing");
+    // New connections from the copy work, with its own address.
+    let mut copy_server = copy_net.python(ECHO_PEER_ADDR, &["7000"]);
+    copy_server.expect("listening");
+    let id = connect(&mut copy, 7000);
+    copy_server.expect("10.0.0.3");
+    send(&mut copy, id, b"new").expect("send from the copy");
+    assert_eq!(recv(&mut copy, id, 3).expect("echo"), b"new");
+
+    // The original's peers saw nothing: both connections still work.
+    for &id in &ids {
+        send(&mut vm, id, b"two").expect("send after the copy");
+        assert_eq!(recv(&mut vm, id, 3).expect("echo"), b"two");
+    }
+    assert_eq!(net.sockets().len(), 2, "{:?}", net.sockets());
+}
+
+/// Accepts two connections, one after the other, and reports how each
+/// ended: `reset` (ECONNRESET), `eof` or an error.
+const ACCEPT_TWICE: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.0.1", int(sys.argv[1])))
+s.listen(4)
+print("listening")
+for _ in range(2):
+    c, a = s.accept()
+    print("accepted")
+    c.settimeout(10)
+    try:
+        while c.recv(65536):
+            pass
+        print("eof")
+    except ConnectionResetError:
+        print("reset")
+    except Exception as e:
+        print("error", type(e).__name__)
+    c.close()
+"#;
+
+/// A VM reset in place after every call (`ManagedVm` with `Always`) ends,
+/// at the peer, the connections its call opened: the peer's socket reports
+/// a reset on the first RST, nothing is left over, and the next call
+/// connects again.
+#[test]
+fn resets_in_place_end_the_peers_of_connections_opened_since_the_snapshot() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config().dirty_tracking(true), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let ready = vm.snapshot().expect("ready snapshot");
+    let mut managed = ManagedVm::new(vm, ready, Always).expect("managed VM");
+    let mut server = net.python(ACCEPT_TWICE, &["7000"]);
+    server.expect("listening");
+    let challenges_before = net.challenge_acks();
+    for round in 0..2 {
+        let resets = managed.resets();
+        managed
+            .invoke("connect", &words(&[u32::from(PEER_IP), 7000]))
+            .expect("connect");
+        assert_eq!(managed.resets(), resets + 1, "round {round}: reset");
+        server.expect("accepted");
+        server.expect("reset");
+        eventually("no socket left in the peer namespace", || {
+            net.sockets().is_empty()
+        });
+        assert!(managed.vm().connections().expect("a device").is_empty());
+    }
+    server.wait();
+    assert_eq!(
+        net.challenge_acks(),
+        challenges_before,
+        "the peer sent challenge ACKs"
+    );
+    let stats = managed.vm().net_stats().expect("a device");
+    assert_eq!(stats.terminated, 2);
 }
 
 /// The check the termination tests rely on can fail: a RST one past the

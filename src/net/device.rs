@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use smoltcp::wire::{ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, Ipv4Packet};
 
 use super::tap::{Readiness, Tap};
-use super::tracker::{ConnTracker, Direction, Observation, TrackerConfig};
+use super::tracker::{ConnKey, ConnTracker, Connection, Direction, Observation, TrackerConfig};
 use crate::abi;
 
 /// The network identity of one VM: what its frames must carry.
@@ -388,6 +388,38 @@ impl NetDevice {
     /// Whether frames wait for the guest.
     pub(crate) fn has_queued(&self) -> bool {
         !self.to_guest.is_empty()
+    }
+
+    /// Sends the peer-side reset of every tracked connection whose key
+    /// `saved` does not hold, then makes `saved` the tracked set (as far as
+    /// the table allows). Returns how many connections were ended.
+    pub(crate) fn reset_to(&mut self, saved: &[Connection]) -> usize {
+        let keep: std::collections::BTreeSet<ConnKey> = saved.iter().map(|c| c.key).collect();
+        let stale: Vec<ConnKey> = self
+            .tracker
+            .connections()
+            .map(|c| c.key)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for key in &stale {
+            let Some(t) = self.tracker.terminate(key) else {
+                continue;
+            };
+            for f in &t.to_peer {
+                if self.tap.write_frame(f).is_err() {
+                    self.stats.dropped_device += 1;
+                }
+            }
+        }
+        self.stats.terminated += stale.len() as u64;
+        // Frames the host queued for the guest before the rewind (resets
+        // of a previous one it never took in) mean nothing to it after.
+        self.to_guest.clear();
+        self.tracker.clear();
+        for c in saved {
+            self.tracker.insert(*c);
+        }
+        stale.len()
     }
 
     /// Ends every tracked connection: the peers' resets go out on the TAP

@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::image::{Extent, FileIdentity, MemoryImage, BLOCK_SIZE};
 use super::{GuestState, Inner, Snapshot, SnapshotError, SnapshotId};
 use crate::abi::{MAX_FUNCTIONS, MAX_FUNCTION_NAME, PAGE_SIZE};
+use crate::net::{ConnKey, ConnState, Connection, Direction, Endpoint};
 use crate::vm::cpu::CpuState;
 use crate::vm::{Generation, MAX_MEMORY_SIZE};
 
@@ -38,6 +40,13 @@ const MAX_STATE: u64 = 16 << 20;
 const FLAG_DIFF: u32 = 1;
 /// Extent flag (top bit of the page count): a run of zero pages.
 const EXTENT_ZERO: u64 = 1 << 63;
+/// Tag of the optional section of tracked TCP connections at the end of the
+/// state section (`"NET1"`).
+const NET_SECTION: u32 = u32::from_le_bytes(*b"NET1");
+/// Bytes of one saved connection record.
+const CONNECTION_RECORD: u64 = 12 + 4 + 12 + 2 * 16;
+/// Most connections a snapshot file may carry.
+pub(crate) const MAX_SAVED_CONNECTIONS: u64 = 1 << 16;
 
 const _: () = assert!(HEADER_SIZE <= PAGE_SIZE);
 
@@ -217,6 +226,18 @@ impl<'a> Reader<'a> {
         })
     }
 
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn u8(&mut self) -> Result<u8, SnapshotError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, SnapshotError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
     fn finish(self) -> Result<(), SnapshotError> {
         if self.bytes.is_empty() {
             Ok(())
@@ -283,7 +304,52 @@ fn encode_state(s: &Inner) -> Vec<u8> {
     for crc in &m.block_crc {
         out.extend_from_slice(&crc.to_le_bytes());
     }
+    // Written only when there is something to carry: a snapshot without
+    // open connections stays readable by builds that predate the section.
+    if !s.connections.is_empty() {
+        encode_connections(&mut out, &s.connections);
+    }
     out
+}
+
+/// Appends the optional section of tracked connections: its tag, a count,
+/// then one fixed-size record per connection, in key order.
+fn encode_connections(out: &mut Vec<u8>, connections: &[Connection]) {
+    let mut sorted: Vec<&Connection> = connections.iter().collect();
+    sorted.sort_by_key(|c| c.key);
+    out.extend_from_slice(&NET_SECTION.to_le_bytes());
+    put_u64(out, sorted.len() as u64);
+    for c in sorted {
+        for addr in [c.key.guest, c.key.peer] {
+            out.extend_from_slice(&addr.ip().octets());
+            out.extend_from_slice(&addr.port().to_le_bytes());
+        }
+        out.push(match c.state {
+            ConnState::SynSent => 0,
+            ConnState::SynReceived => 1,
+            ConnState::Established => 2,
+            ConnState::Closing => 3,
+        });
+        out.push(match c.opened_by {
+            Direction::FromGuest => 0,
+            Direction::ToGuest => 1,
+        });
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&c.guest_mac);
+        out.extend_from_slice(&c.peer_mac);
+        for e in [&c.guest, &c.peer] {
+            let flags = u8::from(e.syn_seen)
+                | u8::from(e.fin_sent) << 1
+                | u8::from(e.ack.is_some()) << 2
+                | u8::from(e.window_scale.is_some()) << 3;
+            out.push(flags);
+            out.push(e.window_scale.unwrap_or(0));
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&e.next_seq.to_le_bytes());
+            out.extend_from_slice(&e.ack.unwrap_or(0).to_le_bytes());
+            out.extend_from_slice(&e.window.to_le_bytes());
+        }
+    }
 }
 
 /// The header and state section of `snapshot` as one buffer, and the
@@ -617,6 +683,13 @@ fn decode_state(
     let block_crc = (0..blocks)
         .map(|_| r.u32())
         .collect::<Result<Vec<_>, _>>()?;
+    // Files without open connections end here (and all files written
+    // before the section existed).
+    let connections = if r.is_empty() {
+        Vec::new()
+    } else {
+        decode_connections(&mut r)?
+    };
     r.finish()?;
     let memory = image(h.memory_size, extents, block_crc)?;
     Ok(Snapshot {
@@ -636,9 +709,100 @@ fn decode_state(
                 resets_cpu,
             },
             memory,
-            connections: Vec::new(),
+            connections,
         }),
     })
+}
+
+/// Reads the optional section of tracked connections (see
+/// [`encode_connections`]): a known tag, a count bounded by
+/// [`MAX_SAVED_CONNECTIONS`] and by the bytes left, valid fields, and keys
+/// strictly increasing (so no duplicates).
+fn decode_connections(r: &mut Reader<'_>) -> Result<Vec<Connection>, SnapshotError> {
+    let malformed = |reason| SnapshotError::Malformed {
+        section: "connections",
+        reason,
+    };
+    if r.u32()? != NET_SECTION {
+        return Err(SnapshotError::Malformed {
+            section: "state",
+            reason: "trailing bytes",
+        });
+    }
+    r.section = "connections";
+    let n = r.count(CONNECTION_RECORD, MAX_SAVED_CONNECTIONS)?;
+    if n == 0 {
+        return Err(malformed("an empty section is not written"));
+    }
+    let mut connections: Vec<Connection> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut addr = || -> Result<SocketAddrV4, SnapshotError> {
+            let ip = Ipv4Addr::from(r.array::<4>()?);
+            Ok(SocketAddrV4::new(ip, r.u16()?))
+        };
+        let key = ConnKey {
+            guest: addr()?,
+            peer: addr()?,
+        };
+        let state = match r.u8()? {
+            0 => ConnState::SynSent,
+            1 => ConnState::SynReceived,
+            2 => ConnState::Established,
+            3 => ConnState::Closing,
+            _ => return Err(malformed("connection state")),
+        };
+        let opened_by = match r.u8()? {
+            0 => Direction::FromGuest,
+            1 => Direction::ToGuest,
+            _ => return Err(malformed("connection direction")),
+        };
+        if r.array::<2>()? != [0; 2] {
+            return Err(malformed("reserved bytes are not zero"));
+        }
+        let guest_mac = r.array()?;
+        let peer_mac = r.array()?;
+        let mut endpoint = || -> Result<Endpoint, SnapshotError> {
+            let flags = r.u8()?;
+            let scale = r.u8()?;
+            if flags & !0b1111 != 0 || r.array::<2>()? != [0; 2] {
+                return Err(malformed("endpoint flags"));
+            }
+            // RFC 7323: a shift count above 14 is not sent.
+            if scale > 14 || (flags & 8 == 0 && scale != 0) {
+                return Err(malformed("window scale"));
+            }
+            let next_seq = r.u32()?;
+            let ack = r.u32()?;
+            if flags & 4 == 0 && ack != 0 {
+                return Err(malformed("acknowledgement number without its flag"));
+            }
+            Ok(Endpoint {
+                syn_seen: flags & 1 != 0,
+                fin_sent: flags & 2 != 0,
+                next_seq,
+                ack: (flags & 4 != 0).then_some(ack),
+                window: r.u32()?,
+                window_scale: (flags & 8 != 0).then_some(scale),
+            })
+        };
+        let guest = endpoint()?;
+        let peer = endpoint()?;
+        if connections.last().is_some_and(|last| last.key >= key) {
+            return Err(malformed(
+                "connections not in strictly increasing key order",
+            ));
+        }
+        connections.push(Connection {
+            key,
+            state,
+            opened_by,
+            guest,
+            peer,
+            guest_mac,
+            peer_mac,
+        });
+    }
+    Ok(connections)
 }
 
 impl Snapshot {

@@ -98,7 +98,8 @@ pub(crate) struct Inner {
     /// The TCP connections the VM's network device tracked when it was
     /// captured (none after `terminate_connections`): a restored VM gets
     /// a reset for each, from the peer, before it runs guest code.
-    /// Snapshot files do not carry them (see `docs/networking.md`).
+    /// Snapshot files carry them in an optional section (see
+    /// `docs/snapshot-format.md`).
     pub(crate) connections: Vec<crate::net::Connection>,
 }
 
@@ -332,6 +333,12 @@ impl VmInstance {
     /// Rewinds this VM to `snapshot` in place, keeping its KVM objects. A
     /// poisoned VM becomes ready again.
     ///
+    /// With a network device, the TCP connections the VM opened since the
+    /// snapshot end first: each peer gets a reset that appears to come from
+    /// the guest. The tracker then holds the snapshot's connections, and the
+    /// guest gets a reset for each of those before it runs guest code, as
+    /// after [`VmInstance::restore`].
+    ///
     /// Failure-atomic: the VM is poisoned from the moment the rewind starts
     /// until it finished, so a restore that fails (a corrupt memory block,
     /// a KVM error) leaves a VM that refuses calls, never one that claims
@@ -357,6 +364,10 @@ impl VmInstance {
             .chain()
             .iter()
             .try_for_each(|s| s.inner.memory.check_unchanged())?;
+        // The peers of connections opened since the snapshot get their
+        // reset now; the rewound guest gets one for each connection the
+        // snapshot had open (see `docs/networking.md`).
+        self.reset_connections_to(&snapshot.inner.connections);
         self.rewind(snapshot, &snapshot.inner.cpu, &snapshot.inner.guest)
     }
 }

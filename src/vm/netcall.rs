@@ -169,6 +169,18 @@ impl VmInstance {
         }
     }
 
+    /// Before an in-place rewind to a snapshot that tracked `saved`: ends,
+    /// at the peer, every connection tracked now that `saved` does not
+    /// hold (opened since the snapshot; the rewound guest forgets them),
+    /// sets the tracker to `saved`, and queues a guest-side reset for each
+    /// of `saved` (as a restore does).
+    pub(crate) fn reset_connections_to(&mut self, saved: &[Connection]) {
+        if let Some(dev) = self.net.as_deref_mut() {
+            dev.reset_to(saved);
+        }
+        self.queue_guest_resets(saved);
+    }
+
     /// The network device's counters, if the VM has one.
     pub fn net_stats(&self) -> Option<NetStats> {
         self.net.as_deref().map(NetDevice::stats)
