@@ -681,6 +681,34 @@ fn resets_in_place_end_the_peers_of_connections_opened_since_the_snapshot() {
     assert_eq!(stats.terminated, 2);
 }
 
+/// A VM dropped with a connection open (halted without
+/// `terminate_connections`) still ends it at the peer: the peer's socket
+/// reports a reset instead of staying half-open.
+#[test]
+fn dropping_a_vm_resets_its_peers() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let mut server = net.python(ACCEPT_TWICE, &["7000"]);
+    server.expect("listening");
+    let challenges_before = net.challenge_acks();
+    let id = connect(&mut vm, 7000);
+    server.expect("accepted");
+    send(&mut vm, id, b"in flight").expect("send");
+    drop(vm);
+    server.expect("reset");
+    eventually("no socket left in the peer namespace", || {
+        net.sockets().is_empty()
+    });
+    assert_eq!(
+        net.challenge_acks(),
+        challenges_before,
+        "the peer sent challenge ACKs"
+    );
+}
+
 /// The check the termination tests rely on can fail: a RST one past the
 /// sequence number the peer expects (in its window, not exact) earns a
 /// challenge ACK and leaves the connection open (RFC 5961).

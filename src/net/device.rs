@@ -443,3 +443,11 @@ impl NetDevice {
         terms.len()
     }
 }
+
+impl Drop for NetDevice {
+    /// A VM that goes away takes its connections with it: each peer gets
+    /// its reset now instead of keeping a half-open connection.
+    fn drop(&mut self) {
+        self.reset_to(&[]);
+    }
+}
