@@ -3,17 +3,20 @@
 //! whose figures are judged against another module's baselines also takes
 //! the figures measured so far (`measure(ctx, &so_far)`).
 
-pub mod fleet;
 pub mod executor;
+pub mod fleet;
 pub mod gateway;
 pub mod net;
 pub mod ondemand;
 pub mod reset;
 pub mod snapshot;
 pub mod store;
-pub mod tx;
 pub mod trace;
+pub mod tx;
 pub mod vm;
+
+#[path = "../../tests/common/mod.rs"]
+pub mod common;
 
 use std::time::{Duration, Instant};
 
@@ -147,6 +150,22 @@ impl Stats {
             p10,
             p90,
             count: values.len(),
+        }
+    }
+}
+
+/// Whether KVM is usable for the `what` figures. Without it, prints one
+/// line saying they are skipped and returns false — unless
+/// `SNAPVM_REQUIRE_KVM` is set, in which case it panics.
+pub fn kvm_usable(what: &str) -> bool {
+    match snapvm::vm::check_kvm() {
+        Ok(()) => true,
+        Err(e) if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() => {
+            panic!("SNAPVM_REQUIRE_KVM is set but KVM is unusable: {e}")
+        }
+        Err(e) => {
+            println!("skipping the {what} figures: {e}");
+            false
         }
     }
 }
