@@ -42,17 +42,17 @@
 //! ```
 
 mod managed;
-mod tx;
 mod pool;
+mod tx;
 
 use std::time::Duration;
 
 pub use managed::ManagedVm;
+pub use pool::{PooledVm, ReadyPool, ReadyPoolStats};
 pub use tx::{
     And, Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, Not, Or, OutputMatches,
     RetryPolicy, ReturnedOk, SuccessCriteria, Transaction, TxError, TxOutcome, Verdict,
 };
-pub use pool::{PooledVm, ReadyPool, ReadyPoolStats};
 
 /// What a policy decides after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

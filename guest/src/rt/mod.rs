@@ -6,8 +6,8 @@ mod mem;
 pub mod net;
 mod panic;
 mod restore;
-pub mod tx;
 pub mod trace;
+pub mod tx;
 
 use core::cell::UnsafeCell;
 use core::fmt;
