@@ -89,6 +89,31 @@ fn metric(addr: SocketAddr, name: &str) -> Option<i64> {
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// Runs `clients` threads at once, each calling `request(client, i)` for
+/// `i` in `0..per_client`, and returns every answer, client by client.
+fn concurrently<T: Send>(
+    clients: u32,
+    per_client: u32,
+    request: impl Fn(u32, u32) -> T + Sync,
+) -> Vec<T> {
+    let request = &request;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|client| {
+                s.spawn(move || {
+                    (0..per_client)
+                        .map(|i| request(client, i))
+                        .collect::<Vec<T>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
 fn json_kind(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let start = text.find("\"error\":\"").expect("a JSON error body") + 9;
@@ -197,25 +222,11 @@ fn a_guest_panicking_on_every_tenth_request_fails_only_those() {
     let _serial = serial();
     let gateway = start(settings());
     let addr = gateway.addr();
-    let results: Vec<(u32, u16, Vec<u8>)> = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..4u32)
-            .map(|client| {
-                s.spawn(move || {
-                    (0..25u32)
-                        .map(|i| {
-                            let n = client * 25 + i;
-                            let function = if n % 10 == 9 { "panic" } else { "echo" };
-                            let (status, body) = post(addr, function, &n.to_le_bytes());
-                            (n, status, body)
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        clients
-            .into_iter()
-            .flat_map(|c| c.join().unwrap())
-            .collect()
+    let results = concurrently(4, 25, |client, i| {
+        let n = client * 25 + i;
+        let function = if n % 10 == 9 { "panic" } else { "echo" };
+        let (status, body) = post(addr, function, &n.to_le_bytes());
+        (n, status, body)
     });
     assert_eq!(results.len(), 100);
     for (n, status, body) in results {
@@ -252,21 +263,7 @@ fn a_flood_beyond_capacity_gets_503s_and_memory_stays_bounded() {
             let busy = std::thread::spawn(move || post(addr, "infinite_loop", b"").0);
             std::thread::sleep(Duration::from_millis(100));
             // ...while 160 large requests arrive at once.
-            let round: Vec<u16> = std::thread::scope(|s| {
-                let clients: Vec<_> = (0..40)
-                    .map(|_| {
-                        s.spawn(|| {
-                            (0..4)
-                                .map(|_| post(addr, "echo", &body).0)
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                clients
-                    .into_iter()
-                    .flat_map(|c| c.join().unwrap())
-                    .collect()
-            });
+            let round = concurrently(40, 4, |_, _| post(addr, "echo", &body).0);
             assert_eq!(busy.join().unwrap(), 504);
             statuses.extend(round);
         }

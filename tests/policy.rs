@@ -296,23 +296,25 @@ fn a_managed_vm_needs_dirty_tracking() {
     assert!(ManagedVm::new(vm, ready, Always).is_err());
 }
 
+/// Runs `threads` threads at once, each calling `f` `calls` times, and
+/// returns each thread's results.
+fn on_threads<T: Send>(threads: usize, calls: usize, f: impl Fn() -> T + Sync) -> Vec<Vec<T>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| s.spawn(|| (0..calls).map(|_| f()).collect()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn ready_pool_lends_ready_vms_to_threads_and_keeps_them_ready() {
     require_kvm!();
     let config = config();
     let pool = ReadyPool::new(&config, ready(&config), 2, || Always).unwrap();
     // Two threads at once, each with its own VM from the ready state.
-    let outputs: Vec<Vec<u64>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    (0..20)
-                        .map(|_| words(&pool.get().unwrap().invoke("counter", b"").unwrap())[0])
-                        .collect()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let outputs: Vec<Vec<u64>> = on_threads(2, 20, || {
+        words(&pool.get().unwrap().invoke("counter", b"").unwrap())[0]
     });
     assert!(outputs.iter().flatten().all(|&n| n == 1), "{outputs:?}");
     let stats = pool.stats();
@@ -368,17 +370,8 @@ fn ready_pool_gives_each_thread_its_own_vm_back() {
     let pool = ReadyPool::new(&config, ready(&config), 2, || Never).unwrap();
     // Under `Never` a VM's counter counts every call it served: each thread
     // counting 1, 2, 3, ... means each kept its own VM throughout.
-    let counts: Vec<Vec<u64>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    (0..30)
-                        .map(|_| words(&pool.get().unwrap().invoke("counter", b"").unwrap())[0])
-                        .collect()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let counts: Vec<Vec<u64>> = on_threads(2, 30, || {
+        words(&pool.get().unwrap().invoke("counter", b"").unwrap())[0]
     });
     for thread in &counts {
         assert_eq!(*thread, (1..=30).collect::<Vec<u64>>());

@@ -7,6 +7,8 @@
 //! it the test prints one SKIP line and passes, unless `SNAPVM_REQUIRE_S3=1`.
 #![cfg(feature = "s3")]
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::io::Write;
@@ -19,25 +21,6 @@ use snapvm::store::{
     Backend, BackendError, ConvergentStore, Entry, ManifestKey, Namespace, ObjectName, Problem,
     PutOutcome, S3Backend, S3Config, StoreConfig, StoreError,
 };
-
-fn garage_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SNAPVM_GARAGE") {
-        return Some(PathBuf::from(p)).filter(|p| p.is_file());
-    }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("garage"))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into_os_string())
-    }) {
-        candidates.push(PathBuf::from(home).join("bin/garage"));
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -211,7 +194,7 @@ fn store(backend: S3Backend, key: [u8; 32]) -> ConvergentStore {
 
 #[test]
 fn s3_backend_against_garage() {
-    let Some(bin) = garage_binary() else {
+    let Some(bin) = cluster::garage_binary() else {
         if std::env::var("SNAPVM_REQUIRE_S3").as_deref() == Ok("1") {
             panic!("SNAPVM_REQUIRE_S3=1 but no garage binary (run `bash .ci/store-s3.sh`)");
         }

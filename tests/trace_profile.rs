@@ -303,6 +303,17 @@ fn set_arg(w: &mut Vec<u64>, i: usize, value: u64) {
     w.extend([1, (offset_of!(AbiPage, args) + 8 * i) as u64, value]);
 }
 
+/// Calls `f` and checks that the host refused the guest's `hypercall`
+/// with a typed error and poisoned the VM.
+fn assert_refused(vm: &mut VmInstance, hypercall: &str, what: &str) {
+    let err = vm.invoke("f", b"").map(|_| ()).expect_err(what);
+    assert!(
+        matches!(&err, VmError::BadHypercall { hypercall: h, .. } if *h == hypercall),
+        "{what}: {err}"
+    );
+    assert_eq!(vm.state(), VmState::Poisoned);
+}
+
 /// Guest addresses no guest may make the host read or write.
 const WILD: [(u64, u64); 7] = [
     (0xA000, 0x1000),              // the page tables
@@ -325,21 +336,11 @@ fn hostile_exports_with_wild_buffers_get_a_typed_error() {
             w.extend([3, Hypercall::TraceExport as u64]);
         });
         let mut vm = VmInstance::new(&config).expect("rawguest boots");
-        let err = vm
-            .invoke("f", b"")
-            .map(|_| ())
-            .expect_err(&format!("wild export {ptr:#x}+{len:#x}"));
-        assert!(
-            matches!(
-                err,
-                VmError::BadHypercall {
-                    hypercall: "TraceExport",
-                    ..
-                }
-            ),
-            "{ptr:#x}+{len:#x}: {err}"
+        assert_refused(
+            &mut vm,
+            "TraceExport",
+            &format!("wild export {ptr:#x}+{len:#x}"),
         );
-        assert_eq!(vm.state(), VmState::Poisoned);
     }
     assert!(cache.is_empty(), "nothing was stored");
 }
@@ -358,21 +359,11 @@ fn hostile_imports_with_wild_buffers_get_a_typed_error() {
         // A blob waits for this VM's code and tenant.
         let key = ProfileScope::new(Arc::clone(&cache), "mallory").key(vm.code_id(), "f");
         cache.put(&key, &[0xEE; 64]).unwrap();
-        let err = vm
-            .invoke("f", b"")
-            .map(|_| ())
-            .expect_err(&format!("wild import {ptr:#x}+{cap:#x}"));
-        assert!(
-            matches!(
-                err,
-                VmError::BadHypercall {
-                    hypercall: "TraceImport",
-                    ..
-                }
-            ),
-            "{ptr:#x}+{cap:#x}: {err}"
+        assert_refused(
+            &mut vm,
+            "TraceImport",
+            &format!("wild import {ptr:#x}+{cap:#x}"),
         );
-        assert_eq!(vm.state(), VmState::Poisoned);
     }
 }
 

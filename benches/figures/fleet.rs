@@ -64,17 +64,9 @@ mod s3 {
         .expect("store")
     }
 
+    /// `len` pseudo-random bytes, different per seed.
     fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            out.extend_from_slice(&s.to_le_bytes());
-        }
-        out.truncate(len);
-        out
+        super::super::common::pseudo_random(len, seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
 
     struct Samples {

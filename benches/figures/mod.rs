@@ -15,6 +15,9 @@ pub mod trace;
 pub mod tx;
 pub mod vm;
 
+#[path = "../../tests/common/mod.rs"]
+pub mod common;
+
 use std::time::{Duration, Instant};
 
 /// Settings shared by every figure of one report run.
@@ -147,6 +150,22 @@ impl Stats {
             p10,
             p90,
             count: values.len(),
+        }
+    }
+}
+
+/// Whether KVM is usable for the `what` figures. Without it, prints one
+/// line saying they are skipped and returns false — unless
+/// `SNAPVM_REQUIRE_KVM` is set, in which case it panics.
+pub fn kvm_usable(what: &str) -> bool {
+    match snapvm::vm::check_kvm() {
+        Ok(()) => true,
+        Err(e) if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() => {
+            panic!("SNAPVM_REQUIRE_KVM is set but KVM is unusable: {e}")
+        }
+        Err(e) => {
+            println!("skipping the {what} figures: {e}");
+            false
         }
     }
 }

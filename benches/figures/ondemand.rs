@@ -69,11 +69,7 @@ fn first_invoke(config: &VmConfig, snapshot: &Snapshot, trace: Option<&WorkingSe
 
 /// Measures the trace and on-demand figures (none without KVM).
 pub fn measure(ctx: &Ctx) -> Vec<Figure> {
-    if let Err(e) = snapvm::vm::check_kvm() {
-        if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() {
-            panic!("SNAPVM_REQUIRE_KVM is set but KVM is unusable: {e}");
-        }
-        println!("skipping the trace figures: {e}");
+    if !super::kvm_usable("trace") {
         return Vec::new();
     }
     let path = Path::new(env!("SNAPVM_GUESTS_DIR")).join("testguest");

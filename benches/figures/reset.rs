@@ -73,11 +73,7 @@ const MAX_WRITE_PAGES: u8 = 255;
 /// figures measured earlier in the run; the reset figures are judged
 /// against its `kvm.exit_us`.
 pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
-    if let Err(e) = snapvm::vm::check_kvm() {
-        if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() {
-            panic!("SNAPVM_REQUIRE_KVM is set but KVM is unusable: {e}");
-        }
-        println!("skipping the reset figures: {e}");
+    if !super::kvm_usable("reset") {
         return Vec::new();
     }
     // Forked before this module creates any VM (see the module docs).

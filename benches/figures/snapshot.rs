@@ -58,11 +58,7 @@ const DENSITY_VMS: usize = 100;
 /// earlier in the run; the restore figures are judged against its
 /// `kvm.create_us`.
 pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
-    if let Err(e) = snapvm::vm::check_kvm() {
-        if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() {
-            panic!("SNAPVM_REQUIRE_KVM is set but KVM is unusable: {e}");
-        }
-        println!("skipping the snapshot figures: {e}");
+    if !super::kvm_usable("snapshot") {
         return Vec::new();
     }
     let create = so_far.iter().find(|f| f.name == "kvm.create_us");

@@ -24,19 +24,6 @@ use super::{median, Ctx, Figure, Target};
 
 const BLOCK: usize = 64 * 1024;
 
-fn data(len: usize) -> Vec<u8> {
-    let mut s = 0x9e37_79b9_7f4a_7c15u64;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn mbps(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs
 }
@@ -96,7 +83,7 @@ fn ingest(data: &[u8], threads: usize, root: &std::path::Path) -> f64 {
 pub fn measure(ctx: &Ctx) -> Vec<Figure> {
     let len = if ctx.quick { 32 << 20 } else { 128 << 20 };
     let samples = ctx.samples(9, 5);
-    let data = data(len);
+    let data = super::common::pseudo_random(len, 0x9e37_79b9_7f4a_7c15);
     let root = scratch_root();
 
     // Interleave the samples so that load from other processes on this

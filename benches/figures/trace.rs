@@ -43,11 +43,7 @@ HTTP/1.1\" 503 from 192.168.1.20 panic\n";
 
 /// Measures the trace figures, or none when KVM is unusable.
 pub fn measure(ctx: &Ctx) -> Vec<Figure> {
-    if let Err(e) = snapvm::vm::check_kvm() {
-        if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() {
-            panic!("SNAPVM_REQUIRE_KVM is set but KVM is unusable: {e}");
-        }
-        println!("skipping the trace figures: {e}");
+    if !super::kvm_usable("trace") {
         return Vec::new();
     }
     // As in the VM figures: no VM created here is the host's only one.

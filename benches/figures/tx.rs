@@ -40,11 +40,7 @@ const BLOCK: usize = 10;
 /// Measures the transaction figures, judged against `reset.16page_us` in
 /// `so_far`; none when KVM is unusable.
 pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
-    if let Err(e) = snapvm::vm::check_kvm() {
-        if std::env::var_os("SNAPVM_REQUIRE_KVM").is_some() {
-            panic!("SNAPVM_REQUIRE_KVM is set but KVM is unusable: {e}");
-        }
-        println!("skipping the transaction figures: {e}");
+    if !super::kvm_usable("transaction") {
         return Vec::new();
     }
     let path = Path::new(env!("SNAPVM_GUESTS_DIR")).join("txguest");

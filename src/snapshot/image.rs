@@ -189,22 +189,7 @@ impl MemoryImage {
             }
         }
         let block_crc = crc.into_iter().map(|h| h.finalize()).collect();
-        let map = map(&file, 0, size)?;
-        let verified = (0..size / BLOCK_SIZE)
-            .map(|_| AtomicBool::new(true))
-            .collect();
-        Ok(Self {
-            file,
-            offset: 0,
-            size,
-            map,
-            extents,
-            block_crc,
-            verified,
-            holes_checked: AtomicBool::new(true),
-            source: None,
-            on_demand: None,
-        })
+        Self::from_parts(file, 0, size, extents, block_crc, None, None)
     }
 
     /// An image stored in a snapshot file at `offset` (already validated:
@@ -217,20 +202,7 @@ impl MemoryImage {
         block_crc: Vec<u32>,
         source: FileIdentity,
     ) -> Result<Self, SnapshotError> {
-        let map = map(&file, offset, size)?;
-        let verified = block_crc.iter().map(|_| AtomicBool::new(false)).collect();
-        Ok(Self {
-            file,
-            offset,
-            size,
-            map,
-            extents,
-            block_crc,
-            verified,
-            holes_checked: AtomicBool::new(false),
-            source: Some(source),
-            on_demand: None,
-        })
+        Self::from_parts(file, offset, size, extents, block_crc, Some(source), None)
     }
 
     /// An image of `size` bytes in `cache` (a memfd, empty at first) that
@@ -242,19 +214,36 @@ impl MemoryImage {
         block_crc: Vec<u32>,
         memory: Arc<StoreMemory>,
     ) -> Result<Self, SnapshotError> {
-        let map = map(&cache, 0, size)?;
-        let verified = block_crc.iter().map(|_| AtomicBool::new(true)).collect();
+        Self::from_parts(cache, 0, size, extents, block_crc, None, Some(memory))
+    }
+
+    /// Maps `size` bytes of `file` at `offset`. An image read from a
+    /// snapshot file (`source`) starts unverified: its blocks' CRCs and its
+    /// holes are checked before use. One written here or filled from a
+    /// store starts verified.
+    fn from_parts(
+        file: File,
+        offset: u64,
+        size: u64,
+        extents: Vec<Extent>,
+        block_crc: Vec<u32>,
+        source: Option<FileIdentity>,
+        on_demand: Option<Arc<StoreMemory>>,
+    ) -> Result<Self, SnapshotError> {
+        let map = map(&file, offset, size)?;
+        let checked = source.is_none();
+        let verified = block_crc.iter().map(|_| AtomicBool::new(checked)).collect();
         Ok(Self {
-            file: cache,
-            offset: 0,
+            file,
+            offset,
             size,
             map,
             extents,
             block_crc,
             verified,
-            holes_checked: AtomicBool::new(true),
-            source: None,
-            on_demand: Some(memory),
+            holes_checked: AtomicBool::new(checked),
+            source,
+            on_demand,
         })
     }
 

@@ -28,7 +28,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,15 +35,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::file::{load_on_demand, HEADER_SIZE, MAX_HEADER_AND_STATE};
+use super::file::load_on_demand;
 use super::image::memfd;
 use super::{Snapshot, SnapshotError};
-use crate::abi::{HUGE_PAGE_SIZE, PAGE_SIZE};
+use crate::abi::PAGE_SIZE;
 use crate::store::{BlockId, BlockKey, ConvergentStore, Entry, ManifestId, StoreError};
 use crate::vm::machine::Machine;
 use crate::vm::memory::GuestRam;
 use crate::vm::userfault::{MemoryFault, Userfault};
-use crate::vm::{VmConfig, VmError, VmInstance, MAX_MEMORY_SIZE};
+use crate::vm::{VmConfig, VmError, VmInstance};
 
 /// Settings of an on-demand snapshot handle ([`Snapshot::open_from_store`]).
 #[derive(Clone, Debug)]
@@ -497,23 +496,8 @@ impl Snapshot {
         if block_size == 0 || block_size % PAGE_SIZE != 0 {
             return Err(malformed("on-demand restore needs blocks of whole pages"));
         }
-        if size == 0 || size % HUGE_PAGE_SIZE != 0 || size > MAX_MEMORY_SIZE {
-            return Err(malformed("memory size"));
-        }
-        let tail = reader
-            .len()
-            .checked_sub(size)
-            .filter(|&t| (HEADER_SIZE..=MAX_HEADER_AND_STATE).contains(&t))
-            .ok_or(malformed("length does not match the memory size"))?;
+        let head = super::stored::read_head_and_state(&mut reader, size)?;
         let io = |step| SnapshotError::io(step, None);
-        // Header and state: bounded by MAX_HEADER_AND_STATE, checked above.
-        let mut head = vec![0u8; tail as usize];
-        reader
-            .seek(SeekFrom::Start(size))
-            .map_err(io("seeking in the store"))?;
-        reader
-            .read_exact(&mut head)
-            .map_err(io("reading the snapshot state"))?;
         // The memory image's blocks: every entry must have the manifest's
         // block size except the last, so slot n starts at n × block size.
         let mut blocks: Vec<Block> = Vec::new();

@@ -23,7 +23,7 @@ use super::file::{encode_header_and_state, load_file, HEADER_SIZE, MAX_HEADER_AN
 use super::image::{is_zero, memfd, Extent};
 use super::{Snapshot, SnapshotError};
 use crate::abi::{HUGE_PAGE_SIZE, PAGE_SIZE};
-use crate::store::{ConvergentStore, Entry, ManifestId};
+use crate::store::{ConvergentStore, Entry, ManifestId, ManifestReader};
 use crate::vm::MAX_MEMORY_SIZE;
 
 const METADATA_TAG: &[u8] = b"snapvm.snapshot.1";
@@ -115,17 +115,16 @@ impl Snapshot {
     }
 }
 
-fn load_from_store(
-    store: &ConvergentStore,
-    id: &ManifestId,
-    base: Option<&Snapshot>,
-) -> Result<Snapshot, SnapshotError> {
+/// Checks a stored snapshot's memory size against the data set's length and
+/// reads the header and state that follow the memory image.
+pub(super) fn read_head_and_state(
+    reader: &mut ManifestReader<'_>,
+    size: u64,
+) -> Result<Vec<u8>, SnapshotError> {
     let malformed = |reason| SnapshotError::Malformed {
         section: "store data set",
         reason,
     };
-    let mut reader = store.reader(id)?;
-    let size = memory_size_of(&reader.manifest().metadata)?;
     if size == 0 || size % HUGE_PAGE_SIZE != 0 || size > MAX_MEMORY_SIZE {
         return Err(malformed("memory size"));
     }
@@ -143,6 +142,22 @@ fn load_from_store(
     reader
         .read_exact(&mut head)
         .map_err(io("reading the snapshot state"))?;
+    Ok(head)
+}
+fn load_from_store(
+    store: &ConvergentStore,
+    id: &ManifestId,
+    base: Option<&Snapshot>,
+) -> Result<Snapshot, SnapshotError> {
+    let malformed = |reason| SnapshotError::Malformed {
+        section: "store data set",
+        reason,
+    };
+    let mut reader = store.reader(id)?;
+    let size = memory_size_of(&reader.manifest().metadata)?;
+    let head = read_head_and_state(&mut reader, size)?;
+    let tail = head.len() as u64;
+    let io = |step| SnapshotError::io(step, None);
     let memory_offset = u64::from_le_bytes(head[32..40].try_into().expect("8 bytes"));
     if memory_offset % PAGE_SIZE != 0
         || memory_offset < tail

@@ -50,6 +50,28 @@ fn clear_sync_regs(vcpu: &mut VcpuFd) {
     vcpu.clear_sync_dirty_reg(SyncReg::SystemRegister);
 }
 
+/// Writes the general and system registers: with `sync_regs` through the
+/// shared `kvm_run` page (KVM loads them at the next `KVM_RUN`, see
+/// [`flush_sync_regs`]), otherwise with ioctls.
+fn set_registers(
+    vcpu: &mut VcpuFd,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    sync_regs: bool,
+) -> Result<(), VmError> {
+    if sync_regs {
+        let shared = vcpu.sync_regs_mut();
+        shared.regs = *regs;
+        shared.sregs = *sregs;
+        vcpu.set_sync_dirty_reg(SyncReg::Register);
+        vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+        Ok(())
+    } else {
+        vcpu.set_sregs(sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        vcpu.set_regs(regs).map_err(kvm("KVM_SET_REGS"))
+    }
+}
+
 /// Which registers a restore writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Registers {
@@ -135,17 +157,7 @@ impl UserCpu {
                 .set_vcpu_events(&self.events)
                 .map_err(kvm("KVM_SET_VCPU_EVENTS"));
         }
-        if sync_regs {
-            let shared = vcpu.sync_regs_mut();
-            shared.regs = self.regs;
-            shared.sregs = self.sregs;
-            vcpu.set_sync_dirty_reg(SyncReg::Register);
-            vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
-            Ok(())
-        } else {
-            vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-            vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))
-        }
+        set_registers(vcpu, &self.regs, &self.sregs, sync_regs)
     }
 }
 
@@ -260,17 +272,7 @@ impl CpuState {
             }
             Registers::NoVector => {}
         }
-        if sync_regs {
-            let shared = vcpu.sync_regs_mut();
-            shared.regs = self.regs;
-            shared.sregs = self.sregs;
-            vcpu.set_sync_dirty_reg(SyncReg::Register);
-            vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
-            Ok(())
-        } else {
-            vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-            vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))
-        }
+        set_registers(vcpu, &self.regs, &self.sregs, sync_regs)
     }
 
     /// Checks that `host` (the CPUID KVM supports here) has every feature

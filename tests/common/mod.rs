@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests and the benchmark report.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use snapvm::{GuestProgram, VmConfig};
