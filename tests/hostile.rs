@@ -608,3 +608,42 @@ fn hostile_transaction_hypercalls_are_typed_errors() {
         assert_eq!(vm.invoke("innocent", b"").expect(what), b"innocent");
     }
 }
+
+/// `NetExchange` with buffers a guest may not name: the host would read the
+/// system area to put it on the wire, or write received frames into it. The
+/// ranges are checked before the device is even looked at, so a VM with no
+/// device shows the same refusal; after a reset the VM serves again.
+#[test]
+fn net_exchange_buffers_outside_user_memory_are_refused() {
+    require_kvm!();
+    let exchange = Hypercall::NetExchange as u32;
+    let user = DISK + INPUT;
+    let mut cases: Vec<(u64, u64, u64, u64)> = Vec::new();
+    for target in SYSTEM_TARGETS {
+        cases.push((target, 0x100, user, 0x100)); // send the system area
+        cases.push((user, 0, target, 0x1000)); // receive into it
+    }
+    cases.push((user, u64::MAX, user, 0x100)); // a length that wraps
+    cases.push((user, 0, u64::MAX - 0x10, 0x100)); // an address that wraps
+    cases.push((user, abi::NET_MAX_TX + 1, user, 0x100)); // over the batch limit
+    for (tx, tx_len, rx, rx_cap) in cases {
+        let what = format!("tx {tx:#x}+{tx_len:#x}, rx {rx:#x}+{rx_cap:#x}");
+        let (mut vm, ready) = serving(|s| {
+            s.arg(0, tx)
+                .arg(1, tx_len)
+                .arg(2, rx)
+                .arg(3, rx_cap)
+                .arg(4, 0)
+                .hypercall(exchange);
+        });
+        let err = vm.invoke("hostile", b"").expect_err(&what);
+        assert!(is_bad_hypercall(&err), "{what}: {err}");
+        assert_eq!(vm.state(), VmState::Poisoned, "{what}");
+        vm.restore_in_place(&ready).expect("reset");
+        assert_eq!(
+            vm.invoke("innocent", b"").expect("innocent call"),
+            b"innocent",
+            "{what}"
+        );
+    }
+}
