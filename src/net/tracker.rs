@@ -610,6 +610,20 @@ fn rst_frame(
         timestamp: None,
         payload: &[],
     };
+    let buf = tcp_frame(src_mac, dst_mac, src, dst, &tcp);
+    debug_assert_eq!(buf.len(), RST_FRAME_LEN);
+    buf
+}
+
+/// `tcp` from `src` to `dst` as a complete Ethernet frame (IPv4, TTL 64)
+/// with correct IPv4 and TCP checksums.
+pub(crate) fn tcp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    tcp: &TcpRepr<'_>,
+) -> Vec<u8> {
     let ip = Ipv4Repr {
         src_addr: *src.ip(),
         dst_addr: *dst.ip(),
@@ -623,7 +637,6 @@ fn rst_frame(
         ethertype: EthernetProtocol::Ipv4,
     };
     let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
-    debug_assert_eq!(buf.len(), RST_FRAME_LEN);
     let caps = ChecksumCapabilities::default();
     let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
     eth.emit(&mut frame);
@@ -682,32 +695,7 @@ mod tests {
             timestamp: None,
             payload: s.payload,
         };
-        let ip = Ipv4Repr {
-            src_addr: *src.ip(),
-            dst_addr: *dst.ip(),
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let eth = EthernetRepr {
-            src_addr: EthernetAddress(src_mac),
-            dst_addr: EthernetAddress(dst_mac),
-            ethertype: EthernetProtocol::Ipv4,
-        };
-        let mut buf = vec![0u8; 14 + 20 + tcp.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
-        eth.emit(&mut f);
-        let mut ipp = Ipv4Packet::new_unchecked(f.payload_mut());
-        ip.emit(&mut ipp, &caps);
-        let mut t = TcpPacket::new_unchecked(ipp.payload_mut());
-        tcp.emit(
-            &mut t,
-            &IpAddress::Ipv4(*src.ip()),
-            &IpAddress::Ipv4(*dst.ip()),
-            &caps,
-        );
-        buf
+        tcp_frame(src_mac, dst_mac, src, dst, &tcp)
     }
 
     fn seg(control: TcpControl, seq: u32, ack: Option<u32>, payload: &'static [u8]) -> Seg {
