@@ -103,8 +103,8 @@ pub use snapvm_guest::abi;
 pub use error::{Error, Result};
 pub use error_kind::ErrorKind;
 pub use policy::{
-    Decision, InvokeStats, ManagedVm, ReadyPool, RestorePolicy, RetryPolicy, SuccessCriteria,
-    Transaction, TxError,
+    Decision, InvokeStats, ManagedVm, PollConfig, PollingVm, ReadyPool, RestorePolicy, RetryPolicy,
+    SuccessCriteria, Transaction, TxError,
 };
 pub use snapshot::{PoolStats, RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
 pub use store::{

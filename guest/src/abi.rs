@@ -121,6 +121,11 @@ pub enum Hypercall {
     /// [`NET_MAX_WAIT_US`]) for the first one. `ret = [status, rx_len,
     /// now_us, tx_dropped]`: `now_us` is the host's monotonic clock.
     NetExchange = 21,
+    /// Polling mode (see [`AbiPage::poll_window`]): the guest spun for its
+    /// window after a call and saw no new request, so it stops. No
+    /// arguments. The host resumes it when the next request was written;
+    /// it then serves whatever [`AbiPage::request`] holds, as after `Done`.
+    Idle = 28,
 }
 
 impl Hypercall {
@@ -142,6 +147,7 @@ impl Hypercall {
             17 => Self::TraceImport,
             20 => Self::NetInfo,
             21 => Self::NetExchange,
+            28 => Self::Idle,
             _ => return None,
         })
     }
@@ -153,6 +159,10 @@ pub const REQUEST_CALL: u64 = 1;
 /// [`AbiPage::request`]: make the input buffer at least
 /// [`AbiPage::input_len`] bytes long, then report `Done`.
 pub const REQUEST_GROW_INPUT: u64 = 2;
+/// [`AbiPage::request`] in polling mode: stop spinning now (make the
+/// `Idle` hypercall) without serving anything. The host asks for this
+/// before it resets, snapshots or hands back a polling VM.
+pub const REQUEST_IDLE: u64 = 3;
 
 /// [`AbiPage::status`] after a request: success.
 pub const STATUS_OK: u64 = 0;
@@ -305,13 +315,28 @@ pub struct AbiPage {
     /// exit. Without [`LOG_LEVEL_SET`] (a host that does not say) the guest
     /// sends every message.
     pub log_level: u64,
+    /// Polling mode (host → guest): the sequence number of the newest
+    /// request. The host writes the request fields first, then this word;
+    /// a spinning guest that sees it change serves the request without an
+    /// exit.
+    pub poll_seq: u64,
+    /// Polling mode (guest → host): the [`AbiPage::poll_seq`] of the last
+    /// request whose result (status, output) is complete. Written after
+    /// every other result field.
+    pub poll_done: u64,
+    /// Polling mode (host → guest, before every call): after a call the
+    /// guest spins on [`AbiPage::poll_seq`] for this many time-stamp-counter
+    /// ticks (`rdtsc`, with `pause` between reads) before it stops with
+    /// [`Hypercall::Idle`]; 0 turns polling off (the guest stops with
+    /// `Done` after each call).
+    pub poll_window: u64,
 }
 
 /// Marks [`AbiPage::log_level`] as set by the host.
 pub const LOG_LEVEL_SET: u64 = 0x100;
 
-/// [`AbiPage::guest_flags`]: right before and after every `Ready` and
-/// `Done` hypercall (the points a VM is captured at and reset to), and
+/// [`AbiPage::guest_flags`]: right before and after every `Ready`, `Done`
+/// and `Idle` hypercall (the points a VM is captured at and reset to), and
 /// around every `TxBegin` (the point a transaction is rewound to), the guest
 /// itself puts its x87/SSE/AVX state in the initial state (`xrstor` of an
 /// all-init area). A host rewinding such a guest to one of those points
@@ -327,7 +352,7 @@ const _: () = {
     assert!(STACK_TOP == 0x20_0000 && USER_BASE == 0x20_0000);
     assert!(PORT_HYPERCALL == 0xF0 && PORT_FAULT == 0xF8);
     assert!(core::mem::size_of::<FuncEntry>() == 16);
-    assert!(core::mem::size_of::<AbiPage>() == 304);
+    assert!(core::mem::size_of::<AbiPage>() == 328);
     assert!(core::mem::size_of::<AbiPage>() as u64 <= PAGE_SIZE);
     assert!(core::mem::offset_of!(AbiPage, request) == 72);
     assert!(core::mem::offset_of!(AbiPage, args) == 128);
@@ -356,6 +381,10 @@ const _: () = {
     assert!(core::mem::offset_of!(AbiPage, disk_size) == 280);
     assert!(core::mem::offset_of!(AbiPage, guest_flags) == 288);
     assert!(core::mem::offset_of!(AbiPage, log_level) == 296);
+    assert!(core::mem::offset_of!(AbiPage, poll_seq) == 304);
+    assert!(core::mem::offset_of!(AbiPage, poll_done) == 312);
+    assert!(core::mem::offset_of!(AbiPage, poll_window) == 320);
+    assert!(Hypercall::Idle as u32 == 28 && REQUEST_IDLE == 3);
     assert!(LOG_LEVEL_SET == 0x100);
     assert!(core::mem::offset_of!(FuncEntry, name_len) == 8);
     // Every value that crosses the boundary.

@@ -15,14 +15,14 @@ use crate::vm::{VmError, VmInstance, VmState};
 /// snapshot, as in the module example.
 #[derive(Debug)]
 pub struct ManagedVm<P> {
-    vm: VmInstance,
-    ready: Snapshot,
-    policy: P,
-    since_reset: u64,
-    ready_heap: u64,
-    resets: u64,
+    pub(super) vm: VmInstance,
+    pub(super) ready: Snapshot,
+    pub(super) policy: P,
+    pub(super) since_reset: u64,
+    pub(super) ready_heap: u64,
+    pub(super) resets: u64,
     /// A reset was decided but did not succeed: the next call resets first.
-    needs_reset: bool,
+    pub(super) needs_reset: bool,
 }
 
 impl<P: RestorePolicy> ManagedVm<P> {

@@ -42,12 +42,14 @@
 //! ```
 
 mod managed;
+mod poll;
 mod pool;
 mod tx;
 
 use std::time::Duration;
 
 pub use managed::ManagedVm;
+pub use poll::{PollConfig, PollingVm};
 pub use pool::{PooledVm, ReadyPool, ReadyPoolStats};
 pub use tx::{
     And, Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, Not, Or, OutputMatches,
@@ -115,6 +117,16 @@ pub trait RestorePolicy: Send + Sync {
     /// The decision for the call described by `stats`.
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision;
 
+    /// Whether [`Self::decide`] reads [`InvokeStats::pages_dirtied`] or
+    /// [`InvokeStats::dirty_pages_since_reset`]. Those counts come from
+    /// KVM's dirty log, which only a stopped VM can report: a
+    /// [`PollingVm`] (whose guest keeps running between calls) refuses a
+    /// policy that reads them. The default, `true`, is the safe answer for
+    /// a policy that does not say; the built-in policies answer exactly.
+    fn reads_dirty_pages(&self) -> bool {
+        true
+    }
+
     /// Resets when either policy says so.
     fn or<P: RestorePolicy>(self, other: P) -> Any<Self, P>
     where
@@ -145,6 +157,10 @@ impl RestorePolicy for Box<dyn RestorePolicy> {
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
         (**self).decide(stats)
     }
+
+    fn reads_dirty_pages(&self) -> bool {
+        (**self).reads_dirty_pages()
+    }
 }
 
 fn reset_if(condition: bool) -> Decision {
@@ -163,6 +179,10 @@ impl RestorePolicy for Always {
     fn decide(&self, _: &InvokeStats<'_>) -> Decision {
         Decision::Reset
     }
+
+    fn reads_dirty_pages(&self) -> bool {
+        false
+    }
 }
 
 /// Never reset (except after a poisoning error, which always resets).
@@ -173,6 +193,10 @@ impl RestorePolicy for Never {
     fn decide(&self, _: &InvokeStats<'_>) -> Decision {
         Decision::Keep
     }
+
+    fn reads_dirty_pages(&self) -> bool {
+        false
+    }
 }
 
 /// Reset after every `n` calls (`EveryN(1)` is [`Always`]).
@@ -182,6 +206,10 @@ pub struct EveryN(pub u64);
 impl RestorePolicy for EveryN {
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
         reset_if(stats.invocations_since_reset >= self.0)
+    }
+
+    fn reads_dirty_pages(&self) -> bool {
+        false
     }
 }
 
@@ -207,6 +235,10 @@ impl RestorePolicy for GuestGarbageAbove {
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
         reset_if(stats.garbage() > self.0)
     }
+
+    fn reads_dirty_pages(&self) -> bool {
+        false
+    }
 }
 
 /// Reset after any failed call.
@@ -216,6 +248,10 @@ pub struct OnError;
 impl RestorePolicy for OnError {
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
         reset_if(stats.outcome != Outcome::Success)
+    }
+
+    fn reads_dirty_pages(&self) -> bool {
+        false
     }
 }
 
@@ -227,6 +263,10 @@ impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for Any<A, B> {
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
         reset_if(self.0.decide(stats) == Decision::Reset || self.1.decide(stats) == Decision::Reset)
     }
+
+    fn reads_dirty_pages(&self) -> bool {
+        self.0.reads_dirty_pages() || self.1.reads_dirty_pages()
+    }
 }
 
 /// Resets only when both policies say so (see [`all`]).
@@ -236,6 +276,10 @@ pub struct All<A, B>(pub A, pub B);
 impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for All<A, B> {
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
         reset_if(self.0.decide(stats) == Decision::Reset && self.1.decide(stats) == Decision::Reset)
+    }
+
+    fn reads_dirty_pages(&self) -> bool {
+        self.0.reads_dirty_pages() || self.1.reads_dirty_pages()
     }
 }
 

@@ -35,15 +35,82 @@ pub(super) const fn field(offset: usize) -> u64 {
 pub(super) const ARGS: u64 = field(offset_of!(AbiPage, args));
 pub(super) const RET: u64 = field(offset_of!(AbiPage, ret));
 
+/// Reads `N` words of the ABI page at guest address `addr`.
+pub(super) fn ram_words<const N: usize>(ram: &GuestRam, addr: u64) -> Result<[u64; N], VmError> {
+    let mut bytes = [[0u8; 8]; N];
+    ram.read(addr, bytes.as_flattened_mut())
+        .map_err(|e| bad("ABI page", e.into()))?;
+    Ok(bytes.map(u64::from_le_bytes))
+}
+
+/// A finished call's result as the guest reported it, checked.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CallResult {
+    pub(super) output_ptr: u64,
+    pub(super) output_len: u64,
+    pub(super) heap_used: u64,
+    pub(super) garbage: u64,
+}
+
+/// What the host accepts from a guest's result.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ResultLimits {
+    pub(super) memory_size: u64,
+    pub(super) max_output: u64,
+    pub(super) message: u64,
+}
+
+/// Reads and checks the result of a finished call from the ABI page: the
+/// output must lie in user memory and fit the output limit; a guest error
+/// becomes [`VmError::GuestError`] with its (bounded) message.
+pub(super) fn read_result(ram: &GuestRam, limits: ResultLimits) -> Result<CallResult, VmError> {
+    let [output_ptr, output_len, status, heap_used] =
+        ram_words::<4>(ram, field(offset_of!(AbiPage, output_ptr)))?;
+    let [garbage] = ram_words::<1>(ram, field(offset_of!(AbiPage, garbage)))?;
+    let result = CallResult {
+        output_ptr,
+        output_len,
+        heap_used,
+        garbage,
+    };
+    if status == abi::STATUS_GUEST_ERROR {
+        // The function finished and returned an error: the guest is
+        // undisturbed, the instance stays ready.
+        let [code] = ram_words::<1>(ram, ARGS)?;
+        check_user_range(limits.memory_size, output_ptr, output_len).map_err(|e| bad("Done", e))?;
+        let len = output_len.min(limits.message);
+        let message = read_str(ram, output_ptr, len, len, true).map_err(|e| bad("Done", e))?;
+        return Err(VmError::GuestError {
+            code: code as u32,
+            message,
+        });
+    }
+    if status != abi::STATUS_OK {
+        return Err(bad("Done", HypercallFault::BadStatus(status)));
+    }
+    check_user_range(limits.memory_size, output_ptr, output_len).map_err(|e| bad("Done", e))?;
+    if output_len > limits.max_output {
+        return Err(VmError::OutputTooLarge {
+            len: output_len,
+            limit: limits.max_output,
+        });
+    }
+    Ok(result)
+}
+
 impl VmInstance {
     /// Reads `N` words of the ABI page at guest address `addr`.
     pub(super) fn read_words<const N: usize>(&self, addr: u64) -> Result<[u64; N], VmError> {
-        let mut bytes = [[0u8; 8]; N];
-        self.machine
-            .ram
-            .read(addr, bytes.as_flattened_mut())
-            .map_err(|e| bad("ABI page", e.into()))?;
-        Ok(bytes.map(u64::from_le_bytes))
+        ram_words(&self.machine.ram, addr)
+    }
+
+    /// What this VM accepts from a guest's result.
+    pub(super) fn result_limits(&self) -> ResultLimits {
+        ResultLimits {
+            memory_size: self.memory_size(),
+            max_output: self.max_output,
+            message: self.limits.message,
+        }
     }
 
     /// Writes `words` to the ABI page at guest address `addr`.

@@ -313,6 +313,14 @@ pub enum VmError {
         /// The clock it ran on.
         clock: super::TimeoutClock,
     },
+    /// Polling mode: the guest kept its vCPU spinning for `grace` past its
+    /// polling window after the last call, instead of stopping with
+    /// `Idle`; the host stopped it. *Poisons.*
+    #[error("the guest kept spinning {grace:?} past its polling window; the host stopped it")]
+    PollWindowOverrun {
+        /// How long past the window the host waited.
+        grace: Duration,
+    },
     /// A hypercall pointed outside guest memory or was otherwise malformed. *Poisons.*
     #[error("bad hypercall {hypercall}: {reason}")]
     BadHypercall {
@@ -540,6 +548,7 @@ impl VmError {
             | Self::GuestFault(_)
             | Self::Shutdown
             | Self::Timeout { .. }
+            | Self::PollWindowOverrun { .. }
             | Self::BadHypercall { .. }
             | Self::UnknownHypercall { .. }
             | Self::UnexpectedExit { .. }
@@ -583,6 +592,7 @@ impl VmError {
             | Self::UnknownHypercall { .. }
             | Self::UnexpectedExit { .. }
             | Self::VcpuStuck { .. }
+            | Self::PollWindowOverrun { .. }
             | Self::Transaction(_) => K::GuestCrash,
             Self::GuestError { .. } => K::GuestError,
             Self::Timeout { .. } => K::Timeout,

@@ -95,6 +95,14 @@ impl Deadline {
     }
 }
 
+/// What a polling run's watcher decides when the timer stops the vCPU.
+pub(crate) enum Watch {
+    /// Stop the run: the VM is parked (see [`Stop::Parked`]).
+    Park,
+    /// Resume the guest and ask again after this long.
+    Again(Duration),
+}
+
 impl VmInstance {
     /// Runs the vCPU until the guest reports Ready or Done, serving the
     /// hypercalls it makes on the way.
@@ -111,13 +119,33 @@ impl VmInstance {
         };
         // Dropped first: unregisters the thread, then the timer is disarmed.
         let _running = self.interrupt.enter()?;
-        self.run_loop(deadline, call_data)
+        self.run_loop(deadline, call_data, None)
+    }
+
+    /// Runs the vCPU in polling mode: calls arrive through the ABI page
+    /// while the guest runs, so there is no per-call deadline here (the
+    /// caller enforces it through the interrupt handle). Every `check`
+    /// (and then as `watch` says) the timer stops the vCPU and asks `watch`
+    /// whether to go on; [`Watch::Park`] ends the run with [`Stop::Parked`].
+    /// Ends with [`Stop::Idle`] (or [`Stop::Done`]) when the guest stops by
+    /// itself.
+    pub(crate) fn run_polling(
+        &mut self,
+        check: Duration,
+        watch: &mut dyn FnMut() -> Watch,
+    ) -> Result<Stop, VmError> {
+        self.dirty_fresh = false;
+        self.log_used = 0;
+        let _armed = timer::Armed::new(check).map_err(VmError::Timer)?;
+        let _running = self.interrupt.enter()?;
+        self.run_loop(None, None, Some(watch))
     }
 
     fn run_loop(
         &mut self,
         mut deadline: Option<Deadline>,
         mut call_data: CallData<'_>,
+        mut watch: Option<&mut dyn FnMut() -> Watch>,
     ) -> Result<Stop, VmError> {
         loop {
             self.check_memory()?;
@@ -134,6 +162,12 @@ impl VmInstance {
             let Some((port, value, size)) = io_exit(exit)? else {
                 if self.interrupt.requested() {
                     return Err(VmError::Cancelled);
+                }
+                if let Some(watch) = watch.as_mut() {
+                    match watch() {
+                        Watch::Park => return Ok(Stop::Parked),
+                        Watch::Again(after) => timer::arm(after).map_err(VmError::Timer)?,
+                    }
                 }
                 if let Some(d) = deadline.as_mut() {
                     let before = d.at;
@@ -164,6 +198,11 @@ impl VmInstance {
                 PORT_HYPERCALL => match Hypercall::from_u32(value) {
                     Some(Hypercall::Ready) => return Ok(Stop::Ready),
                     Some(Hypercall::Done) => return Ok(Stop::Done),
+                    // Polling: the guest's window ended. Outside a polling
+                    // run (a guest stopped mid-spin, then given a call the
+                    // ordinary way) it resumes and serves the request.
+                    Some(Hypercall::Idle) if watch.is_some() => return Ok(Stop::Idle),
+                    Some(Hypercall::Idle) => {}
                     Some(Hypercall::Log) => self.hypercall_log()?,
                     Some(Hypercall::HostCall) => {
                         self.hypercall_host_call(&mut deadline, call_data.as_deref_mut())?

@@ -2,7 +2,7 @@
 //! vCPU's initial long-mode, CPL3 state. This file and `memory.rs` own every
 //! resource the VM holds; dropping a [`Machine`] releases all of them.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId,
@@ -142,7 +142,9 @@ pub(crate) struct Machine {
         reason = "owns the VM fd for the vCPU's and memslot's lifetime"
     )]
     pub(crate) vm: VmFd,
-    pub(crate) ram: GuestRam,
+    /// Shared with a polling VM's caller thread, which writes requests and
+    /// reads results while the vCPU thread is inside `KVM_RUN`.
+    pub(crate) ram: Arc<GuestRam>,
     dirty_log: bool,
     /// KVM leaves pages writable after `KVM_GET_DIRTY_LOG` until they are
     /// cleared explicitly (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
@@ -189,7 +191,7 @@ impl Machine {
         Ok(Self {
             vcpu,
             vm,
-            ram,
+            ram: Arc::new(ram),
             dirty_log,
             manual_protect,
             cpuid: None,

@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
 
 use vm_memory::{Bytes, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
 
@@ -191,6 +192,28 @@ impl GuestRam {
                 addr,
                 len: buf.len() as u64,
             })
+    }
+
+    /// Atomically loads the aligned 64-bit word at guest address `addr`
+    /// (polling mode reads the words the guest publishes while it runs).
+    pub(crate) fn load_u64(&self, addr: u64, order: Ordering) -> Result<u64, OutOfRange> {
+        self.check(addr, 8)?;
+        self.region
+            .load(MemoryRegionAddress(addr), order)
+            .map_err(|_| OutOfRange { addr, len: 8 })
+    }
+
+    /// Atomically stores `value` at the aligned 64-bit guest address `addr`.
+    pub(crate) fn store_u64(
+        &self,
+        addr: u64,
+        value: u64,
+        order: Ordering,
+    ) -> Result<(), OutOfRange> {
+        self.check(addr, 8)?;
+        self.region
+            .store(value, MemoryRegionAddress(addr), order)
+            .map_err(|_| OutOfRange { addr, len: 8 })
     }
 
     /// Reads `len` guest bytes at `addr` into a new vector, after checking the

@@ -37,6 +37,7 @@ pub(crate) mod machine;
 pub(crate) mod memory;
 mod netcall;
 pub(crate) mod persist;
+pub(crate) mod poll;
 mod profile;
 pub mod raw;
 mod timer;
@@ -66,7 +67,7 @@ pub use tx::{TxEnd, MAX_DEFERRED_CALLS};
 
 use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
 pub(crate) use abi_page::check_user_range;
-use abi_page::{abi_boot_words, bad, field, guest_log_level, read_str, ARGS};
+use abi_page::{abi_boot_words, bad, field, guest_log_level, read_str};
 use config::GuestLimits;
 pub(crate) use hypercall::io_exit;
 use machine::Machine;
@@ -104,6 +105,10 @@ pub struct VmStats {
 pub(super) enum Stop {
     Ready,
     Done,
+    /// Polling mode: the guest stopped by itself after its window.
+    Idle,
+    /// Polling mode: the host stopped the vCPU (see `hypercall::Watch`).
+    Parked,
 }
 
 /// A KVM micro-VM with a guest program that has finished its init.
@@ -266,7 +271,7 @@ impl VmInstance {
         vm.write_words(field(offset_of!(AbiPage, log_level)), &[guest_log_level()])?;
         match vm.run(None)? {
             Stop::Ready => vm.read_ready()?,
-            Stop::Done => {
+            Stop::Done | Stop::Idle | Stop::Parked => {
                 return Err(bad(
                     "Ready",
                     HypercallFault::OutOfSequence("Done before Ready"),
@@ -545,6 +550,9 @@ impl VmInstance {
         self.pending_host_result = None;
         self.log_used = 0;
         self.tx.new_call();
+        // Not polling: the guest answers every request with `Done` (see
+        // `poll.rs`).
+        self.write_words(field(offset_of!(AbiPage, poll_window)), &[0])?;
         let len = input.len() as u64;
         if len > self.input_cap {
             self.grow_input(input.len(), call_data.as_deref_mut())?;
@@ -569,36 +577,24 @@ impl VmInstance {
         if self.tx.phase == tx::Phase::Open {
             return Err(VmError::Transaction(TxFault::NotEnded));
         }
-        let [output_ptr, output_len, status, heap_used] =
-            self.read_words::<4>(field(offset_of!(AbiPage, output_ptr)))?;
-        let [garbage] = self.read_words::<1>(field(offset_of!(AbiPage, garbage)))?;
+        let result = abi_page::read_result(&self.machine.ram, self.result_limits());
         self.check_memory()?;
+        let (heap_used, garbage) = match &result {
+            Ok(r) => (r.heap_used, r.garbage),
+            Err(_) => {
+                // A guest error (or a bad result) still reports its heap.
+                let [heap_used] = self.read_words::<1>(field(offset_of!(AbiPage, heap_used)))?;
+                let [garbage] = self.read_words::<1>(field(offset_of!(AbiPage, garbage)))?;
+                (heap_used, garbage)
+            }
+        };
         self.stats.heap_used = heap_used;
         self.stats.guest_garbage = (garbage != abi::GARBAGE_UNREPORTED).then_some(garbage);
-        if status == abi::STATUS_GUEST_ERROR {
-            // The function finished and returned an error: the guest is
-            // undisturbed, the instance stays ready.
-            let [code] = self.read_words::<1>(ARGS)?;
-            check_user_range(self.memory_size(), output_ptr, output_len)
-                .map_err(|e| bad("Done", e))?;
-            let len = output_len.min(self.limits.message);
-            let message = read_str(&self.machine.ram, output_ptr, len, len, true)
-                .map_err(|e| bad("Done", e))?;
-            return Err(VmError::GuestError {
-                code: code as u32,
-                message,
-            });
-        }
-        if status != abi::STATUS_OK {
-            return Err(bad("Done", HypercallFault::BadStatus(status)));
-        }
-        check_user_range(self.memory_size(), output_ptr, output_len).map_err(|e| bad("Done", e))?;
-        if output_len > self.max_output {
-            return Err(VmError::OutputTooLarge {
-                len: output_len,
-                limit: self.max_output,
-            });
-        }
+        let abi_page::CallResult {
+            output_ptr,
+            output_len,
+            ..
+        } = result?;
         self.stats.invocations += 1;
         Ok((output_ptr, output_len))
     }
@@ -636,6 +632,10 @@ impl VmInstance {
             Stop::Ready => Err(bad(
                 "Ready",
                 HypercallFault::OutOfSequence("Ready after init"),
+            )),
+            Stop::Idle | Stop::Parked => Err(bad(
+                "Idle",
+                HypercallFault::OutOfSequence("a polling stop outside polling mode"),
             )),
         }
     }

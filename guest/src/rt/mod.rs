@@ -386,7 +386,15 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
             restore::run_hooks();
         }
         alloc_impl::take_failed_allocation();
-        let status = match abi_read!(request) {
+        let request = abi_read!(request);
+        if request == abi::REQUEST_IDLE {
+            // The host wants the vCPU stopped (polling mode): say so and
+            // stop, serving nothing.
+            let _ = publish_done();
+            hypercall_stop(Hypercall::Idle, resets);
+            continue;
+        }
+        let status = match request {
             abi::REQUEST_CALL => {
                 // Free the previous output before running the next call.
                 drop(core::mem::take(&mut output));
@@ -441,7 +449,68 @@ pub fn __start(init: fn(&mut Exports)) -> ! {
         net::flush_pending();
         abi_write!(status, status);
         abi_write!(heap_used, heap_used() as u64);
-        hypercall_stop(Hypercall::Done, resets);
+        let window = abi_read!(poll_window);
+        if window == 0 {
+            hypercall_stop(Hypercall::Done, resets);
+        } else {
+            // Polling mode: spin for the next request; when the window
+            // ends, stop. The host may resume this vCPU before it saw the
+            // result just published: spin again then, never serve the same
+            // request twice.
+            let seq = publish_done();
+            while !poll(seq, window) {
+                hypercall_stop(Hypercall::Idle, resets);
+                if fresh_request(seq) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Polling mode: tells the host the request it numbered last is finished,
+/// and returns that number. Every other result field was written before
+/// (the fence keeps the compiler from moving those writes, the CPU keeps
+/// stores in order).
+fn publish_done() -> u64 {
+    let seq = abi_read!(poll_seq);
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+    abi_write!(poll_done, seq);
+    seq
+}
+
+/// Whether the host posted a request after request `seq`, or turned
+/// polling off (it wrote a request to be answered with `Done`).
+fn fresh_request(seq: u64) -> bool {
+    abi_read!(poll_seq) != seq || abi_read!(poll_window) == 0
+}
+
+/// Reads the time-stamp counter.
+#[inline(always)]
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: `rdtsc` only reads the time-stamp counter into edx:eax; it
+    // runs at CPL3 (the host leaves CR4.TSD clear) and touches no memory.
+    unsafe {
+        core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Polling mode, after request `seq` was answered: spins for up to
+/// `window` time-stamp-counter ticks waiting for the host's next request.
+/// True when one arrived (serve it without an exit), false when the window
+/// ended (stop with `Idle`).
+fn poll(seq: u64, window: u64) -> bool {
+    let start = rdtsc();
+    loop {
+        if fresh_request(seq) {
+            return true;
+        }
+        if rdtsc().wrapping_sub(start) > window {
+            return false;
+        }
+        core::hint::spin_loop();
     }
 }
 

@@ -78,6 +78,8 @@ fn init(exports: &mut Exports) {
         .export("bad_port", bad_port)
         .export("privileged", privileged)
         .export("infinite_loop", infinite_loop)
+        .export("poll_spin_forever", poll_spin_forever)
+        .export("poll_forge_result", poll_forge_result)
         .export("write_system_area", write_system_area)
         .export("bad_log_pointer", bad_log_pointer)
         .export("overflowing_length", overflowing_length)
@@ -352,6 +354,32 @@ fn privileged(_: &[u8]) -> Vec<u8> {
 }
 
 fn infinite_loop(_: &[u8]) -> Vec<u8> {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Polling mode, hostile: sets the spin window the runtime reads after
+/// this call returns to forever, so the guest never stops by itself.
+fn poll_spin_forever(_: &[u8]) -> Vec<u8> {
+    let page = abi::ABI_PAGE_ADDR as *mut AbiPage;
+    // SAFETY: the ABI page is mapped read/write at CPL3.
+    unsafe { core::ptr::addr_of_mut!((*page).poll_window).write_volatile(u64::MAX) };
+    b"spinning".to_vec()
+}
+
+/// Polling mode, hostile: publishes a result whose output lies past the
+/// end of guest memory, then never returns (nor answers a stop request).
+fn poll_forge_result(_: &[u8]) -> Vec<u8> {
+    let page = abi::ABI_PAGE_ADDR as *mut AbiPage;
+    // SAFETY: the ABI page is mapped read/write at CPL3.
+    unsafe {
+        core::ptr::addr_of_mut!((*page).output_ptr).write_volatile(mem_size() - 8);
+        core::ptr::addr_of_mut!((*page).output_len).write_volatile(4096);
+        core::ptr::addr_of_mut!((*page).status).write_volatile(abi::STATUS_OK);
+        let seq = core::ptr::addr_of!((*page).poll_seq).read_volatile();
+        core::ptr::addr_of_mut!((*page).poll_done).write_volatile(seq);
+    }
     loop {
         core::hint::spin_loop();
     }

@@ -1,0 +1,443 @@
+//! [`PollingVm`]: a managed VM whose warm calls cost no VM exit.
+
+use std::time::{Duration, Instant};
+
+use super::{Decision, InvokeStats, ManagedVm, Outcome, RestorePolicy};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::vm::poll::{self, HotView, PollWorker, RunEnd, Waited};
+use crate::vm::{VmError, VmInstance, VmState};
+
+/// Shortest polling window [`PollConfig::window`] accepts.
+pub const MIN_POLL_WINDOW: Duration = Duration::from_micros(1);
+/// Longest polling window [`PollConfig::window`] accepts.
+pub const MAX_POLL_WINDOW: Duration = Duration::from_secs(1);
+
+/// Settings of a [`PollingVm`].
+#[derive(Clone, Copy, Debug)]
+pub struct PollConfig {
+    window: Duration,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PollConfig {
+    /// The defaults: a 1 ms window.
+    pub fn new() -> Self {
+        Self {
+            window: Duration::from_millis(1),
+        }
+    }
+
+    /// How long the guest keeps spinning for the next call after each call
+    /// before it stops its vCPU (default 1 ms; between [`MIN_POLL_WINDOW`]
+    /// and [`MAX_POLL_WINDOW`]). A call that arrives within the window costs
+    /// no VM exit; meanwhile the spinning vCPU keeps one host core busy.
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// The polling window.
+    pub fn get_window(&self) -> Duration {
+        self.window
+    }
+}
+
+/// A [`ManagedVm`] in polling mode: between calls its guest keeps running
+/// on a vCPU thread of its own and spins on the shared ABI page for the
+/// next request, so a call that arrives while the guest is hot costs no VM
+/// exit — the caller writes the request into guest memory and watches for
+/// the result. After [`PollConfig::window`] without a call the guest stops
+/// (one exit) and the thread sleeps; the next call wakes it.
+///
+/// The policy still decides after every call. A reset always happens with
+/// the vCPU stopped, by the host: the guest is asked to stop and, if it
+/// does not within a few milliseconds, is stopped by force (and reset in
+/// full) — a guest cannot skip its own reset. With [`super::Always`] every
+/// call therefore ends with a stop and a reset, and a [`ManagedVm`] is
+/// cheaper; polling pays off with [`super::Never`], [`super::EveryN`] and
+/// other policies that keep the VM between calls. Policies that read the
+/// dirty-page counts ([`RestorePolicy::reads_dirty_pages`]) are refused: a
+/// running guest's dirty log cannot be read per call.
+///
+/// Timeouts ([`crate::VmConfig::timeout`]) apply to each call on the wall
+/// clock, whatever the VM's timeout clock; a guest that does not answer in
+/// time is stopped and the call fails with [`VmError::Timeout`]. Dropping a
+/// `PollingVm` stops its guest and joins its thread.
+///
+/// The cost: while hot, the guest's vCPU keeps one core busy and the
+/// caller spins on the result, so a call costs far less latency than an
+/// exit but not less CPU; `docs/executor.md` has the measured trade-off.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use snapvm::policy::{EveryN, ManagedVm, PollConfig, PollingVm};
+/// use snapvm::{GuestProgram, VmConfig, VmInstance};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?).dirty_tracking(true);
+/// let ready = VmInstance::new(&config)?.snapshot()?;
+/// let managed = ManagedVm::new(VmInstance::restore(&config, &ready)?, ready, EveryN(1000))?;
+/// let mut vm = PollingVm::new(managed, PollConfig::new().window(Duration::from_micros(500)))?;
+/// for _ in 0..1000 {
+///     vm.invoke("handle", b"request")?; // no VM exit while calls keep coming
+/// }
+/// # Ok(()) }
+/// ```
+pub struct PollingVm<P: RestorePolicy> {
+    holder: Holder,
+    ready: Snapshot,
+    policy: P,
+    since_reset: u64,
+    ready_heap: u64,
+    resets: u64,
+    /// A reset was decided but did not succeed: the next call resets first.
+    needs_reset: bool,
+}
+
+impl<P: RestorePolicy> std::fmt::Debug for PollingVm<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollingVm")
+            .field("hot", &self.holder.vm.is_none())
+            .field("since_reset", &self.since_reset)
+            .field("resets", &self.resets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the VM is: in the caller's hands, or with the vCPU thread.
+struct Holder {
+    /// `Some` while the vCPU thread does not run it.
+    vm: Option<VmInstance>,
+    view: HotView,
+    worker: PollWorker,
+    /// The guest's window in time-stamp-counter ticks.
+    window: u64,
+    /// The last request number posted.
+    seq: u64,
+    /// The input buffer was recorded as host-written since the last reset.
+    input_noted: bool,
+    /// Calls finished while hot, not yet counted in the VM's stats.
+    polled: u64,
+    last_heap: u64,
+    last_garbage: Option<u64>,
+    /// The VM was handed out ([`PollingVm::into_managed`]).
+    released: bool,
+}
+
+impl Holder {
+    fn next_seq(&mut self) -> u64 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Takes the VM back, stopping its guest if it runs. False in the
+    /// second value when the VM must be reset before guest code runs again
+    /// (its run ended in an error).
+    fn take(&mut self) -> (VmInstance, bool) {
+        if let Some(vm) = self.vm.take() {
+            return (vm, true);
+        }
+        let seq = self.next_seq();
+        let (vm, end) = self.worker.stop(&self.view, seq);
+        self.absorb(vm, end)
+    }
+
+    /// Takes back a VM whose run ended by itself (the guest's window
+    /// passed, or the vCPU thread stopped a guest that spun on), so the
+    /// next call sees its state (and resets it if it was poisoned).
+    fn collect(&mut self) {
+        if self.vm.is_none() {
+            if let Some((vm, end)) = self.worker.take() {
+                let (vm, _) = self.absorb(vm, end);
+                self.vm = Some(vm);
+            }
+        }
+    }
+
+    /// Accounts for a VM coming back from the vCPU thread.
+    fn absorb(&mut self, mut vm: VmInstance, end: RunEnd) -> (VmInstance, bool) {
+        vm.account_polled(
+            std::mem::take(&mut self.polled),
+            self.last_heap,
+            self.last_garbage,
+        );
+        let clean = match end {
+            RunEnd::Idle => true,
+            RunEnd::Parked => false,
+            RunEnd::Failed(e) => {
+                vm.poison_with(&e);
+                false
+            }
+        };
+        (vm, clean)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if self.vm.is_none() && !self.released {
+            // Stop the guest before the worker thread is told to quit.
+            drop(self.take());
+        }
+    }
+}
+
+impl<P: RestorePolicy> PollingVm<P> {
+    /// Puts `managed` in polling mode. Fails with
+    /// [`VmError::InvalidConfig`] if its policy reads dirty-page counts
+    /// (see the type's docs) or the window is out of range.
+    pub fn new(managed: ManagedVm<P>, config: PollConfig) -> Result<Self, crate::Error> {
+        if managed.policy.reads_dirty_pages() {
+            return Err(VmError::InvalidConfig {
+                field: "policy",
+                reason: "polling mode cannot count dirty pages per call; \
+                         use a policy whose reads_dirty_pages() is false"
+                    .into(),
+            }
+            .into());
+        }
+        if !(MIN_POLL_WINDOW..=MAX_POLL_WINDOW).contains(&config.window) {
+            return Err(VmError::InvalidConfig {
+                field: "window",
+                reason: format!(
+                    "{:?} is outside {MIN_POLL_WINDOW:?}..={MAX_POLL_WINDOW:?}",
+                    config.window
+                ),
+            }
+            .into());
+        }
+        let ManagedVm {
+            vm,
+            ready,
+            policy,
+            since_reset,
+            ready_heap,
+            resets,
+            needs_reset,
+        } = managed;
+        let holder = Holder {
+            view: vm.hot_view(),
+            vm: Some(vm),
+            worker: PollWorker::start(config.window)?,
+            window: poll::window_ticks(config.window),
+            seq: 0,
+            input_noted: false,
+            polled: 0,
+            last_heap: ready_heap,
+            last_garbage: None,
+            released: false,
+        };
+        Ok(Self {
+            holder,
+            ready,
+            policy,
+            since_reset,
+            ready_heap,
+            resets,
+            needs_reset,
+        })
+    }
+
+    /// Calls `name` with `input`, then applies the policy, like
+    /// [`ManagedVm::invoke`]. Without an exit when the guest is hot; an
+    /// input larger than the guest's input buffer takes the ordinary path
+    /// once (the buffer grows).
+    pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
+        self.holder.collect();
+        let poisoned = self
+            .holder
+            .vm
+            .as_ref()
+            .is_some_and(|vm| vm.state() == VmState::Poisoned);
+        if self.needs_reset || poisoned {
+            self.reset()?;
+        }
+        let Some(index) = self.holder.view.function(name) else {
+            return Err(VmError::UnknownFunction { name: name.into() }.into());
+        };
+        let start = Instant::now();
+        if !self.holder.view.input_fits(input.len()) {
+            return self.invoke_growing(name, input, start);
+        }
+        let holder = &mut self.holder;
+        let seq = holder.next_seq();
+        holder.worker.begin_call();
+        if let Err(e) = holder.view.post_call(index, input, holder.window, seq) {
+            holder.worker.end_call();
+            return Err(e.into());
+        }
+        if let Some(mut vm) = holder.vm.take() {
+            if !holder.input_noted {
+                vm.note_input_written();
+                holder.input_noted = true;
+            }
+            holder.worker.dispatch(vm);
+        }
+        let deadline = holder.view.timeout().map(|t| start + t);
+        let waited = holder.worker.wait(&holder.view, seq, deadline);
+        holder.worker.end_call();
+        let (result, broken) = match waited {
+            Waited::Finished => {
+                let read = holder.view.read_result();
+                holder.last_heap = read.heap_used;
+                holder.last_garbage = read.garbage;
+                match read.output {
+                    Ok(out) => {
+                        holder.polled += 1;
+                        (Ok(out), false)
+                    }
+                    Err(e) if e.poisons() => {
+                        // A malformed result: stop the guest, poison it.
+                        let (mut vm, _) = holder.take();
+                        vm.poison_with(&e);
+                        holder.vm = Some(vm);
+                        (Err(e), true)
+                    }
+                    Err(e) => (Err(e), false),
+                }
+            }
+            Waited::Stopped(mut vm, end) => {
+                let e = match end {
+                    RunEnd::Failed(e) => e,
+                    RunEnd::Parked | RunEnd::Idle => VmError::PollWindowOverrun {
+                        grace: poll::PARK_GRACE,
+                    },
+                };
+                vm.poison_with(&e);
+                holder.vm = Some(vm);
+                (Err(e), true)
+            }
+            Waited::TimedOut(mut vm) => {
+                let e = poll::timeout_error(holder.view.timeout().unwrap_or_default());
+                vm.poison_with(&e);
+                holder.vm = Some(vm);
+                (Err(e), true)
+            }
+        };
+        let (heap, garbage) = (holder.last_heap, holder.last_garbage);
+        self.settle(name, start, result, heap, garbage, broken)
+    }
+
+    /// A call whose input needs a larger guest buffer: the ordinary way.
+    fn invoke_growing(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        start: Instant,
+    ) -> Result<Vec<u8>, crate::Error> {
+        let (mut vm, clean) = self.holder.take();
+        if !clean {
+            self.holder.vm = Some(vm);
+            self.reset()?;
+            vm = self.holder.take().0;
+        }
+        let result = vm.invoke(name, input);
+        self.holder.view.refresh(&vm);
+        self.holder.input_noted = false;
+        let stats = vm.stats();
+        let broken = vm.state() == VmState::Poisoned;
+        self.holder.vm = Some(vm);
+        let garbage = stats.guest_garbage;
+        self.settle(name, start, result, stats.heap_used, garbage, broken)
+    }
+
+    /// Applies the policy to a finished call.
+    fn settle(
+        &mut self,
+        name: &str,
+        start: Instant,
+        result: Result<Vec<u8>, VmError>,
+        heap_used: u64,
+        guest_garbage: Option<u64>,
+        broken: bool,
+    ) -> Result<Vec<u8>, crate::Error> {
+        self.since_reset += 1;
+        let outcome = match (&result, broken) {
+            (Ok(_), _) => Outcome::Success,
+            (Err(_), true) => Outcome::Poisoned,
+            (Err(_), false) => Outcome::Failed,
+        };
+        let stats = InvokeStats {
+            function: name,
+            outcome,
+            elapsed: start.elapsed(),
+            pages_dirtied: 0,
+            dirty_pages_since_reset: 0,
+            invocations_since_reset: self.since_reset,
+            heap_used,
+            heap_growth: heap_used.saturating_sub(self.ready_heap),
+            guest_garbage,
+        };
+        if broken || self.policy.decide(&stats) == Decision::Reset {
+            self.needs_reset = true;
+            if let Err(e) = self.reset() {
+                log::warn!(
+                    target: "snapvm::policy",
+                    "reset after a call to {name:?} failed, retried before the next call: {e}"
+                );
+            }
+        }
+        result.map_err(Into::into)
+    }
+
+    /// Stops the guest and resets the VM to its ready snapshot now.
+    pub fn reset(&mut self) -> Result<(), SnapshotError> {
+        let (mut vm, _) = self.holder.take();
+        let result = vm.restore_in_place(&self.ready);
+        self.holder.view.refresh(&vm);
+        self.holder.input_noted = false;
+        self.holder.vm = Some(vm);
+        result?;
+        self.needs_reset = false;
+        self.since_reset = 0;
+        self.resets += 1;
+        Ok(())
+    }
+
+    /// Resets performed so far.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Whether the guest is running on the vCPU thread (spinning for the
+    /// next call, or about to stop).
+    pub fn is_hot(&self) -> bool {
+        self.holder.vm.is_none() && !self.holder.worker.has_stopped()
+    }
+
+    /// The ready snapshot resets return to.
+    pub fn ready(&self) -> &Snapshot {
+        &self.ready
+    }
+
+    /// Stops the guest and gives back the [`ManagedVm`] (its calls go
+    /// through exits again).
+    pub fn into_managed(self) -> ManagedVm<P> {
+        let Self {
+            mut holder,
+            ready,
+            policy,
+            since_reset,
+            ready_heap,
+            resets,
+            needs_reset,
+        } = self;
+        let (vm, clean) = holder.take();
+        holder.released = true;
+        drop(holder);
+        ManagedVm {
+            vm,
+            ready,
+            policy,
+            since_reset,
+            ready_heap,
+            resets,
+            needs_reset: needs_reset || !clean,
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! Polling mode, the host side: a vCPU thread that keeps a VM's guest
+//! running between calls, and the caller's view of the shared ABI page.
+//!
+//! After a call the guest publishes its result (`poll_done`) and spins on
+//! `poll_seq` for its window (`poll_window`, in time-stamp-counter ticks);
+//! the caller writes the next request into guest memory and bumps
+//! `poll_seq`, then watches `poll_done`. While the guest spins, a call costs
+//! no exit. When the window ends the guest stops with `Idle` and the vCPU
+//! thread parks until the next call.
+//!
+//! Nothing here trusts the guest: the caller's deadline stops a guest that
+//! never answers (through the interrupt handle), the vCPU thread's own
+//! timer parks a guest that spins past its window (and poisons it), and a
+//! result is checked as strictly as after `Done`.
+
+use std::collections::HashMap;
+use std::mem::offset_of;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::abi_page::{self, bad, field, ResultLimits};
+use super::error::{HypercallFault, VmError};
+use super::hypercall::Watch;
+use super::memory::GuestRam;
+use super::{InterruptHandle, Stop, TimeoutClock, VmInstance, VmState};
+use crate::abi::{self, AbiPage};
+
+/// How long a stop request (`REQUEST_IDLE`) may take before the vCPU is
+/// kicked instead.
+const STOP_GRACE: Duration = Duration::from_millis(20);
+/// How long the vCPU thread lets a guest spin past its window before it
+/// stops the guest itself (and poisons it: a guest that follows the
+/// protocol stops at the window).
+pub(crate) const PARK_GRACE: Duration = Duration::from_millis(50);
+/// Spins on the result word before the waiting thread starts yielding.
+const SPINS_BEFORE_YIELD: u32 = 20_000;
+
+/// Time-stamp-counter ticks per second, measured once against the
+/// monotonic clock (about 2 ms, on first use).
+fn tsc_per_second() -> u64 {
+    static HZ: OnceLock<u64> = OnceLock::new();
+    *HZ.get_or_init(|| {
+        let (t0, c0) = (Instant::now(), rdtsc());
+        while t0.elapsed() < Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        let (ns, ticks) = (t0.elapsed().as_nanos(), rdtsc().wrapping_sub(c0));
+        u64::try_from(u128::from(ticks) * 1_000_000_000 / ns.max(1)).unwrap_or(u64::MAX)
+    })
+}
+
+/// Reads the time-stamp counter.
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: `rdtsc` reads the time-stamp counter into edx:eax; it touches
+    // no memory and is allowed in user mode on Linux.
+    unsafe {
+        std::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// `window` in the guest's time-stamp-counter ticks (at least 1: 0 would
+/// turn polling off).
+pub(crate) fn window_ticks(window: Duration) -> u64 {
+    let ticks = u128::from(tsc_per_second()) * window.as_nanos() / 1_000_000_000;
+    u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+}
+
+/// The caller's view of a polling VM: its memory and what it needs to post
+/// calls and check results while another thread runs the vCPU.
+pub(crate) struct HotView {
+    ram: Arc<GuestRam>,
+    functions: HashMap<String, u64>,
+    input_buf: u64,
+    input_cap: u64,
+    limits: ResultLimits,
+    timeout: Option<Duration>,
+    interrupt: InterruptHandle,
+}
+
+/// A finished call as a polling caller reads it.
+pub(crate) struct HotResult {
+    pub(crate) output: Result<Vec<u8>, VmError>,
+    pub(crate) heap_used: u64,
+    pub(crate) garbage: Option<u64>,
+}
+
+impl HotView {
+    /// The index of exported function `name`.
+    pub(crate) fn function(&self, name: &str) -> Option<u64> {
+        self.functions.get(name).copied()
+    }
+
+    /// Whether an input of `len` bytes fits the guest's input buffer.
+    pub(crate) fn input_fits(&self, len: usize) -> bool {
+        len as u64 <= self.input_cap
+    }
+
+    /// The VM's call timeout (measured on the wall clock here).
+    pub(crate) fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Takes the input buffer and limits of `vm` (they change when it is
+    /// reset or grows its buffer).
+    pub(crate) fn refresh(&mut self, vm: &VmInstance) {
+        self.input_buf = vm.input_buf;
+        self.input_cap = vm.input_cap;
+        self.ram = Arc::clone(&vm.machine.ram);
+    }
+
+    fn store(&self, name: usize, value: u64, order: Ordering) -> Result<(), VmError> {
+        self.ram
+            .store_u64(field(name), value, order)
+            .map_err(|e| bad("ABI page", e.into()))
+    }
+
+    fn load(&self, name: usize, order: Ordering) -> Result<u64, VmError> {
+        self.ram
+            .load_u64(field(name), order)
+            .map_err(|e| bad("ABI page", e.into()))
+    }
+
+    /// Posts a call of function `index` with `input` as request `seq`: the
+    /// input and request fields first, `poll_seq` last (release), so a
+    /// guest that sees the new sequence number sees the whole request.
+    pub(crate) fn post_call(
+        &self,
+        index: u64,
+        input: &[u8],
+        window: u64,
+        seq: u64,
+    ) -> Result<(), VmError> {
+        if !self.input_fits(input.len()) {
+            return Err(VmError::InputTooLarge { len: input.len() });
+        }
+        self.ram
+            .write(self.input_buf, input)
+            .map_err(|e| bad("Ready", e.into()))?;
+        let relaxed = Ordering::Relaxed;
+        self.store(offset_of!(AbiPage, request), abi::REQUEST_CALL, relaxed)?;
+        self.store(offset_of!(AbiPage, func_index), index, relaxed)?;
+        self.store(offset_of!(AbiPage, input_len), input.len() as u64, relaxed)?;
+        self.store(offset_of!(AbiPage, poll_window), window, relaxed)?;
+        self.store(offset_of!(AbiPage, poll_seq), seq, Ordering::Release)
+    }
+
+    /// Asks the guest to stop spinning, as request `seq`.
+    pub(crate) fn post_idle(&self, seq: u64) -> Result<(), VmError> {
+        self.store(
+            offset_of!(AbiPage, request),
+            abi::REQUEST_IDLE,
+            Ordering::Relaxed,
+        )?;
+        self.store(offset_of!(AbiPage, poll_seq), seq, Ordering::Release)
+    }
+
+    /// Whether the guest reported request `seq` finished (acquire: its
+    /// result fields are visible after this).
+    fn finished(&self, seq: u64) -> bool {
+        self.load(offset_of!(AbiPage, poll_done), Ordering::Acquire)
+            .is_ok_and(|done| done == seq)
+    }
+
+    /// Reads the result of the finished request, checked like a result
+    /// after `Done`. The guest may still be running and change its memory
+    /// meanwhile: every field is read once, checked, then used.
+    pub(crate) fn read_result(&self) -> HotResult {
+        let result = abi_page::read_result(&self.ram, self.limits);
+        let (heap_used, garbage) = match &result {
+            Ok(r) => (r.heap_used, r.garbage),
+            Err(_) => (
+                self.load(offset_of!(AbiPage, heap_used), Ordering::Relaxed)
+                    .unwrap_or(0),
+                self.load(offset_of!(AbiPage, garbage), Ordering::Relaxed)
+                    .unwrap_or(abi::GARBAGE_UNREPORTED),
+            ),
+        };
+        let output = result.and_then(|r| {
+            self.ram
+                .read_vec(r.output_ptr, r.output_len)
+                .map_err(|e| bad("Done", e.into()))
+        });
+        HotResult {
+            output,
+            heap_used,
+            garbage: (garbage != abi::GARBAGE_UNREPORTED).then_some(garbage),
+        }
+    }
+}
+
+impl VmInstance {
+    /// The caller's view of this VM for polling mode.
+    pub(crate) fn hot_view(&self) -> HotView {
+        HotView {
+            ram: Arc::clone(&self.machine.ram),
+            functions: self.functions.clone(),
+            input_buf: self.input_buf,
+            input_cap: self.input_cap,
+            limits: self.result_limits(),
+            timeout: self.timeout,
+            interrupt: self.interrupt_handle(),
+        }
+    }
+
+    /// Records the input buffer as written by the host (polling calls
+    /// write it while the vCPU thread owns the VM).
+    pub(crate) fn note_input_written(&mut self) {
+        self.note_host_write(self.input_buf, self.input_cap);
+    }
+
+    /// Counts calls finished in polling mode and the guest's last report.
+    pub(crate) fn account_polled(&mut self, calls: u64, heap_used: u64, garbage: Option<u64>) {
+        self.stats.invocations += calls;
+        self.stats.heap_used = heap_used;
+        self.stats.guest_garbage = garbage;
+    }
+
+    /// Poisons this VM with `error` if it poisons (a polling run ended in
+    /// it while the caller waited).
+    pub(crate) fn poison_with(&mut self, error: &VmError) {
+        if error.poisons() && self.state != VmState::Poisoned {
+            self.state = VmState::Poisoned;
+            self.poison_cause = std::borrow::Cow::Owned(error.to_string());
+        }
+    }
+}
+
+/// How a polling run of the vCPU thread ended.
+#[derive(Debug)]
+pub(crate) enum RunEnd {
+    /// The guest stopped by itself (`Idle`) or was asked to.
+    Idle,
+    /// The guest spun past its window; the thread stopped it. Poisoned.
+    Parked,
+    /// An error (a fault, panic, timeout, cancel); poisoned when it poisons.
+    Failed(VmError),
+}
+
+enum Slot {
+    Empty,
+    Run(VmInstance),
+    Stopped(VmInstance, RunEnd),
+    Quit,
+}
+
+struct Shared {
+    slot: Mutex<Slot>,
+    cv: Condvar,
+    /// The slot holds a stopped VM (read without the lock while spinning).
+    stopped: AtomicBool,
+    /// A call is posted and its caller waits: the guest must run.
+    busy: AtomicBool,
+    /// The caller asked the guest to stop.
+    stopping: AtomicBool,
+    /// When the last call ended, in nanoseconds since `epoch`.
+    last_ns: AtomicU64,
+    epoch: Instant,
+    /// How long after the last call the thread stops a guest that spins on.
+    park_after: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The vCPU thread's timer fired: park the guest if it spun too long.
+    fn watch(&self) -> Watch {
+        if self.busy.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst) {
+            return Watch::Again(self.park_after);
+        }
+        let idle = Duration::from_nanos(
+            self.now_ns()
+                .saturating_sub(self.last_ns.load(Ordering::SeqCst)),
+        );
+        match self.park_after.checked_sub(idle) {
+            Some(left) if !left.is_zero() => Watch::Again(left),
+            _ => Watch::Park,
+        }
+    }
+}
+
+/// The vCPU thread of a polling VM.
+pub(crate) struct PollWorker {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What a caller waiting for its call found.
+pub(crate) enum Waited {
+    /// The guest published the call's result; it is still running.
+    Finished,
+    /// The run ended (the VM is back in the caller's hands).
+    Stopped(VmInstance, RunEnd),
+    /// The deadline passed; the vCPU was stopped (and the VM is back).
+    TimedOut(VmInstance),
+}
+
+impl PollWorker {
+    /// Starts the vCPU thread; `window` is the guest's spin window.
+    pub(crate) fn start(window: Duration) -> Result<Self, VmError> {
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(Slot::Empty),
+            cv: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            last_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+            park_after: window.saturating_add(PARK_GRACE),
+        });
+        let thread = std::thread::Builder::new()
+            .name("snapvm-vcpu".into())
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || work(&shared)
+            })
+            .map_err(VmError::Timer)?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands `vm` to the vCPU thread, which resumes it.
+    pub(crate) fn dispatch(&self, vm: VmInstance) {
+        let mut slot = self.shared.lock();
+        *slot = Slot::Run(vm);
+        self.shared.stopped.store(false, Ordering::SeqCst);
+        self.shared.cv.notify_all();
+    }
+
+    /// Marks a call as posted (before the request is written).
+    pub(crate) fn begin_call(&self) {
+        self.shared.busy.store(true, Ordering::SeqCst);
+    }
+
+    /// Marks the call as over: the guest's idle time starts now.
+    pub(crate) fn end_call(&self) {
+        self.shared
+            .last_ns
+            .store(self.shared.now_ns(), Ordering::SeqCst);
+        self.shared.busy.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the thread stopped and holds the VM.
+    pub(crate) fn has_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Takes the VM back if the thread stopped with it.
+    pub(crate) fn take(&self) -> Option<(VmInstance, RunEnd)> {
+        if !self.shared.stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut slot = self.shared.lock();
+        match std::mem::replace(&mut *slot, Slot::Empty) {
+            Slot::Stopped(vm, end) => {
+                self.shared.stopped.store(false, Ordering::SeqCst);
+                Some((vm, end))
+            }
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+
+    /// Waits for the thread to stop, kicking the vCPU every millisecond.
+    fn take_by_force(&self, view: &HotView) -> (VmInstance, RunEnd) {
+        loop {
+            if let Some(taken) = self.take() {
+                return taken;
+            }
+            view.interrupt.interrupt();
+            let slot = self.shared.lock();
+            if !self.shared.stopped.load(Ordering::SeqCst) {
+                drop(
+                    self.shared
+                        .cv
+                        .wait_timeout(slot, Duration::from_millis(1))
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
+            }
+        }
+    }
+
+    /// Waits until the guest finished request `seq`, the run ended, or
+    /// `deadline` passed. A guest that stopped by itself before it saw the
+    /// request is resumed.
+    pub(crate) fn wait(&self, view: &HotView, seq: u64, deadline: Option<Instant>) -> Waited {
+        let mut spins = 0u32;
+        loop {
+            if view.finished(seq) {
+                return Waited::Finished;
+            }
+            if let Some((vm, end)) = self.take() {
+                if view.finished(seq) || !matches!(end, RunEnd::Idle) {
+                    return Waited::Stopped(vm, end);
+                }
+                // Stopped just before the request arrived: resume it.
+                self.dispatch(vm);
+            }
+            spins = spins.saturating_add(1);
+            if spins % 64 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                let (vm, end) = self.take_by_force(view);
+                return match end {
+                    // It finished or failed on its own meanwhile.
+                    RunEnd::Failed(e) if !matches!(e, VmError::Cancelled) => {
+                        Waited::Stopped(vm, RunEnd::Failed(e))
+                    }
+                    _ => Waited::TimedOut(vm),
+                };
+            }
+            if spins < SPINS_BEFORE_YIELD {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Stops the guest and takes the VM back: asks it to stop
+    /// (`REQUEST_IDLE` as request `seq`), and kicks the vCPU if it did
+    /// not within [`STOP_GRACE`]. Returns the VM and how its run ended.
+    pub(crate) fn stop(&self, view: &HotView, seq: u64) -> (VmInstance, RunEnd) {
+        if let Some(taken) = self.take() {
+            return taken;
+        }
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let asked = view.post_idle(seq).is_ok();
+        let until = Instant::now() + STOP_GRACE;
+        let taken = loop {
+            if let Some(taken) = self.take() {
+                break taken;
+            }
+            if !asked || Instant::now() >= until {
+                break self.take_by_force(view);
+            }
+            std::thread::yield_now();
+        };
+        self.shared.stopping.store(false, Ordering::SeqCst);
+        taken
+    }
+}
+
+impl Drop for PollWorker {
+    fn drop(&mut self) {
+        {
+            let mut slot = self.shared.lock();
+            // The owner stopped the guest first; a VM left here is dropped.
+            *slot = Slot::Quit;
+            self.shared.cv.notify_all();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The vCPU thread: runs each VM it is handed until the guest stops, the
+/// thread's timer parks it, or the run fails; then hands it back.
+fn work(shared: &Shared) {
+    loop {
+        let mut vm = {
+            let mut slot = shared.lock();
+            loop {
+                match std::mem::replace(&mut *slot, Slot::Empty) {
+                    Slot::Run(vm) => break vm,
+                    Slot::Quit => return,
+                    other => {
+                        *slot = other;
+                        slot = shared.cv.wait(slot).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+        };
+        let end = loop {
+            let mut watch = || shared.watch();
+            match vm.run_polling(shared.park_after, &mut watch) {
+                Ok(Stop::Idle | Stop::Done) => {
+                    // A call posted while the guest decided to stop: go on.
+                    // (Pairs with the caller's `busy` store and `stopped`
+                    // load: one of the two sides sees the other.)
+                    fence(Ordering::SeqCst);
+                    if shared.busy.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst)
+                    {
+                        continue;
+                    }
+                    break RunEnd::Idle;
+                }
+                Ok(Stop::Parked) => {
+                    let error = VmError::PollWindowOverrun { grace: PARK_GRACE };
+                    vm.poison_with(&error);
+                    break RunEnd::Parked;
+                }
+                Ok(Stop::Ready) => {
+                    break RunEnd::Failed(bad(
+                        "Ready",
+                        HypercallFault::OutOfSequence("Ready after init"),
+                    ))
+                }
+                Err(e) => break RunEnd::Failed(e),
+            }
+        };
+        let mut slot = shared.lock();
+        if matches!(*slot, Slot::Quit) {
+            return;
+        }
+        *slot = Slot::Stopped(vm, end);
+        shared.stopped.store(true, Ordering::SeqCst);
+        shared.cv.notify_all();
+    }
+}
+
+/// The error a polling call that ran out of time gets.
+pub(crate) fn timeout_error(limit: Duration) -> VmError {
+    VmError::Timeout {
+        limit,
+        clock: TimeoutClock::Wall,
+    }
+}

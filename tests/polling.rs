@@ -1,0 +1,277 @@
+//! Polling mode (`PollingVm`): warm calls without a VM exit, on real KVM —
+//! results, policies, failures, a guest that will not stop spinning, and a
+//! guest left idle.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use snapvm::policy::{Always, DirtyAbove, EveryN, ManagedVm, Never, PollConfig, PollingVm};
+use snapvm::{Error, RestorePolicy, Snapshot, VmConfig, VmError, VmInstance};
+
+/// The tests here measure this process's CPU time: run them one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn setup() -> (VmConfig, Snapshot) {
+    let config = common::config("testguest")
+        .dirty_tracking(true)
+        .timeout(Some(Duration::from_millis(300)));
+    let ready = VmInstance::new(&config)
+        .expect("testguest boots")
+        .snapshot()
+        .expect("ready snapshot");
+    (config, ready)
+}
+
+fn polling<P: RestorePolicy>(policy: P, window: Duration) -> PollingVm<P> {
+    let (config, ready) = setup();
+    let vm = VmInstance::restore(&config, &ready).expect("restore");
+    let managed = ManagedVm::new(vm, ready, policy).expect("managed");
+    PollingVm::new(managed, PollConfig::new().window(window)).expect("polling")
+}
+
+fn counter(vm: &mut PollingVm<impl RestorePolicy>) -> u64 {
+    let out = vm.invoke("counter", b"").expect("counter");
+    u64::from_le_bytes(out.try_into().expect("8 bytes"))
+}
+
+fn vm_error(e: Error) -> VmError {
+    match e {
+        Error::Vm(e) => e,
+        other => panic!("expected a VM error, got {other:?}"),
+    }
+}
+
+/// CPU time this process used so far (all threads).
+fn process_cpu() -> Duration {
+    // SAFETY: `usage` is a valid, writable rusage struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) }, 0);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[test]
+fn hot_calls_return_each_output_and_keep_state() {
+    require_kvm!();
+    let _serial = serial();
+    let mut vm = polling(Never, Duration::from_millis(200));
+    for i in 0..500u32 {
+        let input = common::pseudo_random((i as usize * 37) % 3000, u64::from(i));
+        assert_eq!(vm.invoke("echo", &input).expect("echo"), input, "call {i}");
+    }
+    // State persists between hot calls (policy `Never`).
+    let first = counter(&mut vm);
+    for k in 1..=50 {
+        assert_eq!(counter(&mut vm), first + k);
+    }
+    assert!(
+        vm.is_hot(),
+        "the guest spins between calls inside the window"
+    );
+    assert_eq!(vm.resets(), 0);
+    // Unknown functions and guest errors leave it hot and ready.
+    assert!(matches!(
+        vm_error(vm.invoke("nope", b"").unwrap_err()),
+        VmError::UnknownFunction { .. }
+    ));
+    assert!(matches!(
+        vm_error(vm.invoke("fallible", b"").unwrap_err()),
+        VmError::GuestError { .. }
+    ));
+    // `fallible` counts too.
+    assert_eq!(counter(&mut vm), first + 52);
+}
+
+#[test]
+fn resets_follow_the_policy_with_the_guest_stopped() {
+    require_kvm!();
+    let _serial = serial();
+    let mut every3 = polling(EveryN(3), Duration::from_millis(200));
+    let seen: Vec<u64> = (0..9).map(|_| counter(&mut every3)).collect();
+    assert_eq!(seen, [1, 2, 3, 1, 2, 3, 1, 2, 3]);
+    assert_eq!(every3.resets(), 3);
+
+    let mut always = polling(Always, Duration::from_millis(200));
+    for _ in 0..20 {
+        assert_eq!(
+            counter(&mut always),
+            1,
+            "every call starts from the ready state"
+        );
+    }
+    assert_eq!(always.resets(), 20);
+}
+
+#[test]
+fn an_input_larger_than_the_buffer_grows_it_and_polling_goes_on() {
+    require_kvm!();
+    let _serial = serial();
+    let mut vm = polling(Never, Duration::from_millis(200));
+    assert_eq!(vm.invoke("echo", b"small").expect("echo"), b"small");
+    let big = common::pseudo_random(1 << 20, 7);
+    assert_eq!(vm.invoke("echo", &big).expect("big echo"), big);
+    let again = common::pseudo_random(900_000, 8);
+    assert_eq!(vm.invoke("echo", &again).expect("echo"), again);
+    assert!(vm.is_hot());
+}
+
+#[test]
+fn faults_panics_and_timeouts_poison_then_the_next_call_is_clean() {
+    require_kvm!();
+    let _serial = serial();
+    let mut vm = polling(Never, Duration::from_millis(200));
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(counter(&mut vm), 2);
+    let e = vm_error(vm.invoke("panic", b"").unwrap_err());
+    assert!(matches!(e, VmError::GuestPanic { .. }), "{e:?}");
+    // The poisoned VM was reset to the ready state.
+    assert_eq!(counter(&mut vm), 1);
+    let e = vm_error(vm.invoke("null_deref", b"").unwrap_err());
+    assert!(matches!(e, VmError::GuestFault(_)), "{e:?}");
+    assert_eq!(counter(&mut vm), 1);
+    // A forged result (output past the end of memory) from a guest that
+    // then ignores the stop request: refused, the guest stopped by force.
+    let e = vm_error(vm.invoke("poll_forge_result", b"").unwrap_err());
+    assert!(
+        matches!(e, VmError::BadHypercall { .. }),
+        "refused as a malformed result: {e:?}"
+    );
+    assert_eq!(counter(&mut vm), 1);
+
+    let start = Instant::now();
+    let e = vm_error(vm.invoke("infinite_loop", b"").unwrap_err());
+    let took = start.elapsed();
+    assert!(matches!(e, VmError::Timeout { .. }), "{e:?}");
+    assert!(
+        took < Duration::from_millis(600),
+        "stopped within 2x the 300 ms deadline: {took:?}"
+    );
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(vm.resets(), 4);
+    assert!(vm.is_hot());
+}
+
+#[test]
+fn a_guest_that_never_stops_spinning_is_stopped_poisoned_and_reset() {
+    require_kvm!();
+    let _serial = serial();
+    let mut vm = polling(Never, Duration::from_millis(1));
+    assert_eq!(counter(&mut vm), 1);
+    // Returns normally, then the runtime spins with a window of forever.
+    assert_eq!(
+        vm.invoke("poll_spin_forever", b"").expect("returns"),
+        b"spinning"
+    );
+    // The vCPU thread stops it 50 ms past the 1 ms window.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!vm.is_hot(), "the host stopped the spinning guest");
+    let cpu = process_cpu();
+    std::thread::sleep(Duration::from_millis(300));
+    let burnt = process_cpu() - cpu;
+    assert!(
+        burnt < Duration::from_millis(100),
+        "no core kept busy: {burnt:?}"
+    );
+    // The overrun poisoned it: the next call runs on a reset VM.
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(vm.resets(), 1);
+}
+
+#[test]
+fn an_idle_guest_stops_after_its_window_and_wakes_for_the_next_call() {
+    require_kvm!();
+    let _serial = serial();
+    let mut vm = polling(Never, Duration::from_millis(2));
+    assert_eq!(counter(&mut vm), 1);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!vm.is_hot(), "the guest stopped by itself after its window");
+    let cpu = process_cpu();
+    std::thread::sleep(Duration::from_millis(300));
+    let burnt = process_cpu() - cpu;
+    assert!(
+        burnt < Duration::from_millis(100),
+        "idle VM burns no core: {burnt:?}"
+    );
+    // Not poisoned: state survives the stop.
+    assert_eq!(counter(&mut vm), 2);
+    assert_eq!(vm.resets(), 0);
+    assert!(vm.is_hot());
+}
+
+#[test]
+fn into_managed_and_drop_stop_the_guest() {
+    require_kvm!();
+    let _serial = serial();
+    let threads = || {
+        std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter(|t| {
+                let comm = t.as_ref().expect("task").path().join("comm");
+                std::fs::read_to_string(comm).is_ok_and(|c| c.trim() == "snapvm-vcpu")
+            })
+            .count()
+    };
+    let mut vm = polling(Never, Duration::from_secs(1));
+    assert_eq!(counter(&mut vm), 1);
+    assert!(vm.is_hot());
+    let mut managed = vm.into_managed();
+    // The ordinary path again, with the state kept.
+    let out = managed.invoke("counter", b"").expect("counter");
+    assert_eq!(u64::from_le_bytes(out.try_into().expect("8 bytes")), 2);
+
+    let mut hot = PollingVm::new(managed, PollConfig::new()).expect("polling again");
+    assert_eq!(counter(&mut hot), 3);
+    assert!(threads() >= 1);
+    drop(hot);
+    // No vCPU thread of this test is left (other tests run in parallel
+    // threads of this process, so count only down to what they may hold).
+    let mut vm = polling(Never, Duration::from_secs(1));
+    assert_eq!(counter(&mut vm), 1);
+    drop(vm);
+}
+
+#[test]
+fn policies_that_read_the_dirty_log_and_bad_windows_are_refused() {
+    require_kvm!();
+    let _serial = serial();
+    let (config, ready) = setup();
+    let managed = |policy| {
+        ManagedVm::new(
+            VmInstance::restore(&config, &ready).expect("restore"),
+            ready.clone(),
+            policy,
+        )
+        .expect("managed")
+    };
+    let e = PollingVm::new(managed(DirtyAbove(1 << 20)), PollConfig::new()).unwrap_err();
+    assert!(
+        matches!(
+            vm_error(e),
+            VmError::InvalidConfig {
+                field: "policy",
+                ..
+            }
+        ),
+        "DirtyAbove reads dirty pages"
+    );
+    let managed = ManagedVm::new(
+        VmInstance::restore(&config, &ready).expect("restore"),
+        ready.clone(),
+        Never,
+    )
+    .expect("managed");
+    let e = PollingVm::new(managed, PollConfig::new().window(Duration::from_secs(5))).unwrap_err();
+    assert!(matches!(
+        vm_error(e),
+        VmError::InvalidConfig {
+            field: "window",
+            ..
+        }
+    ));
+}
