@@ -3,9 +3,12 @@
 //! notes).
 //!
 //! ```text
-//! cargo bench --bench report [-- --quick] [-- --json FILE]
+//! cargo bench --bench report [-- --quick] [-- --json FILE] [-- --only poll,reset]
 //! ```
 //!
+//! `--only` runs the VM figures (every section's baselines) and the named
+//! sections: snapshot, reset, tx, poll, store, fleet, executor, gateway,
+//! trace, net, ondemand.
 //! `--quick` takes fewer samples so the whole report runs in well under a
 //! minute; `--json FILE` also writes the figures as
 //! `[{"name", "value", "unit", "baseline", "ratio"}]`. The exit code is 0
@@ -23,6 +26,7 @@ use figures::{Ctx, Figure};
 fn main() -> ExitCode {
     let mut quick = false;
     let mut json = None;
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
         match arg.to_str() {
@@ -31,6 +35,13 @@ fn main() -> ExitCode {
                 Some(path) => json = Some(PathBuf::from(path)),
                 None => {
                     eprintln!("--json needs a file name");
+                    return ExitCode::FAILURE;
+                }
+            },
+            Some("--only") => match args.next().and_then(|a| a.into_string().ok()) {
+                Some(list) => only = Some(list.split(',').map(str::to_string).collect()),
+                None => {
+                    eprintln!("--only needs a comma-separated list of sections");
                     return ExitCode::FAILURE;
                 }
             },
@@ -43,21 +54,48 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let mut all = figures::vm::measure(&ctx);
     // The snapshot figures are judged against the VM module's `kvm.create_us`.
-    let snapshot = figures::snapshot::measure(&ctx, &all);
-    all.extend(snapshot);
+    let want = |section: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == section));
+    // The snapshot figures are judged against the VM module's `kvm.create_us`.
+    if want("snapshot") {
+        let snapshot = figures::snapshot::measure(&ctx, &all);
+        all.extend(snapshot);
+    }
     // The reset figures are judged against the VM module's `kvm.exit_us`.
-    let reset = figures::reset::measure(&ctx, &all);
-    all.extend(reset);
+    if want("reset") {
+        let reset = figures::reset::measure(&ctx, &all);
+        all.extend(reset);
+    }
     // The transaction figures are judged against `reset.16page_us`.
-    let tx = figures::tx::measure(&ctx, &all);
-    all.extend(tx);
-    all.extend(figures::store::measure(&ctx));
-    all.extend(figures::fleet::measure(&ctx));
-    all.extend(figures::executor::measure(&ctx));
-    all.extend(figures::gateway::measure(&ctx));
-    all.extend(figures::trace::measure(&ctx));
-    all.extend(figures::net::measure(&ctx));
-    all.extend(figures::ondemand::measure(&ctx));
+    if want("tx") {
+        let tx = figures::tx::measure(&ctx, &all);
+        all.extend(tx);
+    }
+    // The polling figures are judged against `kvm.exit_us`.
+    if want("poll") {
+        let poll = figures::poll::measure(&ctx, &all);
+        all.extend(poll);
+    }
+    if want("store") {
+        all.extend(figures::store::measure(&ctx));
+    }
+    if want("fleet") {
+        all.extend(figures::fleet::measure(&ctx));
+    }
+    if want("executor") {
+        all.extend(figures::executor::measure(&ctx));
+    }
+    if want("gateway") {
+        all.extend(figures::gateway::measure(&ctx));
+    }
+    if want("trace") {
+        all.extend(figures::trace::measure(&ctx));
+    }
+    if want("net") {
+        all.extend(figures::net::measure(&ctx));
+    }
+    if want("ondemand") {
+        all.extend(figures::ondemand::measure(&ctx));
+    }
 
     print!("{}", table(&all));
     println!(

@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod net;
 pub mod ondemand;
+pub mod poll;
 pub mod reset;
 pub mod snapshot;
 pub mod store;

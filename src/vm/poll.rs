@@ -34,8 +34,12 @@ const STOP_GRACE: Duration = Duration::from_millis(20);
 /// stops the guest itself (and poisons it: a guest that follows the
 /// protocol stops at the window).
 pub(crate) const PARK_GRACE: Duration = Duration::from_millis(50);
-/// Spins on the result word before the waiting thread starts yielding.
-const SPINS_BEFORE_YIELD: u32 = 20_000;
+/// Spins on the result word before the waiting thread starts sleeping
+/// between looks. Sleeping matters on a host whose cores are all busy: a
+/// spinning caller would keep the vCPU thread off the core it shares until
+/// the scheduler's next tick (milliseconds), while a caller that wakes from
+/// a sleep preempts the spinning guest at once.
+const SPINS_BEFORE_SLEEP: u32 = 4_000;
 
 /// Time-stamp-counter ticks per second, measured once against the
 /// monotonic clock (about 2 ms, on first use).
@@ -420,10 +424,10 @@ impl PollWorker {
                     _ => Waited::TimedOut(vm),
                 };
             }
-            if spins < SPINS_BEFORE_YIELD {
+            if spins < SPINS_BEFORE_SLEEP {
                 std::hint::spin_loop();
             } else {
-                std::thread::yield_now();
+                std::thread::sleep(Duration::from_micros(1));
             }
         }
     }
