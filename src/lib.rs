@@ -20,6 +20,8 @@
 //!   asked to preserve. A reset copies back only the pages the call wrote.
 //!   [`ReadyPool`] hands out ready `ManagedVm`s of one snapshot to any
 //!   number of worker threads, restoring new ones into warm shells.
+//!   [`PollingVm`] keeps a managed VM's guest spinning between calls, so
+//!   a warm call costs no VM exit.
 //! - [`store::ConvergentStore`] — data sets (such as snapshot images) kept as
 //!   fixed-size blocks under convergent encryption: each block is encrypted
 //!   with a key derived from its own content and a salt, so identical blocks

@@ -163,35 +163,6 @@ fn bad_preserved_regions_are_refused_with_typed_errors() {
     assert_eq!(vm.preserved_regions().len(), 1);
 }
 
-/// Pages that may legitimately differ after a reset: the ABI page (new
-/// generation and entropy) and the preserved counter.
-fn compare_with_ready(vm: &VmInstance, reference: &VmInstance) {
-    let preserved: Vec<(u64, u64)> = vm.preserved_regions().to_vec();
-    let size = vm.memory_size();
-    let mut a = vec![0u8; 2 << 20];
-    let mut b = vec![0u8; 2 << 20];
-    let mut addr = 0;
-    while addr < size {
-        vm.read_memory(addr, &mut a).unwrap();
-        reference.read_memory(addr, &mut b).unwrap();
-        for page in 0..a.len() / 4096 {
-            let at = addr + page as u64 * 4096;
-            if at == snapvm::abi::ABI_PAGE_ADDR
-                || preserved
-                    .iter()
-                    .any(|&(p, l)| at <= p && p < at + 4096 || (p..p + l).contains(&at))
-            {
-                continue;
-            }
-            assert!(
-                a[page * 4096..][..4096] == b[page * 4096..][..4096],
-                "page {at:#x} differs after reset"
-            );
-        }
-        addr += a.len() as u64;
-    }
-}
-
 #[test]
 fn hostile_writes_all_over_memory_are_fully_reset() {
     require_kvm!();
@@ -206,12 +177,12 @@ fn hostile_writes_all_over_memory_are_fully_reset() {
     .unwrap();
     for seed in 1..=3u8 {
         vm.invoke("scribble", &[seed]).unwrap();
-        compare_with_ready(vm.vm(), &reference);
+        common::compare_with_ready(vm.vm(), &reference);
     }
     // Writes that fault (the page tables are supervisor-only) poison, and
     // the poisoned VM is reset fully.
     assert!(vm.invoke("write_system_area", b"").is_err());
-    compare_with_ready(vm.vm(), &reference);
+    common::compare_with_ready(vm.vm(), &reference);
     assert_eq!(words(&vm.invoke("counter", b"").unwrap()), [1]);
 }
 
@@ -256,7 +227,7 @@ fn reset_matches_a_naive_oracle_for_random_write_sequences() {
                 }
                 vm.reset().unwrap();
                 if round % 64 == 0 || (254..=258).contains(&round) || round == 299 {
-                    compare_with_ready(vm.vm(), &reference);
+                    common::compare_with_ready(vm.vm(), &reference);
                 }
             }
             Ok(())

@@ -29,7 +29,16 @@ fn setup() -> (VmConfig, Snapshot) {
 
 fn polling<P: RestorePolicy>(policy: P, window: Duration) -> PollingVm<P> {
     let (config, ready) = setup();
-    let vm = VmInstance::restore(&config, &ready).expect("restore");
+    polling_from(&config, ready, policy, window)
+}
+
+fn polling_from<P: RestorePolicy>(
+    config: &VmConfig,
+    ready: Snapshot,
+    policy: P,
+    window: Duration,
+) -> PollingVm<P> {
+    let vm = VmInstance::restore(config, &ready).expect("restore");
     let managed = ManagedVm::new(vm, ready, policy).expect("managed");
     PollingVm::new(managed, PollConfig::new().window(window)).expect("polling")
 }
@@ -274,4 +283,44 @@ fn policies_that_read_the_dirty_log_and_bad_windows_are_refused() {
             ..
         }
     ));
+}
+
+/// Resets after polled calls return every page to the snapshot: the guest's
+/// writes (seen by KVM's dirty log while the guest ran on the vCPU thread)
+/// and the host's (inputs written into the guest's buffer while it ran).
+#[test]
+fn resets_after_polled_calls_match_a_never_used_vm() {
+    require_kvm!();
+    let _serial = serial();
+    let (config, ready) = setup();
+    let reference = VmInstance::restore(&config, &ready).expect("restore");
+    let mut vm = polling_from(&config, ready, Never, Duration::from_millis(50));
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for round in 0..12u8 {
+        for _ in 0..40 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let byte = (x >> 8) as u8;
+            match x % 4 {
+                0 => vm.invoke("write_pages", &[(x % 40) as u8, byte]).map(drop),
+                // Inputs that fit the guest's first input buffer: pages
+                // only the host writes, while the guest runs.
+                1 => vm
+                    .invoke("echo", &vec![byte; (x % 60_000) as usize])
+                    .map(drop),
+                2 if x % 16 == 2 => vm.invoke("echo", &vec![byte; 200_000]).map(drop),
+                _ => vm.invoke("leak_kib", &[byte, 0]).map(drop),
+            }
+            .expect("call");
+        }
+        // Writes all over the heap: last before the reset.
+        vm.invoke("scribble", &[round]).expect("scribble");
+        assert!(vm.is_hot() || round == 0);
+        vm.reset().expect("reset");
+        let managed = vm.into_managed();
+        common::compare_with_ready(managed.vm(), &reference);
+        vm = PollingVm::new(managed, PollConfig::new().window(Duration::from_millis(50)))
+            .expect("polling again");
+    }
 }

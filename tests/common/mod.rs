@@ -51,3 +51,34 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Asserts that `vm`'s memory equals `reference`'s (a VM restored from the
+/// same snapshot and never used), except the pages that may legitimately
+/// differ after a reset: the ABI page (new generation and entropy) and the
+/// preserved regions.
+pub fn compare_with_ready(vm: &snapvm::VmInstance, reference: &snapvm::VmInstance) {
+    let preserved: Vec<(u64, u64)> = vm.preserved_regions().to_vec();
+    let size = vm.memory_size();
+    let mut a = vec![0u8; 2 << 20];
+    let mut b = vec![0u8; 2 << 20];
+    let mut addr = 0;
+    while addr < size {
+        vm.read_memory(addr, &mut a).unwrap();
+        reference.read_memory(addr, &mut b).unwrap();
+        for page in 0..a.len() / 4096 {
+            let at = addr + page as u64 * 4096;
+            if at == snapvm::abi::ABI_PAGE_ADDR
+                || preserved
+                    .iter()
+                    .any(|&(p, l)| at <= p && p < at + 4096 || (p..p + l).contains(&at))
+            {
+                continue;
+            }
+            assert!(
+                a[page * 4096..][..4096] == b[page * 4096..][..4096],
+                "page {at:#x} differs after reset"
+            );
+        }
+        addr += a.len() as u64;
+    }
+}
