@@ -49,7 +49,7 @@ mod tx;
 use std::time::Duration;
 
 pub use managed::ManagedVm;
-pub use poll::{PollConfig, PollingVm};
+pub use poll::{PollConfig, PollingVm, MAX_POLL_WINDOW, MIN_POLL_WINDOW};
 pub use pool::{PooledVm, ReadyPool, ReadyPoolStats};
 pub use tx::{
     And, Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, Not, Or, OutputMatches,
