@@ -324,3 +324,12 @@ fn resets_after_polled_calls_match_a_never_used_vm() {
             .expect("polling again");
     }
 }
+
+/// A polling VM moves between threads like any VM (an executor's worker
+/// owns it).
+#[test]
+fn a_polling_vm_is_send() {
+    fn send<T: Send>() {}
+    send::<PollingVm<Never>>();
+    send::<PollingVm<Box<dyn RestorePolicy>>>();
+}
