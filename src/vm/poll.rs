@@ -342,6 +342,13 @@ impl PollWorker {
         self.shared.cv.notify_all();
     }
 
+    /// Leaves a stopped VM with the thread again (see [`Self::take`]).
+    fn put_back(&self, vm: VmInstance, end: RunEnd) {
+        let mut slot = self.shared.lock();
+        *slot = Slot::Stopped(vm, end);
+        self.shared.stopped.store(true, Ordering::SeqCst);
+    }
+
     /// Marks a call as posted (before the request is written).
     pub(crate) fn begin_call(&self) {
         self.shared.busy.store(true, Ordering::SeqCst);
@@ -407,8 +414,13 @@ impl PollWorker {
                 return Waited::Finished;
             }
             if let Some((vm, end)) = self.take() {
-                if view.finished(seq) || !matches!(end, RunEnd::Idle) {
+                if !matches!(end, RunEnd::Idle) {
                     return Waited::Stopped(vm, end);
+                }
+                if view.finished(seq) {
+                    // Answered, then stopped: the next call takes it.
+                    self.put_back(vm, end);
+                    return Waited::Finished;
                 }
                 // Stopped just before the request arrived: resume it.
                 self.dispatch(vm);
