@@ -40,6 +40,9 @@ pub(crate) const PARK_GRACE: Duration = Duration::from_millis(50);
 /// the scheduler's next tick (milliseconds), while a caller that wakes from
 /// a sleep preempts the spinning guest at once.
 const SPINS_BEFORE_SLEEP: u32 = 4_000;
+/// A call running longer than this is checked every [`LONG_CALL_NAP`].
+const LONG_CALL: Duration = Duration::from_millis(2);
+const LONG_CALL_NAP: Duration = Duration::from_micros(100);
 
 /// Time-stamp-counter ticks per second, measured once against the
 /// monotonic clock (about 2 ms, on first use).
@@ -409,6 +412,8 @@ impl PollWorker {
     /// request is resumed.
     pub(crate) fn wait(&self, view: &HotView, seq: u64, deadline: Option<Instant>) -> Waited {
         let mut spins = 0u32;
+        let start = Instant::now();
+        let mut nap = Duration::from_micros(1);
         loop {
             if view.finished(seq) {
                 return Waited::Finished;
@@ -426,6 +431,10 @@ impl PollWorker {
                 self.dispatch(vm);
             }
             spins = spins.saturating_add(1);
+            if spins % 64 == 0 && start.elapsed() > LONG_CALL {
+                // A long call: look less often.
+                nap = LONG_CALL_NAP;
+            }
             if spins % 64 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
                 let (vm, end) = self.take_by_force(view);
                 return match end {
@@ -439,7 +448,7 @@ impl PollWorker {
             if spins < SPINS_BEFORE_SLEEP {
                 std::hint::spin_loop();
             } else {
-                std::thread::sleep(Duration::from_micros(1));
+                std::thread::sleep(nap);
             }
         }
     }
