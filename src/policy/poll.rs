@@ -119,8 +119,11 @@ struct Holder {
     window: u64,
     /// The last request number posted.
     seq: u64,
-    /// The input buffer was recorded as host-written since the last reset.
-    input_noted: bool,
+    /// Bytes of the input buffer written by polled calls since the last
+    /// reset (page-rounded), and how many of them the VM's dirty tracker
+    /// knows of: the host's writes must be rewound like the guest's.
+    posted_len: u64,
+    noted_len: u64,
     /// Calls finished while hot, not yet counted in the VM's stats.
     polled: u64,
     last_heap: u64,
@@ -130,6 +133,22 @@ struct Holder {
 }
 
 impl Holder {
+    /// Tells the VM's dirty tracker about the input bytes polled calls
+    /// wrote since it last heard (once per page-rounded high mark, so the
+    /// record stays small however often the VM goes hot and cold).
+    fn note_inputs(&mut self, vm: &mut VmInstance) {
+        if self.posted_len > self.noted_len {
+            vm.note_input_written(self.posted_len);
+            self.noted_len = self.posted_len;
+        }
+    }
+
+    /// After a reset (or a grown input buffer): nothing is left to note.
+    fn forget_inputs(&mut self) {
+        self.posted_len = 0;
+        self.noted_len = 0;
+    }
+
     fn next_seq(&mut self) -> u64 {
         self.seq = self.seq.wrapping_add(1);
         self.seq
@@ -139,7 +158,8 @@ impl Holder {
     /// second value when the VM must be reset before guest code runs again
     /// (its run ended in an error).
     fn take(&mut self) -> (VmInstance, bool) {
-        if let Some(vm) = self.vm.take() {
+        if let Some(mut vm) = self.vm.take() {
+            self.note_inputs(&mut vm);
             return (vm, true);
         }
         let seq = self.next_seq();
@@ -161,6 +181,7 @@ impl Holder {
 
     /// Accounts for a VM coming back from the vCPU thread.
     fn absorb(&mut self, mut vm: VmInstance, end: RunEnd) -> (VmInstance, bool) {
+        self.note_inputs(&mut vm);
         vm.account_polled(
             std::mem::take(&mut self.polled),
             self.last_heap,
@@ -226,7 +247,8 @@ impl<P: RestorePolicy> PollingVm<P> {
             worker: PollWorker::start(config.window)?,
             window: poll::window_ticks(config.window),
             seq: 0,
-            input_noted: false,
+            posted_len: 0,
+            noted_len: 0,
             polled: 0,
             last_heap: ready_heap,
             last_garbage: None,
@@ -271,11 +293,11 @@ impl<P: RestorePolicy> PollingVm<P> {
             holder.worker.end_call();
             return Err(e.into());
         }
+        holder.posted_len = holder
+            .posted_len
+            .max((input.len() as u64).next_multiple_of(crate::abi::PAGE_SIZE));
         if let Some(mut vm) = holder.vm.take() {
-            if !holder.input_noted {
-                vm.note_input_written();
-                holder.input_noted = true;
-            }
+            holder.note_inputs(&mut vm);
             holder.worker.dispatch(vm);
         }
         let deadline = holder.view.timeout().map(|t| start + t);
@@ -338,7 +360,7 @@ impl<P: RestorePolicy> PollingVm<P> {
         }
         let result = vm.invoke(name, input);
         self.holder.view.refresh(&vm);
-        self.holder.input_noted = false;
+        self.holder.forget_inputs();
         let stats = vm.stats();
         let broken = vm.state() == VmState::Poisoned;
         self.holder.vm = Some(vm);
@@ -390,7 +412,7 @@ impl<P: RestorePolicy> PollingVm<P> {
         let (mut vm, _) = self.holder.take();
         let result = vm.restore_in_place(&self.ready);
         self.holder.view.refresh(&vm);
-        self.holder.input_noted = false;
+        self.holder.forget_inputs();
         self.holder.vm = Some(vm);
         result?;
         self.needs_reset = false;

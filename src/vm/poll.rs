@@ -213,10 +213,10 @@ impl VmInstance {
         }
     }
 
-    /// Records the input buffer as written by the host (polling calls
-    /// write it while the vCPU thread owns the VM).
-    pub(crate) fn note_input_written(&mut self) {
-        self.note_host_write(self.input_buf, self.input_cap);
+    /// Records the first `len` bytes of the input buffer as written by the
+    /// host (polling calls write it while the vCPU thread owns the VM).
+    pub(crate) fn note_input_written(&mut self, len: u64) {
+        self.note_host_write(self.input_buf, len.min(self.input_cap));
     }
 
     /// Counts calls finished in polling mode and the guest's last report.
