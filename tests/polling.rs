@@ -55,16 +55,6 @@ fn vm_error(e: Error) -> VmError {
     }
 }
 
-/// CPU time this process used so far (all threads).
-fn process_cpu() -> Duration {
-    // SAFETY: `usage` is a valid, writable rusage struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; RUSAGE_SELF is always valid.
-    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) }, 0);
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 #[test]
 fn hot_calls_return_each_output_and_keep_state() {
     require_kvm!();
@@ -180,9 +170,9 @@ fn a_guest_that_never_stops_spinning_is_stopped_poisoned_and_reset() {
     // The vCPU thread stops it 50 ms past the 1 ms window.
     std::thread::sleep(Duration::from_millis(300));
     assert!(!vm.is_hot(), "the host stopped the spinning guest");
-    let cpu = process_cpu();
+    let cpu = common::process_cpu();
     std::thread::sleep(Duration::from_millis(300));
-    let burnt = process_cpu() - cpu;
+    let burnt = common::process_cpu() - cpu;
     assert!(
         burnt < Duration::from_millis(100),
         "no core kept busy: {burnt:?}"
@@ -200,9 +190,9 @@ fn an_idle_guest_stops_after_its_window_and_wakes_for_the_next_call() {
     assert_eq!(counter(&mut vm), 1);
     std::thread::sleep(Duration::from_millis(100));
     assert!(!vm.is_hot(), "the guest stopped by itself after its window");
-    let cpu = process_cpu();
+    let cpu = common::process_cpu();
     std::thread::sleep(Duration::from_millis(300));
-    let burnt = process_cpu() - cpu;
+    let burnt = common::process_cpu() - cpu;
     assert!(
         burnt < Duration::from_millis(100),
         "idle VM burns no core: {burnt:?}"

@@ -28,17 +28,6 @@ const POLL_BLOCK: usize = 100_000;
 /// Ordinary calls per block.
 const EXIT_BLOCK: usize = 200;
 
-/// CPU time this process used so far (all threads).
-fn process_cpu() -> Duration {
-    // SAFETY: `usage` is a valid, writable rusage struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; RUSAGE_SELF is always valid.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    assert_eq!(rc, 0, "getrusage");
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 /// Measures the polling figures, judged against `kvm.exit_us` in `so_far`.
 pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
     if !super::kvm_usable("polling") {
@@ -75,23 +64,23 @@ pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
     let (mut poll, mut poll_cpu, mut exit, mut exit_cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let cpu = process_cpu();
+        let cpu = super::common::process_cpu();
         for _ in 0..POLL_BLOCK {
             let start = Instant::now();
             polled.invoke("empty", b"").expect("polled call");
             poll.push(start.elapsed().as_secs_f64() * 1e6);
         }
-        poll_cpu.push((process_cpu() - cpu).as_secs_f64() * 1e6 / POLL_BLOCK as f64);
+        poll_cpu.push((super::common::process_cpu() - cpu).as_secs_f64() * 1e6 / POLL_BLOCK as f64);
         // Let the polled guest's window pass: its spinning is not the
         // ordinary calls' cost.
         std::thread::sleep(Duration::from_millis(30));
-        let cpu = process_cpu();
+        let cpu = super::common::process_cpu();
         for _ in 0..EXIT_BLOCK {
             let start = Instant::now();
             exiting.invoke("empty", b"").expect("call");
             exit.push(start.elapsed().as_secs_f64() * 1e6);
         }
-        exit_cpu.push((process_cpu() - cpu).as_secs_f64() * 1e6 / EXIT_BLOCK as f64);
+        exit_cpu.push((super::common::process_cpu() - cpu).as_secs_f64() * 1e6 / EXIT_BLOCK as f64);
     }
     assert_eq!(polled.resets(), 0, "policy Never: no reset while measuring");
     drop(polled);

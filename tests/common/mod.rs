@@ -82,3 +82,15 @@ pub fn compare_with_ready(vm: &snapvm::VmInstance, reference: &snapvm::VmInstanc
         addr += a.len() as u64;
     }
 }
+
+/// CPU time this process used so far (all threads; a thread that is running
+/// now is charged up to its last scheduler tick).
+pub fn process_cpu() -> std::time::Duration {
+    // SAFETY: `usage` is a plain struct for which all-zero bytes are valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is valid and writable; RUSAGE_SELF is always valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    assert_eq!(rc, 0, "getrusage");
+    let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
