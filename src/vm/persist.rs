@@ -261,28 +261,30 @@ impl VmInstance {
     /// the cost follows what the guest touched, not the memory size.
     fn rewind_written_pages<S: MemorySource>(&mut self, source: &S) -> Result<(), S::Error> {
         let pages = self.pending_dirty_pages()?;
-        let hot = self.hot_pages().to_vec();
+        // Hot pages stay writable, so KVM reports them whether or not the
+        // call wrote them. They are copied back unconditionally, except in
+        // the resets that check them: then one found unchanged is protected
+        // again — except the stack and ABI page below the program area,
+        // which every call writes (often with the same bytes).
+        let check = self.dirty.checks_hot();
         let mut demote = Vec::new();
+        let hot = self.hot_pages();
         let ram = &self.machine.ram;
         let outside = |addr: u64| VmError::MemoryOutOfRange {
             addr,
             len: PAGE_SIZE,
         };
         let zero = [0u8; PAGE_SIZE as usize];
-        let mut current = [0u8; PAGE_SIZE as usize];
         for page in pages {
             let addr = page * PAGE_SIZE;
             let wanted = source.page(page)?.unwrap_or(&zero);
-            // A hot page stays writable, so KVM reports it whether or not
-            // the call wrote it: one found unchanged is protected again —
-            // except the stack and ABI page below the program area, which
-            // every call writes (often with the same bytes).
-            if addr >= USER_BASE && hot.binary_search(&page).is_ok() {
-                ram.read(addr, &mut current).map_err(|_| outside(addr))?;
-                if current[..] == wanted[..] {
-                    demote.push(page);
-                    continue;
-                }
+            if check
+                && addr >= USER_BASE
+                && hot.binary_search(&page).is_ok()
+                && ram.equals(addr, wanted).map_err(|_| outside(addr))?
+            {
+                demote.push(page);
+                continue;
             }
             ram.copy_in(addr, wanted).map_err(|_| outside(addr))?;
         }
