@@ -302,18 +302,25 @@ impl VmInstance {
             .map_err(|_| invalid("input buffer outside the guest's user memory"))?;
         // The same program can export its functions in another order or
         // under other names in another snapshot: compare the whole table
-        // (a lookup per function), never just its size.
-        let same_table = self.functions.len() == guest.functions.len()
-            && guest
-                .functions
-                .iter()
-                .all(|(name, index)| self.functions.get(name) == Some(index));
-        if !same_table {
-            let table: HashMap<String, u64> = guest.functions.iter().cloned().collect();
-            if table.len() != guest.functions.len() {
-                return Err(invalid("a function name appears twice"));
+        // (a lookup per function), never just its size. A reset to the
+        // snapshot last installed carries the very table installed then:
+        // one comparison of the lists, no lookups.
+        let cached =
+            !self.installed_functions.is_empty() && self.installed_functions == guest.functions;
+        if !cached {
+            let same_table = self.functions.len() == guest.functions.len()
+                && guest
+                    .functions
+                    .iter()
+                    .all(|(name, index)| self.functions.get(name) == Some(index));
+            if !same_table {
+                let table: HashMap<String, u64> = guest.functions.iter().cloned().collect();
+                if table.len() != guest.functions.len() {
+                    return Err(invalid("a function name appears twice"));
+                }
+                self.functions = table;
             }
-            self.functions = table;
+            self.installed_functions.clone_from(&guest.functions);
         }
         if self.preserved != guest.preserved {
             // Preserved regions must fit this VM's limits, as they would
