@@ -126,9 +126,9 @@ pub(super) enum Stop {
 pub struct VmInstance {
     machine: Machine,
     functions: HashMap<String, u64>,
-    /// The table `functions` was last installed from by a restore, as the
-    /// saved state lists it (sorted by index); empty when `functions` came
-    /// from elsewhere. A reset compares it with the next table to install
+    /// The table `functions` was last installed from by a restore, in the
+    /// saved state's order; empty when `functions` came from the guest's
+    /// `Ready`. A reset compares it with the next table to install
     /// instead of looking every name up.
     installed_functions: Vec<(String, u64)>,
     input_buf: u64,
