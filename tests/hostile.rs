@@ -445,6 +445,11 @@ fn restore_in_place_installs_the_snapshots_own_function_table() {
     assert_eq!(vm.invoke("innocent", b"").expect("call"), expected);
     vm.restore_in_place(&a).expect("rewind to a");
     assert_eq!(vm.invoke("innocent", b"").expect("call"), b"innocent");
+    // Again to a (the table installed last), then to b.
+    vm.restore_in_place(&a).expect("rewind to a again");
+    assert_eq!(vm.invoke("innocent", b"").expect("call"), b"innocent");
+    vm.restore_in_place(&b).expect("rewind to b again");
+    assert_eq!(vm.invoke("innocent", b"").expect("call"), expected);
 }
 
 #[test]

@@ -235,6 +235,75 @@ fn reset_matches_a_naive_oracle_for_random_write_sequences() {
         .unwrap();
 }
 
+/// Resets that keep pages writable between calls (and copy them back
+/// without a fault) still return every page to the snapshot, whatever the
+/// write pattern: a set written by every call that is larger than the
+/// pages that may stay writable, a region written every other call, pages
+/// that are hot for a while and then cool down, pages rewritten with the
+/// bytes they already hold (dirty but unchanged, so protected again), pages
+/// written only right after such a round, and scattered pages. Whole memory
+/// is compared after every reset, over more resets than the re-protect
+/// period (256).
+#[test]
+fn resets_return_every_page_under_changing_write_patterns() {
+    require_kvm!();
+    const REGION_PAGES: u16 = 6 * 256;
+    let config = config().memory_size(16 << 20);
+    let mut template = VmInstance::new(&config).unwrap();
+    // A 6 MiB region of pseudo-random bytes in the ready snapshot.
+    template.invoke("fill_region", &[6, 0, 7]).unwrap();
+    let ready = template.snapshot().unwrap();
+    drop(template);
+    let reference = VmInstance::restore(&config, &ready).unwrap();
+    let mut vm = ManagedVm::new(
+        VmInstance::restore(&config, &ready).unwrap(),
+        ready.clone(),
+        Always,
+    )
+    .unwrap();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for round in 0..600u16 {
+        let value = (round % 255) as u8 + 1;
+        let mut spans: Vec<(u16, u16, u8)> = vec![(0, 1200, value)];
+        if round % 2 == 0 {
+            spans.push((1200, 100, value));
+        }
+        if (round / 40) % 2 == 0 {
+            // Hot for 40 calls, then cool for 40.
+            spans.push((1300, 50, value));
+        }
+        // Written every call, but with the bytes already there.
+        spans.push((1350, 30, 0));
+        // Two successive calls out of every 16, then not at all; and the
+        // call right after a round of unchanged writes.
+        if round % 16 < 2 {
+            spans.push((1380, 30, value));
+        }
+        if round % 16 == 2 || round % 17 == 0 {
+            spans.push((1350, 30, value));
+        }
+        for _ in 0..8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            spans.push(((x % u64::from(REGION_PAGES)) as u16, 1, value));
+        }
+        let input: Vec<u8> = spans
+            .iter()
+            .flat_map(|&(first, count, v)| {
+                let [a, b] = first.to_le_bytes();
+                let [c, d] = count.to_le_bytes();
+                [a, b, c, d, v]
+            })
+            .collect();
+        let written = words(&vm.invoke("write_region", &input).unwrap())[0];
+        let expected: u64 = spans.iter().map(|&(_, count, _)| u64::from(count)).sum();
+        assert_eq!(written, expected, "round {round}");
+        compare_with_ready(vm.vm(), &reference);
+    }
+    assert_eq!(vm.resets(), 600);
+}
+
 #[test]
 fn register_state_left_by_a_request_is_reset() {
     require_kvm!();

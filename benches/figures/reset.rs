@@ -35,6 +35,12 @@
 //!   `reset.1page_us` and `reset.256page_us`, judged against the fork
 //!   figures (targets `<= 0.8` and `<= 1.0`). A figure has one baseline, so
 //!   the comparison with fork is a second line named `<figure>/fork`.
+//! - `mem.copy_1mib_us`: a plain 1 MiB `memcpy` between two warm buffers
+//!   in this process (what copying 256 pages back costs at memory speed),
+//!   measured in the same blocks as the resets.
+//! - `reset.256page_us/copy`: `reset.256page_us` judged against
+//!   `mem.copy_1mib_us` (target `<= 5.0`): a reset of a large written set
+//!   should cost a few memory copies of it, not a fault per page.
 //! - `reset.scale`: median `reset.16page_us` of a 1 GiB guest divided by
 //!   the median of a 64 MiB guest measured interleaved with it (unit `x`);
 //!   target `<= 1.3`. Both VMs are booted and snapshotted the same way and
@@ -91,7 +97,7 @@ pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
         .expect("testguest VM")
         .snapshot()
         .expect("ready snapshot");
-    let (r1, r16, r256, f1, f256) = resets_and_forks(ctx, &config, &ready, &mut zygote);
+    let (r1, r16, r256, f1, f256, copy) = resets_and_forks(ctx, &config, &ready, &mut zygote);
     drop(zygote);
     let fork1 = Figure::of("fork.1page_us", &f1, "us");
     let fork256 = Figure::of("fork.256page_us", &f256, "us");
@@ -104,6 +110,10 @@ pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
     let reset256_fork = Figure::of("reset.256page_us/fork", &r256, "us")
         .against(&fork256)
         .target(Target::AtMost(1.0));
+    let copy1mib = Figure::of("mem.copy_1mib_us", &copy, "us");
+    let reset256_copy = Figure::of("reset.256page_us/copy", &r256, "us")
+        .against(&copy1mib)
+        .target(Target::AtMost(5.0));
 
     drop(ready);
     let scale = scale(ctx, &config);
@@ -116,6 +126,8 @@ pub fn measure(ctx: &Ctx, so_far: &[Figure]) -> Vec<Figure> {
         fork256,
         reset1_fork,
         reset256_fork,
+        copy1mib,
+        reset256_copy,
         scale,
         rps,
     ]
@@ -146,13 +158,24 @@ fn request(vm: &mut ManagedVm<Always>, pages: u8, sample: usize) -> f64 {
     })
 }
 
-/// `reset.{1,16,256}page_us` and `fork.{1,256}page_us`, interleaved.
+/// A plain 1 MiB copy between two warm buffers, in µs.
+fn copy_1mib(from: &[u8], to: &mut [u8]) -> f64 {
+    time_us(|| {
+        // `black_box` on both sides: the copy can be neither elided nor
+        // hoisted out of the timed closure.
+        std::hint::black_box(&mut *to).copy_from_slice(std::hint::black_box(from));
+        std::hint::black_box(&*to);
+    })
+}
+
+/// `reset.{1,16,256}page_us`, `fork.{1,256}page_us` and
+/// `mem.copy_1mib_us`, interleaved.
 fn resets_and_forks(
     ctx: &Ctx,
     config: &VmConfig,
     ready: &Snapshot,
     zygote: &mut Zygote,
-) -> (Stats, Stats, Stats, Stats, Stats) {
+) -> (Stats, Stats, Stats, Stats, Stats, Stats) {
     // One VM per request size, as an executor runs one function per VM:
     // alternating sizes on one VM would measure the switches between them.
     let mut vms = [1, 16, MAX_WRITE_PAGES].map(|pages| (pages, managed(config, ready)));
@@ -166,8 +189,14 @@ fn resets_and_forks(
         zygote.fork_us(1);
         zygote.fork_us(256);
     }
+    // Two warm 1 MiB buffers (every page touched) for `mem.copy_1mib_us`.
+    let from: Vec<u8> = (0..1 << 20).map(|i| i as u8).collect();
+    let mut to = vec![1u8; 1 << 20];
+    for _ in 0..5 {
+        copy_1mib(&from, &mut to);
+    }
     let rounds = ctx.samples(200, 40);
-    let mut s = [(); 5].map(|()| Vec::with_capacity(rounds * BLOCK));
+    let mut s = [(); 6].map(|()| Vec::with_capacity(rounds * BLOCK));
     for _ in 0..rounds {
         for (slot, (pages, vm)) in [0, 1, 2].into_iter().zip(vms.iter_mut()) {
             for i in 0..BLOCK {
@@ -176,6 +205,11 @@ fn resets_and_forks(
             if slot == 0 {
                 for _ in 0..BLOCK {
                     s[3].push(zygote.fork_us(1));
+                }
+            }
+            if slot == 2 {
+                for _ in 0..BLOCK {
+                    s[5].push(copy_1mib(&from, &mut to));
                 }
             }
         }
@@ -190,8 +224,8 @@ fn resets_and_forks(
             "one reset per call"
         );
     }
-    let [r1, r16, r256, f1, f256] = s.map(|mut v| Stats::of(&mut v));
-    (r1, r16, r256, f1, f256)
+    let [r1, r16, r256, f1, f256, copy] = s.map(|mut v| Stats::of(&mut v));
+    (r1, r16, r256, f1, f256, copy)
 }
 
 /// `reset.scale`: `reset.16page_us` of a 1 GiB guest over that of a 64 MiB

@@ -299,6 +299,19 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Whether guest memory at `addr` holds exactly `bytes`, compared in
+    /// place (no copy).
+    pub(crate) fn equals(&self, addr: u64, bytes: &[u8]) -> Result<bool, OutOfRange> {
+        self.check(addr, bytes.len() as u64)?;
+        // SAFETY: the range was checked to lie inside our live mapping,
+        // which is readable; the vCPU is stopped (callers hold the VM), so
+        // nothing writes the bytes while the slice is alive.
+        let current = unsafe {
+            std::slice::from_raw_parts(self.mapping.addr.as_ptr().add(addr as usize), bytes.len())
+        };
+        Ok(current == bytes)
+    }
+
     /// Zeroes `len` bytes of guest memory at `addr`.
     pub(crate) fn zero(&self, addr: u64, len: u64) -> Result<(), OutOfRange> {
         self.check(addr, len)?;

@@ -131,6 +131,11 @@ pub(super) enum Stop {
 pub struct VmInstance {
     machine: Machine,
     functions: HashMap<String, u64>,
+    /// The table `functions` was last installed from by a restore, in the
+    /// saved state's order; empty when `functions` came from the guest's
+    /// `Ready`. A reset compares it with the next table to install
+    /// instead of looking every name up.
+    installed_functions: Vec<(String, u64)>,
     input_buf: u64,
     input_cap: u64,
     state: VmState,
@@ -286,6 +291,7 @@ impl VmInstance {
         Self {
             machine,
             functions: HashMap::new(),
+            installed_functions: Vec::new(),
             input_buf: 0,
             input_cap: 0,
             state: VmState::Ready,
@@ -698,6 +704,7 @@ impl VmInstance {
             }
         }
         self.functions = functions;
+        self.installed_functions.clear();
         let [flags] = self.read_words::<1>(field(offset_of!(AbiPage, guest_flags)))?;
         self.guest_resets_cpu = flags & abi::GUEST_FLAG_RESETS_VECTOR_STATE != 0;
         self.read_input_buffer()?;

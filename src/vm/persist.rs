@@ -261,28 +261,30 @@ impl VmInstance {
     /// the cost follows what the guest touched, not the memory size.
     fn rewind_written_pages<S: MemorySource>(&mut self, source: &S) -> Result<(), S::Error> {
         let pages = self.pending_dirty_pages()?;
-        let hot = self.hot_pages().to_vec();
+        // Hot pages stay writable, so KVM reports them whether or not the
+        // call wrote them. They are copied back unconditionally, except in
+        // the resets that check them: then one found unchanged is protected
+        // again — except the stack and ABI page below the program area,
+        // which every call writes (often with the same bytes).
+        let check = self.dirty.checks_hot();
         let mut demote = Vec::new();
+        let hot = self.hot_pages();
         let ram = &self.machine.ram;
         let outside = |addr: u64| VmError::MemoryOutOfRange {
             addr,
             len: PAGE_SIZE,
         };
         let zero = [0u8; PAGE_SIZE as usize];
-        let mut current = [0u8; PAGE_SIZE as usize];
         for page in pages {
             let addr = page * PAGE_SIZE;
             let wanted = source.page(page)?.unwrap_or(&zero);
-            // A hot page stays writable, so KVM reports it whether or not
-            // the call wrote it: one found unchanged is protected again —
-            // except the stack and ABI page below the program area, which
-            // every call writes (often with the same bytes).
-            if addr >= USER_BASE && hot.binary_search(&page).is_ok() {
-                ram.read(addr, &mut current).map_err(|_| outside(addr))?;
-                if current[..] == wanted[..] {
-                    demote.push(page);
-                    continue;
-                }
+            if check
+                && addr >= USER_BASE
+                && hot.binary_search(&page).is_ok()
+                && ram.equals(addr, wanted).map_err(|_| outside(addr))?
+            {
+                demote.push(page);
+                continue;
             }
             ram.copy_in(addr, wanted).map_err(|_| outside(addr))?;
         }
@@ -300,18 +302,25 @@ impl VmInstance {
             .map_err(|_| invalid("input buffer outside the guest's user memory"))?;
         // The same program can export its functions in another order or
         // under other names in another snapshot: compare the whole table
-        // (a lookup per function), never just its size.
-        let same_table = self.functions.len() == guest.functions.len()
-            && guest
-                .functions
-                .iter()
-                .all(|(name, index)| self.functions.get(name) == Some(index));
-        if !same_table {
-            let table: HashMap<String, u64> = guest.functions.iter().cloned().collect();
-            if table.len() != guest.functions.len() {
-                return Err(invalid("a function name appears twice"));
+        // (a lookup per function), never just its size. A reset to the
+        // snapshot last installed carries the very table installed then:
+        // one comparison of the lists, no lookups.
+        let cached =
+            !self.installed_functions.is_empty() && self.installed_functions == guest.functions;
+        if !cached {
+            let same_table = self.functions.len() == guest.functions.len()
+                && guest
+                    .functions
+                    .iter()
+                    .all(|(name, index)| self.functions.get(name) == Some(index));
+            if !same_table {
+                let table: HashMap<String, u64> = guest.functions.iter().cloned().collect();
+                if table.len() != guest.functions.len() {
+                    return Err(invalid("a function name appears twice"));
+                }
+                self.functions = table;
             }
-            self.functions = table;
+            self.installed_functions.clone_from(&guest.functions);
         }
         if self.preserved != guest.preserved {
             // Preserved regions must fit this VM's limits, as they would

@@ -69,6 +69,7 @@ fn init(exports: &mut Exports) {
         .export("counter", counter)
         .export("fill_region", fill_region)
         .export("touch_region", touch_region)
+        .export("write_region", write_region)
         .export("panic", |_| panic!("boom {}", 42))
         .export("abort", |_| snapvm_guest::abort("refusing this input"))
         .export("null_deref", null_deref)
@@ -619,4 +620,39 @@ fn touch_region(input: &[u8]) -> Vec<u8> {
         }
     }
     sum.to_le_bytes().to_vec()
+}
+
+/// Writes one byte into each page of runs of pages of the `fill_region`
+/// region: the input is 5-byte records (first page u16 LE, page count u16
+/// LE, value). The byte sits at a different offset in each page (anywhere
+/// from its start to its end); value 0 writes back the byte already there
+/// (a write that changes nothing). Pages past the region are skipped.
+/// Returns how many pages were written (u64 LE).
+fn write_region(input: &[u8]) -> Vec<u8> {
+    let (base, len) = (
+        REGION.load(Ordering::Relaxed),
+        REGION_LEN.load(Ordering::Relaxed),
+    );
+    let pages = len / 4096;
+    let mut written = 0u64;
+    for record in input.chunks_exact(5) {
+        let first = u64::from(u16::from_le_bytes([record[0], record[1]]));
+        let count = u64::from(u16::from_le_bytes([record[2], record[3]]));
+        let value = record[4];
+        for page in first..(first + count).min(pages) {
+            let offset = (page * 8 + u64::from(value) * 64) % 4096;
+            let at = (base + page * 4096 + offset) as *mut u8;
+            // SAFETY: inside the region `fill_region` allocated and leaked.
+            unsafe {
+                let byte = if value == 0 {
+                    at.read_volatile()
+                } else {
+                    value
+                };
+                at.write_volatile(byte);
+            }
+            written += 1;
+        }
+    }
+    written.to_le_bytes().to_vec()
 }
