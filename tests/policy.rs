@@ -299,7 +299,7 @@ fn resets_return_every_page_under_changing_write_patterns() {
         let written = words(&vm.invoke("write_region", &input).unwrap())[0];
         let expected: u64 = spans.iter().map(|&(_, count, _)| u64::from(count)).sum();
         assert_eq!(written, expected, "round {round}");
-        compare_with_ready(vm.vm(), &reference);
+        common::compare_with_ready(vm.vm(), &reference);
     }
     assert_eq!(vm.resets(), 600);
 }
