@@ -138,9 +138,16 @@ impl<P: RestorePolicy> ManagedVm<P> {
             (Err(_), VmState::Poisoned) => Outcome::Poisoned,
             (Err(_), _) => Outcome::Failed,
         };
-        // Without the dirty log the policy cannot judge: reset.
-        let (pages_dirtied, log_failed) = match self.vm.collect_dirty() {
-            Ok(_) => (
+        // Without the dirty log the policy cannot judge: reset. A policy
+        // that never reads the counts is spared the ioctl (the reset reads
+        // the log itself).
+        let collected = if self.policy.reads_dirty_pages() {
+            self.vm.collect_dirty().map(drop)
+        } else {
+            Ok(())
+        };
+        let (pages_dirtied, log_failed) = match collected {
+            Ok(()) => (
                 self.vm.dirty_since_base().saturating_sub(dirty_before),
                 false,
             ),

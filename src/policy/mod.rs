@@ -88,9 +88,12 @@ pub struct InvokeStats<'a> {
     pub outcome: Outcome,
     /// Wall time of the call.
     pub elapsed: Duration,
-    /// 4 KiB pages the guest wrote during this call.
+    /// 4 KiB pages the guest wrote during this call. Counted for a policy
+    /// whose [`RestorePolicy::reads_dirty_pages`] is true; for others the
+    /// dirty log is not read after each call (an ioctl saved), and this and
+    /// the next count may be 0.
     pub pages_dirtied: u64,
-    /// Distinct 4 KiB pages written since the last reset.
+    /// Distinct 4 KiB pages written since the last reset (same condition).
     pub dirty_pages_since_reset: u64,
     /// Calls since the last reset, this one included.
     pub invocations_since_reset: u64,
