@@ -226,6 +226,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A polling VM's vCPU thread could not be started.
+    #[error("cannot start the vCPU thread of a polling VM")]
+    VcpuThread(#[source] std::io::Error),
     /// The per-thread timeout timer could not be created or armed.
     /// *Poisons* (it may fail while the guest is stopped mid-call).
     #[error("cannot set up the timeout timer")]
@@ -560,6 +563,7 @@ impl VmError {
             | Self::VcpuStuck { .. }
             | Self::Transaction(_) => true,
             Self::KvmUnavailable { .. }
+            | Self::VcpuThread(_)
             | Self::MapMemory { .. }
             | Self::Entropy(_)
             | Self::NetworkDevice { .. }
@@ -616,6 +620,7 @@ impl VmError {
             | Self::Entropy(_)
             | Self::NetworkDevice { .. }
             | Self::Timer(_)
+            | Self::VcpuThread(_)
             | Self::MemoryUnavailable { .. }
             | Self::HostFunctionPanic { .. } => K::Host,
         }

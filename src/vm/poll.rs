@@ -330,7 +330,7 @@ impl PollWorker {
                 let shared = Arc::clone(&shared);
                 move || work(&shared)
             })
-            .map_err(VmError::Timer)?;
+            .map_err(VmError::VcpuThread)?;
         Ok(Self {
             shared,
             thread: Some(thread),
