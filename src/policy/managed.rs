@@ -16,13 +16,57 @@ use crate::vm::{VmError, VmInstance, VmState};
 #[derive(Debug)]
 pub struct ManagedVm<P> {
     pub(super) vm: VmInstance,
+    pub(super) ledger: Ledger<P>,
+}
+
+/// What a managed VM keeps beside the VM itself: the snapshot resets return
+/// to, the policy and its counts. Shared with [`super::PollingVm`].
+#[derive(Debug)]
+pub(super) struct Ledger<P> {
     pub(super) ready: Snapshot,
     pub(super) policy: P,
-    pub(super) since_reset: u64,
-    pub(super) ready_heap: u64,
+    since_reset: u64,
+    ready_heap: u64,
     pub(super) resets: u64,
     /// A reset was decided but did not succeed: the next call resets first.
     pub(super) needs_reset: bool,
+}
+
+impl<P: RestorePolicy> Ledger<P> {
+    fn new(ready: Snapshot, policy: P) -> Self {
+        let ready_heap = ready.inner.guest.heap_used;
+        Self {
+            ready,
+            policy,
+            since_reset: 0,
+            ready_heap,
+            resets: 0,
+            needs_reset: false,
+        }
+    }
+
+    /// Counts a finished call and asks the policy about it (`stats` without
+    /// the counts this ledger keeps). True when the VM is to be reset now:
+    /// the policy says so, the call poisoned the VM, or `force`.
+    pub(super) fn judge(&mut self, mut stats: InvokeStats<'_>, force: bool) -> bool {
+        self.since_reset += 1;
+        stats.invocations_since_reset = self.since_reset;
+        stats.heap_growth = stats.heap_used.saturating_sub(self.ready_heap);
+        let reset = force
+            || stats.outcome == Outcome::Poisoned
+            || self.policy.decide(&stats) == Decision::Reset;
+        self.needs_reset |= reset;
+        reset
+    }
+
+    /// Rewinds `vm` to the ready snapshot and starts counting again.
+    pub(super) fn reset(&mut self, vm: &mut VmInstance) -> Result<(), SnapshotError> {
+        vm.restore_in_place(&self.ready)?;
+        self.needs_reset = false;
+        self.since_reset = 0;
+        self.resets += 1;
+        Ok(())
+    }
 }
 
 impl<P: RestorePolicy> ManagedVm<P> {
@@ -35,15 +79,9 @@ impl<P: RestorePolicy> ManagedVm<P> {
             }
             vm.restore_in_place(&ready)?;
         }
-        let ready_heap = ready.inner.guest.heap_used;
         Ok(Self {
             vm,
-            ready,
-            policy,
-            since_reset: 0,
-            ready_heap,
-            resets: 0,
-            needs_reset: false,
+            ledger: Ledger::new(ready, policy),
         })
     }
 
@@ -97,7 +135,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         input: &[u8],
     ) -> Result<TxOutcome, TxError> {
         let mut done = None;
-        let ready = self.ready.clone();
+        let ready = self.ledger.ready.clone();
         self.run_call(name, input, TxError::Reset, |vm, name, input| {
             done = Some(tx.invoke(vm, &ready, name, input)?);
             Ok(())
@@ -123,7 +161,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         reset_error: impl FnOnce(SnapshotError) -> E,
         call: impl FnOnce(&mut VmInstance, &str, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        if self.needs_reset || self.vm.state() == VmState::Poisoned {
+        if self.ledger.needs_reset || self.vm.state() == VmState::Poisoned {
             self.reset().map_err(reset_error)?;
         }
         // Pages first written in this call: a transaction reads the dirty
@@ -132,7 +170,6 @@ impl<P: RestorePolicy> ManagedVm<P> {
         let start = Instant::now();
         let result = call(&mut self.vm, name, input);
         let elapsed = start.elapsed();
-        self.since_reset += 1;
         let outcome = match (&result, self.vm.state()) {
             (Ok(()), _) => Outcome::Success,
             (Err(_), VmState::Poisoned) => Outcome::Poisoned,
@@ -141,7 +178,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         // Without the dirty log the policy cannot judge: reset. A policy
         // that never reads the counts is spared the ioctl (the reset reads
         // the log itself).
-        let collected = if self.policy.reads_dirty_pages() {
+        let collected = if self.ledger.policy.reads_dirty_pages() {
             self.vm.collect_dirty().map(drop)
         } else {
             Ok(())
@@ -163,16 +200,12 @@ impl<P: RestorePolicy> ManagedVm<P> {
             elapsed,
             pages_dirtied,
             dirty_pages_since_reset: self.vm.dirty_since_base(),
-            invocations_since_reset: self.since_reset,
+            invocations_since_reset: 0,
             heap_used: stats.heap_used,
-            heap_growth: stats.heap_used.saturating_sub(self.ready_heap),
+            heap_growth: 0,
             guest_garbage: stats.guest_garbage,
         };
-        if log_failed
-            || outcome == Outcome::Poisoned
-            || self.policy.decide(&invoke_stats) == Decision::Reset
-        {
-            self.needs_reset = true;
+        if self.ledger.judge(invoke_stats, log_failed) {
             if let Err(e) = self.reset() {
                 // The VM is poisoned (restores are failure-atomic): the next
                 // call resets it first. The call's own result stands.
@@ -187,16 +220,12 @@ impl<P: RestorePolicy> ManagedVm<P> {
 
     /// Resets the VM to its ready snapshot now.
     pub fn reset(&mut self) -> Result<(), SnapshotError> {
-        self.vm.restore_in_place(&self.ready)?;
-        self.needs_reset = false;
-        self.since_reset = 0;
-        self.resets += 1;
-        Ok(())
+        self.ledger.reset(&mut self.vm)
     }
 
     /// Resets performed so far.
     pub fn resets(&self) -> u64 {
-        self.resets
+        self.ledger.resets
     }
 
     /// The managed VM.
@@ -206,7 +235,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
 
     /// The ready snapshot resets return to.
     pub fn ready(&self) -> &Snapshot {
-        &self.ready
+        &self.ledger.ready
     }
 
     /// Gives back the VM.

@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Decision, InvokeStats, ManagedVm, Outcome, RestorePolicy};
+use super::managed::Ledger;
+use super::{InvokeStats, ManagedVm, Outcome, RestorePolicy};
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::vm::poll::{self, HotView, PollWorker, RunEnd, Waited};
 use crate::vm::{VmError, VmInstance, VmState};
@@ -90,21 +91,14 @@ impl PollConfig {
 /// ```
 pub struct PollingVm<P: RestorePolicy> {
     holder: Holder,
-    ready: Snapshot,
-    policy: P,
-    since_reset: u64,
-    ready_heap: u64,
-    resets: u64,
-    /// A reset was decided but did not succeed: the next call resets first.
-    needs_reset: bool,
+    ledger: Ledger<P>,
 }
 
 impl<P: RestorePolicy> std::fmt::Debug for PollingVm<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PollingVm")
             .field("hot", &self.holder.vm.is_none())
-            .field("since_reset", &self.since_reset)
-            .field("resets", &self.resets)
+            .field("resets", &self.ledger.resets)
             .finish_non_exhaustive()
     }
 }
@@ -213,7 +207,7 @@ impl<P: RestorePolicy> PollingVm<P> {
     /// [`VmError::InvalidConfig`] if its policy reads dirty-page counts
     /// (see the type's docs) or the window is out of range.
     pub fn new(managed: ManagedVm<P>, config: PollConfig) -> Result<Self, crate::Error> {
-        if managed.policy.reads_dirty_pages() {
+        if managed.ledger.policy.reads_dirty_pages() {
             return Err(VmError::InvalidConfig {
                 field: "policy",
                 reason: "polling mode cannot count dirty pages per call; \
@@ -232,15 +226,8 @@ impl<P: RestorePolicy> PollingVm<P> {
             }
             .into());
         }
-        let ManagedVm {
-            vm,
-            ready,
-            policy,
-            since_reset,
-            ready_heap,
-            resets,
-            needs_reset,
-        } = managed;
+        let ManagedVm { vm, ledger } = managed;
+        let last_heap = vm.stats().heap_used;
         let holder = Holder {
             view: vm.hot_view(),
             vm: Some(vm),
@@ -250,19 +237,11 @@ impl<P: RestorePolicy> PollingVm<P> {
             posted_len: 0,
             noted_len: 0,
             polled: 0,
-            last_heap: ready_heap,
+            last_heap,
             last_garbage: None,
             released: false,
         };
-        Ok(Self {
-            holder,
-            ready,
-            policy,
-            since_reset,
-            ready_heap,
-            resets,
-            needs_reset,
-        })
+        Ok(Self { holder, ledger })
     }
 
     /// Calls `name` with `input`, then applies the policy, like
@@ -276,7 +255,7 @@ impl<P: RestorePolicy> PollingVm<P> {
             .vm
             .as_ref()
             .is_some_and(|vm| vm.state() == VmState::Poisoned);
-        if self.needs_reset || poisoned {
+        if self.ledger.needs_reset || poisoned {
             self.reset()?;
         }
         let Some(index) = self.holder.view.function(name) else {
@@ -378,7 +357,6 @@ impl<P: RestorePolicy> PollingVm<P> {
         guest_garbage: Option<u64>,
         broken: bool,
     ) -> Result<Vec<u8>, crate::Error> {
-        self.since_reset += 1;
         let outcome = match (&result, broken) {
             (Ok(_), _) => Outcome::Success,
             (Err(_), true) => Outcome::Poisoned,
@@ -390,13 +368,12 @@ impl<P: RestorePolicy> PollingVm<P> {
             elapsed: start.elapsed(),
             pages_dirtied: 0,
             dirty_pages_since_reset: 0,
-            invocations_since_reset: self.since_reset,
+            invocations_since_reset: 0,
             heap_used,
-            heap_growth: heap_used.saturating_sub(self.ready_heap),
+            heap_growth: 0,
             guest_garbage,
         };
-        if broken || self.policy.decide(&stats) == Decision::Reset {
-            self.needs_reset = true;
+        if self.ledger.judge(stats, broken) {
             if let Err(e) = self.reset() {
                 log::warn!(
                     target: "snapvm::policy",
@@ -410,20 +387,16 @@ impl<P: RestorePolicy> PollingVm<P> {
     /// Stops the guest and resets the VM to its ready snapshot now.
     pub fn reset(&mut self) -> Result<(), SnapshotError> {
         let (mut vm, _) = self.holder.take();
-        let result = vm.restore_in_place(&self.ready);
+        let result = self.ledger.reset(&mut vm);
         self.holder.view.refresh(&vm);
         self.holder.forget_inputs();
         self.holder.vm = Some(vm);
-        result?;
-        self.needs_reset = false;
-        self.since_reset = 0;
-        self.resets += 1;
-        Ok(())
+        result
     }
 
     /// Resets performed so far.
     pub fn resets(&self) -> u64 {
-        self.resets
+        self.ledger.resets
     }
 
     /// Whether the guest is running on the vCPU thread (spinning for the
@@ -434,7 +407,7 @@ impl<P: RestorePolicy> PollingVm<P> {
 
     /// The ready snapshot resets return to.
     pub fn ready(&self) -> &Snapshot {
-        &self.ready
+        &self.ledger.ready
     }
 
     /// Stops the guest and gives back the [`ManagedVm`] (its calls go
@@ -442,24 +415,12 @@ impl<P: RestorePolicy> PollingVm<P> {
     pub fn into_managed(self) -> ManagedVm<P> {
         let Self {
             mut holder,
-            ready,
-            policy,
-            since_reset,
-            ready_heap,
-            resets,
-            needs_reset,
+            mut ledger,
         } = self;
         let (vm, clean) = holder.take();
         holder.released = true;
         drop(holder);
-        ManagedVm {
-            vm,
-            ready,
-            policy,
-            since_reset,
-            ready_heap,
-            resets,
-            needs_reset: needs_reset || !clean,
-        }
+        ledger.needs_reset |= !clean;
+        ManagedVm { vm, ledger }
     }
 }
