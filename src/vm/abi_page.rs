@@ -43,13 +43,14 @@ pub(super) fn ram_words<const N: usize>(ram: &GuestRam, addr: u64) -> Result<[u6
     Ok(bytes.map(u64::from_le_bytes))
 }
 
-/// A finished call's result as the guest reported it, checked.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct CallResult {
-    pub(super) output_ptr: u64,
-    pub(super) output_len: u64,
+/// A finished call as the guest reported it: its heap figures, and its
+/// output (address, length) checked, or why it is refused.
+#[derive(Debug)]
+pub(super) struct CallReport {
     pub(super) heap_used: u64,
+    /// `abi::GARBAGE_UNREPORTED` when the guest does not report garbage.
     pub(super) garbage: u64,
+    pub(super) output: Result<(u64, u64), VmError>,
 }
 
 /// What the host accepts from a guest's result.
@@ -60,19 +61,29 @@ pub(super) struct ResultLimits {
     pub(super) message: u64,
 }
 
-/// Reads and checks the result of a finished call from the ABI page: the
-/// output must lie in user memory and fit the output limit; a guest error
-/// becomes [`VmError::GuestError`] with its (bounded) message.
-pub(super) fn read_result(ram: &GuestRam, limits: ResultLimits) -> Result<CallResult, VmError> {
+/// Reads the result of a finished call from the ABI page, each field once,
+/// and checks it: the output must lie in user memory and fit the output
+/// limit; a guest error becomes [`VmError::GuestError`] with its (bounded)
+/// message.
+pub(super) fn read_result(ram: &GuestRam, limits: ResultLimits) -> Result<CallReport, VmError> {
     let [output_ptr, output_len, status, heap_used] =
         ram_words::<4>(ram, field(offset_of!(AbiPage, output_ptr)))?;
     let [garbage] = ram_words::<1>(ram, field(offset_of!(AbiPage, garbage)))?;
-    let result = CallResult {
-        output_ptr,
-        output_len,
+    let output = check_output(ram, limits, status, output_ptr, output_len);
+    Ok(CallReport {
         heap_used,
         garbage,
-    };
+        output,
+    })
+}
+
+fn check_output(
+    ram: &GuestRam,
+    limits: ResultLimits,
+    status: u64,
+    output_ptr: u64,
+    output_len: u64,
+) -> Result<(u64, u64), VmError> {
     if status == abi::STATUS_GUEST_ERROR {
         // The function finished and returned an error: the guest is
         // undisturbed, the instance stays ready.
@@ -95,7 +106,7 @@ pub(super) fn read_result(ram: &GuestRam, limits: ResultLimits) -> Result<CallRe
             limit: limits.max_output,
         });
     }
-    Ok(result)
+    Ok((output_ptr, output_len))
 }
 
 impl VmInstance {

@@ -583,24 +583,13 @@ impl VmInstance {
         if self.tx.phase == tx::Phase::Open {
             return Err(VmError::Transaction(TxFault::NotEnded));
         }
-        let result = abi_page::read_result(&self.machine.ram, self.result_limits());
+        let report = abi_page::read_result(&self.machine.ram, self.result_limits());
         self.check_memory()?;
-        let (heap_used, garbage) = match &result {
-            Ok(r) => (r.heap_used, r.garbage),
-            Err(_) => {
-                // A guest error (or a bad result) still reports its heap.
-                let [heap_used] = self.read_words::<1>(field(offset_of!(AbiPage, heap_used)))?;
-                let [garbage] = self.read_words::<1>(field(offset_of!(AbiPage, garbage)))?;
-                (heap_used, garbage)
-            }
-        };
-        self.stats.heap_used = heap_used;
-        self.stats.guest_garbage = (garbage != abi::GARBAGE_UNREPORTED).then_some(garbage);
-        let abi_page::CallResult {
-            output_ptr,
-            output_len,
-            ..
-        } = result?;
+        let report = report?;
+        self.stats.heap_used = report.heap_used;
+        self.stats.guest_garbage =
+            (report.garbage != abi::GARBAGE_UNREPORTED).then_some(report.garbage);
+        let (output_ptr, output_len) = report.output?;
         self.stats.invocations += 1;
         Ok((output_ptr, output_len))
     }

@@ -176,25 +176,25 @@ impl HotView {
     /// after `Done`. The guest may still be running and change its memory
     /// meanwhile: every field is read once, checked, then used.
     pub(crate) fn read_result(&self) -> HotResult {
-        let result = abi_page::read_result(&self.ram, self.limits);
-        let (heap_used, garbage) = match &result {
-            Ok(r) => (r.heap_used, r.garbage),
-            Err(_) => (
-                self.load(offset_of!(AbiPage, heap_used), Ordering::Relaxed)
-                    .unwrap_or(0),
-                self.load(offset_of!(AbiPage, garbage), Ordering::Relaxed)
-                    .unwrap_or(abi::GARBAGE_UNREPORTED),
-            ),
+        let report = match abi_page::read_result(&self.ram, self.limits) {
+            Ok(report) => report,
+            Err(e) => {
+                return HotResult {
+                    output: Err(e),
+                    heap_used: 0,
+                    garbage: None,
+                }
+            }
         };
-        let output = result.and_then(|r| {
+        let output = report.output.and_then(|(ptr, len)| {
             self.ram
-                .read_vec(r.output_ptr, r.output_len)
+                .read_vec(ptr, len)
                 .map_err(|e| bad("Done", e.into()))
         });
         HotResult {
             output,
-            heap_used,
-            garbage: (garbage != abi::GARBAGE_UNREPORTED).then_some(garbage),
+            heap_used: report.heap_used,
+            garbage: (report.garbage != abi::GARBAGE_UNREPORTED).then_some(report.garbage),
         }
     }
 }
