@@ -323,3 +323,34 @@ fn a_polling_vm_is_send() {
     send::<PollingVm<Never>>();
     send::<PollingVm<Box<dyn RestorePolicy>>>();
 }
+
+/// `Idle` and `Done` made in the middle of a call stop nothing: outside
+/// polling mode `Idle` resumes the guest; in polling mode neither ends the
+/// call the host waits for, which returns the function's own output, and
+/// the next call sees the VM as the call left it.
+#[test]
+fn stray_idle_and_done_hypercalls_end_no_call() {
+    require_kvm!();
+    let _serial = serial();
+    let (config, ready) = setup();
+    let mut ordinary = ManagedVm::new(
+        VmInstance::restore(&config, &ready).expect("restore"),
+        ready.clone(),
+        Never,
+    )
+    .expect("managed");
+    assert_eq!(
+        ordinary.invoke("stray_idle", b"").expect("idle"),
+        b"resumed"
+    );
+    let out = ordinary.invoke("counter", b"").expect("counter");
+    assert_eq!(u64::from_le_bytes(out.try_into().expect("8 bytes")), 1);
+
+    let mut vm = polling_from(&config, ready, Never, Duration::from_millis(200));
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(vm.invoke("stray_idle", b"").expect("idle"), b"resumed");
+    assert_eq!(vm.invoke("stray_done", b"").expect("done"), b"resumed");
+    assert_eq!(counter(&mut vm), 2);
+    assert_eq!(vm.resets(), 0);
+    assert!(vm.is_hot());
+}

@@ -81,6 +81,14 @@ fn init(exports: &mut Exports) {
         .export("infinite_loop", infinite_loop)
         .export("poll_spin_forever", poll_spin_forever)
         .export("poll_forge_result", poll_forge_result)
+        .export("stray_idle", |_| {
+            raw_hypercall(Hypercall::Idle as u32, &[]);
+            b"resumed".to_vec()
+        })
+        .export("stray_done", |_| {
+            raw_hypercall(Hypercall::Done as u32, &[]);
+            b"resumed".to_vec()
+        })
         .export("write_system_area", write_system_area)
         .export("bad_log_pointer", bad_log_pointer)
         .export("overflowing_length", overflowing_length)
