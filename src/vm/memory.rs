@@ -114,6 +114,14 @@ impl Drop for AlignedMapping {
 }
 
 /// Guest RAM, mapped at guest physical address 0.
+///
+/// Shared (`Arc`) between a VM and, in polling mode, the `PollingVm` that
+/// posts its calls while another thread runs the vCPU. That side touches
+/// guest memory only through `vm-memory`'s volatile and atomic accessors,
+/// and never during a reset or restore of the VM (both need the
+/// `PollingVm` exclusively); the raw-pointer methods here
+/// ([`Self::copy_in`], [`Self::equals`]) run only then, with the vCPU
+/// stopped.
 pub(crate) struct GuestRam {
     // Field order matters: `region` must drop before `mapping`.
     region: GuestRegionMmap,
@@ -288,7 +296,8 @@ impl GuestRam {
         self.check(addr, src.len() as u64)?;
         // SAFETY: the range was checked to lie inside our live mapping; `src`
         // is host memory outside guest RAM (the snapshot image), so the
-        // regions do not overlap; the vCPU is stopped (callers hold `&mut`).
+        // regions do not overlap; the vCPU is stopped and no polling caller
+        // writes (callers hold the VM; see the type's docs).
         unsafe {
             std::ptr::copy_nonoverlapping(
                 src.as_ptr(),
@@ -304,8 +313,9 @@ impl GuestRam {
     pub(crate) fn equals(&self, addr: u64, bytes: &[u8]) -> Result<bool, OutOfRange> {
         self.check(addr, bytes.len() as u64)?;
         // SAFETY: the range was checked to lie inside our live mapping,
-        // which is readable; the vCPU is stopped (callers hold the VM), so
-        // nothing writes the bytes while the slice is alive.
+        // which is readable; the vCPU is stopped and no polling caller writes
+        // (callers hold the VM; see the type's docs), so nothing writes the
+        // bytes while the slice is alive.
         let current = unsafe {
             std::slice::from_raw_parts(self.mapping.addr.as_ptr().add(addr as usize), bytes.len())
         };
