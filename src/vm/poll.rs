@@ -226,10 +226,11 @@ impl VmInstance {
         self.stats.guest_garbage = garbage;
     }
 
-    /// Poisons this VM with `error` if it poisons (a polling run ended in
-    /// it while the caller waited).
+    /// Poisons this VM with `error`, whatever the error: a polling run
+    /// ended in it (or a polled result was refused), so the guest stopped
+    /// mid-call and must be reset before it runs again.
     pub(crate) fn poison_with(&mut self, error: &VmError) {
-        if error.poisons() && self.state != VmState::Poisoned {
+        if self.state != VmState::Poisoned {
             self.state = VmState::Poisoned;
             self.poison_cause = std::borrow::Cow::Owned(error.to_string());
         }
