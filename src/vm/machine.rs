@@ -25,7 +25,25 @@ struct HostKvm {
     sync_regs: bool,
     cpuid: CpuId,
     xcr0: Option<u64>,
+    /// The TR type new vCPUs get: see [`TCG_TSS_SWITCH`].
+    tr_type: u8,
 }
+
+/// The environment variable that makes new vCPUs load TR with an
+/// *available* 64-bit TSS (type 9) instead of a busy one (type 11).
+///
+/// It exists only for QEMU's TCG emulator, which snapvm's nested-SVM CI
+/// stage (`.ci/nested-svm.sh`) runs KVM inside: TCG checks a CPL3 `out`
+/// against the I/O permission bitmap only when TR holds an available TSS,
+/// so every hypercall would fault with #GP there. Real CPUs (and KVM on
+/// VT-x, whose entry checks demand a busy TSS) take the default; never set
+/// it outside that emulator.
+pub const TCG_TSS_SWITCH: &str = "SNAPVM_TCG_AVAILABLE_TSS";
+
+/// TR type of a busy 64-bit TSS: what real CPUs load and VMX entry demands.
+const TR_BUSY_TSS: u8 = 0xB;
+/// TR type of an available 64-bit TSS (see [`TCG_TSS_SWITCH`]).
+const TR_AVAILABLE_TSS: u8 = 0x9;
 
 static HOST: OnceLock<HostKvm> = OnceLock::new();
 
@@ -49,11 +67,16 @@ fn host() -> Result<&'static HostKvm, VmError> {
     let xcr0 = supported_xcr0(&cpuid);
     let wanted = (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS) as i32;
     let sync_regs = kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs) & wanted == wanted;
+    let tr_type = match std::env::var_os(TCG_TSS_SWITCH) {
+        Some(v) if v == "1" => TR_AVAILABLE_TSS,
+        _ => TR_BUSY_TSS,
+    };
     Ok(HOST.get_or_init(|| HostKvm {
         kvm,
         sync_regs,
         cpuid,
         xcr0,
+        tr_type,
     }))
 }
 
@@ -339,7 +362,7 @@ impl Machine {
             base: TSS_ADDR,
             limit: layout::TSS_LIMIT,
             selector: TSS_SEL,
-            type_: 0xB,
+            type_: host.tr_type,
             present: 1,
             dpl: 0,
             db: 0,

@@ -60,7 +60,7 @@ pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, TxFault
 pub use host::HostCaller;
 pub use interrupt::InterruptHandle;
 pub use loader::GuestProgram;
-pub use machine::{check_kvm, check_kvm_device};
+pub use machine::{check_kvm, check_kvm_device, TCG_TSS_SWITCH};
 pub use persist::SnapshotId;
 pub use timer::timeout_signal;
 pub use tx::{TxEnd, MAX_DEFERRED_CALLS};
