@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The nested-SVM stage: snapvm's real test binaries on hardware-virtualized
+# KVM (kvm_amd), inside a Linux guest that QEMU's TCG emulator runs with SVM
+# exposed (`-cpu max`). See .ci/README.md.
+#
+#   bash .ci/nested-svm.sh [--only SUBSTRING]...   # as root, on Debian 12
+#
+# Installs what it needs from Debian's packages (QEMU, busybox-static, kmod,
+# cpio), takes a Debian kernel image with kvm_amd and virtio-9p out of its
+# package without installing it, builds a busybox initramfs, builds the test
+# binaries (unless NESTED_SVM_PREBUILT names the JSON of a build already
+# made, as .ci/run does) and hands over to .ci/nested-svm.py, which boots the
+# guest, runs the tests one at a time and watches it from the host.
+#
+# Environment:
+#   NESTED_SVM_PREBUILT   `cargo test --no-run --message-format=json` output
+#                         of a build already made (skip the build here)
+#   NESTED_SVM_WORK       work directory (default target/nested-svm)
+#   NESTED_SVM_BUDGET     seconds for the whole stage (default 2700 = 45 min)
+#   NESTED_SVM_TEST_LIMIT seconds one test may run before it is a hang (420)
+#   NESTED_SVM_SMP        guest vCPUs (default 1: QEMU then uses one core)
+#   SNAPVM_TEST_TIME_SCALE  factor for the tests' wall-clock limits (50)
+set -euo pipefail
+STAGE_START=$(date +%s.%N)
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+WORK=${NESTED_SVM_WORK:-$REPO/target/nested-svm}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+step() { echo "[nested-svm $(date +%H:%M:%S)] $*"; }
+
+# The subset: test binaries (tests/NAME.rs) and the example.
+TESTS=(lifecycle vm hostile snapshot snapshot_file policy polling transactions)
+EXAMPLES=(quickstart)
+
+step "packages"
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for p in qemu-system-x86 busybox-static kmod cpio; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+done
+# The kernel package is looked up (and fetched) even when the tools are
+# installed, so the package lists must be current.
+apt-get update -qq
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get install -y -qq --no-install-recommends "${need[@]}" > "$WORK/apt.log" ||
+        { cat "$WORK/apt.log"; exit 1; }
+fi
+
+step "kernel"
+# linux-image-amd64 depends on the versioned image package (the cloud
+# flavour has no 9p modules). Unpacked into the work dir, never installed.
+KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+[ -n "$KPKG" ] || { echo "no versioned kernel behind linux-image-amd64" >&2; exit 1; }
+KVER=${KPKG#linux-image-}
+KDIR=$WORK/kernel-$KVER
+if [ ! -e "$KDIR/.done" ]; then
+    rm -rf "$KDIR" && mkdir -p "$KDIR/deb"
+    (cd "$KDIR/deb" && apt-get download "$KPKG" 2>&1 | grep -v 'unsandboxed' || true)
+    dpkg-deb -x "$KDIR"/deb/*.deb "$KDIR/root"
+    rm -rf "$KDIR/deb"
+    depmod -b "$KDIR/root" "$KVER"
+    touch "$KDIR/.done"
+fi
+KERNEL=$KDIR/root/boot/vmlinuz-$KVER
+
+step "initramfs"
+IRD=$WORK/initramfs
+rm -rf "$IRD" && mkdir -p "$IRD/bin" "$IRD/modules"
+cp /bin/busybox "$IRD/bin/busybox"
+cp .ci/nested-svm-init "$IRD/init"
+chmod 755 "$IRD/init"
+: > "$IRD/modules.list"
+for m in virtio_pci 9pnet_virtio 9p kvm_amd; do
+    modprobe -d "$KDIR/root" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
+done | awk '!seen[$0]++' | while read -r ko; do
+    base=$(basename "$ko")
+    case "$ko" in
+        *.ko.xz) xz -dc "$ko" > "$IRD/modules/${base%.xz}"; base=${base%.xz} ;;
+        *.ko.zst) zstd -qdc "$ko" > "$IRD/modules/${base%.zst}"; base=${base%.zst} ;;
+        *) cp "$ko" "$IRD/modules/$base" ;;
+    esac
+    params=
+    [ "$base" = kvm-amd.ko ] && params="npt=1"
+    echo "$base $params" >> "$IRD/modules.list"
+done
+INITRD=$WORK/initramfs.cpio.gz
+(cd "$IRD" && find . | cpio -o -H newc --quiet | gzip -1) > "$INITRD"
+
+step "test binaries"
+JSON=${NESTED_SVM_PREBUILT:-}
+if [ -z "$JSON" ]; then
+    JSON=$WORK/build.json
+    targets=()
+    for t in "${TESTS[@]}"; do targets+=(--test "$t"); done
+    for e in "${EXAMPLES[@]}"; do targets+=(--example "$e"); done
+    cargo test --no-run --message-format=json "${targets[@]}" > "$JSON"
+fi
+# Copies, so that a later build in the same target dir (other features,
+# clippy, benches) cannot replace a binary while the guest runs it. The
+# guest programs stay where build.rs put them (SNAPVM_GUESTS_DIR).
+BIN=$WORK/bin
+rm -rf "$BIN" && mkdir -p "$BIN"
+python3 - "$JSON" "$BIN" "${TESTS[*]}" "${EXAMPLES[*]}" > "$WORK/plan" <<'EOF'
+import json, shutil, sys
+path, bindir, tests, examples = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
+found = {}
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    kind, name = m["target"]["kind"][0], m["target"]["name"]
+    if (kind == "test" and name in tests) or (kind == "example" and name in examples):
+        found[(kind, name)] = m["executable"]
+for kind, names in (("test", tests), ("example", examples)):
+    for name in names:
+        if (kind, name) not in found:
+            sys.exit(f"no {kind} {name} in {path}")
+        dst = f"{bindir}/{name}"
+        shutil.copy2(found[(kind, name)], dst)
+        print(f"{kind}\t{name}\t{dst}")
+EOF
+
+step "run"
+RESULTS=$WORK/results
+rm -rf "$RESULTS" && mkdir -p "$RESULTS"
+rm -f "$WORK"/console-*.log
+exec python3 .ci/nested-svm.py \
+    --work "$WORK" --results "$RESULTS" \
+    --kernel "$KERNEL" --initrd "$INITRD" \
+    --runner "$REPO/.ci/nested-svm-guest.sh" \
+    --plan "$WORK/plan" --skip .ci/nested-svm.skip \
+    --stage-start "$STAGE_START" \
+    --budget "${NESTED_SVM_BUDGET:-2700}" \
+    --test-limit "${NESTED_SVM_TEST_LIMIT:-420}" \
+    --smp "${NESTED_SVM_SMP:-1}" \
+    "$@"
