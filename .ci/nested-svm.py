@@ -21,6 +21,7 @@ import argparse
 import collections
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -87,6 +88,7 @@ class Driver:
         self.heartbeat = os.path.join(self.results, "heartbeat")
         self.boots = []  # (seconds to BOOTED or None, how it ended)
         self.boot_failures = 0
+        self.qemu = None
 
     def deadline_left(self):
         return self.a.stage_start + self.a.budget - time.time()
@@ -139,7 +141,7 @@ class Driver:
             log("qemu: " + shlex.join(cmd))
         log(f"boot {n}: {len(pending)} test(s) queued")
         t0 = time.time()
-        qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        qemu = self.qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         booted_at = None
         current, current_start = None, None
         last_beat, last_beat_change = None, t0
@@ -243,6 +245,20 @@ class Driver:
             return "failed", "exit 0 but the test did not run and pass"
         return "passed", ""
 
+    def excerpt(self, it, n=20):
+        """A failed test's output without libtest's boilerplate."""
+        path = os.path.join(self.results, "logs", f"{it.id}.log")
+        try:
+            with open(path, errors="replace") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return ["(no output)"]
+        noise = ("running 1 test", "failures:", "note: run with `RUST_BACKTRACE",
+                 "test result:", f"test {it.name} ...", f"---- {it.name} stdout",
+                 f"    {it.name}")
+        keep = [l for l in lines if l.strip() and not l.startswith(noise)]
+        return keep[:n] + ([f"... ({len(keep) - n} more lines in {path})"] if len(keep) > n else [])
+
     @staticmethod
     def tail(path, n):
         try:
@@ -303,8 +319,7 @@ class Driver:
         bad = [it for it in items if it.status != "passed"]
         for it in bad:
             out.append(f"-- {it.status}: {it.id} ({it.detail})")
-            t = self.tail(os.path.join(self.results, "logs", f"{it.id}.log"), 25)
-            out += ["   " + l for l in t.splitlines()]
+            out += ["   " + l for l in self.excerpt(it)]
         passed = sum(it.status == "passed" for it in items)
         out.append(f"stage time: {fmt_secs(total)} (budget {fmt_secs(self.a.budget)})")
         out.append(f"nested-svm: {passed} passed, {len(items) - passed} failed")
@@ -356,6 +371,17 @@ def main():
         sys.exit(f"the skip list names tests that do not exist: {sorted(unknown)}")
     log(f"{len(items)} test(s) to run, {len(skipped)} skipped")
     d = Driver(a)
+
+    def stop(signum, _frame):
+        # Never leave QEMU behind (.ci/run stops the stage this way when an
+        # earlier step fails).
+        if d.qemu is not None and d.qemu.poll() is None:
+            d.qemu.kill()
+        log(f"stopped by signal {signum}")
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     d.run(items)
     sys.exit(0 if d.summary(items, skipped) else 1)
 

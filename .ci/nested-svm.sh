@@ -27,12 +27,28 @@ REPO=$(pwd)
 WORK=${NESTED_SVM_WORK:-$REPO/target/nested-svm}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
+case "$REPO/" in
+    /tmp/*) echo "the repository must not be under /tmp (the guest mounts a tmpfs there)" >&2; exit 2 ;;
+esac
+case "$WORK/" in
+    /tmp/*) echo "NESTED_SVM_WORK must not be under /tmp (the guest mounts a tmpfs there)" >&2; exit 2 ;;
+esac
 step() { echo "[nested-svm $(date +%H:%M:%S)] $*"; }
 
 # The subset: test binaries (tests/NAME.rs) and the example.
 TESTS=(lifecycle vm hostile snapshot snapshot_file policy polling transactions)
 EXAMPLES=(quickstart)
 
+# --prepare-only: packages, kernel and initramfs, then stop (.ci/run does
+# this in the foreground so that no apt-get runs in the background later);
+# --prepared: skip that part (done by an earlier --prepare-only).
+PHASE=all
+case "${1:-}" in
+    --prepare-only) PHASE=prepare; shift ;;
+    --prepared) PHASE=run; shift ;;
+esac
+
+if [ "$PHASE" != run ]; then
 step "packages"
 export DEBIAN_FRONTEND=noninteractive
 need=()
@@ -43,7 +59,7 @@ done
 # installed, so the package lists must be current.
 apt-get update -qq
 if [ ${#need[@]} -gt 0 ]; then
-    apt-get install -y -qq --no-install-recommends "${need[@]}" > "$WORK/apt.log" ||
+    apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends "${need[@]}" > "$WORK/apt.log" ||
         { cat "$WORK/apt.log"; exit 1; }
 fi
 
@@ -86,6 +102,12 @@ done | awk '!seen[$0]++' | while read -r ko; do
 done
 INITRD=$WORK/initramfs.cpio.gz
 (cd "$IRD" && find . | cpio -o -H newc --quiet | gzip -1) > "$INITRD"
+echo "KERNEL=$KERNEL" > "$WORK/prepared"
+[ "$PHASE" = prepare ] && { step "prepared"; exit 0; }
+fi
+# shellcheck disable=SC1091
+. "$WORK/prepared" || { echo "run .ci/nested-svm.sh --prepare-only first" >&2; exit 2; }
+INITRD=$WORK/initramfs.cpio.gz
 
 step "test binaries"
 JSON=${NESTED_SVM_PREBUILT:-}
@@ -93,8 +115,11 @@ if [ -z "$JSON" ]; then
     JSON=$WORK/build.json
     targets=()
     for t in "${TESTS[@]}"; do targets+=(--test "$t"); done
-    for e in "${EXAMPLES[@]}"; do targets+=(--example "$e"); done
     cargo test --no-run --message-format=json "${targets[@]}" > "$JSON"
+    # Built as programs (`cargo test --example` would build a test harness).
+    for e in "${EXAMPLES[@]}"; do
+        cargo build --message-format=json --example "$e" >> "$JSON"
+    done
 fi
 # Copies, so that a later build in the same target dir (other features,
 # clippy, benches) cannot replace a binary while the guest runs it. The
@@ -113,6 +138,8 @@ for line in open(path):
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     kind, name = m["target"]["kind"][0], m["target"]["name"]
+    if kind == "example" and m["profile"]["test"]:
+        continue  # an example built as a test harness
     if (kind == "test" and name in tests) or (kind == "example" and name in examples):
         found[(kind, name)] = m["executable"]
 for kind, names in (("test", tests), ("example", examples)):
