@@ -21,9 +21,6 @@ export SNAPVM_REQUIRE_KVM=1
 # (type 9); real CPUs and KVM use a busy one (type 11). Without this switch
 # every CPL3 `out` (every hypercall) faults under TCG. Emulator only.
 export SNAPVM_TCG_AVAILABLE_TSS=1
-# Tests that assert on wall-clock time scale their limits by this factor
-# (tests/common/mod.rs, time_scale()).
-export SNAPVM_TEST_TIME_SCALE="${SNAPVM_TEST_TIME_SCALE:-50}"
 
 mkdir -p "$RESULTS/logs"
 echo "RUNNER $(uname -r) $(nproc) cpu(s)" >> "$RESULTS/progress"

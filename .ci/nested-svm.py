@@ -343,7 +343,7 @@ def main():
                     help="run only tests whose id contains this (repeatable)")
     ap.add_argument("--stage-start", type=float, default=time.time())
     ap.add_argument("--budget", type=float, default=45 * 60)
-    ap.add_argument("--test-limit", type=float, default=420)
+    ap.add_argument("--test-limit", type=float, default=300)
     ap.add_argument("--stall-limit", type=float, default=120)
     ap.add_argument("--boot-limit", type=float, default=360)
     ap.add_argument("--smp", type=int, default=1)

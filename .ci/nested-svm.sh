@@ -17,9 +17,8 @@
 #                         of a build already made (skip the build here)
 #   NESTED_SVM_WORK       work directory (default target/nested-svm)
 #   NESTED_SVM_BUDGET     seconds for the whole stage (default 2700 = 45 min)
-#   NESTED_SVM_TEST_LIMIT seconds one test may run before it is a hang (420)
+#   NESTED_SVM_TEST_LIMIT seconds one test may run before it is a hang (300)
 #   NESTED_SVM_SMP        guest vCPUs (default 1: QEMU then uses one core)
-#   SNAPVM_TEST_TIME_SCALE  factor for the tests' wall-clock limits (50)
 set -euo pipefail
 STAGE_START=$(date +%s.%N)
 cd "$(dirname "$0")/.."
@@ -162,6 +161,6 @@ exec python3 .ci/nested-svm.py \
     --plan "$WORK/plan" --skip .ci/nested-svm.skip \
     --stage-start "$STAGE_START" \
     --budget "${NESTED_SVM_BUDGET:-2700}" \
-    --test-limit "${NESTED_SVM_TEST_LIMIT:-420}" \
+    --test-limit "${NESTED_SVM_TEST_LIMIT:-300}" \
     --smp "${NESTED_SVM_SMP:-1}" \
     "$@"
