@@ -339,8 +339,10 @@ pub const LOG_LEVEL_SET: u64 = 0x100;
 /// and `Idle` hypercall (the points a VM is captured at and reset to), and
 /// around every `TxBegin` (the point a transaction is rewound to), the guest
 /// itself puts its x87/SSE/AVX state in the initial state (`xrstor` of an
-/// all-init area). A host rewinding such a guest to one of those points
-/// need not restore the vector state.
+/// all-init area, then `ldmxcsr` of the default 0x1F80). A host rewinding
+/// such a guest to one of those points need not restore the vector state.
+/// A guest that cannot use XSAVE leaves the flag clear and resets its x87
+/// and SSE state with `fxrstor` at the same points.
 pub const GUEST_FLAG_RESETS_VECTOR_STATE: u64 = 1;
 
 // Pin the ABI: a change to any of these values is a breaking ABI change.
