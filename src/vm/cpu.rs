@@ -171,6 +171,33 @@ pub(crate) struct CpuMismatch {
     pub(crate) missing: u32,
 }
 
+/// Reads every MSR of [`SAVED_MSRS`] this vCPU has. KVM_GET_MSRS stops at
+/// the first MSR it cannot read (which ones differ between hosts: TSC_AUX
+/// needs RDTSCP or RDPID, and some KVMs leave it out of
+/// `KVM_GET_MSR_INDEX_LIST` yet read it), so the one it stopped at is left
+/// out and the rest are read again.
+fn read_msrs(vcpu: &VcpuFd) -> Result<Vec<kvm_msr_entry>, VmError> {
+    let mut wanted: Vec<u32> = SAVED_MSRS.to_vec();
+    loop {
+        let entries: Vec<kvm_msr_entry> = wanted
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VmError::InvalidVcpuState {
+            reason: "MSR list too long",
+        })?;
+        let read = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        if read >= wanted.len() {
+            return Ok(msrs.as_slice().to_vec());
+        }
+        // Bounded: one MSR fewer every round.
+        wanted.remove(read);
+    }
+}
+
 fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     VmError::kvm(step)
 }
@@ -179,14 +206,7 @@ impl CpuState {
     /// Reads the state of a stopped vCPU.
     pub(crate) fn capture(vcpu: &mut VcpuFd) -> Result<Self, VmError> {
         flush_sync_regs(vcpu)?;
-        let mut msrs = Msrs::from_entries(&SAVED_MSRS.map(|index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        }))
-        .map_err(|_| VmError::InvalidVcpuState {
-            reason: "MSR list too long",
-        })?;
-        let read = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        let msrs = read_msrs(vcpu)?;
         let cpuid = vcpu
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_CPUID2"))?;
@@ -198,7 +218,7 @@ impl CpuState {
             xcrs: vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
             debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
             events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
-            msrs: msrs.as_slice()[..read].to_vec(),
+            msrs,
             cpuid: cpuid.as_slice().to_vec(),
         }
         .normalized())
@@ -244,7 +264,14 @@ impl CpuState {
         let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VmError::InvalidVcpuState {
             reason: "too many MSRs",
         })?;
-        vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        // KVM_SET_MSRS stops at the first MSR it refuses and returns how
+        // many it set: anything short of all of them is a failed restore.
+        let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if set != self.msrs.len() {
+            return Err(VmError::InvalidVcpuState {
+                reason: "KVM refused one of the saved MSRs",
+            });
+        }
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm("KVM_SET_DEBUGREGS"))?;
         vcpu.set_vcpu_events(&self.events)
@@ -414,5 +441,22 @@ mod tests {
             assert_eq!(format!("{:?}", lacking.check_compatible(host)), expected);
         }
         assert!(lacking.compatible.get().is_some());
+    }
+
+    #[test]
+    fn a_restore_fails_when_kvm_refuses_a_saved_msr() {
+        let Some(mut state) = state() else { return };
+        // Every MSR the capture could read goes back.
+        let mut machine = Machine::new(4 << 20, USER_BASE, STACK_TOP - 8).expect("vm");
+        state.apply(&mut machine.vcpu, None).expect("apply");
+        // One this KVM does not know (as from a host with other MSRs):
+        // KVM_SET_MSRS sets the ones before it and stops.
+        state.msrs.push(kvm_msr_entry {
+            index: 0x4000_00FF,
+            data: 1,
+            ..Default::default()
+        });
+        let err = state.apply(&mut machine.vcpu, None).unwrap_err();
+        assert!(matches!(err, VmError::InvalidVcpuState { .. }), "{err:?}");
     }
 }
