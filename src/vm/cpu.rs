@@ -161,14 +161,31 @@ impl UserCpu {
     }
 }
 
-/// A feature the snapshot's CPUID has and the host's lacks (the fields of
-/// `SnapshotError::CpuMismatch`).
+/// Why a snapshot's CPUID cannot run on a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct CpuMismatch {
-    pub(crate) leaf: u32,
-    pub(crate) index: u32,
-    pub(crate) register: &'static str,
-    pub(crate) missing: u32,
+pub(crate) enum CpuMismatch {
+    /// A feature the snapshot's CPUID has and the host's lacks (the fields
+    /// of `SnapshotError::CpuMismatch`).
+    Feature {
+        leaf: u32,
+        index: u32,
+        register: &'static str,
+        missing: u32,
+    },
+    /// The snapshot was taken on another CPU vendor (CPUID leaf 0):
+    /// `SnapshotError::CpuVendorMismatch`.
+    Vendor { snapshot: [u8; 12], host: [u8; 12] },
+}
+
+/// The vendor string of a CPUID table (leaf 0: EBX, EDX, ECX).
+fn vendor(entries: &[kvm_cpuid_entry2]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    if let Some(e) = entries.iter().find(|e| e.function == 0) {
+        out[..4].copy_from_slice(&e.ebx.to_le_bytes());
+        out[4..8].copy_from_slice(&e.edx.to_le_bytes());
+        out[8..].copy_from_slice(&e.ecx.to_le_bytes());
+    }
+    out
 }
 
 /// Reads every MSR of [`SAVED_MSRS`] this vCPU has. KVM_GET_MSRS stops at
@@ -333,6 +350,16 @@ impl CpuState {
         ];
         const NAMES: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
         let host = host.as_slice();
+        // Intel and AMD differ in what the same instructions do (`xrstor`,
+        // `syscall` outside 64-bit mode, MSRs, topology leaves): a guest
+        // that booted on one vendor is not moved to the other.
+        let (snapshot_vendor, host_vendor) = (vendor(&self.cpuid), vendor(host));
+        if snapshot_vendor != host_vendor {
+            return Err(CpuMismatch::Vendor {
+                snapshot: snapshot_vendor,
+                host: host_vendor,
+            });
+        }
         for (leaf, index, regs) in FEATURE_LEAVES {
             let find = |entries: &[kvm_cpuid_entry2]| {
                 entries
@@ -360,7 +387,7 @@ impl CpuState {
                 };
                 let missing = g & !h & mask;
                 if regs[i] && missing != 0 {
-                    return Err(CpuMismatch {
+                    return Err(CpuMismatch::Feature {
                         leaf,
                         index,
                         register: NAMES[i],
@@ -432,7 +459,13 @@ mod tests {
         leaf7.ebx |= bit;
         let copy = CpuId::from_entries(host.as_slice()).expect("copy");
         let expected = format!("{:?}", lacking.check_compatible(&copy));
-        assert!(expected.contains("CpuMismatch"), "{expected}");
+        assert!(
+            matches!(
+                lacking.check_compatible(&copy),
+                Err(CpuMismatch::Feature { leaf: 7, .. })
+            ),
+            "{expected}"
+        );
         assert!(
             lacking.compatible.get().is_none(),
             "only the host's is cached"
@@ -458,5 +491,31 @@ mod tests {
         });
         let err = state.apply(&mut machine.vcpu, None).unwrap_err();
         assert!(matches!(err, VmError::InvalidVcpuState { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_snapshot_from_another_cpu_vendor_is_refused() {
+        let Some(mut state) = state() else { return };
+        let host = Machine::effective_cpuid().expect("effective CPUID");
+        let leaf0 = state
+            .cpuid
+            .iter_mut()
+            .find(|e| e.function == 0)
+            .expect("leaf 0");
+        let theirs: &[u8; 12] = if vendor(host.as_slice()) == *b"GenuineIntel" {
+            b"AuthenticAMD"
+        } else {
+            b"GenuineIntel"
+        };
+        let word = |i: usize| u32::from_le_bytes(theirs[i..i + 4].try_into().expect("4 bytes"));
+        (leaf0.ebx, leaf0.edx, leaf0.ecx) = (word(0), word(4), word(8));
+        let state = state.normalized();
+        assert_eq!(
+            state.check_compatible(host),
+            Err(CpuMismatch::Vendor {
+                snapshot: *theirs,
+                host: vendor(host.as_slice()),
+            })
+        );
     }
 }
