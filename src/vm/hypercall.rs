@@ -180,20 +180,17 @@ impl VmInstance {
                 continue;
             };
             // A hypercall is one 32-bit `out`; anything else at the port (a
-            // narrow write, string I/O of several elements) is refused, and
-            // the vCPU stays marked as stopped mid-instruction.
-            if port == PORT_HYPERCALL {
-                if size != 4 {
-                    return Err(VmError::UnexpectedExit {
-                        exit: format!("{size}-byte write to the hypercall port"),
-                    });
-                }
-                // `exit_pending` stays set: on VT-x and AMD-V, RIP is still
-                // *at* the `out` and KVM advances it only when it completes
-                // the instruction on the next `KVM_RUN` (PVM advances it
-                // before the exit). Every capture of the vCPU and every
-                // rewind first completes it (`complete_pending_exit`), so a
-                // snapshot never holds a hypercall that runs again.
+            // narrow write, string I/O of several elements) is refused.
+            // Either way `exit_pending` stays set: on VT-x and AMD-V, RIP is
+            // still *at* the `out` and KVM advances it only when it
+            // completes the instruction on the next `KVM_RUN` (PVM advances
+            // it before the exit). Every capture of the vCPU and every
+            // rewind first completes it (`complete_pending_exit`), so a
+            // snapshot never holds a hypercall that runs again.
+            if port == PORT_HYPERCALL && size != 4 {
+                return Err(VmError::UnexpectedExit {
+                    exit: format!("{size}-byte write to the hypercall port"),
+                });
             }
             match port {
                 PORT_HYPERCALL => match Hypercall::from_u32(value) {
