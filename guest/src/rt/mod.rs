@@ -80,10 +80,10 @@ type TypedFn = alloc::boxed::Box<dyn Fn(&[u8]) -> Result<Vec<u8>, GuestError>>;
 impl GuestError {
     /// The code of the error a typed function returns when its input does
     /// not decode (see `Exports::export_typed`).
-    pub const BAD_INPUT: u32 = u32::MAX;
+    pub const BAD_INPUT: u32 = abi::ERROR_BAD_INPUT;
     /// The code of the error a typed function returns when its output
     /// does not encode.
-    pub const BAD_OUTPUT: u32 = u32::MAX - 1;
+    pub const BAD_OUTPUT: u32 = abi::ERROR_BAD_OUTPUT;
 }
 
 impl From<String> for GuestError {
