@@ -153,9 +153,10 @@ impl Exports {
     /// from, and its output encoded to, [postcard](https://docs.rs/postcard)
     /// — the host calls it with `VmInstance::call::<In, Out>`. An `Err`
     /// reaches the host as `VmError::GuestError` (code and message from
-    /// `E: Into<GuestError>`); an input that does not decode as `In` is a
-    /// `GuestError` with code [`GuestError::BAD_INPUT`]. The VM stays ready
-    /// either way.
+    /// `E: Into<GuestError>`); an input that does not decode as `In` is
+    /// sent with code [`GuestError::BAD_INPUT`] and reaches the host as
+    /// `VmError::InputRejected`, a bad request. The VM stays ready either
+    /// way.
     ///
     /// ```ignore
     /// #[derive(serde::Deserialize)]
