@@ -422,11 +422,19 @@ fn typed_calls_round_trip_and_fail_without_poisoning() {
         Err(VmError::GuestError { code: 422, message }) => assert_eq!(message, "total overflows"),
         other => panic!("unexpected {other:?}"),
     }
-    // An input the guest cannot decode.
+    // An input the guest cannot decode: a bad request, not the guest's
+    // own error, through every wrapper (`docs` of `ErrorKind`).
     match vm.call::<_, Total>("total", &7u8) {
-        Err(VmError::GuestError { code, .. }) => assert_eq!(code, u32::MAX),
+        Err(e @ VmError::InputRejected { .. }) => {
+            assert_eq!(e.kind(), snapvm::ErrorKind::BadRequest);
+            assert!(!e.poisons());
+        }
         other => panic!("unexpected {other:?}"),
     }
+    assert!(matches!(
+        vm.invoke("total", &[0xFF; 3]),
+        Err(VmError::InputRejected { .. })
+    ));
     // An output that is not what the host expects.
     assert!(matches!(
         vm.call::<_, String>("total", &order),

@@ -176,6 +176,15 @@ pub const STATUS_BAD_REQUEST: u64 = 2;
 /// undisturbed: the VM stays ready.
 pub const STATUS_GUEST_ERROR: u64 = 3;
 
+/// The error code (with [`STATUS_GUEST_ERROR`]) of a typed function whose
+/// input did not decode: the request was wrong and the function never ran.
+/// The host reports it as a bad request, not as the guest's own error.
+pub const ERROR_BAD_INPUT: u32 = u32::MAX;
+
+/// The error code (with [`STATUS_GUEST_ERROR`]) of a typed function whose
+/// output did not encode.
+pub const ERROR_BAD_OUTPUT: u32 = u32::MAX - 1;
+
 /// Host call status: the result was written to the guest's buffer.
 pub const HOST_CALL_OK: u64 = 0;
 /// Host call status: the result is `ret[1]` bytes, more than the buffer
@@ -339,8 +348,10 @@ pub const LOG_LEVEL_SET: u64 = 0x100;
 /// and `Idle` hypercall (the points a VM is captured at and reset to), and
 /// around every `TxBegin` (the point a transaction is rewound to), the guest
 /// itself puts its x87/SSE/AVX state in the initial state (`xrstor` of an
-/// all-init area). A host rewinding such a guest to one of those points
-/// need not restore the vector state.
+/// all-init area, then `ldmxcsr` of the default 0x1F80). A host rewinding
+/// such a guest to one of those points need not restore the vector state.
+/// A guest that cannot use XSAVE leaves the flag clear and resets its x87
+/// and SSE state with `fxrstor` at the same points.
 pub const GUEST_FLAG_RESETS_VECTOR_STATE: u64 = 1;
 
 // Pin the ABI: a change to any of these values is a breaking ABI change.
@@ -412,6 +423,7 @@ const _: () = {
     assert!(REQUEST_CALL == 1 && REQUEST_GROW_INPUT == 2);
     assert!(STATUS_OK == 0 && STATUS_OUT_OF_MEMORY == 1 && STATUS_BAD_REQUEST == 2);
     assert!(STATUS_GUEST_ERROR == 3);
+    assert!(ERROR_BAD_INPUT == u32::MAX && ERROR_BAD_OUTPUT == u32::MAX - 1);
     assert!(HOST_CALL_OK == 0 && HOST_CALL_TOO_SMALL == 1 && HOST_CALL_UNKNOWN == 2);
     assert!(HOST_CALL_FAILED == 3 && HOST_CALL_NO_RESULT == 4);
     assert!(PRESERVE_OK == 0 && PRESERVE_OUT_OF_RANGE == 1 && PRESERVE_TOO_LARGE == 2);

@@ -119,6 +119,18 @@ pub enum SnapshotError {
         /// Feature bits the snapshot has and this host lacks.
         missing: u32,
     },
+    /// The snapshot was taken on a CPU of another vendor (Intel and AMD):
+    /// a guest that booted on one is never moved to the other, because the
+    /// same instructions and MSRs behave differently there.
+    #[error(
+        "this host cannot run the snapshot: it was taken on a {snapshot} CPU, this host is {host}"
+    )]
+    CpuVendorMismatch {
+        /// The vendor string (CPUID leaf 0) the snapshot's guest saw.
+        snapshot: String,
+        /// This host's vendor string.
+        host: String,
+    },
     /// A diff snapshot was applied to a base it was not taken against.
     #[error("diff snapshot expects base {expected}, got {found}")]
     WrongBase {
@@ -181,6 +193,7 @@ impl SnapshotError {
             | Self::MemorySizeMismatch { .. }
             | Self::ProgramMismatch
             | Self::CpuMismatch { .. }
+            | Self::CpuVendorMismatch { .. }
             | Self::WrongBase { .. }
             | Self::BaseRequired { .. }
             | Self::NotTracking { .. }
@@ -199,11 +212,23 @@ impl SnapshotError {
 
 impl From<crate::vm::cpu::CpuMismatch> for SnapshotError {
     fn from(m: crate::vm::cpu::CpuMismatch) -> Self {
-        SnapshotError::CpuMismatch {
-            leaf: m.leaf,
-            index: m.index,
-            register: m.register,
-            missing: m.missing,
+        use crate::vm::cpu::CpuMismatch as M;
+        match m {
+            M::Feature {
+                leaf,
+                index,
+                register,
+                missing,
+            } => SnapshotError::CpuMismatch {
+                leaf,
+                index,
+                register,
+                missing,
+            },
+            M::Vendor { snapshot, host } => SnapshotError::CpuVendorMismatch {
+                snapshot: String::from_utf8_lossy(&snapshot).into_owned(),
+                host: String::from_utf8_lossy(&host).into_owned(),
+            },
         }
     }
 }

@@ -91,9 +91,9 @@ fn check_output(
         check_user_range(limits.memory_size, output_ptr, output_len).map_err(|e| bad("Done", e))?;
         let len = output_len.min(limits.message);
         let message = read_str(ram, output_ptr, len, len, true).map_err(|e| bad("Done", e))?;
-        return Err(VmError::GuestError {
-            code: code as u32,
-            message,
+        return Err(match code as u32 {
+            abi::ERROR_BAD_INPUT => VmError::InputRejected { message },
+            code => VmError::GuestError { code, message },
         });
     }
     if status != abi::STATUS_OK {

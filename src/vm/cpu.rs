@@ -161,14 +161,58 @@ impl UserCpu {
     }
 }
 
-/// A feature the snapshot's CPUID has and the host's lacks (the fields of
-/// `SnapshotError::CpuMismatch`).
+/// Why a snapshot's CPUID cannot run on a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct CpuMismatch {
-    pub(crate) leaf: u32,
-    pub(crate) index: u32,
-    pub(crate) register: &'static str,
-    pub(crate) missing: u32,
+pub(crate) enum CpuMismatch {
+    /// A feature the snapshot's CPUID has and the host's lacks (the fields
+    /// of `SnapshotError::CpuMismatch`).
+    Feature {
+        leaf: u32,
+        index: u32,
+        register: &'static str,
+        missing: u32,
+    },
+    /// The snapshot was taken on another CPU vendor (CPUID leaf 0):
+    /// `SnapshotError::CpuVendorMismatch`.
+    Vendor { snapshot: [u8; 12], host: [u8; 12] },
+}
+
+/// The vendor string of a CPUID table (leaf 0: EBX, EDX, ECX).
+fn vendor(entries: &[kvm_cpuid_entry2]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    if let Some(e) = entries.iter().find(|e| e.function == 0) {
+        out[..4].copy_from_slice(&e.ebx.to_le_bytes());
+        out[4..8].copy_from_slice(&e.edx.to_le_bytes());
+        out[8..].copy_from_slice(&e.ecx.to_le_bytes());
+    }
+    out
+}
+
+/// Reads every MSR of [`SAVED_MSRS`] this vCPU has. KVM_GET_MSRS stops at
+/// the first MSR it cannot read (which ones differ between hosts: TSC_AUX
+/// needs RDTSCP or RDPID, and some KVMs leave it out of
+/// `KVM_GET_MSR_INDEX_LIST` yet read it), so the one it stopped at is left
+/// out and the rest are read again.
+fn read_msrs(vcpu: &VcpuFd) -> Result<Vec<kvm_msr_entry>, VmError> {
+    let mut wanted: Vec<u32> = SAVED_MSRS.to_vec();
+    loop {
+        let entries: Vec<kvm_msr_entry> = wanted
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VmError::InvalidVcpuState {
+            reason: "MSR list too long",
+        })?;
+        let read = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        if read >= wanted.len() {
+            return Ok(msrs.as_slice().to_vec());
+        }
+        // Bounded: one MSR fewer every round.
+        wanted.remove(read);
+    }
 }
 
 fn kvm(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -179,14 +223,7 @@ impl CpuState {
     /// Reads the state of a stopped vCPU.
     pub(crate) fn capture(vcpu: &mut VcpuFd) -> Result<Self, VmError> {
         flush_sync_regs(vcpu)?;
-        let mut msrs = Msrs::from_entries(&SAVED_MSRS.map(|index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        }))
-        .map_err(|_| VmError::InvalidVcpuState {
-            reason: "MSR list too long",
-        })?;
-        let read = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        let msrs = read_msrs(vcpu)?;
         let cpuid = vcpu
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_CPUID2"))?;
@@ -198,7 +235,7 @@ impl CpuState {
             xcrs: vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
             debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
             events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
-            msrs: msrs.as_slice()[..read].to_vec(),
+            msrs,
             cpuid: cpuid.as_slice().to_vec(),
         }
         .normalized())
@@ -244,7 +281,14 @@ impl CpuState {
         let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VmError::InvalidVcpuState {
             reason: "too many MSRs",
         })?;
-        vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        // KVM_SET_MSRS stops at the first MSR it refuses and returns how
+        // many it set: anything short of all of them is a failed restore.
+        let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if set != self.msrs.len() {
+            return Err(VmError::InvalidVcpuState {
+                reason: "KVM refused one of the saved MSRs",
+            });
+        }
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm("KVM_SET_DEBUGREGS"))?;
         vcpu.set_vcpu_events(&self.events)
@@ -306,6 +350,16 @@ impl CpuState {
         ];
         const NAMES: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
         let host = host.as_slice();
+        // Intel and AMD differ in what the same instructions do (`xrstor`,
+        // `syscall` outside 64-bit mode, MSRs, topology leaves): a guest
+        // that booted on one vendor is not moved to the other.
+        let (snapshot_vendor, host_vendor) = (vendor(&self.cpuid), vendor(host));
+        if snapshot_vendor != host_vendor {
+            return Err(CpuMismatch::Vendor {
+                snapshot: snapshot_vendor,
+                host: host_vendor,
+            });
+        }
         for (leaf, index, regs) in FEATURE_LEAVES {
             let find = |entries: &[kvm_cpuid_entry2]| {
                 entries
@@ -333,7 +387,7 @@ impl CpuState {
                 };
                 let missing = g & !h & mask;
                 if regs[i] && missing != 0 {
-                    return Err(CpuMismatch {
+                    return Err(CpuMismatch::Feature {
                         leaf,
                         index,
                         register: NAMES[i],
@@ -405,7 +459,13 @@ mod tests {
         leaf7.ebx |= bit;
         let copy = CpuId::from_entries(host.as_slice()).expect("copy");
         let expected = format!("{:?}", lacking.check_compatible(&copy));
-        assert!(expected.contains("CpuMismatch"), "{expected}");
+        assert!(
+            matches!(
+                lacking.check_compatible(&copy),
+                Err(CpuMismatch::Feature { leaf: 7, .. })
+            ),
+            "{expected}"
+        );
         assert!(
             lacking.compatible.get().is_none(),
             "only the host's is cached"
@@ -414,5 +474,48 @@ mod tests {
             assert_eq!(format!("{:?}", lacking.check_compatible(host)), expected);
         }
         assert!(lacking.compatible.get().is_some());
+    }
+
+    #[test]
+    fn a_restore_fails_when_kvm_refuses_a_saved_msr() {
+        let Some(mut state) = state() else { return };
+        // Every MSR the capture could read goes back.
+        let mut machine = Machine::new(4 << 20, USER_BASE, STACK_TOP - 8).expect("vm");
+        state.apply(&mut machine.vcpu, None).expect("apply");
+        // One this KVM does not know (as from a host with other MSRs):
+        // KVM_SET_MSRS sets the ones before it and stops.
+        state.msrs.push(kvm_msr_entry {
+            index: 0x4000_00FF,
+            data: 1,
+            ..Default::default()
+        });
+        let err = state.apply(&mut machine.vcpu, None).unwrap_err();
+        assert!(matches!(err, VmError::InvalidVcpuState { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_snapshot_from_another_cpu_vendor_is_refused() {
+        let Some(mut state) = state() else { return };
+        let host = Machine::effective_cpuid().expect("effective CPUID");
+        let leaf0 = state
+            .cpuid
+            .iter_mut()
+            .find(|e| e.function == 0)
+            .expect("leaf 0");
+        let theirs: &[u8; 12] = if vendor(host.as_slice()) == *b"GenuineIntel" {
+            b"AuthenticAMD"
+        } else {
+            b"GenuineIntel"
+        };
+        let word = |i: usize| u32::from_le_bytes(theirs[i..i + 4].try_into().expect("4 bytes"));
+        (leaf0.ebx, leaf0.edx, leaf0.ecx) = (word(0), word(4), word(8));
+        let state = state.normalized();
+        assert_eq!(
+            state.check_compatible(host),
+            Err(CpuMismatch::Vendor {
+                snapshot: *theirs,
+                host: vendor(host.as_slice()),
+            })
+        );
     }
 }

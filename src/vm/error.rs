@@ -402,6 +402,15 @@ pub enum VmError {
         /// The encoder's message.
         reason: String,
     },
+    /// The guest could not decode the input of a typed function
+    /// (`snapvm_guest::Exports::export_typed`; error code
+    /// [`abi::ERROR_BAD_INPUT`](crate::abi::ERROR_BAD_INPUT)): the request
+    /// was wrong and the function never ran. The instance stays ready.
+    #[error("the guest could not decode the input: {message}")]
+    InputRejected {
+        /// The guest's decoder message (truncated to `VmConfig::max_message`).
+        message: String,
+    },
     /// The output of a typed call (`VmInstance::call`) does not decode as
     /// the type asked for. The call finished; the instance stays ready.
     #[error("the output of a typed call does not decode: {reason}")]
@@ -571,6 +580,7 @@ impl VmError {
             | Self::InvalidGuest(_)
             | Self::UnknownFunction { .. }
             | Self::GuestError { .. }
+            | Self::InputRejected { .. }
             | Self::Encode { .. }
             | Self::Decode { .. }
             | Self::InputTooLarge { .. }
@@ -607,6 +617,7 @@ impl VmError {
             | Self::OutputBufferTooSmall { .. }
             | Self::MemoryOutOfRange { .. }
             | Self::Encode { .. }
+            | Self::InputRejected { .. }
             | Self::Decode { .. } => K::BadRequest,
             Self::Poisoned { .. } => K::Poisoned,
             Self::InvalidConfig { .. }

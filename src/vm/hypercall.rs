@@ -180,19 +180,17 @@ impl VmInstance {
                 continue;
             };
             // A hypercall is one 32-bit `out`; anything else at the port (a
-            // narrow write, string I/O of several elements) is refused, and
-            // the vCPU stays marked as stopped mid-instruction.
-            if port == PORT_HYPERCALL {
-                if size != 4 {
-                    return Err(VmError::UnexpectedExit {
-                        exit: format!("{size}-byte write to the hypercall port"),
-                    });
-                }
-                // A complete 4-byte `out`: KVM has nothing left to finish
-                // (a string `outs` of one element is completed before the
-                // exit, and a `rep outs` resumes by executing again, from
-                // wherever a rewind puts RIP). `tests/hostile.rs` checks both.
-                self.exit_pending = false;
+            // narrow write, string I/O of several elements) is refused.
+            // Either way `exit_pending` stays set: on VT-x and AMD-V, RIP is
+            // still *at* the `out` and KVM advances it only when it
+            // completes the instruction on the next `KVM_RUN` (PVM advances
+            // it before the exit). Every capture of the vCPU and every
+            // rewind first completes it (`complete_pending_exit`), so a
+            // snapshot never holds a hypercall that runs again.
+            if port == PORT_HYPERCALL && size != 4 {
+                return Err(VmError::UnexpectedExit {
+                    exit: format!("{size}-byte write to the hypercall port"),
+                });
             }
             match port {
                 PORT_HYPERCALL => match Hypercall::from_u32(value) {
@@ -239,11 +237,14 @@ impl VmInstance {
     }
 
     /// Brings the vCPU out of any instruction it stopped in the middle of
-    /// (a port read, string I/O, MMIO): KVM would otherwise complete it on
-    /// the next `KVM_RUN`, *after* registers were rewound, and resume the
+    /// (the hypercall `out` itself on VT-x and AMD-V, a port read, string
+    /// I/O, MMIO): KVM would otherwise complete it on the next `KVM_RUN`,
+    /// *after* registers were captured or rewound, so a snapshot would hold
+    /// RIP at a hypercall that runs again, and a rewind would resume the
     /// previous request's code. A `KVM_RUN` with `immediate_exit` set
-    /// completes what is pending without entering the guest; what it
-    /// completes is overwritten by the rewind that follows.
+    /// completes what is pending without entering the guest (KVM finishes
+    /// pending I/O before it looks at `immediate_exit`). A no-op when the
+    /// vCPU has run nothing since the last completion or restore.
     pub(crate) fn complete_pending_exit(&mut self) -> Result<(), VmError> {
         if !self.exit_pending {
             return Ok(());

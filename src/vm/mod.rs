@@ -185,8 +185,10 @@ pub struct VmInstance {
     limits: GuestLimits,
     /// Guest log bytes passed on during the current call.
     log_used: u64,
-    /// The vCPU stopped in an exit that is not a complete hypercall (it may
-    /// be in the middle of an instruction KVM completes on the next run).
+    /// The vCPU has run since its state was last completed or set: it may
+    /// be in the middle of an instruction KVM completes on the next run
+    /// (on VT-x and AMD-V every hypercall `out` is; see
+    /// `complete_pending_exit`).
     exit_pending: bool,
     /// Shared with this VM's [`InterruptHandle`]s.
     interrupt: std::sync::Arc<interrupt::Shared>,

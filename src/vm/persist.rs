@@ -110,6 +110,8 @@ impl VmInstance {
                 cause: self.poison_cause.to_string(),
             });
         }
+        // RIP must be past the hypercall the vCPU stopped at.
+        self.complete_pending_exit()?;
         CpuState::capture(&mut self.machine.vcpu)
     }
 

@@ -139,6 +139,8 @@ impl VmInstance {
                     len: e.len,
                 })?;
         }
+        // RIP past the `TxBegin` hypercall, or a rewind would issue it again.
+        self.complete_pending_exit()?;
         let cpu = UserCpu::capture(&mut self.machine.vcpu, !self.guest_resets_cpu)?;
         Ok(Checkpoint {
             cpu,

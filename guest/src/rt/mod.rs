@@ -80,10 +80,10 @@ type TypedFn = alloc::boxed::Box<dyn Fn(&[u8]) -> Result<Vec<u8>, GuestError>>;
 impl GuestError {
     /// The code of the error a typed function returns when its input does
     /// not decode (see `Exports::export_typed`).
-    pub const BAD_INPUT: u32 = u32::MAX;
+    pub const BAD_INPUT: u32 = abi::ERROR_BAD_INPUT;
     /// The code of the error a typed function returns when its output
     /// does not encode.
-    pub const BAD_OUTPUT: u32 = u32::MAX - 1;
+    pub const BAD_OUTPUT: u32 = abi::ERROR_BAD_OUTPUT;
 }
 
 impl From<String> for GuestError {
@@ -153,9 +153,10 @@ impl Exports {
     /// from, and its output encoded to, [postcard](https://docs.rs/postcard)
     /// — the host calls it with `VmInstance::call::<In, Out>`. An `Err`
     /// reaches the host as `VmError::GuestError` (code and message from
-    /// `E: Into<GuestError>`); an input that does not decode as `In` is a
-    /// `GuestError` with code [`GuestError::BAD_INPUT`]. The VM stays ready
-    /// either way.
+    /// `E: Into<GuestError>`); an input that does not decode as `In` is
+    /// sent with code [`GuestError::BAD_INPUT`] and reaches the host as
+    /// `VmError::InputRejected`, a bad request. The VM stays ready either
+    /// way.
     ///
     /// ```ignore
     /// #[derive(serde::Deserialize)]
@@ -274,14 +275,20 @@ pub(crate) fn hypercall(nr: Hypercall) {
     }
 }
 
-/// An XSAVE area whose header marks every component as in its initial
-/// state; `xrstor` from it resets x87, SSE, AVX and AVX-512 state (MXCSR is
-/// taken from the legacy area: its default, 0x1F80).
+/// The initial vector state, as an XSAVE area whose header marks every
+/// component as in its initial state, and whose legacy region is the
+/// initial FXSAVE image (FCW 0x37F, every x87 register empty, MXCSR
+/// 0x1F80, XMM registers zero). `xrstor` from it resets x87, SSE, AVX and
+/// AVX-512 state (it ignores the legacy region for components marked
+/// initial); `fxrstor` from it resets x87 and SSE state.
 #[repr(C, align(64))]
 struct InitialXsave([u8; 576]);
 
 static INITIAL_XSAVE: InitialXsave = InitialXsave({
     let mut area = [0u8; 576];
+    let fcw = 0x37Fu16.to_le_bytes();
+    area[0] = fcw[0];
+    area[1] = fcw[1];
     let mxcsr = 0x1F80u32.to_le_bytes();
     area[24] = mxcsr[0];
     area[25] = mxcsr[1];
@@ -300,10 +307,15 @@ fn has_xsave() -> bool {
 /// host rewinds the VM to this point it restores only the general
 /// registers, and this code, running first, restores the rest. It runs
 /// before the exit too, so a snapshot taken here holds the same state.
+///
+/// MXCSR is loaded explicitly after `xrstor` as well, so the promise (see
+/// [`hypercall_stop`]) does not rest on how a CPU's `xrstor` treats MXCSR
+/// when the header marks the SSE state initial.
 #[inline(always)]
 fn hypercall_resetting(nr: Hypercall) {
     // SAFETY: `xrstor` reads the aligned, read-only INITIAL_XSAVE area and
-    // puts every enabled vector component in its initial state (declared by
+    // puts every enabled vector component in its initial state, and
+    // `ldmxcsr` reads the valid default MXCSR at offset 24 of it (declared by
     // `clobber_abi`: the x87, XMM/YMM/ZMM and mask registers are all
     // caller-saved in the System V ABI); `out` exits to the host as in
     // `hypercall`.
@@ -312,12 +324,43 @@ fn hypercall_resetting(nr: Hypercall) {
             "xor ecx, ecx",
             "xgetbv",
             "xrstor [rdi]",
+            "ldmxcsr [rdi + 24]",
             "mov eax, esi",
             "mov edx, {port}",
             "out dx, eax",
             "xor ecx, ecx",
             "xgetbv",
             "xrstor [rdi]",
+            "ldmxcsr [rdi + 24]",
+            port = const abi::PORT_HYPERCALL,
+            in("rdi") &INITIAL_XSAVE,
+            in("esi") nr as u32,
+            clobber_abi("sysv64"),
+            options(nostack)
+        );
+    }
+}
+
+/// A `Ready`, `Done`, `Idle` or `TxBegin` hypercall on a CPU that does not
+/// let this guest use XSAVE: `fxrstor` puts the x87 and SSE state (MXCSR
+/// included) in its initial state before and after the exit. The host
+/// still restores the vector state on a reset (the guest does not set
+/// [`abi::GUEST_FLAG_RESETS_VECTOR_STATE`]: AVX state, if the CPU runs it
+/// anyway, is not covered).
+#[inline(always)]
+fn hypercall_fx_resetting(nr: Hypercall) {
+    // SAFETY: `fxrstor` reads the first 512 bytes of the 64-byte aligned,
+    // read-only INITIAL_XSAVE area, a valid FXSAVE image (MXCSR 0x1F80 has
+    // no reserved bit set); CR4.OSFXSR is set by the host. The x87 and XMM
+    // registers it overwrites are caller-saved (`clobber_abi`); `out` exits
+    // to the host as in `hypercall`.
+    unsafe {
+        core::arch::asm!(
+            "fxrstor [rdi]",
+            "mov eax, esi",
+            "mov edx, {port}",
+            "out dx, eax",
+            "fxrstor [rdi]",
             port = const abi::PORT_HYPERCALL,
             in("rdi") &INITIAL_XSAVE,
             in("esi") nr as u32,
@@ -332,12 +375,17 @@ fn hypercall_resetting(nr: Hypercall) {
 pub(crate) static RESETS: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
 
-/// Issues `Ready`/`Done`/`TxBegin`, resetting CPU state around it when the CPU has XSAVE.
+/// Issues `Ready`/`Done`/`Idle`/`TxBegin` with the vector state reset
+/// around it. The promise, the same on Intel and AMD and under every
+/// restore policy: each guest function starts with the x87 and SSE state
+/// initial (FCW 0x37F, MXCSR 0x1F80, x87 and XMM registers clear),
+/// whatever the previous call left; with `resets` (the CPU lets the guest
+/// use XSAVE: every VT-x and AMD-V host) AVX and AVX-512 state too.
 pub(crate) fn hypercall_stop(nr: Hypercall, resets: bool) {
     if resets {
         hypercall_resetting(nr);
     } else {
-        hypercall(nr);
+        hypercall_fx_resetting(nr);
     }
 }
 

@@ -141,28 +141,39 @@ fn bump(_: &[u8]) -> Vec<u8> {
 /// zero. A reset must undo all of it.
 fn dirty_cpu_state(_: &[u8]) -> Vec<u8> {
     let mxcsr: u32 = 0x7F80;
+    let fcw: u16 = 0x027F;
     // SAFETY: loading the flat user data selector into DS/ES is allowed at
-    // CPL3 and 64-bit code does not use their bases; the MXCSR value is valid.
+    // CPL3 and 64-bit code does not use their bases; the MXCSR and x87
+    // control word values are valid (all exceptions masked).
     unsafe {
         asm!("mov eax, 0x1b", "mov ds, ax", "mov es, ax", out("eax") _);
         asm!("ldmxcsr [{}]", in(reg) &mxcsr);
+        asm!("fldcw [{}]", in(reg) &fcw);
     }
     Vec::new()
 }
 
-/// Reports DS, ES and MXCSR as the function finds them.
+/// Reports DS, ES, MXCSR and the x87 control word as the function finds
+/// them.
 fn read_cpu_state(_: &[u8]) -> Vec<u8> {
     let (ds, es): (u16, u16);
     let mut mxcsr = 0u32;
+    let mut fcw = 0u16;
     // SAFETY: reads of registers permitted at CPL3.
     unsafe {
         asm!("mov {0:x}, ds", "mov {1:x}, es", out(reg) ds, out(reg) es);
         asm!("stmxcsr [{}]", in(reg) &mut mxcsr);
+        asm!("fnstcw [{}]", in(reg) &mut fcw);
     }
-    [u64::from(ds), u64::from(es), u64::from(mxcsr)]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect()
+    [
+        u64::from(ds),
+        u64::from(es),
+        u64::from(mxcsr),
+        u64::from(fcw),
+    ]
+    .iter()
+    .flat_map(|v| v.to_le_bytes())
+    .collect()
 }
 
 /// Leaks as many KiB as the first input byte says (default 1).
