@@ -294,6 +294,16 @@ class Driver:
     def summary(self, items, skipped):
         total = time.time() - self.a.stage_start
         out = ["", "== nested-svm summary (QEMU TCG, -cpu max, kvm_amd npt=1)"]
+        bad = [it for it in items if it.status != "passed"]
+        for it in bad:
+            out.append(f"-- {it.status}: {it.id} ({it.detail})")
+            out += ["   " + l for l in self.excerpt(it)]
+        for it in items:
+            if it.status == "passed" and it.hangs:
+                out.append(f"note: {it.id} passed on retry after a hang ({it.hangs[0]})")
+        if skipped:
+            out.append(f"skipped ({len(skipped)}, .ci/nested-svm.skip):")
+            out += [f"  {k}: {v}" for k, v in skipped]
         for i, (secs, how) in enumerate(self.boots):
             b = "did not boot" if secs is None else f"booted in {fmt_secs(secs)}"
             out.append(f"boot {i}: {b}; ended: {how}")
@@ -303,23 +313,11 @@ class Driver:
         for b, its in by_bin.items():
             c = collections.Counter(it.status for it in its)
             secs = sum(it.secs for it in its)
-            extra = "".join(
-                f", {c[s]} {s}" for s in ("hang", "not-run") if c[s]
-            )
+            extra = "".join(f", {c[s]} {s}" for s in ("hang", "not-run") if c[s])
             out.append(
                 f"{b}: {c['passed']} passed, {c['failed']} failed{extra}"
                 f" ({len(its)} run, {fmt_secs(secs)})"
             )
-        for it in items:
-            if it.status == "passed" and it.hangs:
-                out.append(f"note: {it.id} passed on retry after a hang ({it.hangs[0]})")
-        if skipped:
-            out.append(f"skipped ({len(skipped)}, .ci/nested-svm.skip):")
-            out += [f"  {k}: {v}" for k, v in skipped]
-        bad = [it for it in items if it.status != "passed"]
-        for it in bad:
-            out.append(f"-- {it.status}: {it.id} ({it.detail})")
-            out += ["   " + l for l in self.excerpt(it)]
         passed = sum(it.status == "passed" for it in items)
         out.append(f"stage time: {fmt_secs(total)} (budget {fmt_secs(self.a.budget)})")
         out.append(f"nested-svm: {passed} passed, {len(items) - passed} failed")

@@ -18,6 +18,8 @@
 #   NESTED_SVM_WORK       work directory (default target/nested-svm)
 #   NESTED_SVM_BUDGET     seconds for the whole stage (default 2700 = 45 min)
 #   NESTED_SVM_TEST_LIMIT seconds one test may run before it is a hang (300)
+#   NESTED_SVM_STALL_LIMIT seconds without a guest heartbeat before the guest
+#                         counts as stalled (120)
 #   NESTED_SVM_SMP        guest vCPUs (default 1: QEMU then uses one core)
 set -euo pipefail
 STAGE_START=$(date +%s.%N)
@@ -153,7 +155,7 @@ EOF
 step "run"
 RESULTS=$WORK/results
 rm -rf "$RESULTS" && mkdir -p "$RESULTS"
-rm -f "$WORK"/console-*.log
+rm -f "$WORK"/console-*.log "$WORK/summary.txt"
 exec python3 .ci/nested-svm.py \
     --work "$WORK" --results "$RESULTS" \
     --kernel "$KERNEL" --initrd "$INITRD" \
@@ -162,5 +164,6 @@ exec python3 .ci/nested-svm.py \
     --stage-start "$STAGE_START" \
     --budget "${NESTED_SVM_BUDGET:-2700}" \
     --test-limit "${NESTED_SVM_TEST_LIMIT:-300}" \
+    --stall-limit "${NESTED_SVM_STALL_LIMIT:-120}" \
     --smp "${NESTED_SVM_SMP:-1}" \
     "$@"
