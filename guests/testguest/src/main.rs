@@ -47,6 +47,13 @@ fn init(exports: &mut Exports) {
             Vec::new()
         })
         .export("preserve_bad", preserve_bad)
+        .export("stash", stash)
+        .export("unstash", |_| {
+            let len = STASH_LEN.load(Ordering::Relaxed) as usize;
+            // SAFETY: only this guest's single thread touches STASH, and
+            // never while this reference lives.
+            unsafe { (&(*core::ptr::addr_of!(STASH.0)))[..len.min(4096)].to_vec() }
+        })
         .export("scribble", scribble)
         .export("disk_write", |input| {
             let ok = snapvm_guest::disk::write(0, input).is_ok();
@@ -126,6 +133,27 @@ static REGION_LEN: AtomicU64 = AtomicU64::new(0);
 static TOKEN: AtomicU64 = AtomicU64::new(0);
 static RESTORES: AtomicU64 = AtomicU64::new(0);
 static PRESERVED_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A page a request preserves mid-call (`stash`).
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+static mut STASH: Page = Page([0; 4096]);
+static STASH_LEN: AtomicU64 = AtomicU64::new(0);
+
+/// What a hostile guest under `Always` would try: preserve a page in the
+/// middle of a request and copy the request's input into it, hoping the
+/// next request finds it. Returns the preserve result (0 = kept).
+fn stash(input: &[u8]) -> Vec<u8> {
+    let len = input.len().min(4096);
+    // SAFETY: only this guest's single thread touches STASH, and no other
+    // reference to it is alive here.
+    unsafe { (&mut (*core::ptr::addr_of_mut!(STASH.0)))[..len].copy_from_slice(&input[..len]) };
+    STASH_LEN.store(len as u64, Ordering::Relaxed);
+    // SAFETY: as above; the reference only names the region's address.
+    let kept = snapvm_guest::preserve(unsafe { &*core::ptr::addr_of!(STASH) });
+    let len_kept = snapvm_guest::preserve(&STASH_LEN);
+    vec![u8::from(kept.is_err() || len_kept.is_err())]
+}
 
 /// Increments the preserved counter and the ordinary one; returns both.
 fn bump(_: &[u8]) -> Vec<u8> {
