@@ -255,6 +255,10 @@ impl VmInstance {
             self.machine.cpuid = Some(cpu.cpuid.clone());
         }
         self.install_guest(guest)?;
+        // Nothing of a call's host-side state outlives the rewind (a
+        // transaction the guest left open, a pending host result).
+        self.tx.new_call();
+        self.pending_host_result = None;
         self.write_preserved(preserved)?;
         self.profiles.origin = Some(source.id());
         if self.base != Some(source.id()) {
