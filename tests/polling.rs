@@ -425,3 +425,33 @@ fn host_functions_see_the_polled_call() {
         assert_eq!(hot.invoke("echo", b"y").unwrap(), b"y");
     }
 }
+
+/// A guest that answers its call and then keeps calling a host function
+/// (every call an exit, none a stop) is stopped like one that spins: the
+/// promise is 50 ms past its window; checked with 250 ms of tolerance for
+/// a loaded machine.
+#[test]
+fn a_guest_looping_on_host_calls_after_its_answer_is_stopped() {
+    require_kvm!();
+    let _serial = serial();
+    let (config, ready) = setup();
+    // The host function takes most of the time: a stop signal that lands
+    // while it runs must not be lost.
+    let config = config.host_function("noop", |_| {
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(Vec::new())
+    });
+    let mut vm = polling_from(&config, ready, Never, Duration::from_millis(1));
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(vm.invoke("poll_host_loop", b"").expect("answers"), b"");
+    let waited = Instant::now();
+    while vm.is_hot() && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = waited.elapsed();
+    assert!(!vm.is_hot(), "still running after {took:?}");
+    assert!(took < Duration::from_millis(300), "stopped after {took:?}");
+    // It overran: the next call runs on a reset VM.
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(vm.resets(), 1);
+}

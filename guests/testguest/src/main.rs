@@ -88,6 +88,7 @@ fn init(exports: &mut Exports) {
         .export("infinite_loop", infinite_loop)
         .export("poll_spin_forever", poll_spin_forever)
         .export("poll_forge_result", poll_forge_result)
+        .export("poll_host_loop", poll_host_loop)
         .export("stray_idle", |_| {
             raw_hypercall(Hypercall::Idle as u32, &[]);
             b"resumed".to_vec()
@@ -430,6 +431,24 @@ fn poll_forge_result(_: &[u8]) -> Vec<u8> {
     }
     loop {
         core::hint::spin_loop();
+    }
+}
+
+/// Polling mode, hostile: publishes an empty result for the call it
+/// serves, then calls the host function `noop` forever (every call an
+/// exit, none of them a stop).
+fn poll_host_loop(_: &[u8]) -> Vec<u8> {
+    let page = abi::ABI_PAGE_ADDR as *mut AbiPage;
+    // SAFETY: the ABI page is mapped read/write at CPL3.
+    unsafe {
+        core::ptr::addr_of_mut!((*page).output_ptr).write_volatile(abi::USER_BASE);
+        core::ptr::addr_of_mut!((*page).output_len).write_volatile(0);
+        core::ptr::addr_of_mut!((*page).status).write_volatile(abi::STATUS_OK);
+        let seq = core::ptr::addr_of!((*page).poll_seq).read_volatile();
+        core::ptr::addr_of_mut!((*page).poll_done).write_volatile(seq);
+    }
+    loop {
+        let _ = snapvm_guest::host::call("noop", b"");
     }
 }
 
