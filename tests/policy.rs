@@ -145,13 +145,54 @@ fn guest_reported_garbage_drives_the_policy() {
 #[test]
 fn a_preserved_counter_survives_1000_resets() {
     require_kvm!();
-    let mut vm = managed(&config(), Always);
+    let mut vm = managed(&config(), Always.keeping_preserved());
     for i in 1..=1000u64 {
         // Preserved counter keeps counting; the ordinary one restarts.
         assert_eq!(words(&vm.invoke("bump", b"").unwrap()), [i, 1]);
     }
     assert_eq!(vm.resets(), 1000);
     assert_eq!(vm.vm().preserved_regions().len(), 1);
+    // Under other policies preserved regions are kept without asking.
+    let mut every2 = managed(&config(), EveryN(2));
+    let seen: Vec<Vec<u64>> = (0..4)
+        .map(|_| words(&every2.invoke("bump", b"").unwrap()))
+        .collect();
+    assert_eq!(seen, [[1, 1], [2, 2], [3, 1], [4, 2]]);
+}
+
+/// Under `Always` nothing a request wrote reaches the next request, not
+/// even through a region the guest preserved (at init or in the middle of
+/// a request) — unless the host declared it with `keeping_preserved`.
+#[test]
+fn always_lets_no_preserved_bytes_cross_requests_unless_declared() {
+    require_kvm!();
+    let config = config();
+    let secret = b"request A's input: card 4111 1111 1111 1111";
+    for policy in [
+        Box::new(Always) as Box<dyn RestorePolicy>,
+        Box::new(Always.or(Never)),
+        Box::new(OnError.or(Always)),
+    ] {
+        let mut vm = managed(&config, policy);
+        assert_eq!(
+            vm.invoke("stash", secret).unwrap(),
+            [0],
+            "preserve accepted"
+        );
+        assert_eq!(vm.invoke("unstash", b"").unwrap(), b"", "request B");
+        // The counter preserved at init restarts too.
+        assert_eq!(words(&vm.invoke("bump", b"").unwrap()), [1, 1]);
+        assert_eq!(words(&vm.invoke("bump", b"").unwrap()), [1, 1]);
+        assert_eq!(vm.vm().preserved_regions().len(), 1);
+    }
+    // Declared: the bytes cross, as asked.
+    let mut declared = managed(&config, Always.keeping_preserved());
+    assert_eq!(declared.invoke("stash", secret).unwrap(), [0]);
+    assert_eq!(declared.invoke("unstash", b"").unwrap(), secret);
+    // A pool of `Always` VMs isolates the same way.
+    let pool = ReadyPool::new(&config, ready(&config), 1, || Always).unwrap();
+    assert_eq!(pool.get().unwrap().invoke("stash", secret).unwrap(), [0]);
+    assert_eq!(pool.get().unwrap().invoke("unstash", b"").unwrap(), b"");
 }
 
 #[test]

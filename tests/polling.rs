@@ -354,3 +354,104 @@ fn stray_idle_and_done_hypercalls_end_no_call() {
     assert_eq!(vm.resets(), 0);
     assert!(vm.is_hot());
 }
+
+/// Call bookkeeping runs for polled calls as for calls through exits: a
+/// transaction per call works on every polled call, after an ordinary call
+/// that used one, and a call that leaves its transaction open fails
+/// (`NotEnded`) and leaves nothing behind for the next request.
+#[test]
+fn every_polled_call_starts_with_fresh_transaction_state() {
+    require_kvm!();
+    let _serial = serial();
+    let config = common::config("txguest")
+        .dirty_tracking(true)
+        .timeout(Some(Duration::from_secs(2)));
+    let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let vm = VmInstance::restore(&config, &ready).unwrap();
+    let mut managed = ManagedVm::new(vm, ready.clone(), Never).unwrap();
+    // An ordinary call with a transaction first.
+    assert_eq!(managed.invoke("one_tx", b"").unwrap(), b"committed");
+    let mut hot = PollingVm::new(
+        managed,
+        PollConfig::new().window(Duration::from_millis(500)),
+    )
+    .expect("polling");
+    for i in 0..4 {
+        assert_eq!(hot.invoke("one_tx", b"").unwrap(), b"committed", "call {i}");
+    }
+    assert!(hot.is_hot());
+
+    let mut always = polling_from(&config, ready, Always, Duration::from_millis(500));
+    assert_eq!(always.invoke("one_tx", b"").unwrap(), b"committed");
+    match always.invoke("unbalanced", b"").map_err(vm_error) {
+        Err(VmError::Transaction(snapvm::TxFault::NotEnded)) => {}
+        other => panic!("a transaction left open must fail, got {other:?}"),
+    }
+    for i in 0..3 {
+        assert_eq!(
+            always.invoke("one_tx", b"").unwrap(),
+            b"committed",
+            "request {i}"
+        );
+    }
+}
+
+/// A host function serving a polled call sees that call: its function
+/// name and its deadline (the VM has a timeout).
+#[test]
+fn host_functions_see_the_polled_call() {
+    require_kvm!();
+    let _serial = serial();
+    let config = common::config("testguest")
+        .dirty_tracking(true)
+        .timeout(Some(Duration::from_secs(2)))
+        .host_function_with_caller("whoami", |caller, _| {
+            Ok(format!("{}/{}", caller.function(), caller.deadline().is_some()).into_bytes())
+        });
+    let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let vm = VmInstance::restore(&config, &ready).unwrap();
+    let mut managed = ManagedVm::new(vm, ready, Never).unwrap();
+    assert_eq!(managed.invoke("echo", b"x").unwrap(), b"x");
+    let mut hot = PollingVm::new(
+        managed,
+        PollConfig::new().window(Duration::from_millis(500)),
+    )
+    .expect("polling");
+    for _ in 0..3 {
+        assert_eq!(
+            hot.invoke("host_call", b"whoami\n").unwrap(),
+            b"ok:host_call/true"
+        );
+        assert_eq!(hot.invoke("echo", b"y").unwrap(), b"y");
+    }
+}
+
+/// A guest that answers its call and then keeps calling a host function
+/// (every call an exit, none a stop) is stopped like one that spins: the
+/// promise is 50 ms past its window; checked with 250 ms of tolerance for
+/// a loaded machine.
+#[test]
+fn a_guest_looping_on_host_calls_after_its_answer_is_stopped() {
+    require_kvm!();
+    let _serial = serial();
+    let (config, ready) = setup();
+    // The host function takes most of the time: a stop signal that lands
+    // while it runs must not be lost.
+    let config = config.host_function("noop", |_| {
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(Vec::new())
+    });
+    let mut vm = polling_from(&config, ready, Never, Duration::from_millis(1));
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(vm.invoke("poll_host_loop", b"").expect("answers"), b"");
+    let waited = Instant::now();
+    while vm.is_hot() && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = waited.elapsed();
+    assert!(!vm.is_hot(), "still running after {took:?}");
+    assert!(took < Duration::from_millis(300), "stopped after {took:?}");
+    // It overran: the next call runs on a reset VM.
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(vm.resets(), 1);
+}

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snapvm::policy::{
-    Always, Committed, ManagedVm, NoTimeout, RetryPolicy, ReturnedOk, SuccessCriteria, Transaction,
-    TxError, Verdict,
+    Always, Committed, ManagedVm, NoTimeout, RestorePolicy, RetryPolicy, ReturnedOk,
+    SuccessCriteria, Transaction, TxError, Verdict,
 };
 use snapvm::{Snapshot, TxEnd, TxFault, VmConfig, VmError, VmInstance, VmState};
 
@@ -317,8 +317,12 @@ fn works_in_a_managed_vm_with_preserved_regions() {
     require_kvm!();
     let config = config();
     let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
-    let mut vm = ManagedVm::new(VmInstance::restore(&config, &ready).unwrap(), ready, Always)
-        .expect("managed");
+    let mut vm = ManagedVm::new(
+        VmInstance::restore(&config, &ready).unwrap(),
+        ready,
+        Always.keeping_preserved(),
+    )
+    .expect("managed");
     let tx = Transaction::new().retry(quick(5));
     for round in 1..=3u64 {
         let done = vm

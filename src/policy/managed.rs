@@ -61,7 +61,7 @@ impl<P: RestorePolicy> Ledger<P> {
 
     /// Rewinds `vm` to the ready snapshot and starts counting again.
     pub(super) fn reset(&mut self, vm: &mut VmInstance) -> Result<(), SnapshotError> {
-        vm.restore_in_place(&self.ready)?;
+        vm.reset_to(&self.ready, self.policy.keeps_preserved())?;
         self.needs_reset = false;
         self.since_reset = 0;
         self.resets += 1;

@@ -130,6 +130,26 @@ pub trait RestorePolicy: Send + Sync {
         true
     }
 
+    /// Whether the regions the guest preserved (`snapvm_guest::preserve`)
+    /// keep their bytes across this policy's resets. The default, `true`,
+    /// is what preservation is for (state that outlives garbage-collecting
+    /// resets). [`Always`] answers `false`: a request's bytes never reach
+    /// the next request, not even through a preserved region the guest
+    /// chose; wrap it in [`KeepPreserved`] (`Always.keeping_preserved()`)
+    /// to declare that preserved bytes may cross requests.
+    fn keeps_preserved(&self) -> bool {
+        true
+    }
+
+    /// This policy with preserved regions kept across its resets (see
+    /// [`Self::keeps_preserved`]).
+    fn keeping_preserved(self) -> KeepPreserved<Self>
+    where
+        Self: Sized,
+    {
+        KeepPreserved(self)
+    }
+
     /// Resets when either policy says so.
     fn or<P: RestorePolicy>(self, other: P) -> Any<Self, P>
     where
@@ -164,6 +184,10 @@ impl RestorePolicy for Box<dyn RestorePolicy> {
     fn reads_dirty_pages(&self) -> bool {
         (**self).reads_dirty_pages()
     }
+
+    fn keeps_preserved(&self) -> bool {
+        (**self).keeps_preserved()
+    }
 }
 
 fn reset_if(condition: bool) -> Decision {
@@ -174,7 +198,9 @@ fn reset_if(condition: bool) -> Decision {
     }
 }
 
-/// Reset after every call: single-request isolation.
+/// Reset after every call: single-request isolation. Preserved regions
+/// are reset too (nothing a request wrote reaches the next one) unless
+/// declared with [`RestorePolicy::keeping_preserved`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Always;
 
@@ -185,6 +211,30 @@ impl RestorePolicy for Always {
 
     fn reads_dirty_pages(&self) -> bool {
         false
+    }
+
+    fn keeps_preserved(&self) -> bool {
+        false
+    }
+}
+
+/// `P`, with the guest's preserved regions kept across its resets: the
+/// declaration that preserved bytes may cross from one request to the
+/// next (see [`RestorePolicy::keeps_preserved`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeepPreserved<P>(pub P);
+
+impl<P: RestorePolicy> RestorePolicy for KeepPreserved<P> {
+    fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
+        self.0.decide(stats)
+    }
+
+    fn reads_dirty_pages(&self) -> bool {
+        self.0.reads_dirty_pages()
+    }
+
+    fn keeps_preserved(&self) -> bool {
+        true
     }
 }
 
@@ -270,6 +320,12 @@ impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for Any<A, B> {
     fn reads_dirty_pages(&self) -> bool {
         self.0.reads_dirty_pages() || self.1.reads_dirty_pages()
     }
+
+    /// Kept only if both keep them: resetting whenever either does, this
+    /// isolates requests as much as the stricter of the two.
+    fn keeps_preserved(&self) -> bool {
+        self.0.keeps_preserved() && self.1.keeps_preserved()
+    }
 }
 
 /// Resets only when both policies say so (see [`all`]).
@@ -283,6 +339,12 @@ impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for All<A, B> {
 
     fn reads_dirty_pages(&self) -> bool {
         self.0.reads_dirty_pages() || self.1.reads_dirty_pages()
+    }
+
+    /// Kept if either keeps them: resetting only when both do, this
+    /// isolates requests no more than the looser of the two.
+    fn keeps_preserved(&self) -> bool {
+        self.0.keeps_preserved() || self.1.keeps_preserved()
     }
 }
 

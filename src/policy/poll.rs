@@ -267,7 +267,8 @@ impl<P: RestorePolicy> PollingVm<P> {
         }
         let holder = &mut self.holder;
         let seq = holder.next_seq();
-        holder.worker.begin_call();
+        let deadline = holder.view.timeout().map(|t| start + t);
+        holder.worker.begin_call(seq, index, deadline);
         if let Err(e) = holder.view.post_call(index, input, holder.window, seq) {
             holder.worker.end_call();
             return Err(e.into());
@@ -279,7 +280,6 @@ impl<P: RestorePolicy> PollingVm<P> {
             holder.note_inputs(&mut vm);
             holder.worker.dispatch(vm);
         }
-        let deadline = holder.view.timeout().map(|t| start + t);
         let waited = holder.worker.wait(&holder.view, seq, deadline);
         holder.worker.end_call();
         let (result, broken) = match waited {
@@ -287,7 +287,13 @@ impl<P: RestorePolicy> PollingVm<P> {
                 let read = holder.view.read_result();
                 holder.last_heap = read.heap_used;
                 holder.last_garbage = read.garbage;
-                match read.output {
+                // A call that ends with its transaction open fails as it
+                // does at `Done` on the exit path.
+                let output = match holder.worker.transaction_left_open(seq) {
+                    true => Err(VmError::Transaction(crate::vm::TxFault::NotEnded)),
+                    false => read.output,
+                };
+                match output {
                     Ok(out) => {
                         holder.polled += 1;
                         (Ok(out), false)

@@ -346,6 +346,16 @@ impl VmInstance {
     /// reset are forgotten only after all of them were rewound, so a
     /// retried restore rewinds them all.
     pub fn restore_in_place(&mut self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+        self.reset_to(snapshot, true)
+    }
+
+    /// [`Self::restore_in_place`], keeping the guest's preserved regions
+    /// only with `keep_preserved` (a policy reset under `Always` does not).
+    pub(crate) fn reset_to(
+        &mut self,
+        snapshot: &Snapshot,
+        keep_preserved: bool,
+    ) -> Result<(), SnapshotError> {
         if snapshot.memory_size() != self.memory_size() {
             return Err(SnapshotError::MemorySizeMismatch {
                 snapshot: snapshot.memory_size(),
@@ -368,7 +378,12 @@ impl VmInstance {
         // reset now; the rewound guest gets one for each connection the
         // snapshot had open (see `docs/networking.md`).
         self.reset_connections_to(&snapshot.inner.connections);
-        self.rewind(snapshot, &snapshot.inner.cpu, &snapshot.inner.guest)
+        self.rewind(
+            snapshot,
+            &snapshot.inner.cpu,
+            &snapshot.inner.guest,
+            keep_preserved,
+        )
     }
 }
 

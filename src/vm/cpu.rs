@@ -62,12 +62,13 @@ fn set_registers(
     if sync_regs {
         let shared = vcpu.sync_regs_mut();
         shared.regs = *regs;
-        shared.sregs = *sregs;
+        shared.sregs = Machine::host_sregs(sregs);
         vcpu.set_sync_dirty_reg(SyncReg::Register);
         vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
         Ok(())
     } else {
-        vcpu.set_sregs(sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        vcpu.set_sregs(&Machine::host_sregs(sregs))
+            .map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_regs(regs).map_err(kvm("KVM_SET_REGS"))
     }
 }
@@ -151,7 +152,8 @@ impl UserCpu {
         }
         if anywhere {
             clear_sync_regs(vcpu);
-            vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+            vcpu.set_sregs(&Machine::host_sregs(&self.sregs))
+                .map_err(kvm("KVM_SET_SREGS"))?;
             vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
             return vcpu
                 .set_vcpu_events(&self.events)
@@ -272,7 +274,8 @@ impl CpuState {
                 })?;
             vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
         }
-        vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        vcpu.set_sregs(&Machine::host_sregs(&self.sregs))
+            .map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
         // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy structure, which is
         // exactly what KVM_SET_XSAVE reads.

@@ -647,3 +647,187 @@ impl VmError {
         move |source| Self::Kvm { step, source }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind as K;
+
+    /// One value of every variant. The `match` in `listed` is exhaustive,
+    /// so a new variant fails to compile until it is added here too.
+    fn every_variant() -> Vec<VmError> {
+        let io = || std::io::Error::other("x");
+        let all = vec![
+            VmError::KvmUnavailable {
+                path: "/dev/kvm".into(),
+                source: io(),
+                hint: "",
+            },
+            VmError::Kvm {
+                step: "KVM_RUN",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            },
+            VmError::MapMemory {
+                size: 1,
+                source: io(),
+            },
+            VmError::Entropy(io()),
+            VmError::NetworkDevice {
+                tap: "tap0".into(),
+                source: io(),
+            },
+            VmError::VcpuThread(io()),
+            VmError::Timer(io()),
+            VmError::InvalidConfig {
+                field: "f",
+                reason: String::new(),
+            },
+            VmError::InvalidGuest(InvalidGuest::Read {
+                path: "g".into(),
+                source: io(),
+            }),
+            VmError::AbiMismatch { guest: 2, host: 1 },
+            VmError::Poisoned {
+                cause: String::new(),
+            },
+            VmError::UnknownFunction {
+                name: String::new(),
+            },
+            VmError::GuestPanic {
+                message: String::new(),
+                location: None,
+            },
+            VmError::GuestError {
+                code: 1,
+                message: String::new(),
+            },
+            VmError::GuestOutOfMemory {
+                requested: 1,
+                heap_used: 1,
+            },
+            VmError::GuestAbort {
+                message: String::new(),
+            },
+            VmError::GuestFault(GuestFault {
+                vector: 13,
+                error_code: 0,
+                rip: 0,
+                addr: None,
+            }),
+            VmError::Shutdown,
+            VmError::Timeout {
+                limit: Duration::from_secs(1),
+                clock: super::super::TimeoutClock::Wall,
+            },
+            VmError::PollWindowOverrun {
+                grace: Duration::from_millis(50),
+            },
+            VmError::BadHypercall {
+                hypercall: "Done",
+                reason: HypercallFault::BadStatus(9),
+            },
+            VmError::UnknownHypercall { nr: 99 },
+            VmError::UnexpectedExit {
+                exit: String::new(),
+            },
+            VmError::InputTooLarge { len: 1 },
+            VmError::OutputTooLarge { len: 2, limit: 1 },
+            VmError::MemoryOutOfRange { addr: 0, len: 1 },
+            VmError::OutputBufferTooSmall {
+                needed: 2,
+                capacity: 1,
+            },
+            VmError::Cancelled,
+            VmError::MemoryUnavailable {
+                page: 0,
+                source: std::sync::Arc::new(io()),
+            },
+            VmError::Encode {
+                reason: String::new(),
+            },
+            VmError::InputRejected {
+                message: String::new(),
+            },
+            VmError::Decode {
+                reason: String::new(),
+            },
+            VmError::HostFunctionPanic {
+                name: String::new(),
+                message: String::new(),
+            },
+            VmError::InvalidVcpuState { reason: "" },
+            VmError::InvalidGuestState { reason: "" },
+            VmError::VcpuStuck {
+                exit: String::new(),
+            },
+            VmError::Transaction(TxFault::NotEnded),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for e in &all {
+            seen.insert(listed(e));
+        }
+        assert_eq!(seen.len(), all.len(), "one value per variant");
+        all
+    }
+
+    fn listed(e: &VmError) -> std::mem::Discriminant<VmError> {
+        match e {
+            VmError::KvmUnavailable { .. }
+            | VmError::Kvm { .. }
+            | VmError::MapMemory { .. }
+            | VmError::Entropy(_)
+            | VmError::NetworkDevice { .. }
+            | VmError::VcpuThread(_)
+            | VmError::Timer(_)
+            | VmError::InvalidConfig { .. }
+            | VmError::InvalidGuest(_)
+            | VmError::AbiMismatch { .. }
+            | VmError::Poisoned { .. }
+            | VmError::UnknownFunction { .. }
+            | VmError::GuestPanic { .. }
+            | VmError::GuestError { .. }
+            | VmError::GuestOutOfMemory { .. }
+            | VmError::GuestAbort { .. }
+            | VmError::GuestFault(_)
+            | VmError::Shutdown
+            | VmError::Timeout { .. }
+            | VmError::PollWindowOverrun { .. }
+            | VmError::BadHypercall { .. }
+            | VmError::UnknownHypercall { .. }
+            | VmError::UnexpectedExit { .. }
+            | VmError::InputTooLarge { .. }
+            | VmError::OutputTooLarge { .. }
+            | VmError::MemoryOutOfRange { .. }
+            | VmError::OutputBufferTooSmall { .. }
+            | VmError::Cancelled
+            | VmError::MemoryUnavailable { .. }
+            | VmError::Encode { .. }
+            | VmError::InputRejected { .. }
+            | VmError::Decode { .. }
+            | VmError::HostFunctionPanic { .. }
+            | VmError::InvalidVcpuState { .. }
+            | VmError::InvalidGuestState { .. }
+            | VmError::VcpuStuck { .. }
+            | VmError::Transaction(_) => std::mem::discriminant(e),
+        }
+    }
+
+    /// `kind()` and `poisons()` tell one story: the kinds whose docs say
+    /// the VM is poisoned come from errors that poison, the kinds that say
+    /// it is ready from errors that do not.
+    #[test]
+    fn kind_and_poisons_agree_for_every_variant() {
+        for e in every_variant() {
+            match e.kind() {
+                K::GuestCrash | K::Timeout | K::Cancelled | K::Poisoned => {
+                    assert!(e.poisons(), "{e:?} is {:?} but does not poison", e.kind())
+                }
+                K::GuestError | K::BadRequest => {
+                    assert!(!e.poisons(), "{e:?} is {:?} but poisons", e.kind())
+                }
+                // Invalid input or a host failure: either, as it happened.
+                _ => {}
+            }
+        }
+    }
+}

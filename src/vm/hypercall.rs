@@ -95,6 +95,26 @@ impl Deadline {
     }
 }
 
+/// A call the polling caller posted: what its bookkeeping needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PolledCall {
+    pub(crate) seq: u64,
+    pub(crate) index: u64,
+    pub(crate) deadline: Option<Instant>,
+}
+
+/// What a polling run asks its owner (the vCPU thread).
+pub(crate) trait PollHooks {
+    /// The timer stopped the vCPU: park it or go on?
+    fn watch(&mut self) -> Watch;
+    /// The call posted last, if any.
+    fn posted(&self) -> Option<PolledCall>;
+    /// After each hypercall served: `Some(seq)` while polled call `seq`
+    /// has a transaction open, `None` otherwise (the caller checks it when
+    /// the call's result arrives, as the exit path checks it at `Done`).
+    fn transaction_open(&self, seq: Option<u64>);
+}
+
 /// What a polling run's watcher decides when the timer stops the vCPU.
 pub(crate) enum Watch {
     /// Stop the run: the VM is parked (see [`Stop::Parked`]).
@@ -129,23 +149,38 @@ impl VmInstance {
     /// whether to go on; [`Watch::Park`] ends the run with [`Stop::Parked`].
     /// Ends with [`Stop::Idle`] (or [`Stop::Done`]) when the guest stops by
     /// itself.
+    ///
+    /// Calls arrive without an exit, so their bookkeeping
+    /// ([`VmInstance::begin_call`], the same as for calls through exits)
+    /// runs at the first hypercall the guest makes in a call it has not
+    /// seen yet: before that the guest has touched no host-side state.
     pub(crate) fn run_polling(
         &mut self,
         check: Duration,
-        watch: &mut dyn FnMut() -> Watch,
+        hooks: &mut dyn PollHooks,
     ) -> Result<Stop, VmError> {
         self.dirty_fresh = false;
-        self.log_used = 0;
         let _armed = timer::Armed::new(check).map_err(VmError::Timer)?;
         let _running = self.interrupt.enter()?;
-        self.run_loop(None, None, Some(watch))
+        self.run_loop(None, None, Some(hooks))
+    }
+
+    /// Runs the bookkeeping of the call `hooks` posted last if this VM has
+    /// not yet (see [`Self::run_polling`]).
+    fn sync_polled_call(&mut self, hooks: &dyn PollHooks) {
+        if let Some(call) = hooks.posted() {
+            if call.seq != self.polled_seq {
+                self.polled_seq = call.seq;
+                self.begin_call(call.index, call.deadline);
+            }
+        }
     }
 
     fn run_loop(
         &mut self,
         mut deadline: Option<Deadline>,
         mut call_data: CallData<'_>,
-        mut watch: Option<&mut dyn FnMut() -> Watch>,
+        mut hooks: Option<&mut dyn PollHooks>,
     ) -> Result<Stop, VmError> {
         loop {
             self.check_memory()?;
@@ -163,8 +198,8 @@ impl VmInstance {
                 if self.interrupt.requested() {
                     return Err(VmError::Cancelled);
                 }
-                if let Some(watch) = watch.as_mut() {
-                    match watch() {
+                if let Some(hooks) = hooks.as_mut() {
+                    match hooks.watch() {
                         Watch::Park => return Ok(Stop::Parked),
                         Watch::Again(after) => timer::arm(after).map_err(VmError::Timer)?,
                     }
@@ -192,6 +227,16 @@ impl VmInstance {
                     exit: format!("{size}-byte write to the hypercall port"),
                 });
             }
+            if let Some(hooks) = hooks.as_mut() {
+                self.sync_polled_call(&**hooks);
+                // A guest that exits often (a host function in a loop) is
+                // rarely inside KVM_RUN when the timer's signal arrives,
+                // and a signal that lands in between is lost: ask at every
+                // hypercall too, so an overrun is caught on time anyway.
+                if matches!(hooks.watch(), Watch::Park) {
+                    return Ok(Stop::Parked);
+                }
+            }
             match port {
                 PORT_HYPERCALL => match Hypercall::from_u32(value) {
                     Some(Hypercall::Ready) => return Ok(Stop::Ready),
@@ -199,7 +244,7 @@ impl VmInstance {
                     // Polling: the guest's window ended. Outside a polling
                     // run (a guest stopped mid-spin, then given a call the
                     // ordinary way) it resumes and serves the request.
-                    Some(Hypercall::Idle) if watch.is_some() => return Ok(Stop::Idle),
+                    Some(Hypercall::Idle) if hooks.is_some() => return Ok(Stop::Idle),
                     Some(Hypercall::Idle) => {}
                     Some(Hypercall::Log) => self.hypercall_log()?,
                     Some(Hypercall::HostCall) => {
@@ -232,6 +277,9 @@ impl VmInstance {
                         exit: format!("write to I/O port {port:#x}"),
                     })
                 }
+            }
+            if let Some(hooks) = hooks.as_deref() {
+                hooks.transaction_open(self.transaction_open().then_some(self.polled_seq));
             }
         }
     }
@@ -388,7 +436,7 @@ impl VmInstance {
             let mut caller = HostCaller {
                 function: current_function_name(&self.functions, self.current_function),
                 generation: self.generation,
-                deadline: deadline.as_ref().map(|d| d.at),
+                deadline: deadline.as_ref().map(|d| d.at).or(self.call_deadline),
                 data: self.data.as_deref_mut(),
                 call_data,
             };

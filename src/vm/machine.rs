@@ -5,8 +5,8 @@
 use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    kvm_xcrs, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -295,6 +295,17 @@ impl Machine {
     /// [`HostKvm::sync_regs`]).
     pub(crate) fn sync_regs_supported() -> bool {
         host().is_ok_and(|h| h.sync_regs)
+    }
+
+    /// `sregs` as this host's vCPUs must get them: TR with the type this
+    /// host loads (see [`TCG_TSS_SWITCH`]). KVM on AMD-V reads TR back as
+    /// busy whatever was set, so a snapshot holds a busy TSS; under the
+    /// emulator switch it must become available again on every restore.
+    /// On any other host this is the busy type the state already has.
+    pub(crate) fn host_sregs(sregs: &kvm_sregs) -> kvm_sregs {
+        let mut sregs = *sregs;
+        sregs.tr.type_ = host().map_or(TR_BUSY_TSS, |h| h.tr_type);
+        sregs
     }
 
     /// The CPUID a vCPU on this host actually presents after being given

@@ -194,6 +194,12 @@ pub struct VmInstance {
     interrupt: std::sync::Arc<interrupt::Shared>,
     /// Index of the function being called (for log fields); `None` in init.
     current_function: Option<u64>,
+    /// The deadline of a polled call (the caller enforces it; host
+    /// functions see it). Calls through exits carry theirs in the run loop.
+    call_deadline: Option<std::time::Instant>,
+    /// The request number of the polled call whose bookkeeping is current
+    /// (see `run_polling`).
+    polled_seq: u64,
     /// Guest profiles: where they go, and the code identity they are keyed by.
     profiles: profile::Profiles,
     /// The network device, if the config has one.
@@ -325,6 +331,8 @@ impl VmInstance {
             exit_pending: false,
             interrupt: std::sync::Arc::default(),
             current_function: None,
+            call_deadline: None,
+            polled_seq: 0,
             profiles: profile::Profiles::new(config.profiles.clone()),
             data: None,
             net: None,
@@ -524,7 +532,6 @@ impl VmInstance {
             .ok_or_else(|| VmError::UnknownFunction {
                 name: name.to_string(),
             })?;
-        self.current_function = Some(index);
         // Poisoned until the call provably finished: a host panic unwinding
         // out of here leaves no instance that claims to be ready.
         self.state = VmState::Poisoned;
@@ -555,9 +562,7 @@ impl VmInstance {
         input: &[u8],
         mut call_data: CallData<'_>,
     ) -> Result<(u64, u64), VmError> {
-        self.pending_host_result = None;
-        self.log_used = 0;
-        self.tx.new_call();
+        self.begin_call(index, None);
         // Not polling: the guest answers every request with `Done` (see
         // `poll.rs`).
         self.write_words(field(offset_of!(AbiPage, poll_window)), &[0])?;
@@ -576,6 +581,24 @@ impl VmInstance {
         )?;
         self.write_words(field(offset_of!(AbiPage, log_level)), &[guest_log_level()])?;
         self.finish_call(call_data)
+    }
+
+    /// The bookkeeping every call starts with, whichever way it reaches
+    /// the guest: through an exit (`call_inner`) or posted to a polling
+    /// guest (`run_polling` runs it at the call's first hypercall). Nothing
+    /// of the previous call's host-side state — its transaction, its
+    /// pending host result, its log budget, its name — reaches this one.
+    pub(crate) fn begin_call(&mut self, index: u64, deadline: Option<std::time::Instant>) {
+        self.pending_host_result = None;
+        self.log_used = 0;
+        self.tx.new_call();
+        self.current_function = Some(index);
+        self.call_deadline = deadline;
+    }
+
+    /// Whether the call being served opened a transaction it has not ended.
+    pub(crate) fn transaction_open(&self) -> bool {
+        self.tx.phase == tx::Phase::Open
     }
 
     /// Runs a started call (or a rewound transaction attempt) to `Done` and

@@ -198,7 +198,9 @@ impl VmInstance {
 
     /// Rewinds this VM in place to saved state: memory from `source` (only
     /// the pages written since, when they are tracked against it), the vCPU
-    /// to `cpu`, the guest to `guest`, keeping the preserved regions.
+    /// to `cpu`, the guest to `guest`, keeping the preserved regions'
+    /// bytes when `keep_preserved` (otherwise they are rewound like all
+    /// memory).
     ///
     /// Failure-atomic: the VM is poisoned from the start until everything
     /// finished; written pages are forgotten only after all of them were
@@ -208,9 +210,13 @@ impl VmInstance {
         source: &S,
         cpu: &CpuState,
         guest: &GuestState,
+        keep_preserved: bool,
     ) -> Result<(), S::Error> {
         // Bytes the guest asked to keep, read before memory is rewound.
-        let preserved = self.read_preserved()?;
+        let preserved = match keep_preserved {
+            true => self.read_preserved()?,
+            false => Vec::new(),
+        };
         let was_ready = self.state == VmState::Ready;
         self.begin_replace("a restore did not finish");
         // A vCPU stopped in the middle of an instruction would finish it on
@@ -249,6 +255,10 @@ impl VmInstance {
             self.machine.cpuid = Some(cpu.cpuid.clone());
         }
         self.install_guest(guest)?;
+        // Nothing of a call's host-side state outlives the rewind (a
+        // transaction the guest left open, a pending host result).
+        self.tx.new_call();
+        self.pending_host_result = None;
         self.write_preserved(preserved)?;
         self.profiles.origin = Some(source.id());
         if self.base != Some(source.id()) {

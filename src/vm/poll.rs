@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use super::abi_page::{self, bad, field, ResultLimits};
 use super::error::{HypercallFault, VmError};
-use super::hypercall::Watch;
+use super::hypercall::{PollHooks, PolledCall, Watch};
 use super::memory::GuestRam;
+use super::userfault::MemoryFault;
 use super::{InterruptHandle, Stop, TimeoutClock, VmInstance, VmState};
 use crate::abi::{self, AbiPage};
 
@@ -86,6 +87,9 @@ pub(crate) struct HotView {
     limits: ResultLimits,
     timeout: Option<Duration>,
     interrupt: InterruptHandle,
+    /// Set when memory filled on demand could not be filled: a result read
+    /// while it is set may come from a stand-in page and is refused.
+    memory_fault: Option<Arc<MemoryFault>>,
 }
 
 /// A finished call as a polling caller reads it.
@@ -117,6 +121,7 @@ impl HotView {
         self.input_buf = vm.input_buf;
         self.input_cap = vm.input_cap;
         self.ram = Arc::clone(&vm.machine.ram);
+        self.memory_fault = vm.memory_fault.clone();
     }
 
     fn store(&self, name: usize, value: u64, order: Ordering) -> Result<(), VmError> {
@@ -186,11 +191,19 @@ impl HotView {
                 }
             }
         };
-        let output = report.output.and_then(|(ptr, len)| {
-            self.ram
-                .read_vec(ptr, len)
-                .map_err(|e| bad("Done", e.into()))
-        });
+        let output = report
+            .output
+            .and_then(|(ptr, len)| {
+                self.ram
+                    .read_vec(ptr, len)
+                    .map_err(|e| bad("Done", e.into()))
+            })
+            // As after `Done`: nothing computed from a stand-in for memory
+            // that could not be filled leaves the VM.
+            .and_then(|output| match &self.memory_fault {
+                Some(fault) => fault.check().map(|()| output),
+                None => Ok(output),
+            });
         HotResult {
             output,
             heap_used: report.heap_used,
@@ -210,6 +223,7 @@ impl VmInstance {
             limits: self.result_limits(),
             timeout: self.timeout,
             interrupt: self.interrupt_handle(),
+            memory_fault: self.memory_fault.clone(),
         }
     }
 
@@ -269,6 +283,50 @@ struct Shared {
     epoch: Instant,
     /// How long after the last call the thread stops a guest that spins on.
     park_after: Duration,
+    /// The call posted last ([`PolledCall`]): its request number (0: none
+    /// yet), function index and deadline (nanoseconds since `epoch`,
+    /// `u64::MAX` for none). The number is written last and read first
+    /// and last, so a reader never mixes two calls.
+    call_seq: AtomicU64,
+    call_index: AtomicU64,
+    call_deadline_ns: AtomicU64,
+    /// The request number whose transaction the guest left open, 0 for
+    /// none (published by the vCPU thread after each hypercall).
+    tx_open_seq: AtomicU64,
+}
+
+/// The vCPU thread's answers to a polling run (see [`PollHooks`]).
+struct Hooks<'a>(&'a Shared);
+
+impl PollHooks for Hooks<'_> {
+    fn watch(&mut self) -> Watch {
+        self.0.watch()
+    }
+
+    fn posted(&self) -> Option<PolledCall> {
+        let shared = self.0;
+        loop {
+            let seq = shared.call_seq.load(Ordering::SeqCst);
+            if seq == 0 {
+                return None;
+            }
+            let index = shared.call_index.load(Ordering::SeqCst);
+            let deadline_ns = shared.call_deadline_ns.load(Ordering::SeqCst);
+            if shared.call_seq.load(Ordering::SeqCst) == seq {
+                let deadline = (deadline_ns != u64::MAX)
+                    .then(|| shared.epoch + Duration::from_nanos(deadline_ns));
+                return Some(PolledCall {
+                    seq,
+                    index,
+                    deadline,
+                });
+            }
+        }
+    }
+
+    fn transaction_open(&self, seq: Option<u64>) {
+        self.0.tx_open_seq.store(seq.unwrap_or(0), Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -324,6 +382,10 @@ impl PollWorker {
             last_ns: AtomicU64::new(0),
             epoch: Instant::now(),
             park_after: window.saturating_add(PARK_GRACE),
+            call_seq: AtomicU64::new(0),
+            call_index: AtomicU64::new(0),
+            call_deadline_ns: AtomicU64::new(u64::MAX),
+            tx_open_seq: AtomicU64::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("snapvm-vcpu".into())
@@ -353,9 +415,30 @@ impl PollWorker {
         self.shared.stopped.store(true, Ordering::SeqCst);
     }
 
-    /// Marks a call as posted (before the request is written).
-    pub(crate) fn begin_call(&self) {
-        self.shared.busy.store(true, Ordering::SeqCst);
+    /// Marks call `seq` of function `index` as posted (before the request
+    /// is written): the vCPU thread runs the call's bookkeeping from this
+    /// when the guest first makes a hypercall in it.
+    pub(crate) fn begin_call(&self, seq: u64, index: u64, deadline: Option<Instant>) {
+        let shared = &self.shared;
+        shared.busy.store(true, Ordering::SeqCst);
+        let deadline_ns = deadline.map_or(u64::MAX, |d| {
+            u64::try_from(d.saturating_duration_since(shared.epoch).as_nanos())
+                .unwrap_or(u64::MAX - 1)
+        });
+        // Invalidate first, so a reader never pairs the new fields with
+        // the previous number.
+        shared.call_seq.store(0, Ordering::SeqCst);
+        shared.call_index.store(index, Ordering::SeqCst);
+        shared.call_deadline_ns.store(deadline_ns, Ordering::SeqCst);
+        shared.call_seq.store(seq, Ordering::SeqCst);
+    }
+
+    /// Whether the guest answered call `seq` with its transaction still
+    /// open (the exit path's `TxFault::NotEnded`). Read after the guest
+    /// published the answer: the vCPU thread published the transaction's
+    /// state before it resumed the guest.
+    pub(crate) fn transaction_left_open(&self, seq: u64) -> bool {
+        seq != 0 && self.shared.tx_open_seq.load(Ordering::SeqCst) == seq
     }
 
     /// Marks the call as over: the guest's idle time starts now.
@@ -510,8 +593,7 @@ fn work(shared: &Shared) {
             }
         };
         let end = loop {
-            let mut watch = || shared.watch();
-            match vm.run_polling(shared.park_after, &mut watch) {
+            match vm.run_polling(shared.park_after, &mut Hooks(shared)) {
                 Ok(Stop::Idle | Stop::Done) => {
                     // A call posted while the guest decided to stop: go on.
                     // (Pairs with the caller's `busy` store and `stopped`

@@ -47,6 +47,13 @@ fn init(exports: &mut Exports) {
             Vec::new()
         })
         .export("preserve_bad", preserve_bad)
+        .export("stash", stash)
+        .export("unstash", |_| {
+            let len = STASH_LEN.load(Ordering::Relaxed) as usize;
+            // SAFETY: only this guest's single thread touches STASH, and
+            // never while this reference lives.
+            unsafe { (&(*core::ptr::addr_of!(STASH.0)))[..len.min(4096)].to_vec() }
+        })
         .export("scribble", scribble)
         .export("disk_write", |input| {
             let ok = snapvm_guest::disk::write(0, input).is_ok();
@@ -81,6 +88,7 @@ fn init(exports: &mut Exports) {
         .export("infinite_loop", infinite_loop)
         .export("poll_spin_forever", poll_spin_forever)
         .export("poll_forge_result", poll_forge_result)
+        .export("poll_host_loop", poll_host_loop)
         .export("stray_idle", |_| {
             raw_hypercall(Hypercall::Idle as u32, &[]);
             b"resumed".to_vec()
@@ -126,6 +134,27 @@ static REGION_LEN: AtomicU64 = AtomicU64::new(0);
 static TOKEN: AtomicU64 = AtomicU64::new(0);
 static RESTORES: AtomicU64 = AtomicU64::new(0);
 static PRESERVED_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A page a request preserves mid-call (`stash`).
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+static mut STASH: Page = Page([0; 4096]);
+static STASH_LEN: AtomicU64 = AtomicU64::new(0);
+
+/// What a hostile guest under `Always` would try: preserve a page in the
+/// middle of a request and copy the request's input into it, hoping the
+/// next request finds it. Returns the preserve result (0 = kept).
+fn stash(input: &[u8]) -> Vec<u8> {
+    let len = input.len().min(4096);
+    // SAFETY: only this guest's single thread touches STASH, and no other
+    // reference to it is alive here.
+    unsafe { (&mut (*core::ptr::addr_of_mut!(STASH.0)))[..len].copy_from_slice(&input[..len]) };
+    STASH_LEN.store(len as u64, Ordering::Relaxed);
+    // SAFETY: as above; the reference only names the region's address.
+    let kept = snapvm_guest::preserve(unsafe { &*core::ptr::addr_of!(STASH) });
+    let len_kept = snapvm_guest::preserve(&STASH_LEN);
+    vec![u8::from(kept.is_err() || len_kept.is_err())]
+}
 
 /// Increments the preserved counter and the ordinary one; returns both.
 fn bump(_: &[u8]) -> Vec<u8> {
@@ -402,6 +431,24 @@ fn poll_forge_result(_: &[u8]) -> Vec<u8> {
     }
     loop {
         core::hint::spin_loop();
+    }
+}
+
+/// Polling mode, hostile: publishes an empty result for the call it
+/// serves, then calls the host function `noop` forever (every call an
+/// exit, none of them a stop).
+fn poll_host_loop(_: &[u8]) -> Vec<u8> {
+    let page = abi::ABI_PAGE_ADDR as *mut AbiPage;
+    // SAFETY: the ABI page is mapped read/write at CPL3.
+    unsafe {
+        core::ptr::addr_of_mut!((*page).output_ptr).write_volatile(abi::USER_BASE);
+        core::ptr::addr_of_mut!((*page).output_len).write_volatile(0);
+        core::ptr::addr_of_mut!((*page).status).write_volatile(abi::STATUS_OK);
+        let seq = core::ptr::addr_of!((*page).poll_seq).read_volatile();
+        core::ptr::addr_of_mut!((*page).poll_done).write_volatile(seq);
+    }
+    loop {
+        let _ = snapvm_guest::host::call("noop", b"");
     }
 }
 

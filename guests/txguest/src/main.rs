@@ -43,6 +43,10 @@ fn init(exports: &mut Exports) {
         .export("notify_many", notify_many)
         .export("fault_once", fault_once)
         .export("no_tx", |input| input.to_vec())
+        .export("one_tx", |_| match tx::run(|| Ok::<_, &str>(())) {
+            Ok(()) => b"committed".to_vec(),
+            Err(_) => b"refused".to_vec(),
+        })
         .export("nested", |_| {
             tx::begin();
             tx::begin();
