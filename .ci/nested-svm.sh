@@ -37,7 +37,7 @@ esac
 step() { echo "[nested-svm $(date +%H:%M:%S)] $*"; }
 
 # The subset: test binaries (tests/NAME.rs) and the example.
-TESTS=(lifecycle vm hostile snapshot snapshot_file policy polling transactions)
+TESTS=(capture lifecycle vm hostile snapshot snapshot_file policy polling transactions)
 EXAMPLES=(quickstart)
 
 # --prepare-only: packages, kernel and initramfs, then stop (.ci/run does
