@@ -52,17 +52,49 @@ esac
 if [ "$PHASE" != run ]; then
 step "packages"
 export DEBIAN_FRONTEND=noninteractive
+APT_INSTALL=(apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends)
 need=()
-for p in qemu-system-x86 busybox-static kmod cpio; do
+for p in busybox-static kmod cpio; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
+# QEMU comes from the release's backports when they can be had: Debian 12's
+# own QEMU (7.2) advances RIP past a hypercall's `out` before the exit
+# reaches userspace, unlike real AMD-V and VT-x (README: "What it shows
+# about RIP"). The backports source is made at run time from the machine's
+# own Debian source (same mirror, same key), never named in this repository.
+# shellcheck disable=SC1091
+CODENAME=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+BPO=${CODENAME:+$CODENAME-backports}
+BPO_FILE=/etc/apt/sources.list.d/snapvm-backports.sources
+if [ -n "$BPO" ] && [ ! -e "$BPO_FILE" ]; then
+    python3 .ci/apt-backports.py "$CODENAME" "$BPO_FILE" ||
+        step "no $BPO source could be made from the Debian sources: QEMU from $CODENAME"
+fi
 # The kernel package is looked up (and fetched) even when the tools are
 # installed, so the package lists must be current.
-apt-get update -qq
-if [ ${#need[@]} -gt 0 ]; then
-    apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends "${need[@]}" > "$WORK/apt.log" ||
-        { cat "$WORK/apt.log"; exit 1; }
+if ! apt-get update -qq > "$WORK/apt-update.log" 2>&1 || grep -q "$BPO" "$WORK/apt-update.log"; then
+    cat "$WORK/apt-update.log"
+    if [ -e "$BPO_FILE" ]; then
+        step "$BPO unavailable (above): dropping it, QEMU from $CODENAME"
+        rm -f "$BPO_FILE"
+        apt-get update -qq
+    else
+        exit 1
+    fi
 fi
+if [ ${#need[@]} -gt 0 ]; then
+    "${APT_INSTALL[@]}" "${need[@]}" > "$WORK/apt.log" || { cat "$WORK/apt.log"; exit 1; }
+fi
+if [ -n "$BPO" ] && apt-cache madison qemu-system-x86 | grep -q " $BPO/"; then
+    # Installs or upgrades; a no-op when the backports version is there.
+    "${APT_INSTALL[@]}" -t "$BPO" qemu-system-x86 > "$WORK/apt.log" 2>&1 ||
+        { cat "$WORK/apt.log"; exit 1; }
+else
+    step "no qemu-system-x86 in ${BPO:-backports}: QEMU from the release (RIP after a hypercall exit differs from real hardware; README)"
+    dpkg-query -W -f='${Status}\n' qemu-system-x86 2>/dev/null | grep -q 'install ok installed' ||
+        { "${APT_INSTALL[@]}" qemu-system-x86 > "$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log"; exit 1; }; }
+fi
+step "$(qemu-system-x86_64 --version | head -n 1)"
 
 step "kernel"
 # linux-image-amd64 depends on the versioned image package (the cloud
