@@ -35,6 +35,17 @@ def fmt_secs(s):
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
+def qemu_version():
+    """"QEMU 10.0.2" (what the first line of `--version` says), or "QEMU"."""
+    try:
+        out = subprocess.run(
+            ["qemu-system-x86_64", "--version"], capture_output=True, text=True
+        ).stdout.split()
+        return "QEMU " + out[out.index("version") + 1]
+    except (OSError, ValueError, IndexError):
+        return "QEMU"
+
+
 def read_skip(path):
     """The skip list: "binary::test  reason" per line, # comments."""
     skip = {}
@@ -293,7 +304,7 @@ class Driver:
 
     def summary(self, items, skipped):
         total = time.time() - self.a.stage_start
-        out = ["", "== nested-svm summary (QEMU TCG, -cpu max, kvm_amd npt=1)"]
+        out = ["", f"== nested-svm summary ({qemu_version()} TCG, -cpu max, kvm_amd npt=1)"]
         bad = [it for it in items if it.status != "passed"]
         for it in bad:
             out.append(f"-- {it.status}: {it.id} ({it.detail})")
