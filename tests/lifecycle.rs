@@ -234,17 +234,40 @@ fn a_guest_error_is_typed_and_does_not_poison() {
 }
 
 /// Interrupts `vm`'s call from another thread once `started` says so.
-fn interrupt_when(
-    handle: snapvm::InterruptHandle,
-    started: Arc<AtomicUsize>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while started.load(Ordering::SeqCst) == 0 {
-            std::thread::yield_now();
+fn interrupt_when(handle: snapvm::InterruptHandle, started: Arc<AtomicUsize>) -> Kicker {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = std::thread::spawn({
+        let done = Arc::clone(&done);
+        move || {
+            while started.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            // Again and again until the call returned: an interrupt that
+            // lands before the call entered the guest stops nothing (a slow
+            // or emulated host may take longer than one period to get
+            // there), and the test must end rather than hang.
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(30));
+                handle.interrupt();
+            }
         }
-        std::thread::sleep(Duration::from_millis(30));
-        handle.interrupt();
-    })
+    });
+    Kicker { done, thread }
+}
+
+/// The thread of [`interrupt_when`].
+struct Kicker {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Kicker {
+    /// Stops interrupting (call it once the interrupted call returned,
+    /// before the next call starts).
+    fn stop(self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+    }
 }
 
 #[test]
@@ -261,7 +284,7 @@ fn an_interrupt_from_another_thread_cancels_a_running_call() {
     let started = Arc::new(AtomicUsize::new(1));
     let kicker = interrupt_when(vm.interrupt_handle(), Arc::clone(&started));
     let err = vm.invoke("infinite_loop", b"").expect_err("cancelled");
-    kicker.join().unwrap();
+    kicker.stop();
     assert!(matches!(err, VmError::Cancelled), "{err}");
     assert!(err.poisons());
     assert_eq!(vm.state(), VmState::Poisoned);
@@ -285,7 +308,7 @@ fn an_interrupt_during_a_host_function_cancels_when_it_returns() {
     let ready = vm.snapshot().unwrap();
     let kicker = interrupt_when(vm.interrupt_handle(), Arc::clone(&started));
     let err = vm.invoke("host_call", b"slow\n").expect_err("cancelled");
-    kicker.join().unwrap();
+    kicker.stop();
     assert!(matches!(err, VmError::Cancelled), "{err}");
     vm.restore_in_place(&ready).unwrap();
     started.store(0, Ordering::SeqCst);
