@@ -17,7 +17,10 @@
 //! - [`RestorePolicy`] and [`ManagedVm`] — after every call, keep the VM or
 //!   rewind it to its ready state: single-request isolation, garbage
 //!   collection by restore, or every N calls, keeping the state the guest
-//!   asked to preserve. A reset copies back only the pages the call wrote.
+//!   asked to preserve (except under [`Always`](policy::Always), whose
+//!   requests share nothing unless declared with
+//!   [`keeping_preserved`](RestorePolicy::keeping_preserved)). A reset
+//!   copies back only the pages the call wrote.
 //!   [`ReadyPool`] hands out ready `ManagedVm`s of one snapshot to any
 //!   number of worker threads, restoring new ones into warm shells.
 //!   [`PollingVm`] keeps a managed VM's guest spinning between calls, so
