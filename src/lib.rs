@@ -117,6 +117,6 @@ pub use store::{
     Redundancy, SaltSelector, StoreConfig, StoreError,
 };
 pub use vm::{
-    Generation, GuestFault, GuestProgram, HostCaller, InterruptHandle, InvalidGuest, PanicLocation,
-    TxEnd, TxFault, VmConfig, VmError, VmInstance, VmState, VmStats,
+    CancelToken, Generation, GuestFault, GuestProgram, HostCaller, InterruptHandle, InvalidGuest,
+    PanicLocation, TxEnd, TxFault, VmConfig, VmError, VmInstance, VmState, VmStats,
 };

@@ -533,3 +533,105 @@ fn typed_host_functions_round_trip() {
     }
     assert_eq!(vm.state(), VmState::Ready);
 }
+
+/// A `CancelToken` stops its own call, however early the cancel comes, and
+/// never another: cancelled before the call starts, in the first
+/// microseconds of the call, or while it runs, the call ends `Cancelled`
+/// (never at its timeout); a token whose call ended stops nothing, not
+/// even the call running on the same VM at that moment.
+#[test]
+fn a_cancel_token_stops_its_call_and_only_its_call() {
+    require_kvm!();
+    // A timeout, so that a lost cancel shows as `Timeout` instead of a hang.
+    let config = testguest()
+        .dirty_tracking(true)
+        .timeout(Some(Duration::from_secs(10)));
+    let mut vm = VmInstance::new(&config).unwrap();
+    let ready = vm.snapshot().unwrap();
+
+    // Before the call starts: no guest code runs, the VM is poisoned like
+    // after any cancel.
+    let early = snapvm::CancelToken::new();
+    assert!(early.cancel());
+    assert!(!early.cancel(), "a second cancel stops nothing new");
+    assert!(matches!(
+        vm.invoke_cancellable("echo", b"x", &early),
+        Err(VmError::Cancelled)
+    ));
+    assert_eq!(vm.state(), VmState::Poisoned);
+    vm.restore_in_place(&ready).unwrap();
+
+    // Raced against the call's start: sent right after the call began,
+    // before the guest can have been entered, many times.
+    for round in 0..40 {
+        let token = snapvm::CancelToken::new();
+        let remote = token.clone();
+        let go = Arc::new(std::sync::Barrier::new(2));
+        let kicker = std::thread::spawn({
+            let go = Arc::clone(&go);
+            move || {
+                go.wait();
+                for _ in 0..(round % 8) * 50 {
+                    std::hint::spin_loop();
+                }
+                remote.cancel()
+            }
+        });
+        go.wait();
+        let result = vm.invoke_cancellable("infinite_loop", b"", &token);
+        assert!(
+            kicker.join().unwrap(),
+            "round {round}: the call had not ended"
+        );
+        assert!(
+            matches!(result, Err(VmError::Cancelled)),
+            "round {round}: {result:?}"
+        );
+        vm.restore_in_place(&ready).unwrap();
+    }
+
+    // A token whose call ended: refused for a second call, and its cancel
+    // touches no other call, not even one running on this VM right now.
+    let spent = snapvm::CancelToken::new();
+    assert_eq!(vm.invoke_cancellable("echo", b"a", &spent).unwrap(), b"a");
+    assert!(!spent.cancel());
+    assert!(matches!(
+        vm.invoke_cancellable("echo", b"b", &spent),
+        Err(VmError::InvalidConfig {
+            field: "cancel",
+            ..
+        })
+    ));
+    let mut short = VmInstance::restore(
+        &config.clone().timeout(Some(Duration::from_millis(300))),
+        &ready,
+    )
+    .unwrap();
+    let stale = snapvm::CancelToken::new();
+    assert_eq!(
+        short.invoke_cancellable("echo", b"c", &stale).unwrap(),
+        b"c"
+    );
+    let kicker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        stale.cancel()
+    });
+    let running = snapvm::CancelToken::new();
+    let result = short.invoke_cancellable("infinite_loop", b"", &running);
+    assert!(!kicker.join().unwrap(), "a spent token stopped nothing");
+    assert!(
+        matches!(result, Err(VmError::Timeout { .. })),
+        "the running call ended at its own timeout: {result:?}"
+    );
+
+    // Through a ManagedVm: the cancelled call's VM is reset for the next.
+    let mut managed = ManagedVm::new(vm, ready, policy::Never).unwrap();
+    let token = snapvm::CancelToken::new();
+    token.cancel();
+    assert!(matches!(
+        managed.invoke_cancellable("counter", b"", &token),
+        Err(snapvm::Error::Vm(VmError::Cancelled))
+    ));
+    assert_eq!(managed.invoke("echo", b"next").unwrap(), b"next");
+    assert_eq!(managed.resets(), 1);
+}

@@ -104,6 +104,22 @@ impl<P: RestorePolicy> ManagedVm<P> {
         Ok(out)
     }
 
+    /// Like [`VmInstance::invoke_cancellable`], then applies the policy (a
+    /// cancelled call poisons the VM, so it is reset).
+    pub fn invoke_cancellable(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        cancel: &crate::CancelToken,
+    ) -> Result<Vec<u8>, crate::Error> {
+        let mut out = Vec::new();
+        self.invoke_with(name, input, |vm, name, input| {
+            out = vm.invoke_cancellable(name, input, cancel)?;
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Like [`VmInstance::invoke_into`], then applies the policy.
     pub fn invoke_into(
         &mut self,

@@ -6,7 +6,7 @@
 //! guest or about to enter it; the run loop sees the flag and ends the call
 //! with [`VmError::Cancelled`](super::VmError::Cancelled).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +25,14 @@ pub(crate) struct Shared {
     /// The kick fired during the current run (the timer needs disarming
     /// even when the call has no timeout).
     kicked: AtomicBool,
+    /// The call a [`CancelToken`] is bound to (0: none), and the one a
+    /// token cancelled. Unlike `requested`, a run's start does not clear
+    /// them: a cancel between the call's start and its guest running is
+    /// kept.
+    call: AtomicU64,
+    cancelled_call: AtomicU64,
+    /// Numbers the calls tokens are bound to.
+    next_call: AtomicU64,
 }
 
 impl Shared {
@@ -43,9 +51,26 @@ impl Shared {
         Ok(Running(Arc::clone(self)))
     }
 
-    /// Whether an interrupt was asked for during this run.
+    /// Whether an interrupt was asked for during this run, or the call
+    /// being served was cancelled through its token.
     pub(crate) fn requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
+        if self.requested.load(Ordering::SeqCst) {
+            return true;
+        }
+        let call = self.call.load(Ordering::SeqCst);
+        call != 0 && self.cancelled_call.load(Ordering::SeqCst) == call
+    }
+
+    /// Kicks the thread running this VM, if one is: it leaves the guest
+    /// within about a millisecond (the kick repeats until it notices).
+    fn kick(&self, running: &Option<TimerId>) {
+        if let Some(id) = *running {
+            self.requested.store(true, Ordering::SeqCst);
+            self.kicked.store(true, Ordering::SeqCst);
+            // A failure here leaves the flag set: the call still ends at its
+            // next exit, or at its deadline.
+            let _ = id.fire_now(KICK_INTERVAL);
+        }
     }
 }
 
@@ -69,7 +94,9 @@ impl Drop for Running {
 /// The interrupted call returns [`VmError::Cancelled`], which poisons the
 /// VM (the guest stopped mid-call); `restore_in_place` (or a `ManagedVm`
 /// reset) makes it usable again. If no call is running, `interrupt` does
-/// nothing: it never cancels a later call. The vCPU leaves the guest within
+/// nothing: an interrupt sent while a call is still starting is lost, and
+/// a handle kept after its request ended stops whatever call the VM runs
+/// then. To cancel one particular call, use a [`CancelToken`] instead. The vCPU leaves the guest within
 /// about a millisecond; a host function that is running when the interrupt
 /// arrives finishes first (its system calls may see the signal, which is
 /// installed with `SA_RESTART`).
@@ -100,12 +127,135 @@ impl InterruptHandle {
     /// Stops the call that is running now, if any (see the type's docs).
     pub fn interrupt(&self) {
         let running = self.shared.running();
-        if let Some(id) = *running {
-            self.shared.requested.store(true, Ordering::SeqCst);
-            self.shared.kicked.store(true, Ordering::SeqCst);
-            // A failure here leaves the flag set: the call still ends at its
-            // next exit, or at its deadline.
-            let _ = id.fire_now(KICK_INTERVAL);
+        self.shared.kick(&running);
+    }
+}
+
+/// Cancels one call, and only that call: the per-call counterpart of
+/// [`InterruptHandle`]. Create one, give it to the call
+/// ([`VmInstance::invoke_cancellable`](super::VmInstance::invoke_cancellable),
+/// [`ManagedVm::invoke_cancellable`](crate::policy::ManagedVm::invoke_cancellable)),
+/// and [`cancel`](Self::cancel) it from any thread.
+///
+/// Unlike an interrupt, a cancel is never lost: one made before the call
+/// reaches the guest (even before the call starts) stops the call before
+/// any guest code runs, and one made after the call ended does nothing, so
+/// a token kept past its request can never stop another request served by
+/// the same VM. A token serves one call; giving it to a second call is
+/// refused (`VmError::InvalidConfig`). The cancelled call returns
+/// [`VmError::Cancelled`], which poisons the VM like an interrupt does.
+///
+/// ```no_run
+/// use snapvm::{CancelToken, GuestProgram, VmConfig, VmError, VmInstance};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?);
+/// let mut vm = VmInstance::new(&config)?;
+/// let cancel = CancelToken::new();
+/// let remote = cancel.clone();
+/// std::thread::spawn(move || {
+///     // The client went away: true if the call had not finished.
+///     let stopped = remote.cancel();
+///     println!("cancelled a live call: {stopped}");
+/// });
+/// match vm.invoke_cancellable("slow", b"", &cancel) {
+///     Err(VmError::Cancelled) => { /* reset the VM before reusing it */ }
+///     other => { other?; }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken {
+    state: Arc<Mutex<Token>>,
+}
+
+#[derive(Debug, Default)]
+enum Token {
+    /// Not given to a call yet.
+    #[default]
+    Unused,
+    /// Cancelled before it was given to a call.
+    CancelledEarly,
+    /// Given to call `call` of the VM whose shared state this is.
+    Bound { shared: Arc<Shared>, call: u64 },
+    /// Its call ended.
+    Finished,
+}
+
+impl CancelToken {
+    /// A token for one call.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Token> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cancels the token's call. Returns `true` if that call had not
+    /// finished: it has not started yet (it will not run guest code), or it
+    /// is running (it returns [`VmError::Cancelled`] unless it finishes in
+    /// the moment the cancel takes to arrive — its result says which).
+    /// Returns `false` if the call already ended (or was cancelled before):
+    /// nothing is stopped, and no other call is touched.
+    pub fn cancel(&self) -> bool {
+        let mut state = self.lock();
+        match &*state {
+            Token::Unused => {
+                *state = Token::CancelledEarly;
+                true
+            }
+            Token::CancelledEarly | Token::Finished => false,
+            Token::Bound { shared, call } => {
+                let running = shared.running();
+                if shared.call.load(Ordering::SeqCst) != *call {
+                    return false;
+                }
+                let first = shared.cancelled_call.swap(*call, Ordering::SeqCst) != *call;
+                shared.kick(&running);
+                first
+            }
         }
+    }
+
+    /// Whether [`Self::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        match &*self.lock() {
+            Token::Unused => false,
+            Token::CancelledEarly => true,
+            Token::Finished => false,
+            Token::Bound { shared, call } => shared.cancelled_call.load(Ordering::SeqCst) == *call,
+        }
+    }
+
+    /// Binds the token to the call about to start on the VM `shared`
+    /// belongs to. `Err(true)`: it was cancelled already; `Err(false)`: it
+    /// served a call before.
+    pub(crate) fn bind(&self, shared: &Arc<Shared>) -> Result<(), bool> {
+        let mut state = self.lock();
+        match &*state {
+            Token::Unused => {
+                let call = shared.next_call.fetch_add(1, Ordering::SeqCst) + 1;
+                shared.call.store(call, Ordering::SeqCst);
+                *state = Token::Bound {
+                    shared: Arc::clone(shared),
+                    call,
+                };
+                Ok(())
+            }
+            Token::CancelledEarly => Err(true),
+            Token::Bound { .. } | Token::Finished => Err(false),
+        }
+    }
+
+    /// Ends the token's call: a later cancel does nothing.
+    pub(crate) fn finish(&self) {
+        let mut state = self.lock();
+        if let Token::Bound { shared, call } = &*state {
+            let _ = shared
+                .call
+                .compare_exchange(*call, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        *state = Token::Finished;
     }
 }

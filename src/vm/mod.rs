@@ -58,7 +58,7 @@ pub use config::{
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, TxFault, VmError};
 pub use host::HostCaller;
-pub use interrupt::InterruptHandle;
+pub use interrupt::{CancelToken, InterruptHandle};
 pub use loader::GuestProgram;
 pub use machine::{check_kvm, check_kvm_device, TCG_TSS_SWITCH};
 pub use persist::SnapshotId;
@@ -439,6 +439,38 @@ impl VmInstance {
         postcard::from_bytes(&output).map_err(|e| VmError::Decode {
             reason: e.to_string(),
         })
+    }
+
+    /// Like [`Self::invoke`], cancellable through `cancel` (see
+    /// [`CancelToken`]): a cancel made at any time before the call returns
+    /// — even before it starts — stops it with [`VmError::Cancelled`]
+    /// (which poisons), and one made after it returned stops nothing.
+    /// A token already used for another call is refused
+    /// ([`VmError::InvalidConfig`]; nothing runs).
+    pub fn invoke_cancellable(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        cancel: &CancelToken,
+    ) -> Result<Vec<u8>, VmError> {
+        match cancel.bind(&self.interrupt) {
+            Ok(()) => {}
+            Err(true) => {
+                // Cancelled before it started: no guest code runs. The VM
+                // is poisoned like after any cancel, so every cancelled
+                // call leaves it the same way.
+                return Err(self.poison(VmError::Cancelled));
+            }
+            Err(false) => {
+                return Err(VmError::InvalidConfig {
+                    field: "cancel",
+                    reason: "a CancelToken serves one call; this one served another".into(),
+                })
+            }
+        }
+        let result = self.invoke_with_data(name, input, None);
+        cancel.finish();
+        result
     }
 
     /// Like [`Self::invoke`], with `call_data` for the host functions the
