@@ -455,3 +455,59 @@ fn a_guest_looping_on_host_calls_after_its_answer_is_stopped() {
     assert_eq!(counter(&mut vm), 1);
     assert_eq!(vm.resets(), 1);
 }
+
+/// A `CancelToken` stops its own polled call however early it comes, and
+/// a token whose call ended stops nothing (not the next call either).
+#[test]
+fn a_cancel_token_stops_its_polled_call_and_only_that_one() {
+    require_kvm!();
+    let _serial = serial();
+    // The VM's timeout is 300 ms: a lost cancel shows as `Timeout`.
+    let mut vm = polling(Never, Duration::from_millis(500));
+    assert_eq!(counter(&mut vm), 1);
+
+    let early = snapvm::CancelToken::new();
+    assert!(early.cancel());
+    let err = vm_error(vm.invoke_cancellable("counter", b"", &early).unwrap_err());
+    assert!(matches!(err, VmError::Cancelled), "{err:?}");
+    // Poisoned, so reset: the counter starts again.
+    assert_eq!(counter(&mut vm), 1);
+
+    for round in 0..20 {
+        let token = snapvm::CancelToken::new();
+        let remote = token.clone();
+        let go = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let kicker = std::thread::spawn({
+            let go = std::sync::Arc::clone(&go);
+            move || {
+                go.wait();
+                if round % 2 == 1 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                remote.cancel()
+            }
+        });
+        go.wait();
+        let result = vm.invoke_cancellable("infinite_loop", b"", &token);
+        assert!(
+            kicker.join().unwrap(),
+            "round {round}: the call had not ended"
+        );
+        match result.map_err(vm_error) {
+            Err(VmError::Cancelled) => {}
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+
+    // A spent token: its cancel during the next call stops nothing.
+    let spent = snapvm::CancelToken::new();
+    assert_eq!(vm.invoke_cancellable("echo", b"a", &spent).unwrap(), b"a");
+    let kicker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        spent.cancel()
+    });
+    let err = vm_error(vm.invoke("infinite_loop", b"").unwrap_err());
+    assert!(!kicker.join().unwrap());
+    assert!(matches!(err, VmError::Timeout { .. }), "{err:?}");
+    assert_eq!(counter(&mut vm), 1);
+}

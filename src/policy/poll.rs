@@ -249,6 +249,27 @@ impl<P: RestorePolicy> PollingVm<P> {
     /// input larger than the guest's input buffer takes the ordinary path
     /// once (the buffer grows).
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
+        self.invoke_inner(name, input, None)
+    }
+
+    /// Like [`Self::invoke`], cancellable through `cancel` as
+    /// [`VmInstance::invoke_cancellable`] is: never lost, never reaching
+    /// another call. A cancelled call poisons the VM; the policy resets it.
+    pub fn invoke_cancellable(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        cancel: &crate::CancelToken,
+    ) -> Result<Vec<u8>, crate::Error> {
+        self.invoke_inner(name, input, Some(cancel))
+    }
+
+    fn invoke_inner(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        cancel: Option<&crate::CancelToken>,
+    ) -> Result<Vec<u8>, crate::Error> {
         self.holder.collect();
         let poisoned = self
             .holder
@@ -263,8 +284,44 @@ impl<P: RestorePolicy> PollingVm<P> {
         };
         let start = Instant::now();
         if !self.holder.view.input_fits(input.len()) {
-            return self.invoke_growing(name, input, start);
+            return self.invoke_growing(name, input, start, cancel);
         }
+        if let Some(token) = cancel {
+            match self.holder.view.bind(token) {
+                Ok(()) => {}
+                Err(true) => {
+                    // Cancelled before it started: no guest code of this
+                    // call runs; the VM is poisoned like after any cancel.
+                    let (mut vm, _) = self.holder.take();
+                    vm.poison_with(&VmError::Cancelled);
+                    self.holder.vm = Some(vm);
+                    let (heap, garbage) = (self.holder.last_heap, self.holder.last_garbage);
+                    return self.settle(name, start, Err(VmError::Cancelled), heap, garbage, true);
+                }
+                Err(false) => {
+                    return Err(VmError::InvalidConfig {
+                        field: "cancel",
+                        reason: "a CancelToken serves one call; this one served another".into(),
+                    }
+                    .into())
+                }
+            }
+        }
+        let result = self.invoke_posted(name, input, index, start);
+        if let Some(token) = cancel {
+            token.finish();
+        }
+        result
+    }
+
+    /// Posts a call to the (hot) guest and waits for it.
+    fn invoke_posted(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        index: u64,
+        start: Instant,
+    ) -> Result<Vec<u8>, crate::Error> {
         let holder = &mut self.holder;
         let seq = holder.next_seq();
         let deadline = holder.view.timeout().map(|t| start + t);
@@ -336,6 +393,7 @@ impl<P: RestorePolicy> PollingVm<P> {
         name: &str,
         input: &[u8],
         start: Instant,
+        cancel: Option<&crate::CancelToken>,
     ) -> Result<Vec<u8>, crate::Error> {
         let (mut vm, clean) = self.holder.take();
         if !clean {
@@ -343,7 +401,10 @@ impl<P: RestorePolicy> PollingVm<P> {
             self.reset()?;
             vm = self.holder.take().0;
         }
-        let result = vm.invoke(name, input);
+        let result = match cancel {
+            Some(token) => vm.invoke_cancellable(name, input, token),
+            None => vm.invoke(name, input),
+        };
         self.holder.view.refresh(&vm);
         self.holder.forget_inputs();
         let stats = vm.stats();

@@ -63,9 +63,14 @@ impl Shared {
 
     /// Kicks the thread running this VM, if one is: it leaves the guest
     /// within about a millisecond (the kick repeats until it notices).
-    fn kick(&self, running: &Option<TimerId>) {
+    /// `run_wide`: the whole run stops ([`InterruptHandle::interrupt`]);
+    /// otherwise only the call a token cancelled does (`cancelled_call`),
+    /// so a kick that lands after that call ended stops nothing else.
+    fn kick(&self, running: &Option<TimerId>, run_wide: bool) {
         if let Some(id) = *running {
-            self.requested.store(true, Ordering::SeqCst);
+            if run_wide {
+                self.requested.store(true, Ordering::SeqCst);
+            }
             self.kicked.store(true, Ordering::SeqCst);
             // A failure here leaves the flag set: the call still ends at its
             // next exit, or at its deadline.
@@ -127,14 +132,15 @@ impl InterruptHandle {
     /// Stops the call that is running now, if any (see the type's docs).
     pub fn interrupt(&self) {
         let running = self.shared.running();
-        self.shared.kick(&running);
+        self.shared.kick(&running, true);
     }
 }
 
 /// Cancels one call, and only that call: the per-call counterpart of
 /// [`InterruptHandle`]. Create one, give it to the call
 /// ([`VmInstance::invoke_cancellable`](super::VmInstance::invoke_cancellable),
-/// [`ManagedVm::invoke_cancellable`](crate::policy::ManagedVm::invoke_cancellable)),
+/// [`ManagedVm::invoke_cancellable`](crate::policy::ManagedVm::invoke_cancellable),
+/// [`PollingVm::invoke_cancellable`](crate::policy::PollingVm::invoke_cancellable)),
 /// and [`cancel`](Self::cancel) it from any thread.
 ///
 /// Unlike an interrupt, a cancel is never lost: one made before the call
@@ -212,7 +218,7 @@ impl CancelToken {
                     return false;
                 }
                 let first = shared.cancelled_call.swap(*call, Ordering::SeqCst) != *call;
-                shared.kick(&running);
+                shared.kick(&running, false);
                 first
             }
         }

@@ -115,6 +115,14 @@ impl HotView {
         self.timeout
     }
 
+    /// Binds `token` to the call about to be posted (see
+    /// [`CancelToken`](super::CancelToken)): a cancel kicks the vCPU
+    /// thread, whose run then ends in `Cancelled` while this call is the
+    /// token's.
+    pub(crate) fn bind(&self, token: &super::CancelToken) -> Result<(), bool> {
+        token.bind(&self.interrupt.shared)
+    }
+
     /// Takes the input buffer and limits of `vm` (they change when it is
     /// reset or grows its buffer).
     pub(crate) fn refresh(&mut self, vm: &VmInstance) {
