@@ -635,3 +635,68 @@ fn a_cancel_token_stops_its_call_and_only_its_call() {
     assert_eq!(managed.invoke("echo", b"next").unwrap(), b"next");
     assert_eq!(managed.resets(), 1);
 }
+
+/// Typed calls and call data work through every wrapper, with one
+/// classification: `ManagedVm`, a pooled VM and `PollingVm`.
+#[test]
+fn typed_calls_and_call_data_work_through_every_wrapper() {
+    require_kvm!();
+    let config =
+        testguest()
+            .dirty_tracking(true)
+            .host_function_with_caller("whoami", |caller, _| {
+                let request = caller.call_data::<RequestId>().map_or(0, |r| {
+                    r.0 += 1;
+                    r.0
+                });
+                Ok(format!("{}/{request}", caller.function()).into_bytes())
+            });
+    let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let order = Order {
+        items: 2,
+        price_cents: 100,
+        note: "ab".into(),
+    };
+    let expected = Total {
+        cents: 200,
+        note_len: 2,
+    };
+
+    let vm = VmInstance::restore(&config, &ready).unwrap();
+    let mut managed = ManagedVm::new(vm, ready.clone(), policy::Always).unwrap();
+    assert_eq!(managed.call::<_, Total>("total", &order).unwrap(), expected);
+    match managed.call::<_, Total>("total", &7u8) {
+        Err(e @ snapvm::Error::Vm(VmError::InputRejected { .. })) => {
+            assert_eq!(e.kind(), snapvm::ErrorKind::BadRequest)
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut request = RequestId(6);
+    assert_eq!(
+        managed
+            .invoke_with("host_call", b"whoami\n", &mut request)
+            .unwrap(),
+        b"ok:host_call/7"
+    );
+    assert_eq!(request.0, 7);
+
+    let pool = snapvm::ReadyPool::new(&config, ready.clone(), 1, || policy::Always).unwrap();
+    assert_eq!(
+        pool.get()
+            .unwrap()
+            .call::<_, Total>("total", &order)
+            .unwrap(),
+        expected
+    );
+
+    let vm = VmInstance::restore(&config, &ready).unwrap();
+    let managed = ManagedVm::new(vm, ready, policy::Never).unwrap();
+    let mut hot = policy::PollingVm::new(
+        managed,
+        policy::PollConfig::new().window(Duration::from_millis(200)),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(hot.call::<_, Total>("total", &order).unwrap(), expected);
+    }
+}

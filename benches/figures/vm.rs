@@ -45,7 +45,58 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
     let typed = Figure::of("invoke.typed_us", &typed, "us")
         .against(&warm)
         .target(Target::AtMost(1.1));
-    vec![exit, fault, create, new, warm, one_mib, typed]
+    let (managed, managed_typed) = managed_calls(ctx, &config);
+    let managed = Figure::of("invoke.managed_us", &managed, "us").against(&exit);
+    let managed_typed = Figure::of("invoke.managed_typed_us", &managed_typed, "us")
+        .against(&managed)
+        .target(Target::AtMost(1.1));
+    vec![
+        exit,
+        fault,
+        create,
+        new,
+        warm,
+        one_mib,
+        typed,
+        managed,
+        managed_typed,
+    ]
+}
+
+/// `invoke.managed_us` and `invoke.managed_typed_us`: the same call of
+/// `sum_point` through a `ManagedVm` (policy `Never`), once with the input
+/// already encoded (`invoke`) and once typed (`ManagedVm::call`), in
+/// interleaved blocks.
+fn managed_calls(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats) {
+    use snapvm::policy::{ManagedVm, Never};
+    let config = config.clone().dirty_tracking(true);
+    let mut vm = VmInstance::new(&config).expect("quickstart VM");
+    let ready = vm.snapshot().expect("ready snapshot");
+    vm.restore_in_place(&ready).expect("restore");
+    let mut managed = ManagedVm::new(vm, ready, Never).expect("managed VM");
+    let point = Point { x: 40, y: 2 };
+    // The bytes `ManagedVm::call` sends: the same encoder.
+    let encoded = postcard::to_allocvec(&point).expect("encode");
+    let untyped = |m: &mut ManagedVm<Never>| {
+        let out = m.invoke("sum_point", &encoded).expect("invoke sum_point");
+        debug_assert!(!out.is_empty());
+    };
+    let typed = |m: &mut ManagedVm<Never>| {
+        let sum: i64 = m.call("sum_point", &point).expect("typed call");
+        debug_assert_eq!(sum, 42);
+    };
+    for _ in 0..200 {
+        untyped(&mut managed);
+        typed(&mut managed);
+    }
+    let rounds = ctx.samples(200, 20);
+    let mut plain = Vec::with_capacity(rounds * BLOCK);
+    let mut typeds = Vec::with_capacity(rounds * BLOCK);
+    for _ in 0..rounds {
+        plain.extend((0..BLOCK).map(|_| time_us(|| untyped(&mut managed))));
+        typeds.extend((0..BLOCK).map(|_| time_us(|| typed(&mut managed))));
+    }
+    (Stats::of(&mut plain), Stats::of(&mut typeds))
 }
 
 /// The quickstart guest, configured as in the README.

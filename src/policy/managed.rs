@@ -97,11 +97,45 @@ impl<P: RestorePolicy> ManagedVm<P> {
     /// but did not happen.
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
         let mut out = Vec::new();
-        self.invoke_with(name, input, |vm, name, input| {
+        self.invoke_via(name, input, |vm, name, input| {
             out = vm.invoke(name, input)?;
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Like [`VmInstance::invoke_with`] (with call data for the host
+    /// functions the call makes), then applies the policy.
+    pub fn invoke_with(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        call_data: &mut (dyn std::any::Any + Send),
+    ) -> Result<Vec<u8>, crate::Error> {
+        let mut out = Vec::new();
+        self.invoke_via(name, input, |vm, name, input| {
+            out = vm.invoke_with(name, input, call_data)?;
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Like [`VmInstance::call`] (a typed call, the `serde` feature), then
+    /// applies the policy. An input that does not encode fails before
+    /// anything runs and counts as no call.
+    #[cfg(feature = "serde")]
+    pub fn call<In, Out>(&mut self, name: &str, input: &In) -> Result<Out, crate::Error>
+    where
+        In: serde::Serialize + ?Sized,
+        Out: serde::de::DeserializeOwned,
+    {
+        let bytes = crate::vm::encode_typed(input)?;
+        let mut output = Vec::new();
+        self.invoke_via(name, &bytes, |vm, name, input| {
+            output = vm.invoke(name, input)?;
+            Ok(())
+        })?;
+        Ok(crate::vm::decode_typed(&output)?)
     }
 
     /// Like [`VmInstance::invoke_cancellable`], then applies the policy (a
@@ -113,7 +147,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         cancel: &crate::CancelToken,
     ) -> Result<Vec<u8>, crate::Error> {
         let mut out = Vec::new();
-        self.invoke_with(name, input, |vm, name, input| {
+        self.invoke_via(name, input, |vm, name, input| {
             out = vm.invoke_cancellable(name, input, cancel)?;
             Ok(())
         })?;
@@ -128,7 +162,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         output: &mut [u8],
     ) -> Result<usize, crate::Error> {
         let mut len = 0;
-        self.invoke_with(name, input, |vm, name, input| {
+        self.invoke_via(name, input, |vm, name, input| {
             len = vm.invoke_into(name, input, output)?;
             Ok(())
         })?;
@@ -159,7 +193,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         Ok(done.expect("set by a successful call"))
     }
 
-    fn invoke_with(
+    fn invoke_via(
         &mut self,
         name: &str,
         input: &[u8],

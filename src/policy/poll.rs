@@ -252,6 +252,19 @@ impl<P: RestorePolicy> PollingVm<P> {
         self.invoke_inner(name, input, None)
     }
 
+    /// A typed call (the `serde` feature), like [`VmInstance::call`], then
+    /// the policy as for [`Self::invoke`].
+    #[cfg(feature = "serde")]
+    pub fn call<In, Out>(&mut self, name: &str, input: &In) -> Result<Out, crate::Error>
+    where
+        In: serde::Serialize + ?Sized,
+        Out: serde::de::DeserializeOwned,
+    {
+        let bytes = crate::vm::encode_typed(input)?;
+        let output = self.invoke(name, &bytes)?;
+        Ok(crate::vm::decode_typed(&output)?)
+    }
+
     /// Like [`Self::invoke`], cancellable through `cancel` as
     /// [`VmInstance::invoke_cancellable`] is: never lost, never reaching
     /// another call. A cancelled call poisons the VM; the policy resets it.

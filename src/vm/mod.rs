@@ -432,13 +432,9 @@ impl VmInstance {
         In: serde::Serialize + ?Sized,
         Out: serde::de::DeserializeOwned,
     {
-        let bytes = postcard::to_allocvec(input).map_err(|e| VmError::Encode {
-            reason: e.to_string(),
-        })?;
+        let bytes = encode_typed(input)?;
         let output = self.invoke(name, &bytes)?;
-        postcard::from_bytes(&output).map_err(|e| VmError::Decode {
-            reason: e.to_string(),
-        })
+        decode_typed(&output)
     }
 
     /// Like [`Self::invoke`], cancellable through `cancel` (see
@@ -845,3 +841,21 @@ impl VmInstance {
 }
 
 pub(crate) use layout::{page_table_pages, write_system_area_checked as write_system_area};
+
+/// Encodes the input of a typed call (the one encoding every wrapper uses).
+#[cfg(feature = "serde")]
+pub(crate) fn encode_typed<In: serde::Serialize + ?Sized>(input: &In) -> Result<Vec<u8>, VmError> {
+    postcard::to_allocvec(input).map_err(|e| VmError::Encode {
+        reason: e.to_string(),
+    })
+}
+
+/// Decodes the output of a typed call.
+#[cfg(feature = "serde")]
+pub(crate) fn decode_typed<Out: serde::de::DeserializeOwned>(
+    output: &[u8],
+) -> Result<Out, VmError> {
+    postcard::from_bytes(output).map_err(|e| VmError::Decode {
+        reason: e.to_string(),
+    })
+}
