@@ -560,6 +560,14 @@ fn a_cancel_token_stops_its_call_and_only_its_call() {
     ));
     assert_eq!(vm.state(), VmState::Poisoned);
     vm.restore_in_place(&ready).unwrap();
+    assert!(early.is_cancelled());
+    assert!(matches!(
+        vm.invoke_cancellable("echo", b"x", &early),
+        Err(VmError::InvalidConfig {
+            field: "cancel",
+            ..
+        })
+    ));
 
     // Raced against the call's start: sent right after the call began,
     // before the guest can have been entered, many times.
@@ -583,6 +591,7 @@ fn a_cancel_token_stops_its_call_and_only_its_call() {
             kicker.join().unwrap(),
             "round {round}: the call had not ended"
         );
+        assert!(token.is_cancelled(), "round {round}");
         assert!(
             matches!(result, Err(VmError::Cancelled)),
             "round {round}: {result:?}"

@@ -130,11 +130,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         Out: serde::de::DeserializeOwned,
     {
         let bytes = crate::vm::encode_typed(input)?;
-        let mut output = Vec::new();
-        self.invoke_via(name, &bytes, |vm, name, input| {
-            output = vm.invoke(name, input)?;
-            Ok(())
-        })?;
+        let output = self.invoke(name, &bytes)?;
         Ok(crate::vm::decode_typed(&output)?)
     }
 

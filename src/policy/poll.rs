@@ -299,32 +299,21 @@ impl<P: RestorePolicy> PollingVm<P> {
         if !self.holder.view.input_fits(input.len()) {
             return self.invoke_growing(name, input, start, cancel);
         }
-        if let Some(token) = cancel {
-            match self.holder.view.bind(token) {
-                Ok(()) => {}
-                Err(true) => {
-                    // Cancelled before it started: no guest code of this
-                    // call runs; the VM is poisoned like after any cancel.
-                    let (mut vm, _) = self.holder.take();
-                    vm.poison_with(&VmError::Cancelled);
-                    self.holder.vm = Some(vm);
-                    let (heap, garbage) = (self.holder.last_heap, self.holder.last_garbage);
-                    return self.settle(name, start, Err(VmError::Cancelled), heap, garbage, true);
-                }
-                Err(false) => {
-                    return Err(VmError::InvalidConfig {
-                        field: "cancel",
-                        reason: "a CancelToken serves one call; this one served another".into(),
-                    }
-                    .into())
-                }
+        let _bound = match cancel.map(|token| self.holder.view.bind(token)) {
+            Some(Err(VmError::Cancelled)) => {
+                // Cancelled before it started: no guest code of this call
+                // runs; the VM is poisoned like after any cancel.
+                let (mut vm, _) = self.holder.take();
+                vm.poison_with(&VmError::Cancelled);
+                self.holder.vm = Some(vm);
+                let (heap, garbage) = (self.holder.last_heap, self.holder.last_garbage);
+                return self.settle(name, start, Err(VmError::Cancelled), heap, garbage, true);
             }
-        }
-        let result = self.invoke_posted(name, input, index, start);
-        if let Some(token) = cancel {
-            token.finish();
-        }
-        result
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(bound)) => Some(bound),
+            None => None,
+        };
+        self.invoke_posted(name, input, index, start)
     }
 
     /// Posts a call to the (hot) guest and waits for it.

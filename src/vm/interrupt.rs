@@ -184,8 +184,8 @@ enum Token {
     CancelledEarly,
     /// Given to call `call` of the VM whose shared state this is.
     Bound { shared: Arc<Shared>, call: u64 },
-    /// Its call ended.
-    Finished,
+    /// Its call ended (`cancelled`: by this token).
+    Finished { cancelled: bool },
 }
 
 impl CancelToken {
@@ -211,7 +211,7 @@ impl CancelToken {
                 *state = Token::CancelledEarly;
                 true
             }
-            Token::CancelledEarly | Token::Finished => false,
+            Token::CancelledEarly | Token::Finished { .. } => false,
             Token::Bound { shared, call } => {
                 let running = shared.running();
                 if shared.call.load(Ordering::SeqCst) != *call {
@@ -224,20 +224,22 @@ impl CancelToken {
         }
     }
 
-    /// Whether [`Self::cancel`] was called.
+    /// Whether [`Self::cancel`] stopped (or is stopping) the token's call.
     pub fn is_cancelled(&self) -> bool {
         match &*self.lock() {
             Token::Unused => false,
             Token::CancelledEarly => true,
-            Token::Finished => false,
+            Token::Finished { cancelled } => *cancelled,
             Token::Bound { shared, call } => shared.cancelled_call.load(Ordering::SeqCst) == *call,
         }
     }
 
     /// Binds the token to the call about to start on the VM `shared`
-    /// belongs to. `Err(true)`: it was cancelled already; `Err(false)`: it
-    /// served a call before.
-    pub(crate) fn bind(&self, shared: &Arc<Shared>) -> Result<(), bool> {
+    /// belongs to, until the returned guard is dropped (however the call
+    /// ends). Fails with [`VmError::Cancelled`] if the token was cancelled
+    /// already (the caller poisons the VM, as any cancel does), and with
+    /// [`VmError::InvalidConfig`] if it served a call before.
+    pub(crate) fn bind(&self, shared: &Arc<Shared>) -> Result<BoundCall<'_>, VmError> {
         let mut state = self.lock();
         match &*state {
             Token::Unused => {
@@ -247,21 +249,44 @@ impl CancelToken {
                     shared: Arc::clone(shared),
                     call,
                 };
-                Ok(())
+                Ok(BoundCall(self))
             }
-            Token::CancelledEarly => Err(true),
-            Token::Bound { .. } | Token::Finished => Err(false),
+            Token::CancelledEarly => {
+                *state = Token::Finished { cancelled: true };
+                Err(VmError::Cancelled)
+            }
+            Token::Bound { .. } | Token::Finished { .. } => Err(VmError::InvalidConfig {
+                field: "cancel",
+                reason: "a CancelToken serves one call; this one served another".into(),
+            }),
         }
     }
 
     /// Ends the token's call: a later cancel does nothing.
-    pub(crate) fn finish(&self) {
+    fn finish(&self) {
         let mut state = self.lock();
-        if let Token::Bound { shared, call } = &*state {
-            let _ = shared
-                .call
-                .compare_exchange(*call, 0, Ordering::SeqCst, Ordering::SeqCst);
-        }
-        *state = Token::Finished;
+        let cancelled = match &*state {
+            Token::Bound { shared, call } => {
+                let _ = shared
+                    .call
+                    .compare_exchange(*call, 0, Ordering::SeqCst, Ordering::SeqCst);
+                shared.cancelled_call.load(Ordering::SeqCst) == *call
+            }
+            Token::CancelledEarly => true,
+            Token::Finished { cancelled } => *cancelled,
+            Token::Unused => false,
+        };
+        *state = Token::Finished { cancelled };
+    }
+}
+
+/// A [`CancelToken`] bound to a running call; dropping it ends the binding,
+/// so no way out of the call (an error, a panic) leaves the VM's next call
+/// cancellable through this token.
+pub(crate) struct BoundCall<'a>(&'a CancelToken);
+
+impl Drop for BoundCall<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
     }
 }

@@ -449,24 +449,10 @@ impl VmInstance {
         input: &[u8],
         cancel: &CancelToken,
     ) -> Result<Vec<u8>, VmError> {
-        match cancel.bind(&self.interrupt) {
-            Ok(()) => {}
-            Err(true) => {
-                // Cancelled before it started: no guest code runs. The VM
-                // is poisoned like after any cancel, so every cancelled
-                // call leaves it the same way.
-                return Err(self.poison(VmError::Cancelled));
-            }
-            Err(false) => {
-                return Err(VmError::InvalidConfig {
-                    field: "cancel",
-                    reason: "a CancelToken serves one call; this one served another".into(),
-                })
-            }
-        }
-        let result = self.invoke_with_data(name, input, None);
-        cancel.finish();
-        result
+        // Cancelled before it started: no guest code runs, and the VM is
+        // poisoned like after any cancel (`poison` leaves other errors be).
+        let _bound = cancel.bind(&self.interrupt).map_err(|e| self.poison(e))?;
+        self.invoke_with_data(name, input, None)
     }
 
     /// Like [`Self::invoke`], with `call_data` for the host functions the

@@ -119,7 +119,10 @@ impl HotView {
     /// [`CancelToken`](super::CancelToken)): a cancel kicks the vCPU
     /// thread, whose run then ends in `Cancelled` while this call is the
     /// token's.
-    pub(crate) fn bind(&self, token: &super::CancelToken) -> Result<(), bool> {
+    pub(crate) fn bind<'t>(
+        &self,
+        token: &'t super::CancelToken,
+    ) -> Result<super::interrupt::BoundCall<'t>, VmError> {
         token.bind(&self.interrupt.shared)
     }
 
