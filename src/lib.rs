@@ -90,11 +90,16 @@
 //! - `serde` (on by default): typed calls, [`VmInstance::call`], with
 //!   inputs and outputs encoded with postcard (the guest exports them with
 //!   `snapvm-guest`'s `serde` feature and `Exports::export_typed`).
+//! - `fuzzing` (off by default): `snapvm::fuzzing`, the drivers of the fuzz
+//!   targets in `fuzz/`. Not a stable API.
 //! - `s3` (off by default): `store::S3Backend`, an S3-compatible backend for
 //!   the store built on the `object_store` crate.
 
 pub mod error;
 mod error_kind;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+mod instance;
 pub mod net;
 pub mod policy;
 pub mod snapshot;
@@ -107,9 +112,10 @@ pub use snapvm_guest::abi;
 
 pub use error::{Error, Result};
 pub use error_kind::ErrorKind;
+pub use instance::{Features, VmInstance};
 pub use policy::{
     Decision, InvokeStats, ManagedVm, PollConfig, PollingVm, ReadyPool, RestorePolicy, RetryPolicy,
-    SuccessCriteria, Transaction, TxError,
+    SuccessCriteria, Transaction, TxEnd, TxError,
 };
 pub use snapshot::{PoolStats, RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
 pub use store::{
@@ -118,5 +124,5 @@ pub use store::{
 };
 pub use vm::{
     CancelToken, Generation, GuestFault, GuestProgram, HostCaller, InterruptHandle, InvalidGuest,
-    PanicLocation, TxEnd, TxFault, VmConfig, VmError, VmInstance, VmState, VmStats,
+    PanicLocation, TxFault, VmConfig, VmError, VmState, VmStats,
 };

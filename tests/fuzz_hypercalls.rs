@@ -1,6 +1,6 @@
 //! The `hypercalls` fuzz target's corpus, run as a normal test: every file
 //! in `fuzz/corpus/hypercalls/` goes through
-//! `snapvm::vm::fuzzing::run_hypercall_script` against real KVM, followed
+//! `snapvm::fuzzing::hypercalls::run_hypercall_script` against real KVM, followed
 //! by a bounded, deterministic run of mutated corpus entries.
 //!
 //! The seed files are written by [`seeds`]: run
@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use snapvm::abi::{self, AbiPage, Hypercall};
-use snapvm::vm::fuzzing::{
-    self, Summary, BLOB_LEN, DISK_INNOCENT_OUT, DISK_INPUT, DISK_NAME_BLOB, DISK_NAME_ECHO,
-    DISK_NAME_FUZZ, DISK_NAME_INNOCENT, DISK_NOT_UTF8, DISK_TABLE, DISK_TEXT, FLAG_INVOKE_INTO,
-    FLAG_READY, FLAG_RESETS_VECTOR_STATE, INPUT_CAP, MAX_OUTPUT, MEMORY_SIZES, TEXT_LEN,
+use snapvm::fuzzing::hypercalls::{
+    self as fuzzing, Summary, BLOB_LEN, DISK_INNOCENT_OUT, DISK_INPUT, DISK_NAME_BLOB,
+    DISK_NAME_ECHO, DISK_NAME_FUZZ, DISK_NAME_INNOCENT, DISK_NOT_UTF8, DISK_TABLE, DISK_TEXT,
+    FLAG_INVOKE_INTO, FLAG_READY, FLAG_RESETS_VECTOR_STATE, INPUT_CAP, MAX_OUTPUT, MEMORY_SIZES,
+    TEXT_LEN,
 };
 use snapvm::GuestProgram;
 

@@ -732,12 +732,12 @@ fn an_inexact_rst_earns_a_challenge_ack() {
         .connections()
         .next()
         .expect("one connection");
-    let rst = snapvm::net::fuzzing::tcp_frame(
+    let rst = snapvm::fuzzing::net::tcp_frame(
         c.guest_mac,
         c.peer_mac,
         c.key.guest,
         c.key.peer,
-        snapvm::net::fuzzing::Flags::Rst,
+        snapvm::fuzzing::net::Flags::Rst,
         c.guest.next_seq.wrapping_add(1),
         None,
         0,

@@ -1,7 +1,7 @@
 //! `ConnTracker` against nasty input and against a simple model.
 //!
 //! The nasty frames are the `conn_tracker` fuzz target's corpus: every file
-//! in `fuzz/corpus/conn_tracker/` runs through `snapvm::net::fuzzing::run`
+//! in `fuzz/corpus/conn_tracker/` runs through `snapvm::fuzzing::net::run`
 //! (which checks the tracker's invariants), and [`seeds`] writes them:
 //! `SNAPVM_REGENERATE_CORPUS=1 cargo test --test net_tracker seed_corpus`.
 
@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
-use snapvm::net::fuzzing::{self, tcp_frame, Flags};
+use snapvm::fuzzing::net::{self as fuzzing, tcp_frame, Flags};
 use snapvm::net::{ConnKey, ConnTracker, Direction, Observation, TrackerConfig};
 
 const G_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];

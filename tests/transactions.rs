@@ -397,12 +397,12 @@ fn deferred_calls_are_bounded_per_attempt() {
     assert_eq!(delivered.load(Ordering::SeqCst), 10);
     // Count: empty inputs.
     vm.restore_in_place(&base).expect("reset");
-    let calls = snapvm::vm::MAX_DEFERRED_CALLS as u16 + 50;
+    let calls = snapvm::policy::MAX_DEFERRED_CALLS as u16 + 50;
     let [lo, hi] = calls.to_le_bytes();
     let done = tx
         .invoke(&mut vm, &base, "notify_many", &[lo, hi, 0])
         .expect("commits");
-    let max = snapvm::vm::MAX_DEFERRED_CALLS as u64;
+    let max = snapvm::policy::MAX_DEFERRED_CALLS as u64;
     assert_eq!(words(&done.output), (max, 50));
     assert_eq!(delivered.load(Ordering::SeqCst), 10 + max);
 }

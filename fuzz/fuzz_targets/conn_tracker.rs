@@ -1,5 +1,5 @@
 //! Fuzzes `snapvm::net::ConnTracker`: the input is a list of frames in both
-//! directions (format in `snapvm::net::fuzzing`); the tracker must never
+//! directions (format in `snapvm::fuzzing::net`); the tracker must never
 //! panic, keep its table within its limit, and produce only valid RST
 //! frames between each connection's own addresses.
 //!
@@ -11,5 +11,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    snapvm::net::fuzzing::run(data);
+    snapvm::fuzzing::net::run(data);
 });

@@ -6,7 +6,7 @@
 //! Run with `cargo +nightly fuzz run hypercalls fuzz/corpus/hypercalls` from
 //! the repository root; it needs `/dev/kvm`. The input format (a flag byte,
 //! a call-plan byte, script words) and the invariants checked are described
-//! in `snapvm::vm::fuzzing`. A boot that fails with a typed error is a
+//! in `snapvm::fuzzing::hypercalls`. A boot that fails with a typed error is a
 //! normal outcome; a panic — a broken invariant or a host panic — is a bug.
 
 #![no_main]
@@ -14,7 +14,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use snapvm::vm::fuzzing;
+use snapvm::fuzzing::hypercalls as fuzzing;
 use snapvm::GuestProgram;
 
 /// rawguest, loaded once per process.

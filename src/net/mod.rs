@@ -29,7 +29,8 @@
 
 mod device;
 pub(crate) mod tap;
-mod tracker;
+pub(crate) mod tracker;
+pub(crate) mod vm;
 
 pub(crate) use device::NetDevice;
 pub use device::{NetConfig, NetIdentity, NetStats, DEFAULT_ARP_PER_SECOND, DEFAULT_MAX_QUEUED};
@@ -38,6 +39,3 @@ pub use tracker::{
     ConnKey, ConnState, ConnTracker, Connection, Direction, Endpoint, Observation, Termination,
     TrackerConfig, TrackerStats,
 };
-
-#[doc(hidden)]
-pub mod fuzzing;

@@ -5,7 +5,8 @@ use std::time::Instant;
 use super::{Decision, InvokeStats, Outcome, RestorePolicy, SuccessCriteria, Transaction};
 use super::{TxError, TxOutcome};
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::vm::{VmError, VmInstance, VmState};
+use crate::vm::{VmError, VmState};
+use crate::VmInstance;
 
 /// A VM that applies a [`RestorePolicy`] after every call, resetting to its
 /// ready snapshot when the policy (or a poisoning error) says so.

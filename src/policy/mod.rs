@@ -45,6 +45,7 @@ mod managed;
 mod poll;
 mod pool;
 mod tx;
+pub(crate) mod txcall;
 
 use std::time::Duration;
 
@@ -55,6 +56,7 @@ pub use tx::{
     And, Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, Not, Or, OutputMatches,
     RetryPolicy, ReturnedOk, SuccessCriteria, Transaction, TxError, TxOutcome, Verdict,
 };
+pub use txcall::{TxEnd, MAX_DEFERRED_CALLS};
 
 /// What a policy decides after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,7 +6,8 @@ use super::managed::Ledger;
 use super::{InvokeStats, ManagedVm, Outcome, RestorePolicy};
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::vm::poll::{self, HotView, PollWorker, RunEnd, Waited};
-use crate::vm::{VmError, VmInstance, VmState};
+use crate::vm::{VmError, VmState};
+use crate::VmInstance;
 
 /// Shortest polling window [`PollConfig::window`] accepts.
 pub const MIN_POLL_WINDOW: Duration = Duration::from_micros(1);
@@ -108,7 +109,7 @@ struct Holder {
     /// `Some` while the vCPU thread does not run it.
     vm: Option<VmInstance>,
     view: HotView,
-    worker: PollWorker,
+    worker: PollWorker<crate::Features>,
     /// The guest's window in time-stamp-counter ticks.
     window: u64,
     /// The last request number posted.

@@ -5,8 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::txcall::TxEnd;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotId};
-use crate::vm::{TxEnd, VmError, VmInstance};
+use crate::vm::VmError;
+use crate::VmInstance;
 
 /// What a [`SuccessCriteria`] decides about one attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -58,7 +58,8 @@ use crate::vm::cpu::CpuState;
 use crate::vm::machine::Machine;
 use crate::vm::memory::GuestRam;
 use crate::vm::persist::{Backing, MemorySource};
-use crate::vm::{Generation, VmConfig, VmError, VmInstance};
+use crate::vm::{Generation, VmConfig, VmError};
+use crate::VmInstance;
 use image::MemoryImage;
 
 pub(crate) use crate::vm::persist::GuestState;

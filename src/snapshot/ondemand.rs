@@ -43,7 +43,8 @@ use crate::store::{BlockId, BlockKey, ConvergentStore, Entry, ManifestId, StoreE
 use crate::vm::machine::Machine;
 use crate::vm::memory::GuestRam;
 use crate::vm::userfault::{MemoryFault, Userfault};
-use crate::vm::{VmConfig, VmError, VmInstance};
+use crate::vm::{VmConfig, VmError};
+use crate::VmInstance;
 
 /// Settings of an on-demand snapshot handle ([`Snapshot::open_from_store`]).
 #[derive(Clone, Debug)]

@@ -15,7 +15,8 @@ use crate::abi::{
 };
 use crate::vm::machine::Machine;
 use crate::vm::memory::GuestRam;
-use crate::vm::{VmConfig, VmError, VmInstance};
+use crate::vm::{VmConfig, VmError};
+use crate::VmInstance;
 
 /// `out 0xF0, eax; jmp $-2`: the warm-up program a new shell runs once.
 const WARM_UP: &[u8] = &[0xE7, 0xF0, 0xEB, 0xFC];

@@ -260,3 +260,34 @@ impl BackendError {
         }
     }
 }
+
+impl StoreError {
+    /// What kind of failure this is (see [`ErrorKind`](crate::ErrorKind)): missing, corrupt
+    /// or unopenable data is [`crate::ErrorKind::Invalid`], a put over a limit
+    /// [`crate::ErrorKind::BadRequest`], I/O and backend failures
+    /// [`crate::ErrorKind::Host`].
+    pub fn kind(&self) -> crate::ErrorKind {
+        use StoreError as E;
+        match self {
+            E::Config(_)
+            | E::Corrupt { .. }
+            | E::Missing { .. }
+            | E::ManifestMissing { .. }
+            | E::Manifest { .. }
+            | E::UnreadableMarker { .. } => crate::ErrorKind::Invalid,
+            E::MetadataTooLarge { .. } | E::ManifestTooLarge { .. } | E::NotOwner { .. } => {
+                crate::ErrorKind::BadRequest
+            }
+            E::Input { .. }
+            | E::Output { .. }
+            | E::Backend { .. }
+            | E::Open { .. }
+            | E::LeaseExpired
+            | E::SweepInProgress { .. }
+            | E::List { .. }
+            | E::Random(_)
+            | E::WorkerPanicked
+            | E::FetchTimeout { .. } => crate::ErrorKind::Host,
+        }
+    }
+}

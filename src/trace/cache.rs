@@ -783,3 +783,16 @@ mod tests {
         assert_eq!(cache.used_bytes(), one * 2);
     }
 }
+
+impl TraceError {
+    /// What kind of failure this is (see [`ErrorKind`](crate::ErrorKind)): an entry or key
+    /// over a limit is [`crate::ErrorKind::BadRequest`], I/O failures
+    /// [`crate::ErrorKind::Host`].
+    pub fn kind(&self) -> crate::ErrorKind {
+        use TraceError as E;
+        match self {
+            E::TooLarge { .. } | E::KeyTooLarge { .. } => crate::ErrorKind::BadRequest,
+            E::Open { .. } | E::Write { .. } => crate::ErrorKind::Host,
+        }
+    }
+}

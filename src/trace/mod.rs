@@ -8,6 +8,7 @@
 
 mod cache;
 mod profile;
+pub(crate) mod vm;
 mod working_set;
 
 #[doc(hidden)]

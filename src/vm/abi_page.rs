@@ -6,7 +6,7 @@ use std::mem::offset_of;
 
 use super::error::{HypercallFault, VmError};
 use super::memory::GuestRam;
-use super::VmInstance;
+use super::{Extension, Vm};
 use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
 
 /// Checks that `[addr, addr + len)` is memory guest code can read and write
@@ -109,7 +109,7 @@ fn check_output(
     Ok((output_ptr, output_len))
 }
 
-impl VmInstance {
+impl<X: Extension> Vm<X> {
     /// Reads `N` words of the ABI page at guest address `addr`.
     pub(super) fn read_words<const N: usize>(&self, addr: u64) -> Result<[u64; N], VmError> {
         ram_words(&self.machine.ram, addr)

@@ -1,4 +1,4 @@
-//! [`VmConfig`]: everything a [`VmInstance`](super::VmInstance) is built from.
+//! [`VmConfig`]: everything a [`VmInstance`](crate::VmInstance) is built from.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -99,8 +99,9 @@ pub struct VmConfig {
     pub(crate) max_preserved: u64,
     pub(crate) scratch_disk: Option<ScratchDisk>,
     pub(crate) limits: GuestLimits,
-    pub(crate) profiles: Option<crate::trace::ProfileScope>,
-    pub(crate) network: Option<crate::net::NetConfig>,
+    /// The settings of the features plugged into the core (the network
+    /// device, guest profiles), set by their own builder methods.
+    pub(crate) ext: super::ExtSettings,
 }
 
 /// Limits on what the host allocates or copies on a guest's behalf. Each
@@ -221,7 +222,7 @@ impl fmt::Debug for VmConfig {
             .field("max_preserved", &self.max_preserved)
             .field("scratch_disk", &self.scratch_disk)
             .field("limits", &self.limits)
-            .field("profiles", &self.profiles)
+            .field("features", &self.ext)
             .finish()
     }
 }
@@ -241,9 +242,8 @@ impl VmConfig {
             dirty_tracking: false,
             max_preserved: DEFAULT_MAX_PRESERVED,
             scratch_disk: None,
-            network: None,
             limits: GuestLimits::default(),
-            profiles: None,
+            ext: super::ExtSettings::default(),
         }
     }
 
@@ -318,7 +318,7 @@ impl VmConfig {
     /// recorded input once the attempt is judged a success — never for an
     /// attempt that is rewound or fails. Anywhere else (before `tx::begin`,
     /// in a plain `invoke`) it runs at once like any host function. At most
-    /// [`MAX_DEFERRED_CALLS`](super::MAX_DEFERRED_CALLS) calls, and inputs
+    /// [`MAX_DEFERRED_CALLS`](crate::policy::MAX_DEFERRED_CALLS) calls, and inputs
     /// of at most the host-call input limit
     /// ([`Self::host_call_limits`]) in all, are buffered per attempt; a
     /// call over either limit fails for the guest.
@@ -391,7 +391,7 @@ impl VmConfig {
     }
 
     /// Tracks the guest pages written after a snapshot (KVM dirty logging),
-    /// so [`VmInstance::snapshot_diff`](super::VmInstance::snapshot_diff)
+    /// so [`VmInstance::snapshot_diff`](crate::vm::Vm::snapshot_diff)
     /// can capture only those. Off by default: on hosts without hardware
     /// dirty logging every first write to a page after a snapshot costs an
     /// extra fault.
@@ -436,17 +436,6 @@ impl VmConfig {
         self
     }
 
-    /// Keeps the guest's profiles (`snapvm_guest::trace`) in `scope`'s
-    /// cache, for its tenant: what a VM exports is offered to later VMs of
-    /// the same tenant, code and runtime version (see
-    /// [`ProfileScope`](crate::trace::ProfileScope) and `docs/trace.md`).
-    /// Without it the guest's exports are refused and its imports find
-    /// nothing.
-    pub fn profiles(mut self, scope: crate::trace::ProfileScope) -> Self {
-        self.profiles = Some(scope);
-        self
-    }
-
     /// Largest guest profile blob the host stores or offers (default
     /// [`DEFAULT_MAX_PROFILE`]). A larger export is refused
     /// (`ExportError::TooLarge` in the guest) before a byte is copied; a
@@ -459,16 +448,6 @@ impl VmConfig {
     /// Attaches a scratch disk (see [`ScratchDisk`]).
     pub fn scratch_disk(mut self, disk: ScratchDisk) -> Self {
         self.scratch_disk = Some(disk);
-        self
-    }
-
-    /// Gives the VM a network device on a TAP device (see
-    /// [`NetConfig`](crate::net::NetConfig) and `docs/networking.md`). Each
-    /// VM built or restored with this config opens the TAP device and gets
-    /// this identity: to restore one snapshot into several VMs, give each
-    /// its own config with its own TAP device and identity.
-    pub fn network(mut self, network: crate::net::NetConfig) -> Self {
-        self.network = Some(network);
         self
     }
 
@@ -521,12 +500,7 @@ impl VmConfig {
                 reason: format!("name {name:?} must be 1..={MAX_FUNCTION_NAME} bytes"),
             });
         }
-        if let Some(net) = &self.network {
-            net.validate().map_err(|reason| VmError::InvalidConfig {
-                field: "network",
-                reason,
-            })?;
-        }
+        self.ext.validate()?;
         if self.total_memory() > MAX_MEMORY_SIZE {
             return Err(VmError::InvalidConfig {
                 field: "scratch_disk",

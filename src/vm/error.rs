@@ -175,7 +175,7 @@ pub enum InvalidGuest {
     },
 }
 
-/// Errors of [`VmInstance`](super::VmInstance) and [`VmConfig`](super::VmConfig).
+/// Errors of [`VmInstance`](crate::VmInstance) and [`VmConfig`](super::VmConfig).
 ///
 /// Errors marked *poisons* leave the instance in
 /// [`VmState::Poisoned`](super::VmState::Poisoned): the guest stopped in the

@@ -9,8 +9,8 @@ use super::Generation;
 /// [`VmConfig::host_function_with_caller`](super::VmConfig::host_function_with_caller)
 /// receives, like Wasmtime's `Caller<T>`: which guest function is calling,
 /// the VM's generation, the call's deadline, and user data — the VM's own
-/// ([`VmInstance::set_data`](super::VmInstance::set_data), e.g. the tenant)
-/// and the call's ([`VmInstance::invoke_with`](super::VmInstance::invoke_with),
+/// ([`VmInstance::set_data`](crate::vm::Vm::set_data), e.g. the tenant)
+/// and the call's ([`VmInstance::invoke_with`](crate::vm::Vm::invoke_with),
 /// e.g. the request id) — without thread-locals.
 ///
 /// ```no_run

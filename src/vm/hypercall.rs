@@ -13,7 +13,10 @@ use kvm_ioctls::VcpuExit;
 
 use super::abi_page::{bad, check_user_range, field, read_str, ARGS, RET};
 use super::error::{GuestFault, PanicLocation, VmError};
-use super::{timer, CallData, HostCaller, Stop, TimeoutClock, VmInstance, MAX_PRESERVED_REGIONS};
+use super::{
+    timer, CallContext, CallData, Extension, HostCaller, Stop, TimeoutClock, Vm,
+    MAX_PRESERVED_REGIONS,
+};
 use crate::abi::{self, AbiPage, Hypercall, PORT_FAULT, PORT_HYPERCALL};
 
 /// Longest source file name in a panic location.
@@ -123,7 +126,7 @@ pub(crate) enum Watch {
     Again(Duration),
 }
 
-impl VmInstance {
+impl<X: Extension> Vm<X> {
     /// Runs the vCPU until the guest reports Ready or Done, serving the
     /// hypercalls it makes on the way.
     pub(super) fn run(&mut self, call_data: CallData<'_>) -> Result<Stop, VmError> {
@@ -151,7 +154,7 @@ impl VmInstance {
     /// itself.
     ///
     /// Calls arrive without an exit, so their bookkeeping
-    /// ([`VmInstance::begin_call`], the same as for calls through exits)
+    /// ([`VmInstance::begin_call`](crate::vm::Vm::begin_call), the same as for calls through exits)
     /// runs at the first hypercall the guest makes in a call it has not
     /// seen yet: before that the guest has touched no host-side state.
     pub(crate) fn run_polling(
@@ -254,12 +257,6 @@ impl VmInstance {
                     Some(Hypercall::Panic) => return Err(self.hypercall_panic()),
                     Some(Hypercall::Abort) => return Err(self.hypercall_abort()),
                     Some(Hypercall::Preserve) => self.hypercall_preserve()?,
-                    Some(Hypercall::TxBegin) => self.hypercall_tx_begin()?,
-                    Some(Hypercall::TxEnd) => self.hypercall_tx_end()?,
-                    Some(Hypercall::TraceExport) => self.hypercall_trace_export()?,
-                    Some(Hypercall::TraceImport) => self.hypercall_trace_import()?,
-                    Some(Hypercall::NetInfo) => self.hypercall_net_info()?,
-                    Some(Hypercall::NetExchange) => self.hypercall_net_exchange(&mut deadline)?,
                     Some(Hypercall::OutOfMemory) => {
                         let [requested] = self.read_words::<1>(ARGS)?;
                         let [heap_used] =
@@ -268,6 +265,31 @@ impl VmInstance {
                             requested,
                             heap_used,
                         });
+                    }
+                    Some(other) => {
+                        // Not the core's: an extension's, or unknown.
+                        let mut cx = CallContext {
+                            ram: &self.machine.ram,
+                            limits: &self.limits,
+                            deadline: &mut deadline,
+                            polled_deadline: self.call_deadline,
+                            dirty: self.dirty_tracking.then_some(&mut self.dirty),
+                            interrupt: &self.interrupt,
+                            function: current_function_name(&self.functions, self.current_function),
+                            generation: self.generation,
+                            program_digest: &self.program_digest,
+                            origin: self.origin,
+                            hypercall: super::ext::hypercall_name(other),
+                            checkpoint: false,
+                        };
+                        match self.ext.hypercall(other, &mut cx) {
+                            Some(served) => served?,
+                            None => return Err(VmError::UnknownHypercall { nr: value }),
+                        }
+                        if cx.checkpoint && self.can_checkpoint() {
+                            let checkpoint = self.checkpoint()?;
+                            self.ext.checkpoint_taken(checkpoint);
+                        }
                     }
                     None => return Err(VmError::UnknownHypercall { nr: value }),
                 },
@@ -279,7 +301,7 @@ impl VmInstance {
                 }
             }
             if let Some(hooks) = hooks.as_deref() {
-                hooks.transaction_open(self.transaction_open().then_some(self.polled_seq));
+                hooks.transaction_open(self.ext.call_end().is_err().then_some(self.polled_seq));
             }
         }
     }
@@ -415,13 +437,14 @@ impl VmInstance {
                 self.limits.host_call_input
             );
             (abi::HOST_CALL_FAILED, message.into_bytes())
-        } else if self.tx.recording() && self.deferred.contains(&name) {
+        } else if self.ext.defers_host_calls() && self.deferred.contains(&name) {
             let input = self
                 .machine
                 .ram
                 .read_vec(in_ptr, in_len)
                 .map_err(|e| bad("HostCall", e.into()))?;
-            self.defer_host_call(name, input)
+            self.ext
+                .defer_host_call(name, input, self.limits.host_call_input)
         } else {
             let input = self
                 .machine

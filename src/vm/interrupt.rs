@@ -91,10 +91,10 @@ impl Drop for Running {
     }
 }
 
-/// Stops a running call of one [`VmInstance`](super::VmInstance) from any
+/// Stops a running call of one [`VmInstance`](crate::VmInstance) from any
 /// thread: a request whose client hung up, a shutdown. Cheap to clone,
 /// `Send + Sync`; get one with
-/// [`VmInstance::interrupt_handle`](super::VmInstance::interrupt_handle).
+/// [`VmInstance::interrupt_handle`](crate::vm::Vm::interrupt_handle).
 ///
 /// The interrupted call returns [`VmError::Cancelled`], which poisons the
 /// VM (the guest stopped mid-call); `restore_in_place` (or a `ManagedVm`
@@ -138,7 +138,7 @@ impl InterruptHandle {
 
 /// Cancels one call, and only that call: the per-call counterpart of
 /// [`InterruptHandle`]. Create one, give it to the call
-/// ([`VmInstance::invoke_cancellable`](super::VmInstance::invoke_cancellable),
+/// ([`VmInstance::invoke_cancellable`](crate::vm::Vm::invoke_cancellable),
 /// [`ManagedVm::invoke_cancellable`](crate::policy::ManagedVm::invoke_cancellable),
 /// [`PollingVm::invoke_cancellable`](crate::policy::PollingVm::invoke_cancellable)),
 /// and [`cancel`](Self::cancel) it from any thread.

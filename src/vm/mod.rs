@@ -1,8 +1,10 @@
-//! [`VmInstance`]: a KVM micro-VM running one guest program.
+//! The VM core, [`Vm`]: a KVM micro-VM running one guest program.
+//! [`VmInstance`](crate::VmInstance) is this core with snapvm's features
+//! plugged in through [`Extension`].
 //!
 //! Building a VM maps its memory, loads the program, sets up 64-bit long
 //! mode with guest code at CPL3 and runs the guest's init function until it
-//! reports *ready*. From then on, [`VmInstance::invoke`] runs one exported
+//! reports *ready*. From then on, [`VmInstance::invoke`](crate::vm::Vm::invoke) runs one exported
 //! guest function: the host writes the input into guest memory, resumes the
 //! vCPU, and the guest answers with a single exit when the function returns
 //! — one `KVM_RUN` per call.
@@ -22,26 +24,23 @@
 //! instance ready again (see `docs/transactions.md`).
 
 mod abi_page;
+mod checkpoint;
 mod config;
 pub(crate) mod cpu;
 mod dirty;
 mod error;
-#[doc(hidden)]
-pub mod fuzzing;
+mod ext;
 mod host;
 mod hypercall;
 mod interrupt;
-mod layout;
+pub(crate) mod layout;
 mod loader;
 pub(crate) mod machine;
 pub(crate) mod memory;
-mod netcall;
 pub(crate) mod persist;
 pub(crate) mod poll;
-mod profile;
 pub mod raw;
 mod timer;
-mod tx;
 pub(crate) mod userfault;
 
 use std::borrow::Cow;
@@ -50,6 +49,7 @@ use std::mem::offset_of;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use checkpoint::Checkpoint;
 pub use config::{
     HostFn, HostFnError, HostFnWithCaller, ScratchDisk, TimeoutClock, VmConfig, DEFAULT_LOG_BUDGET,
     DEFAULT_MAX_HOST_CALL_INPUT, DEFAULT_MAX_HOST_CALL_OUTPUT, DEFAULT_MAX_MESSAGE,
@@ -57,13 +57,15 @@ pub use config::{
     DEFAULT_TIMEOUT, MAX_DISK_SIZE, MAX_MEMORY_SIZE, MIN_MEMORY_SIZE,
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, TxFault, VmError};
+pub(crate) use ext::{sealed, ExtSettings, Setting};
+pub use ext::{CallContext, Extension, NoExtensions};
 pub use host::HostCaller;
 pub use interrupt::{CancelToken, InterruptHandle};
 pub use loader::GuestProgram;
 pub use machine::{check_kvm, check_kvm_device, TCG_TSS_SWITCH};
+pub(crate) use persist::MemorySource;
 pub use persist::SnapshotId;
 pub use timer::timeout_signal;
-pub use tx::{TxEnd, MAX_DEFERRED_CALLS};
 
 use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
 pub(crate) use abi_page::check_user_range;
@@ -72,10 +74,10 @@ use config::GuestLimits;
 pub(crate) use hypercall::io_exit;
 use machine::Machine;
 
-/// The user data of one call (see [`VmInstance::invoke_with`]).
+/// The user data of one call (see [`VmInstance::invoke_with`](crate::vm::Vm::invoke_with)).
 pub(crate) type CallData<'a> = Option<&'a mut (dyn std::any::Any + Send)>;
 
-/// The lifecycle state of a [`VmInstance`].
+/// The lifecycle state of a [`VmInstance`](crate::VmInstance).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum VmState {
@@ -128,7 +130,7 @@ pub(super) enum Stop {
 /// assert_eq!(out, b"olleh");
 /// # Ok(()) }
 /// ```
-pub struct VmInstance {
+pub struct Vm<X: Extension> {
     machine: Machine,
     functions: HashMap<String, u64>,
     /// The table `functions` was last installed from by a restore, in the
@@ -148,9 +150,7 @@ pub struct VmInstance {
     host_functions: Arc<HashMap<String, Arc<HostFnWithCaller>>>,
     /// Host functions whose calls inside a transaction attempt are buffered.
     deferred: Arc<std::collections::HashSet<String>>,
-    /// The current call's transaction.
-    tx: tx::TxCall,
-    /// The embedder's data for this VM (see [`VmInstance::set_data`]).
+    /// The embedder's data for this VM (see [`VmInstance::set_data`](crate::vm::Vm::set_data)).
     data: Option<Box<dyn std::any::Any + Send>>,
     pending_host_result: Option<Vec<u8>>,
     pending_status: u64,
@@ -200,10 +200,8 @@ pub struct VmInstance {
     /// The request number of the polled call whose bookkeeping is current
     /// (see `run_polling`).
     polled_seq: u64,
-    /// Guest profiles: where they go, and the code identity they are keyed by.
-    profiles: profile::Profiles,
-    /// The network device, if the config has one.
-    net: Option<Box<crate::net::NetDevice>>,
+    /// The features plugged into this VM (see [`Extension`]).
+    ext: X,
 }
 
 /// Most regions a guest may preserve.
@@ -231,7 +229,7 @@ pub(crate) fn fresh_entropy() -> Result<(Generation, [u64; 4]), VmError> {
     Ok((generation, [word(1), word(2), word(3), word(4)]))
 }
 
-impl std::fmt::Debug for VmInstance {
+impl<X: Extension> std::fmt::Debug for Vm<X> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmInstance")
             .field("state", &self.state)
@@ -242,7 +240,7 @@ impl std::fmt::Debug for VmInstance {
     }
 }
 
-impl VmInstance {
+impl<X: Extension> Vm<X> {
     /// Builds a VM from `config` and runs the guest's init until it is
     /// ready. The config and program are validated before any KVM object is
     /// created.
@@ -271,8 +269,7 @@ impl VmInstance {
             heap_end: config.memory_size,
             ..AbiPage::default()
         };
-        let mut vm = Self::from_machine(machine, config);
-        vm.open_network(config)?;
+        let mut vm = Self::from_machine(machine, config)?;
         vm.write_words(field(0), &abi_boot_words(&boot))?;
         if let Some(disk) = &config.scratch_disk {
             vm.write_words(
@@ -295,8 +292,8 @@ impl VmInstance {
     }
 
     /// An instance around `machine` with no guest state yet.
-    pub(crate) fn from_machine(machine: Machine, config: &VmConfig) -> Self {
-        Self {
+    pub(crate) fn from_machine(machine: Machine, config: &VmConfig) -> Result<Self, VmError> {
+        Ok(Self {
             machine,
             functions: HashMap::new(),
             installed_functions: Vec::new(),
@@ -309,7 +306,6 @@ impl VmInstance {
             max_output: config.max_output,
             host_functions: Arc::clone(&config.host_functions),
             deferred: Arc::clone(&config.deferred),
-            tx: tx::TxCall::default(),
             pending_host_result: None,
             pending_status: 0,
             stats: VmStats::default(),
@@ -333,10 +329,19 @@ impl VmInstance {
             current_function: None,
             call_deadline: None,
             polled_seq: 0,
-            profiles: profile::Profiles::new(config.profiles.clone()),
             data: None,
-            net: None,
-        }
+            ext: X::open(config)?,
+        })
+    }
+
+    /// The features plugged into this VM.
+    pub(crate) fn ext(&self) -> &X {
+        &self.ext
+    }
+
+    /// The features plugged into this VM.
+    pub(crate) fn ext_mut(&mut self) -> &mut X {
+        &mut self.ext
     }
 
     /// Gives the guest a new generation and fresh entropy (before it runs again).
@@ -381,6 +386,11 @@ impl VmInstance {
     /// Names of the functions the guest exported, in no particular order.
     pub fn functions(&self) -> impl Iterator<Item = &str> {
         self.functions.keys().map(String::as_str)
+    }
+
+    /// Whether the guest exported function `name`.
+    pub(crate) fn has_function(&self, name: &str) -> bool {
+        self.functions.contains_key(name)
     }
 
     /// Calls guest function `name` with `input` and returns its output.
@@ -605,23 +615,16 @@ impl VmInstance {
     pub(crate) fn begin_call(&mut self, index: u64, deadline: Option<std::time::Instant>) {
         self.pending_host_result = None;
         self.log_used = 0;
-        self.tx.new_call();
+        self.ext.call_start();
         self.current_function = Some(index);
         self.call_deadline = deadline;
-    }
-
-    /// Whether the call being served opened a transaction it has not ended.
-    pub(crate) fn transaction_open(&self) -> bool {
-        self.tx.phase == tx::Phase::Open
     }
 
     /// Runs a started call (or a rewound transaction attempt) to `Done` and
     /// reads its result.
     fn finish_call(&mut self, call_data: CallData<'_>) -> Result<(u64, u64), VmError> {
         self.expect_done(call_data)?;
-        if self.tx.phase == tx::Phase::Open {
-            return Err(VmError::Transaction(TxFault::NotEnded));
-        }
+        self.ext.call_end()?;
         let report = abi_page::read_result(&self.machine.ram, self.result_limits());
         self.check_memory()?;
         let report = report?;

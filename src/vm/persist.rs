@@ -1,10 +1,10 @@
 //! The one seam between a VM and what saves and restores it.
 //!
-//! Shaped like Firecracker's `Persist`: [`VmInstance::save_guest`] only
+//! Shaped like Firecracker's `Persist`: [`VmInstance::save_guest`](crate::vm::Vm::save_guest) only
 //! copies data out and cannot fail; restoring is a constructor
-//! ([`VmInstance::from_saved`]) that takes the saved state plus the live
+//! ([`VmInstance::from_saved`](crate::vm::Vm::from_saved)) that takes the saved state plus the live
 //! resources it cannot serialize (the KVM objects, guest memory already
-//! filled), or an in-place rewind ([`VmInstance::rewind`]) that takes the
+//! filled), or an in-place rewind ([`VmInstance::rewind`](crate::vm::Vm::rewind)) that takes the
 //! saved state plus a [`MemorySource`] for the pages. The `snapshot` module
 //! stores [`GuestState`], [`CpuState`] and a memory image and goes through
 //! these functions only: it never touches a VM's fields, and `vm` does not
@@ -22,7 +22,7 @@ use std::fmt;
 use super::cpu::{CpuState, Registers};
 use super::machine::Machine;
 use super::memory::GuestRam;
-use super::{check_user_range, Generation, VmConfig, VmError, VmInstance, VmState};
+use super::{check_user_range, Extension, Generation, Vm, VmConfig, VmError, VmState};
 use crate::abi::{PAGE_SIZE, USER_BASE};
 
 /// Identifies a snapshot; diffs name their base by it, and a VM tracks the
@@ -81,7 +81,7 @@ pub(crate) trait MemorySource {
 /// opaque to `vm` (the `snapshot` module puts its `Snapshot` here).
 pub(crate) type Backing = dyn Any + Send + Sync;
 
-impl VmInstance {
+impl<X: Extension> Vm<X> {
     /// Copies the guest state out. Cannot fail.
     pub(crate) fn save_guest(&self) -> GuestState {
         let mut functions: Vec<(String, u64)> = self
@@ -187,11 +187,9 @@ impl VmInstance {
         let current = machine.cpuid.take();
         cpu.apply(&mut machine.vcpu, current.as_deref())?;
         machine.cpuid = Some(cpu.cpuid.clone());
-        let mut vm = Self::from_machine(machine, config);
-        vm.open_network(config)?;
+        let mut vm = Self::from_machine(machine, config)?;
         vm.install_guest(guest)?;
         vm.track_from(tracked)?;
-        vm.profiles.origin = Some(tracked);
         vm.origin = Some(tracked);
         Ok(vm)
     }
@@ -257,10 +255,9 @@ impl VmInstance {
         self.install_guest(guest)?;
         // Nothing of a call's host-side state outlives the rewind (a
         // transaction the guest left open, a pending host result).
-        self.tx.new_call();
+        self.ext.before_reset();
         self.pending_host_result = None;
         self.write_preserved(preserved)?;
-        self.profiles.origin = Some(source.id());
         if self.base != Some(source.id()) {
             self.track_from(source.id())?;
         }

@@ -25,7 +25,7 @@ use super::error::{HypercallFault, VmError};
 use super::hypercall::{PollHooks, PolledCall, Watch};
 use super::memory::GuestRam;
 use super::userfault::MemoryFault;
-use super::{InterruptHandle, Stop, TimeoutClock, VmInstance, VmState};
+use super::{Extension, InterruptHandle, Stop, TimeoutClock, Vm, VmState};
 use crate::abi::{self, AbiPage};
 
 /// How long a stop request (`REQUEST_IDLE`) may take before the vCPU is
@@ -128,7 +128,7 @@ impl HotView {
 
     /// Takes the input buffer and limits of `vm` (they change when it is
     /// reset or grows its buffer).
-    pub(crate) fn refresh(&mut self, vm: &VmInstance) {
+    pub(crate) fn refresh<X: Extension>(&mut self, vm: &Vm<X>) {
         self.input_buf = vm.input_buf;
         self.input_cap = vm.input_cap;
         self.ram = Arc::clone(&vm.machine.ram);
@@ -223,7 +223,7 @@ impl HotView {
     }
 }
 
-impl VmInstance {
+impl<X: Extension> Vm<X> {
     /// The caller's view of this VM for polling mode.
     pub(crate) fn hot_view(&self) -> HotView {
         HotView {
@@ -273,15 +273,15 @@ pub(crate) enum RunEnd {
     Failed(VmError),
 }
 
-enum Slot {
+enum Slot<X: Extension> {
     Empty,
-    Run(VmInstance),
-    Stopped(VmInstance, RunEnd),
+    Run(Vm<X>),
+    Stopped(Vm<X>, RunEnd),
     Quit,
 }
 
-struct Shared {
-    slot: Mutex<Slot>,
+struct Shared<X: Extension> {
+    slot: Mutex<Slot<X>>,
     cv: Condvar,
     /// The slot holds a stopped VM (read without the lock while spinning).
     stopped: AtomicBool,
@@ -307,9 +307,9 @@ struct Shared {
 }
 
 /// The vCPU thread's answers to a polling run (see [`PollHooks`]).
-struct Hooks<'a>(&'a Shared);
+struct Hooks<'a, X: Extension>(&'a Shared<X>);
 
-impl PollHooks for Hooks<'_> {
+impl<X: Extension> PollHooks for Hooks<'_, X> {
     fn watch(&mut self) -> Watch {
         self.0.watch()
     }
@@ -340,8 +340,8 @@ impl PollHooks for Hooks<'_> {
     }
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Slot> {
+impl<X: Extension> Shared<X> {
+    fn lock(&self) -> MutexGuard<'_, Slot<X>> {
         self.slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -366,22 +366,22 @@ impl Shared {
 }
 
 /// The vCPU thread of a polling VM.
-pub(crate) struct PollWorker {
-    shared: Arc<Shared>,
+pub(crate) struct PollWorker<X: Extension> {
+    shared: Arc<Shared<X>>,
     thread: Option<JoinHandle<()>>,
 }
 
 /// What a caller waiting for its call found.
-pub(crate) enum Waited {
+pub(crate) enum Waited<X: Extension> {
     /// The guest published the call's result; it is still running.
     Finished,
     /// The run ended (the VM is back in the caller's hands).
-    Stopped(VmInstance, RunEnd),
+    Stopped(Vm<X>, RunEnd),
     /// The deadline passed; the vCPU was stopped (and the VM is back).
-    TimedOut(VmInstance),
+    TimedOut(Vm<X>),
 }
 
-impl PollWorker {
+impl<X: Extension> PollWorker<X> {
     /// Starts the vCPU thread; `window` is the guest's spin window.
     pub(crate) fn start(window: Duration) -> Result<Self, VmError> {
         let shared = Arc::new(Shared {
@@ -412,7 +412,7 @@ impl PollWorker {
     }
 
     /// Hands `vm` to the vCPU thread, which resumes it.
-    pub(crate) fn dispatch(&self, vm: VmInstance) {
+    pub(crate) fn dispatch(&self, vm: Vm<X>) {
         let mut slot = self.shared.lock();
         *slot = Slot::Run(vm);
         self.shared.stopped.store(false, Ordering::SeqCst);
@@ -420,7 +420,7 @@ impl PollWorker {
     }
 
     /// Leaves a stopped VM with the thread again (see [`Self::take`]).
-    fn put_back(&self, vm: VmInstance, end: RunEnd) {
+    fn put_back(&self, vm: Vm<X>, end: RunEnd) {
         let mut slot = self.shared.lock();
         *slot = Slot::Stopped(vm, end);
         self.shared.stopped.store(true, Ordering::SeqCst);
@@ -466,7 +466,7 @@ impl PollWorker {
     }
 
     /// Takes the VM back if the thread stopped with it.
-    pub(crate) fn take(&self) -> Option<(VmInstance, RunEnd)> {
+    pub(crate) fn take(&self) -> Option<(Vm<X>, RunEnd)> {
         if !self.shared.stopped.load(Ordering::SeqCst) {
             return None;
         }
@@ -484,7 +484,7 @@ impl PollWorker {
     }
 
     /// Waits for the thread to stop, kicking the vCPU every millisecond.
-    fn take_by_force(&self, view: &HotView) -> (VmInstance, RunEnd) {
+    fn take_by_force(&self, view: &HotView) -> (Vm<X>, RunEnd) {
         loop {
             if let Some(taken) = self.take() {
                 return taken;
@@ -505,7 +505,7 @@ impl PollWorker {
     /// Waits until the guest finished request `seq`, the run ended, or
     /// `deadline` passed. A guest that stopped by itself before it saw the
     /// request is resumed.
-    pub(crate) fn wait(&self, view: &HotView, seq: u64, deadline: Option<Instant>) -> Waited {
+    pub(crate) fn wait(&self, view: &HotView, seq: u64, deadline: Option<Instant>) -> Waited<X> {
         let mut spins = 0u32;
         let start = Instant::now();
         let mut nap = Duration::from_micros(1);
@@ -551,7 +551,7 @@ impl PollWorker {
     /// Stops the guest and takes the VM back: asks it to stop
     /// (`REQUEST_IDLE` as request `seq`), and kicks the vCPU if it did
     /// not within [`STOP_GRACE`]. Returns the VM and how its run ended.
-    pub(crate) fn stop(&self, view: &HotView, seq: u64) -> (VmInstance, RunEnd) {
+    pub(crate) fn stop(&self, view: &HotView, seq: u64) -> (Vm<X>, RunEnd) {
         if let Some(taken) = self.take() {
             return taken;
         }
@@ -572,7 +572,7 @@ impl PollWorker {
     }
 }
 
-impl Drop for PollWorker {
+impl<X: Extension> Drop for PollWorker<X> {
     fn drop(&mut self) {
         {
             let mut slot = self.shared.lock();
@@ -588,7 +588,7 @@ impl Drop for PollWorker {
 
 /// The vCPU thread: runs each VM it is handed until the guest stops, the
 /// thread's timer parks it, or the run fails; then hands it back.
-fn work(shared: &Shared) {
+fn work<X: Extension>(shared: &Shared<X>) {
     loop {
         let mut vm = {
             let mut slot = shared.lock();

@@ -1,20 +1,20 @@
-//! The network device's hypercalls and the VM's network methods.
+//! The network device as a VM feature: its hypercalls (`NetInfo`,
+//! `NetExchange`), served through the core's extension hooks, and the VM's
+//! network methods.
 //!
-//! Every argument is untrusted: both buffers are checked with
-//! [`check_user_range`], the guest's batch is bounded by
+//! Every argument is untrusted: both buffers are checked against what the
+//! guest could reach itself, the guest's batch is bounded by
 //! [`abi::NET_MAX_TX`] and copied into one host buffer the device keeps,
 //! what the host writes back is bounded by [`abi::NET_MAX_RX`], and the
 //! wait by [`abi::NET_MAX_WAIT_US`] and the call's deadline.
 
 use std::time::{Duration, Instant};
 
-use super::abi_page::{bad, check_user_range, ARGS, RET};
-use super::error::{HypercallFault, VmError};
-use super::hypercall::Deadline;
-use super::{timer, VmConfig, VmInstance};
-use crate::abi;
-use crate::net::tap::Readiness;
-use crate::net::{ConnTracker, Connection, NetDevice, NetIdentity, NetStats};
+use super::tap::Readiness;
+use super::{ConnTracker, Connection, NetConfig, NetDevice, NetIdentity, NetStats};
+use crate::abi::{self, Hypercall};
+use crate::vm::{CallContext, HypercallFault, Setting, VmConfig, VmError};
+use crate::VmInstance;
 
 /// Microseconds of the host's monotonic clock (the guest stack's time).
 fn monotonic_us() -> u64 {
@@ -28,64 +28,97 @@ fn monotonic_us() -> u64 {
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
 }
 
-impl VmInstance {
-    /// Opens the network device of `config`, if it has one.
-    pub(super) fn open_network(&mut self, config: &VmConfig) -> Result<(), VmError> {
-        if let Some(net) = &config.network {
-            let device = NetDevice::open(net).map_err(|source| VmError::NetworkDevice {
-                tap: net.tap.clone(),
-                source,
-            })?;
-            self.net = Some(Box::new(device));
-        }
-        Ok(())
+impl Setting for NetConfig {
+    fn validate(&self) -> Result<(), VmError> {
+        NetConfig::validate(self).map_err(|reason| VmError::InvalidConfig {
+            field: "network",
+            reason,
+        })
     }
 
-    pub(super) fn hypercall_net_info(&mut self) -> Result<(), VmError> {
-        let Some(dev) = self.net.as_deref() else {
-            return self.write_words(RET, &[abi::NET_NO_DEVICE, 0, 0, 0]);
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl VmConfig {
+    /// Gives the VM a network device on a TAP device (see
+    /// [`NetConfig`] and `docs/networking.md`). Each VM built or restored
+    /// with this config opens the TAP device and gets this identity: to
+    /// restore one snapshot into several VMs, give each its own config with
+    /// its own TAP device and identity.
+    pub fn network(mut self, network: NetConfig) -> Self {
+        self.ext.set(network);
+        self
+    }
+}
+
+/// A VM's network feature: its device, if the config has one.
+#[derive(Debug, Default)]
+pub(crate) struct NetExt {
+    dev: Option<Box<NetDevice>>,
+}
+
+impl NetExt {
+    /// Opens the network device of `config`, if it has one.
+    pub(crate) fn open(config: &VmConfig) -> Result<Self, VmError> {
+        let Some(net) = config.ext.get::<NetConfig>() else {
+            return Ok(Self::default());
+        };
+        let device = NetDevice::open(net).map_err(|source| VmError::NetworkDevice {
+            tap: net.tap.clone(),
+            source,
+        })?;
+        Ok(Self {
+            dev: Some(Box::new(device)),
+        })
+    }
+
+    /// Serves the network hypercalls; `None` for any other.
+    pub(crate) fn hypercall(
+        &mut self,
+        nr: Hypercall,
+        cx: &mut CallContext<'_>,
+    ) -> Option<Result<(), VmError>> {
+        match nr {
+            Hypercall::NetInfo => Some(self.info(cx)),
+            Hypercall::NetExchange => Some(self.exchange(cx)),
+            _ => None,
+        }
+    }
+
+    fn info(&mut self, cx: &mut CallContext<'_>) -> Result<(), VmError> {
+        let Some(dev) = self.dev.as_deref() else {
+            return cx.ret(&[abi::NET_NO_DEVICE, 0, 0, 0]);
         };
         let id = dev.identity();
         let mut mac = [0u8; 8];
         mac[..6].copy_from_slice(&id.mac);
-        self.write_words(
-            RET,
-            &[
-                abi::NET_OK,
-                u64::from_le_bytes(mac),
-                u64::from(u32::from(id.ip)) | u64::from(id.prefix_len) << 32,
-                u64::from(u32::from(id.gateway)),
-            ],
-        )
+        cx.ret(&[
+            abi::NET_OK,
+            u64::from_le_bytes(mac),
+            u64::from(u32::from(id.ip)) | u64::from(id.prefix_len) << 32,
+            u64::from(u32::from(id.gateway)),
+        ])
     }
 
-    pub(super) fn hypercall_net_exchange(
-        &mut self,
-        deadline: &mut Option<Deadline>,
-    ) -> Result<(), VmError> {
-        let [tx_ptr, tx_len, rx_ptr, rx_cap, wait_us] = self.read_words::<5>(ARGS)?;
-        let size = self.memory_size();
-        check_user_range(size, tx_ptr, tx_len).map_err(|e| bad("NetExchange", e))?;
-        check_user_range(size, rx_ptr, rx_cap).map_err(|e| bad("NetExchange", e))?;
+    fn exchange(&mut self, cx: &mut CallContext<'_>) -> Result<(), VmError> {
+        let [tx_ptr, tx_len, rx_ptr, rx_cap, wait_us] = cx.args::<5>()?;
+        cx.check_user(tx_ptr, tx_len)?;
+        cx.check_user(rx_ptr, rx_cap)?;
         if tx_len > abi::NET_MAX_TX {
-            return Err(bad(
-                "NetExchange",
-                HypercallFault::TooLong {
-                    len: tx_len,
-                    limit: abi::NET_MAX_TX,
-                },
-            ));
+            return Err(cx.bad(HypercallFault::TooLong {
+                len: tx_len,
+                limit: abi::NET_MAX_TX,
+            }));
         }
-        let Some(dev) = self.net.as_deref_mut() else {
-            return self.write_words(RET, &[abi::NET_NO_DEVICE, 0, 0, 0]);
+        let Some(dev) = self.dev.as_deref_mut() else {
+            return cx.ret(&[abi::NET_NO_DEVICE, 0, 0, 0]);
         };
         // Both lengths are bounded above: these never grow past the
         // capacity the device reserved.
         dev.tx_in.resize(tx_len as usize, 0);
-        self.machine
-            .ram
-            .read(tx_ptr, &mut dev.tx_in)
-            .map_err(|e| bad("NetExchange", e.into()))?;
+        cx.read_into(tx_ptr, &mut dev.tx_in)?;
         dev.transmit_batch();
 
         let cap = rx_cap.min(abi::NET_MAX_RX) as usize;
@@ -97,32 +130,27 @@ impl VmInstance {
             if !dev.rx_out.is_empty() || now >= until {
                 break;
             }
-            let mut left = until - now;
-            if let Some(d) = deadline.as_ref() {
-                left = left.min(d.at.saturating_duration_since(now));
-            }
-            if dev.wait_readable(left) == Readiness::Interrupted && self.interrupt.requested() {
+            let left = cx.bounded_wait(until - now);
+            if dev.wait_readable(left) == Readiness::Interrupted && cx.interrupted() {
                 return Err(VmError::Cancelled);
             }
-            if let Some(d) = deadline.as_mut() {
-                if Instant::now() >= d.at {
-                    let before = d.at;
-                    let left = d.check()?;
-                    if d.at != before {
-                        timer::arm(left).map_err(VmError::Timer)?;
-                    }
-                }
-            }
+            cx.check_deadline()?;
         }
         let len = dev.rx_out.len() as u64;
-        self.machine
-            .ram
-            .write(rx_ptr, &dev.rx_out)
-            .map_err(|e| bad("NetExchange", e.into()))?;
-        self.note_host_write(rx_ptr, len);
-        self.write_words(RET, &[abi::NET_OK, len, monotonic_us(), 0])
+        cx.write(rx_ptr, &dev.rx_out)?;
+        cx.ret(&[abi::NET_OK, len, monotonic_us(), 0])
     }
 
+    fn device(&self) -> Option<&NetDevice> {
+        self.dev.as_deref()
+    }
+
+    fn device_mut(&mut self) -> Option<&mut NetDevice> {
+        self.dev.as_deref_mut()
+    }
+}
+
+impl VmInstance {
     /// Ends every open TCP connection of this VM on both sides, so that it
     /// can be halted, snapshotted or moved: each peer gets a RST that
     /// appears to come from the guest, and the guest a RST that appears to
@@ -135,7 +163,7 @@ impl VmInstance {
     /// Returns how many connections were ended. A VM without a network
     /// device ends none. The VM must be ready.
     pub fn terminate_connections(&mut self) -> Result<usize, VmError> {
-        let Some(dev) = self.net.as_deref_mut() else {
+        let Some(dev) = self.ext_mut().net.device_mut() else {
             return Ok(0);
         };
         let n = dev.terminate_all();
@@ -146,8 +174,8 @@ impl VmInstance {
     /// Makes the guest take in the frames the host queued for it, if any:
     /// one call of its poll function.
     pub(crate) fn deliver_queued_frames(&mut self) -> Result<(), VmError> {
-        let queued = self.net.as_deref().is_some_and(NetDevice::has_queued);
-        if queued && self.functions.contains_key(abi::NET_POLL_EXPORT) {
+        let queued = self.ext().net.device().is_some_and(NetDevice::has_queued);
+        if queued && self.has_function(abi::NET_POLL_EXPORT) {
             self.invoke(abi::NET_POLL_EXPORT, &[])?;
         }
         Ok(())
@@ -160,7 +188,7 @@ impl VmInstance {
     /// VM the snapshot was taken from). The guest takes them in before its
     /// next function runs.
     pub(crate) fn queue_guest_resets(&mut self, connections: &[Connection]) {
-        if let Some(dev) = self.net.as_deref_mut() {
+        if let Some(dev) = self.ext_mut().net.device_mut() {
             for c in connections {
                 for frame in c.termination().to_guest {
                     dev.queue_to_guest(frame);
@@ -175,7 +203,7 @@ impl VmInstance {
     /// sets the tracker to `saved`, and queues a guest-side reset for each
     /// of `saved` (as a restore does).
     pub(crate) fn reset_connections_to(&mut self, saved: &[Connection]) {
-        if let Some(dev) = self.net.as_deref_mut() {
+        if let Some(dev) = self.ext_mut().net.device_mut() {
             dev.reset_to(saved);
         }
         self.queue_guest_resets(saved);
@@ -183,16 +211,16 @@ impl VmInstance {
 
     /// The network device's counters, if the VM has one.
     pub fn net_stats(&self) -> Option<NetStats> {
-        self.net.as_deref().map(NetDevice::stats)
+        self.ext().net.device().map(NetDevice::stats)
     }
 
     /// The network identity of this VM, if it has a network device.
     pub fn net_identity(&self) -> Option<NetIdentity> {
-        self.net.as_deref().map(NetDevice::identity)
+        self.ext().net.device().map(NetDevice::identity)
     }
 
     /// The connection tracker of this VM's network device.
     pub fn connections(&self) -> Option<&ConnTracker> {
-        self.net.as_deref().map(NetDevice::tracker)
+        self.ext().net.device().map(NetDevice::tracker)
     }
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddrV4;
 
 use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
 
-use super::{ConnTracker, Direction, Observation, TrackerConfig};
+use crate::net::{ConnTracker, Direction, Observation, TrackerConfig};
 
 /// The table limit used by [`run`]: small, so inputs can reach it.
 pub const MAX_CONNECTIONS: usize = 8;
@@ -119,7 +119,7 @@ pub fn tcp_frame(
         timestamp: None,
         payload,
     };
-    super::tracker::tcp_frame(src_mac, dst_mac, src, dst, &tcp)
+    crate::net::tracker::tcp_frame(src_mac, dst_mac, src, dst, &tcp)
 }
 
 /// Encodes frames as a [`run`] input.

@@ -26,16 +26,15 @@
 //! snapshot. The invariants are checked with panics, which is what a fuzzer
 //! reports: see [`run_hypercall_script`].
 
-#![doc(hidden)]
-
 use std::collections::BTreeSet;
 use std::mem::offset_of;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{layout, GuestProgram, ScratchDisk, VmConfig, VmError, VmInstance, VmState};
 use crate::abi::{self, AbiPage, Hypercall};
 use crate::snapshot::Snapshot;
+use crate::vm::{layout, GuestProgram, ScratchDisk, VmConfig, VmError, VmState};
+use crate::VmInstance;
 
 /// Flag bit: prepend a well-formed `Ready` and a function dispatch.
 pub const FLAG_READY: u8 = 1;
