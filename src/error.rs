@@ -1,10 +1,10 @@
 //! The crate-level error: one variant per primitive, each wrapping that
 //! module's own error enum.
 
-use crate::policy::TxError;
 use crate::snapshot::SnapshotError;
 use crate::store::StoreError;
 use crate::trace::TraceError;
+use crate::tx::TxError;
 use crate::vm::{InvalidGuest, VmError};
 
 /// Any error snapvm returns. Match on the variant to reach the module's own

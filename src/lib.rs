@@ -105,6 +105,7 @@ pub mod policy;
 pub mod snapshot;
 pub mod store;
 pub mod trace;
+mod tx;
 pub mod vm;
 
 /// The host/guest ABI, shared with the `snapvm-guest` crate.

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use snapvm::abi::{ABI_PAGE_ADDR, PAGE_SIZE};
 use snapvm::snapshot::OnDemandConfig;
+use snapvm::snapshot::WorkingSet;
 use snapvm::store::{
     Backend, BackendError, BlockId, ConvergentStore, Entry, FsBackend, ManifestId, ManifestKey,
     Namespace, ObjectName, PutOutcome, StoreConfig, StoreError,
 };
-use snapvm::trace::{TraceCache, WorkingSet};
+use snapvm::trace::TraceCache;
 use snapvm::{Snapshot, SnapshotError, VmConfig, VmError, VmInstance};
 
 const OWNER: [u8; 32] = [9; 32];

@@ -34,8 +34,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use snapvm::snapshot::OnDemandConfig;
+use snapvm::snapshot::WorkingSet;
 use snapvm::store::{ConvergentStore, ManifestKey};
-use snapvm::trace::WorkingSet;
 use snapvm::{GuestProgram, Snapshot, VmConfig, VmInstance};
 
 use super::{time_us, Ctx, Figure, Stats, Target};

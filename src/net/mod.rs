@@ -28,9 +28,9 @@
 //! ```
 
 mod device;
+pub(crate) mod ext;
 pub(crate) mod tap;
 pub(crate) mod tracker;
-pub(crate) mod vm;
 
 pub(crate) use device::NetDevice;
 pub use device::{NetConfig, NetIdentity, NetStats, DEFAULT_ARP_PER_SECOND, DEFAULT_MAX_QUEUED};

@@ -44,19 +44,17 @@
 mod managed;
 mod poll;
 mod pool;
-mod tx;
-pub(crate) mod txcall;
 
 use std::time::Duration;
 
-pub use managed::ManagedVm;
-pub use poll::{PollConfig, PollingVm, MAX_POLL_WINDOW, MIN_POLL_WINDOW};
-pub use pool::{PooledVm, ReadyPool, ReadyPoolStats};
-pub use tx::{
+pub use crate::instance::{TxEnd, MAX_DEFERRED_CALLS};
+pub use crate::tx::{
     And, Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, Not, Or, OutputMatches,
     RetryPolicy, ReturnedOk, SuccessCriteria, Transaction, TxError, TxOutcome, Verdict,
 };
-pub use txcall::{TxEnd, MAX_DEFERRED_CALLS};
+pub use managed::ManagedVm;
+pub use poll::{PollConfig, PollingVm, MAX_POLL_WINDOW, MIN_POLL_WINDOW};
+pub use pool::{PooledVm, ReadyPool, ReadyPoolStats};
 
 /// What a policy decides after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

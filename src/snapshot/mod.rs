@@ -44,6 +44,7 @@ mod image;
 mod ondemand;
 mod pool;
 mod stored;
+mod working_set;
 
 use std::fmt;
 use std::sync::Arc;
@@ -53,6 +54,7 @@ pub use error::SnapshotError;
 pub use file::fuzz_load;
 pub use ondemand::OnDemandConfig;
 pub use pool::{PoolStats, ShellPool};
+pub use working_set::WorkingSet;
 
 use crate::vm::cpu::CpuState;
 use crate::vm::machine::Machine;
@@ -445,7 +447,7 @@ pub(crate) fn touched_pages(vm: &VmInstance) -> Result<Vec<u64>, SnapshotError> 
 }
 
 /// Brings `pages` of `snapshot`'s memory in ahead of a restore (see
-/// [`crate::trace::WorkingSet::prefetch`]).
+/// [`WorkingSet::prefetch`]).
 pub(crate) fn prefetch_pages(snapshot: &Snapshot, pages: impl Iterator<Item = u64>) {
     let root = &snapshot.chain()[0].inner.memory;
     match root.on_demand() {

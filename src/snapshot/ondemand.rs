@@ -454,7 +454,7 @@ impl Snapshot {
     /// returned handle as usual ([`VmInstance::restore`]); every VM restored
     /// from it (and its clones) shares one block cache, so each block is
     /// fetched at most once per handle. Prefetch a recorded working set
-    /// with [`WorkingSet::prefetch`](crate::trace::WorkingSet::prefetch).
+    /// with [`WorkingSet::prefetch`](super::WorkingSet::prefetch).
     ///
     /// Needs a store block size that is a multiple of 4 KiB (the default
     /// 64 KiB is), and userfaultfd (Linux; the process needs the right to

@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
 
-use crate::snapshot::SnapshotId;
+use crate::vm::SnapshotId;
 
 const MAGIC: &[u8; 8] = b"SNVTRACE";
 /// Version of the entry file format and of the key encoding.
@@ -710,6 +710,19 @@ fn write_entry(
     })
 }
 
+impl TraceError {
+    /// What kind of failure this is (see [`ErrorKind`](crate::ErrorKind)): an entry or key
+    /// over a limit is [`crate::ErrorKind::BadRequest`], I/O failures
+    /// [`crate::ErrorKind::Host`].
+    pub fn kind(&self) -> crate::ErrorKind {
+        use TraceError as E;
+        match self {
+            E::TooLarge { .. } | E::KeyTooLarge { .. } => crate::ErrorKind::BadRequest,
+            E::Open { .. } | E::Write { .. } => crate::ErrorKind::Host,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -781,18 +794,5 @@ mod tests {
         assert!(cache.get(&key("t", "a")).is_some());
         assert!(cache.get(&key("t", "c")).is_some());
         assert_eq!(cache.used_bytes(), one * 2);
-    }
-}
-
-impl TraceError {
-    /// What kind of failure this is (see [`ErrorKind`](crate::ErrorKind)): an entry or key
-    /// over a limit is [`crate::ErrorKind::BadRequest`], I/O failures
-    /// [`crate::ErrorKind::Host`].
-    pub fn kind(&self) -> crate::ErrorKind {
-        use TraceError as E;
-        match self {
-            E::TooLarge { .. } | E::KeyTooLarge { .. } => crate::ErrorKind::BadRequest,
-            E::Open { .. } | E::Write { .. } => crate::ErrorKind::Host,
-        }
     }
 }

@@ -1,18 +1,17 @@
 //! Carrying what one short-lived VM learned into the next one.
 //!
 //! Two kinds of trace: the *working set* a restored VM touched (host side,
-//! used to prefetch memory on the next restore of the same snapshot) and
-//! *profiles* a guest exports for its successors (guest side). Both live in
-//! a [`TraceCache`], keyed so that an entry is never applied to the wrong
-//! code or tenant.
+//! used to prefetch memory on the next restore of the same snapshot:
+//! [`snapshot::WorkingSet`](crate::snapshot::WorkingSet)) and *profiles* a
+//! guest exports for its successors (guest side, [`ProfileScope`]). Both
+//! live in a [`TraceCache`], keyed so that an entry is never applied to the
+//! wrong code or tenant.
 
 mod cache;
+pub(crate) mod ext;
 mod profile;
-pub(crate) mod vm;
-mod working_set;
 
 #[doc(hidden)]
 pub use cache::{encode_entry_file, parse_entry_file};
 pub use cache::{CodeId, TraceCache, TraceError, TraceKey, TraceKind, MAX_KEY_LEN};
 pub use profile::{ProfileScope, DEFAULT_RUNTIME};
-pub use working_set::WorkingSet;

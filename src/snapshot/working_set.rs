@@ -10,8 +10,8 @@
 
 use log::warn;
 
-use super::{CodeId, TraceCache, TraceError, TraceKey, TraceKind};
-use crate::snapshot::{Snapshot, SnapshotError, SnapshotId};
+use super::{Snapshot, SnapshotError, SnapshotId};
+use crate::trace::{CodeId, TraceCache, TraceError, TraceKey, TraceKind};
 use crate::VmInstance;
 
 /// `"SVWS"`, then the format version.
@@ -113,7 +113,7 @@ impl WorkingSet {
         if vm.restored_from() != Some(self.snapshot) {
             return Ok(false);
         }
-        let pages = crate::snapshot::touched_pages(vm)?;
+        let pages = super::touched_pages(vm)?;
         self.merge_run(&pages);
         Ok(true)
     }
@@ -175,7 +175,7 @@ impl WorkingSet {
             );
             return false;
         }
-        crate::snapshot::prefetch_pages(snapshot, self.pages());
+        super::prefetch_pages(snapshot, self.pages());
         true
     }
 

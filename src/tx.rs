@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::txcall::TxEnd;
+use crate::instance::TxEnd;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotId};
 use crate::vm::VmError;
 use crate::VmInstance;

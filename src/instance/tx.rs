@@ -1,7 +1,7 @@
 //! Transactions inside a call, the VM half: the `TxBegin`/`TxEnd`
 //! hypercalls, served through the core's extension hooks; the checkpoint
 //! taken at `TxBegin` (a core [`Checkpoint`]) while a
-//! [`Transaction`](super::Transaction) runner drives the call; and the
+//! [`Transaction`](crate::policy::Transaction) runner drives the call; and the
 //! deferred host calls buffered during an attempt.
 
 use crate::abi::{self, Hypercall};

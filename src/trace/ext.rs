@@ -1,5 +1,6 @@
 //! Guest profiles as a VM feature: the `TraceExport` and `TraceImport`
-//! hypercalls, served through the core's extension hooks — blobs a guest
+//! hypercalls, served through the core's extension hooks (the VM's profile
+//! methods are in `instance`) — blobs a guest
 //! carries to later environments of the same code and tenant, through the
 //! [`ProfileScope`]'s [`TraceCache`](super::TraceCache).
 //!
@@ -12,7 +13,6 @@
 use super::{CodeId, ProfileScope, TraceKey};
 use crate::abi::{self, Hypercall};
 use crate::vm::{CallContext, Setting, VmConfig, VmError};
-use crate::VmInstance;
 
 impl Setting for ProfileScope {
     fn as_any(&self) -> &dyn std::any::Any {
@@ -36,15 +36,15 @@ impl VmConfig {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ProfileExt {
     /// Where profiles go; `None`: the hypercalls answer `TRACE_UNAVAILABLE`.
-    scope: Option<ProfileScope>,
+    pub(crate) scope: Option<ProfileScope>,
     /// A blob an import found too large for the guest's buffer, kept with
     /// its key for the guest's second import (bounded by the profile limit).
-    pending: Option<(TraceKey, Vec<u8>)>,
+    pub(crate) pending: Option<(TraceKey, Vec<u8>)>,
 }
 
 /// The code identity of a VM running the program with `digest`, restored
 /// from `origin` (or booted).
-fn code_id(digest: &[u8; 32], origin: Option<crate::SnapshotId>) -> CodeId {
+pub(crate) fn code_id(digest: &[u8; 32], origin: Option<crate::vm::SnapshotId>) -> CodeId {
     match origin {
         Some(id) => CodeId::of(digest, id),
         None => CodeId::booted(digest),
@@ -140,21 +140,5 @@ impl ProfileExt {
         }
         cx.write(ptr, &blob)?;
         cx.ret(&[abi::TRACE_OK, len])
-    }
-}
-
-impl VmInstance {
-    /// The code identity profiles of this VM are keyed by.
-    pub fn code_id(&self) -> CodeId {
-        code_id(self.program_digest(), self.restored_from())
-    }
-
-    /// Sets (or clears) where this VM's guest profiles are kept, replacing
-    /// the config's [`VmConfig::profiles`]: for a VM restored from a shared
-    /// pool for one tenant.
-    pub fn set_profiles(&mut self, scope: Option<ProfileScope>) {
-        let profiles = &mut self.ext_mut().profiles;
-        profiles.scope = scope;
-        profiles.pending = None;
     }
 }

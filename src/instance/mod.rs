@@ -8,11 +8,17 @@
 //! every other hypercall to [`Features`], which gives it to the feature
 //! that owns it.
 
+mod net;
+mod profiles;
+mod tx;
+
+pub use tx::{TxEnd, MAX_DEFERRED_CALLS};
+
 use crate::abi::Hypercall;
-use crate::net::vm::NetExt;
-use crate::policy::txcall::TxCall;
-use crate::trace::vm::ProfileExt;
+use crate::net::ext::NetExt;
+use crate::trace::ext::ProfileExt;
 use crate::vm::{sealed, CallContext, Checkpoint, Extension, Vm, VmConfig, VmError};
+use tx::TxCall;
 
 /// A KVM micro-VM running one guest program, with every snapvm feature.
 ///
