@@ -41,6 +41,8 @@
 
 /// The host/guest ABI, shared with the host crate (`snapvm::abi`); defined
 /// in the `snapvm-abi` crate.
+///
+// The empty line ends the paragraph: rustdoc appends the crate's own docs.
 #[doc(inline)]
 pub use snapvm_abi as abi;
 pub mod capi;
