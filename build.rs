@@ -16,6 +16,8 @@ fn main() {
     println!("cargo:rerun-if-changed=guest/src");
     println!("cargo:rerun-if-changed=guest/include");
     println!("cargo:rerun-if-changed=guest/Cargo.toml");
+    println!("cargo:rerun-if-changed=abi/src");
+    println!("cargo:rerun-if-changed=abi/Cargo.toml");
     println!("cargo:rerun-if-env-changed=SNAPVM_SKIP_GUEST_BUILD");
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));

@@ -108,8 +108,12 @@ pub mod trace;
 mod tx;
 pub mod vm;
 
-/// The host/guest ABI, shared with the `snapvm-guest` crate.
-pub use snapvm_guest::abi;
+/// The host/guest ABI, shared with the `snapvm-guest` crate (defined in
+/// the `snapvm-abi` crate).
+///
+// The empty line ends the paragraph: rustdoc appends the crate's own docs.
+#[doc(inline)]
+pub use snapvm_abi as abi;
 
 pub use error::{Error, Result};
 pub use error_kind::ErrorKind;

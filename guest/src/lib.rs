@@ -29,8 +29,8 @@
 //!
 //! # Features
 //! - `runtime` (default): the entry point, global allocator, panic handler and
-//!   the C memory functions. Without it only [`abi`] is compiled — that is how
-//!   the host crate uses this one.
+//!   the C memory functions. Without it only [`abi`] (the `snapvm-abi` crate)
+//!   and the constants of [`capi`] are compiled.
 //! - `serde` (off by default): typed exports (`Exports::export_typed`) and
 //!   typed host calls (`host::call_typed`), encoded with postcard.
 //! - `net` (off by default): guest networking on the host's network device
@@ -39,7 +39,12 @@
 #![no_std]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod abi;
+/// The host/guest ABI, shared with the host crate (`snapvm::abi`); defined
+/// in the `snapvm-abi` crate.
+///
+// The empty line ends the paragraph: rustdoc appends the crate's own docs.
+#[doc(inline)]
+pub use snapvm_abi as abi;
 pub mod capi;
 
 #[cfg(feature = "runtime")]

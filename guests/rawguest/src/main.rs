@@ -28,9 +28,7 @@
 
 use core::arch::asm;
 
-#[path = "../../../guest/src/abi.rs"]
-#[allow(dead_code, reason = "the ABI module is shared whole")]
-mod abi;
+use snapvm_abi as abi;
 
 use abi::{AbiPage, ABI_PAGE_ADDR, PORT_HYPERCALL};
 

@@ -1,11 +1,14 @@
-//! The host/guest ABI: guest memory layout, the hypercall port, hypercall
-//! numbers and the shared ABI page.
+//! `snapvm-abi`: the host/guest ABI of snapvm micro-VMs — guest memory
+//! layout, the hypercall port, hypercall numbers and the shared ABI page.
 //!
-//! This module is the single definition both sides compile: the host crate
-//! (`snapvm`) re-exports it as `snapvm::abi`. Every value is pinned by a
-//! compile-time assertion at the bottom of the file, so an accidental change
-//! fails the build instead of producing guests that silently disagree with
-//! their host. Changing a value on purpose means bumping [`ABI_VERSION`].
+//! This crate is the single definition both sides compile: the host crate
+//! (`snapvm`) re-exports it as `snapvm::abi`, the guest runtime
+//! (`snapvm-guest`) as `snapvm_guest::abi`. It is `no_std` and has no
+//! dependencies, so depending on it pulls in nothing else. Every value is
+//! pinned by a compile-time assertion at the bottom of the file, so an
+//! accidental change fails the build instead of producing guests that
+//! silently disagree with their host. Changing a value on purpose means
+//! bumping [`ABI_VERSION`].
 //!
 //! # Memory layout (guest-physical = guest-virtual, identity-mapped)
 //!
@@ -19,6 +22,7 @@
 //! 0x0020_0000  program image and heap     2 MiB pages; ELF segments start here or
 //!              .. memory size             above, the heap follows the image
 //! ```
+#![no_std]
 
 /// Version of this ABI. A host refuses guests built against another version.
 pub const ABI_VERSION: u32 = 1;
