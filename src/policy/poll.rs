@@ -103,6 +103,14 @@ impl<P: RestorePolicy> std::fmt::Debug for PollingVm<P> {
     }
 }
 
+/// What a call carries besides its function and input.
+enum Extra<'a> {
+    None,
+    Cancel(&'a crate::CancelToken),
+    /// Call data for the host functions (see [`PollingVm::invoke_with`]).
+    Data(&'a mut (dyn std::any::Any + Send)),
+}
+
 /// Where the VM is: in the caller's hands, or with the vCPU thread.
 struct Holder {
     /// `Some` while the vCPU thread does not run it.
@@ -249,7 +257,7 @@ impl<P: RestorePolicy> PollingVm<P> {
     /// input larger than the guest's input buffer takes the ordinary path
     /// once (the buffer grows).
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
-        self.invoke_inner(name, input, None)
+        self.invoke_inner(name, input, Extra::None)
     }
 
     /// A typed call (the `serde` feature), like [`VmInstance::call`], then
@@ -274,14 +282,39 @@ impl<P: RestorePolicy> PollingVm<P> {
         input: &[u8],
         cancel: &crate::CancelToken,
     ) -> Result<Vec<u8>, crate::Error> {
-        self.invoke_inner(name, input, Some(cancel))
+        self.invoke_inner(name, input, Extra::Cancel(cancel))
+    }
+
+    /// Like [`Self::invoke`], with `call_data` for the host functions the
+    /// call makes, as [`VmInstance::invoke_with`]: they see it as
+    /// [`HostCaller::call_data`](crate::HostCaller::call_data). The data is
+    /// borrowed from the caller's thread, so this call runs there, through
+    /// exits, like a [`ManagedVm`] call: a hot guest is stopped first, as
+    /// for a reset (one that does not stop within a few milliseconds is
+    /// stopped by force and reset), and the next call without call data
+    /// makes it hot again. Use it for the calls that need per-request data,
+    /// and plain calls on the hot path.
+    ///
+    /// ```no_run
+    /// # fn f(vm: &mut snapvm::PollingVm<snapvm::policy::Never>) -> Result<(), snapvm::Error> {
+    /// struct RequestId(u64);
+    /// let out = vm.invoke_with("handle", b"request", &mut RequestId(7))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn invoke_with(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        call_data: &mut (dyn std::any::Any + Send),
+    ) -> Result<Vec<u8>, crate::Error> {
+        self.invoke_inner(name, input, Extra::Data(call_data))
     }
 
     fn invoke_inner(
         &mut self,
         name: &str,
         input: &[u8],
-        cancel: Option<&crate::CancelToken>,
+        extra: Extra<'_>,
     ) -> Result<Vec<u8>, crate::Error> {
         self.holder.collect();
         let poisoned = self
@@ -296,8 +329,15 @@ impl<P: RestorePolicy> PollingVm<P> {
             return Err(VmError::UnknownFunction { name: name.into() }.into());
         };
         let start = Instant::now();
+        let cancel = match extra {
+            Extra::None => None,
+            Extra::Cancel(token) => Some(token),
+            // Host functions reach borrowed data only on this thread.
+            Extra::Data(_) => return self.invoke_through_exit(name, input, start, extra),
+        };
         if !self.holder.view.input_fits(input.len()) {
-            return self.invoke_growing(name, input, start, cancel);
+            let extra = cancel.map_or(Extra::None, Extra::Cancel);
+            return self.invoke_through_exit(name, input, start, extra);
         }
         let _bound = match cancel.map(|token| self.holder.view.bind(token)) {
             Some(Err(VmError::Cancelled)) => {
@@ -389,13 +429,14 @@ impl<P: RestorePolicy> PollingVm<P> {
         self.settle(name, start, result, heap, garbage, broken)
     }
 
-    /// A call whose input needs a larger guest buffer: the ordinary way.
-    fn invoke_growing(
+    /// A call the ordinary way, through exits on this thread: one whose
+    /// input needs a larger guest buffer, or that carries call data.
+    fn invoke_through_exit(
         &mut self,
         name: &str,
         input: &[u8],
         start: Instant,
-        cancel: Option<&crate::CancelToken>,
+        extra: Extra<'_>,
     ) -> Result<Vec<u8>, crate::Error> {
         let (mut vm, clean) = self.holder.take();
         if !clean {
@@ -403,9 +444,10 @@ impl<P: RestorePolicy> PollingVm<P> {
             self.reset()?;
             vm = self.holder.take().0;
         }
-        let result = match cancel {
-            Some(token) => vm.invoke_cancellable(name, input, token),
-            None => vm.invoke(name, input),
+        let result = match extra {
+            Extra::None => vm.invoke(name, input),
+            Extra::Cancel(token) => vm.invoke_cancellable(name, input, token),
+            Extra::Data(data) => vm.invoke_with(name, input, data),
         };
         self.holder.view.refresh(&vm);
         self.holder.forget_inputs();
