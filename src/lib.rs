@@ -77,6 +77,11 @@
 //!   (`snapvm_guest::tx`); [`policy::Transaction`] judges each attempt with
 //!   a [`policy::SuccessCriteria`] and retries failed ones by rewinding the
 //!   VM to the transaction's start. See `docs/transactions.md`.
+//! - **One call surface**: [`Invoke`] gives [`VmInstance`], [`ManagedVm`],
+//!   [`PollingVm`] and [`policy::PooledVm`] the same call methods for
+//!   generic executor code; [`Func`] and [`TypedFunc`] are functions
+//!   resolved once and called without the name lookup. See
+//!   `docs/executor.md`.
 //! - **Guest ABI**: [`abi`] is the single definition of the memory layout,
 //!   ports and shared structures, compiled by host and guest alike.
 //!
@@ -87,12 +92,14 @@
 //! host process.
 //!
 //! ## Cargo features
-//! - `serde` (on by default): typed calls, [`VmInstance::call`], with
+//! - `serde` (on by default): typed calls, [`VmInstance::call`],
+//!   [`Invoke::call`] and [`TypedFunc`], with
 //!   inputs and outputs encoded with postcard (the guest exports them with
 //!   `snapvm-guest`'s `serde` feature and `Exports::export_typed`).
 //! - `s3` (off by default): `store::S3Backend`, an S3-compatible backend for
 //!   the store built on the `object_store` crate.
 
+mod call;
 pub mod error;
 mod error_kind;
 pub mod net;
@@ -105,6 +112,9 @@ pub mod vm;
 /// The host/guest ABI, shared with the `snapvm-guest` crate.
 pub use snapvm_guest::abi;
 
+#[cfg(feature = "serde")]
+pub use call::TypedFunc;
+pub use call::{Func, Invoke, InvokeError};
 pub use error::{Error, Result};
 pub use error_kind::ErrorKind;
 pub use policy::{

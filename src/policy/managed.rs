@@ -129,9 +129,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         In: serde::Serialize + ?Sized,
         Out: serde::de::DeserializeOwned,
     {
-        let bytes = crate::vm::encode_typed(input)?;
-        let output = self.invoke(name, &bytes)?;
-        Ok(crate::vm::decode_typed(&output)?)
+        crate::Invoke::call(self, name, input)
     }
 
     /// Like [`VmInstance::invoke_cancellable`], then applies the policy (a
@@ -287,5 +285,20 @@ impl<P: RestorePolicy> ManagedVm<P> {
     /// Gives back the VM.
     pub fn into_inner(self) -> VmInstance {
         self.vm
+    }
+
+    /// Like [`Self::invoke`], for a function resolved earlier (see
+    /// [`crate::Func`]).
+    pub(crate) fn invoke_resolved(
+        &mut self,
+        func: &crate::Func,
+        input: &[u8],
+    ) -> Result<Vec<u8>, crate::Error> {
+        let mut out = Vec::new();
+        self.invoke_via(func.name(), input, |vm, _, input| {
+            out = vm.invoke_resolved(func, input, None)?;
+            Ok(())
+        })?;
+        Ok(out)
     }
 }

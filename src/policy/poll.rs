@@ -257,7 +257,7 @@ impl<P: RestorePolicy> PollingVm<P> {
     /// input larger than the guest's input buffer takes the ordinary path
     /// once (the buffer grows).
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
-        self.invoke_inner(name, input, Extra::None)
+        self.invoke_inner(name, None, input, Extra::None)
     }
 
     /// A typed call (the `serde` feature), like [`VmInstance::call`], then
@@ -268,9 +268,7 @@ impl<P: RestorePolicy> PollingVm<P> {
         In: serde::Serialize + ?Sized,
         Out: serde::de::DeserializeOwned,
     {
-        let bytes = crate::vm::encode_typed(input)?;
-        let output = self.invoke(name, &bytes)?;
-        Ok(crate::vm::decode_typed(&output)?)
+        crate::Invoke::call(self, name, input)
     }
 
     /// Like [`Self::invoke`], cancellable through `cancel` as
@@ -282,7 +280,7 @@ impl<P: RestorePolicy> PollingVm<P> {
         input: &[u8],
         cancel: &crate::CancelToken,
     ) -> Result<Vec<u8>, crate::Error> {
-        self.invoke_inner(name, input, Extra::Cancel(cancel))
+        self.invoke_inner(name, None, input, Extra::Cancel(cancel))
     }
 
     /// Like [`Self::invoke`], with `call_data` for the host functions the
@@ -307,12 +305,33 @@ impl<P: RestorePolicy> PollingVm<P> {
         input: &[u8],
         call_data: &mut (dyn std::any::Any + Send),
     ) -> Result<Vec<u8>, crate::Error> {
-        self.invoke_inner(name, input, Extra::Data(call_data))
+        self.invoke_inner(name, None, input, Extra::Data(call_data))
     }
 
+    /// The handle of exported function `name` (see [`crate::Func`]).
+    pub(crate) fn resolve(&self, name: &str) -> Result<crate::Func, VmError> {
+        let view = &self.holder.view;
+        let index = view
+            .function(name)
+            .ok_or_else(|| VmError::UnknownFunction { name: name.into() })?;
+        Ok(crate::Func::new(name, index, view.function_table()))
+    }
+
+    /// Like [`Self::invoke`], for a function resolved earlier (see
+    /// [`crate::Func`]).
+    pub(crate) fn invoke_resolved(
+        &mut self,
+        func: &crate::Func,
+        input: &[u8],
+    ) -> Result<Vec<u8>, crate::Error> {
+        self.invoke_inner(func.name(), Some(func), input, Extra::None)
+    }
+
+    /// Calls `name` (by `func`'s index when that is valid here).
     fn invoke_inner(
         &mut self,
         name: &str,
+        func: Option<&crate::Func>,
         input: &[u8],
         extra: Extra<'_>,
     ) -> Result<Vec<u8>, crate::Error> {
@@ -325,7 +344,9 @@ impl<P: RestorePolicy> PollingVm<P> {
         if self.ledger.needs_reset || poisoned {
             self.reset()?;
         }
-        let Some(index) = self.holder.view.function(name) else {
+        let view = &self.holder.view;
+        let resolved = func.and_then(|f| f.index_in(view.function_table()));
+        let Some(index) = resolved.or_else(|| view.function(name)) else {
             return Err(VmError::UnknownFunction { name: name.into() }.into());
         };
         let start = Instant::now();

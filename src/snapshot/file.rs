@@ -24,6 +24,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::image::{Extent, FileIdentity, MemoryImage, BLOCK_SIZE};
 use super::{GuestState, Inner, Snapshot, SnapshotError, SnapshotId};
 use crate::abi::{MAX_FUNCTIONS, MAX_FUNCTION_NAME, PAGE_SIZE};
+use crate::call::TableId;
 use crate::net::{ConnKey, ConnState, Connection, Direction, Endpoint};
 use crate::vm::cpu::CpuState;
 use crate::vm::{Generation, MAX_MEMORY_SIZE};
@@ -701,6 +702,8 @@ fn decode_state(
             cpu,
             guest: GuestState {
                 functions,
+                // A table read from a file is not known to be any other.
+                function_table: TableId::fresh(),
                 input_buf,
                 input_cap,
                 heap_used,
