@@ -77,6 +77,11 @@
 //!   (`snapvm_guest::tx`); [`policy::Transaction`] judges each attempt with
 //!   a [`policy::SuccessCriteria`] and retries failed ones by rewinding the
 //!   VM to the transaction's start. See `docs/transactions.md`.
+//! - **One call surface**: [`Invoke`] gives [`VmInstance`], [`ManagedVm`],
+//!   [`PollingVm`] and [`policy::PooledVm`] the same call methods for
+//!   generic executor code; [`Func`] and [`TypedFunc`] are functions
+//!   resolved once and called without the name lookup. See
+//!   `docs/executor.md`.
 //! - **Guest ABI**: [`abi`] is the single definition of the memory layout,
 //!   ports and shared structures, compiled by host and guest alike.
 //!
@@ -87,7 +92,8 @@
 //! host process.
 //!
 //! ## Cargo features
-//! - `serde` (on by default): typed calls, [`VmInstance::call`], with
+//! - `serde` (on by default): typed calls, [`VmInstance::call`],
+//!   [`Invoke::call`] and [`TypedFunc`], with
 //!   inputs and outputs encoded with postcard (the guest exports them with
 //!   `snapvm-guest`'s `serde` feature and `Exports::export_typed`).
 //! - `fuzzing` (off by default): `snapvm::fuzzing`, the drivers of the fuzz
@@ -95,6 +101,7 @@
 //! - `s3` (off by default): `store::S3Backend`, an S3-compatible backend for
 //!   the store built on the `object_store` crate.
 
+mod call;
 pub mod error;
 mod error_kind;
 #[cfg(feature = "fuzzing")]
@@ -115,6 +122,9 @@ pub mod vm;
 #[doc(inline)]
 pub use snapvm_abi as abi;
 
+#[cfg(feature = "serde")]
+pub use call::TypedFunc;
+pub use call::{Func, Invoke, InvokeError};
 pub use error::{Error, Result};
 pub use error_kind::ErrorKind;
 pub use instance::{Features, VmInstance};

@@ -405,6 +405,7 @@ fn host_functions_see_the_call_context_and_user_data() {
     assert_eq!(vm.data_mut::<Tenant>().map(|t| t.0), Some("acme"));
 }
 
+#[cfg(feature = "serde")]
 #[derive(serde::Serialize)]
 struct Order {
     items: u32,
@@ -412,12 +413,14 @@ struct Order {
     note: String,
 }
 
+#[cfg(feature = "serde")]
 #[derive(serde::Deserialize, Debug, PartialEq)]
 struct Total {
     cents: u64,
     note_len: usize,
 }
 
+#[cfg(feature = "serde")]
 #[test]
 fn typed_calls_round_trip_and_fail_without_poisoning() {
     require_kvm!();
@@ -513,6 +516,7 @@ fn every_entry_point_classifies_its_errors_the_same_way() {
     ));
 }
 
+#[cfg(feature = "serde")]
 #[test]
 fn typed_host_functions_round_trip() {
     require_kvm!();
@@ -647,6 +651,7 @@ fn a_cancel_token_stops_its_call_and_only_its_call() {
 
 /// Typed calls and call data work through every wrapper, with one
 /// classification: `ManagedVm`, a pooled VM and `PollingVm`.
+#[cfg(feature = "serde")]
 #[test]
 fn typed_calls_and_call_data_work_through_every_wrapper() {
     require_kvm!();

@@ -511,3 +511,57 @@ fn a_cancel_token_stops_its_polled_call_and_only_that_one() {
     assert!(matches!(err, VmError::Timeout { .. }), "{err:?}");
     assert_eq!(counter(&mut vm), 1);
 }
+
+/// A request's call data: the host function `request_id` counts it up.
+#[derive(Debug)]
+struct RequestId(u64);
+
+/// `PollingVm::invoke_with` runs on the caller's thread (call data is
+/// borrowed there) and keeps the policy's state; plain calls after it are
+/// hot again and see no call data.
+#[test]
+fn call_data_reaches_host_functions_and_the_guest_goes_hot_again() {
+    require_kvm!();
+    let _serial = serial();
+    let (config, ready) = setup();
+    let config = config.host_function_with_caller("request_id", |caller, _| {
+        let Some(request) = caller.call_data::<RequestId>() else {
+            return Ok(b"none".to_vec());
+        };
+        request.0 += 1;
+        Ok(request.0.to_string().into_bytes())
+    });
+    let mut vm = polling_from(&config, ready, Never, Duration::from_millis(300));
+    let mut count = counter(&mut vm);
+    assert_eq!(count, 1);
+    for round in 1..=3u64 {
+        let resets = vm.resets();
+        let mut request = RequestId(round * 100);
+        let out = vm
+            .invoke_with("host_call", b"request_id\n", &mut request)
+            .unwrap();
+        assert_eq!(out, format!("ok:{}", round * 100 + 1).into_bytes());
+        assert_eq!(request.0, round * 100 + 1);
+        // The guest's state is kept between the two kinds of call (policy
+        // `Never`): the counter goes on — unless the hot guest did not stop
+        // within its grace (a loaded host) and was stopped by force, which
+        // resets it, as any stop by force does.
+        let next = counter(&mut vm);
+        match vm.resets() - resets {
+            0 => assert_eq!(next, count + 1, "round {round}"),
+            _ => assert_eq!(next, 1, "round {round}"),
+        }
+        count = next;
+        assert!(vm.is_hot(), "round {round}: a plain call makes it hot");
+        assert_eq!(vm.invoke("host_call", b"request_id\n").unwrap(), b"ok:none");
+    }
+    // Call data also reaches a call whose input grows the guest's buffer.
+    let mut request = RequestId(7);
+    let mut big = b"request_id\n".to_vec();
+    big.resize(1 << 20, b'x');
+    assert_eq!(
+        vm.invoke_with("host_call", &big, &mut request).unwrap(),
+        b"ok:8"
+    );
+    assert_eq!(request.0, 8);
+}

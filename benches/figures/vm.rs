@@ -32,7 +32,7 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
     // ~0.5 ms to each `kvm.create_us` and `vm.new_us` sample here.
     let _idle = RawGuest::new(EXIT_LOOP, RAW_MEMORY).expect("raw guest");
 
-    let (exit, warm, one_mib, typed) = exits_and_invokes(ctx, &config);
+    let (exit, warm, one_mib, typed, typed_func) = exits_and_invokes(ctx, &config);
     let exit = Figure::of("kvm.exit_us", &exit, "us");
     let fault = Figure::of("kvm.fault_us", &first_touch(ctx), "us");
     let (create, new) = creation(ctx, &config);
@@ -43,6 +43,9 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
         .target(Target::AtMost(1.5));
     let one_mib = Figure::of("invoke.1mib_us", &one_mib, "us").against(&exit);
     let typed = Figure::of("invoke.typed_us", &typed, "us")
+        .against(&warm)
+        .target(Target::AtMost(1.1));
+    let typed_func = Figure::of("invoke.typed_func_us", &typed_func, "us")
         .against(&warm)
         .target(Target::AtMost(1.1));
     let (managed, managed_typed) = managed_calls(ctx, &config);
@@ -58,6 +61,7 @@ pub fn measure(ctx: &Ctx) -> Vec<Figure> {
         warm,
         one_mib,
         typed,
+        typed_func,
         managed,
         managed_typed,
     ]
@@ -114,12 +118,13 @@ struct Point {
     y: i32,
 }
 
-/// `kvm.exit_us`, `invoke.warm_us`, `invoke.1mib_us` and `invoke.typed_us`
+/// `kvm.exit_us`, `invoke.warm_us`, `invoke.1mib_us`, `invoke.typed_us`
 /// (a typed call with a small struct in and an integer out,
-/// `VmInstance::call`), interleaved: each round runs a block of bare exits,
-/// a block of empty invokes, a block of typed calls and a tenth of a block
-/// of 1 MiB echoes.
-fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats, Stats) {
+/// `VmInstance::call`) and `invoke.typed_func_us` (that call through a
+/// `TypedFunc` resolved once), interleaved: each round runs a block of bare
+/// exits, a block of empty invokes, a block of typed calls, a block of
+/// `TypedFunc` calls and a tenth of a block of 1 MiB echoes.
+fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats, Stats, Stats) {
     let mut guest = RawGuest::new(EXIT_LOOP, RAW_MEMORY).expect("raw guest");
     let mut vm = VmInstance::new(config).expect("quickstart VM");
     let input = vec![0x5A; ONE_MIB];
@@ -138,6 +143,15 @@ fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats, Stat
             .expect("typed call");
         debug_assert_eq!(sum, 42);
     };
+    let sum_point = vm
+        .typed_func::<Point, i64>("sum_point")
+        .expect("sum_point resolves");
+    let typed_func = |vm: &mut VmInstance| {
+        let sum = sum_point
+            .call(vm, &Point { x: 40, y: 2 })
+            .expect("TypedFunc call");
+        debug_assert_eq!(sum, 42);
+    };
     let echo = |vm: &mut VmInstance, output: &mut [u8]| {
         let len = vm.invoke_into("echo", &input, output).expect("invoke echo");
         assert_eq!(len, ONE_MIB);
@@ -149,6 +163,7 @@ fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats, Stat
         exit();
         empty(&mut vm);
         typed(&mut vm);
+        typed_func(&mut vm);
     }
     for _ in 0..5 {
         echo(&mut vm, &mut output);
@@ -159,10 +174,12 @@ fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats, Stat
     let mut warms = Vec::with_capacity(rounds * BLOCK);
     let mut mibs = Vec::with_capacity(rounds * BLOCK / 10);
     let mut typeds = Vec::with_capacity(rounds * BLOCK);
+    let mut typed_funcs = Vec::with_capacity(rounds * BLOCK);
     for _ in 0..rounds {
         exits.extend((0..BLOCK).map(|_| time_us(&mut exit)));
         warms.extend((0..BLOCK).map(|_| time_us(|| empty(&mut vm))));
         typeds.extend((0..BLOCK).map(|_| time_us(|| typed(&mut vm))));
+        typed_funcs.extend((0..BLOCK).map(|_| time_us(|| typed_func(&mut vm))));
         mibs.extend((0..BLOCK / 10).map(|_| time_us(|| echo(&mut vm, &mut output))));
     }
     assert_eq!(output[ONE_MIB - 1], 0x5A, "echo returned its input");
@@ -171,6 +188,7 @@ fn exits_and_invokes(ctx: &Ctx, config: &VmConfig) -> (Stats, Stats, Stats, Stat
         Stats::of(&mut warms),
         Stats::of(&mut mibs),
         Stats::of(&mut typeds),
+        Stats::of(&mut typed_funcs),
     )
 }
 

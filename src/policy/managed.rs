@@ -289,4 +289,19 @@ impl<P: RestorePolicy> ManagedVm<P> {
     pub fn into_inner(self) -> VmInstance {
         self.vm
     }
+
+    /// Like [`Self::invoke`], for a function resolved earlier (see
+    /// [`crate::vm::Func`]).
+    pub(crate) fn invoke_resolved(
+        &mut self,
+        func: &crate::vm::Func,
+        input: &[u8],
+    ) -> Result<Vec<u8>, crate::Error> {
+        let mut out = Vec::new();
+        self.invoke_via(func.name(), input, |vm, _, input| {
+            out = vm.invoke_resolved(func, input, None)?;
+            Ok(())
+        })?;
+        Ok(out)
+    }
 }

@@ -104,6 +104,14 @@ impl<P: RestorePolicy> std::fmt::Debug for PollingVm<P> {
     }
 }
 
+/// What a call carries besides its function and input.
+enum Extra<'a> {
+    None,
+    Cancel(&'a crate::CancelToken),
+    /// Call data for the host functions (see [`PollingVm::invoke_with`]).
+    Data(&'a mut (dyn std::any::Any + Send)),
+}
+
 /// Where the VM is: in the caller's hands, or with the vCPU thread.
 struct Holder {
     /// `Some` while the vCPU thread does not run it.
@@ -250,7 +258,7 @@ impl<P: RestorePolicy> PollingVm<P> {
     /// input larger than the guest's input buffer takes the ordinary path
     /// once (the buffer grows).
     pub fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
-        self.invoke_inner(name, input, None)
+        self.invoke_inner(name, None, input, Extra::None)
     }
 
     /// A typed call (the `serde` feature), like [`VmInstance::call`], then
@@ -275,14 +283,60 @@ impl<P: RestorePolicy> PollingVm<P> {
         input: &[u8],
         cancel: &crate::CancelToken,
     ) -> Result<Vec<u8>, crate::Error> {
-        self.invoke_inner(name, input, Some(cancel))
+        self.invoke_inner(name, None, input, Extra::Cancel(cancel))
     }
 
-    fn invoke_inner(
+    /// Like [`Self::invoke`], with `call_data` for the host functions the
+    /// call makes, as [`VmInstance::invoke_with`]: they see it as
+    /// [`HostCaller::call_data`](crate::HostCaller::call_data). The data is
+    /// borrowed from the caller's thread, so this call runs there, through
+    /// exits, like a [`ManagedVm`] call: a hot guest is stopped first, as
+    /// for a reset (one that does not stop within a few milliseconds is
+    /// stopped by force and reset), and the next call without call data
+    /// makes it hot again. Use it for the calls that need per-request data,
+    /// and plain calls on the hot path.
+    ///
+    /// ```no_run
+    /// # fn f(vm: &mut snapvm::PollingVm<snapvm::policy::Never>) -> Result<(), snapvm::Error> {
+    /// struct RequestId(u64);
+    /// let out = vm.invoke_with("handle", b"request", &mut RequestId(7))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn invoke_with(
         &mut self,
         name: &str,
         input: &[u8],
-        cancel: Option<&crate::CancelToken>,
+        call_data: &mut (dyn std::any::Any + Send),
+    ) -> Result<Vec<u8>, crate::Error> {
+        self.invoke_inner(name, None, input, Extra::Data(call_data))
+    }
+
+    /// The handle of exported function `name` (see [`crate::vm::Func`]).
+    pub(crate) fn resolve(&self, name: &str) -> Result<crate::vm::Func, VmError> {
+        let view = &self.holder.view;
+        let index = view
+            .function(name)
+            .ok_or_else(|| VmError::UnknownFunction { name: name.into() })?;
+        Ok(crate::vm::Func::new(name, index, view.function_table()))
+    }
+
+    /// Like [`Self::invoke`], for a function resolved earlier (see
+    /// [`crate::vm::Func`]).
+    pub(crate) fn invoke_resolved(
+        &mut self,
+        func: &crate::vm::Func,
+        input: &[u8],
+    ) -> Result<Vec<u8>, crate::Error> {
+        self.invoke_inner(func.name(), Some(func), input, Extra::None)
+    }
+
+    /// Calls `name` (by `func`'s index when that is valid here).
+    fn invoke_inner(
+        &mut self,
+        name: &str,
+        func: Option<&crate::vm::Func>,
+        input: &[u8],
+        extra: Extra<'_>,
     ) -> Result<Vec<u8>, crate::Error> {
         self.holder.collect();
         let poisoned = self
@@ -293,12 +347,21 @@ impl<P: RestorePolicy> PollingVm<P> {
         if self.ledger.needs_reset || poisoned {
             self.reset()?;
         }
-        let Some(index) = self.holder.view.function(name) else {
+        let view = &self.holder.view;
+        let resolved = func.and_then(|f| f.index_in(view.function_table()));
+        let Some(index) = resolved.or_else(|| view.function(name)) else {
             return Err(VmError::UnknownFunction { name: name.into() }.into());
         };
         let start = Instant::now();
+        let cancel = match extra {
+            Extra::None => None,
+            Extra::Cancel(token) => Some(token),
+            // Host functions reach borrowed data only on this thread.
+            Extra::Data(_) => return self.invoke_through_exit(name, input, start, extra),
+        };
         if !self.holder.view.input_fits(input.len()) {
-            return self.invoke_growing(name, input, start, cancel);
+            let extra = cancel.map_or(Extra::None, Extra::Cancel);
+            return self.invoke_through_exit(name, input, start, extra);
         }
         let _bound = match cancel.map(|token| self.holder.view.bind(token)) {
             Some(Err(VmError::Cancelled)) => {
@@ -390,13 +453,14 @@ impl<P: RestorePolicy> PollingVm<P> {
         self.settle(name, start, result, heap, garbage, broken)
     }
 
-    /// A call whose input needs a larger guest buffer: the ordinary way.
-    fn invoke_growing(
+    /// A call the ordinary way, through exits on this thread: one whose
+    /// input needs a larger guest buffer, or that carries call data.
+    fn invoke_through_exit(
         &mut self,
         name: &str,
         input: &[u8],
         start: Instant,
-        cancel: Option<&crate::CancelToken>,
+        extra: Extra<'_>,
     ) -> Result<Vec<u8>, crate::Error> {
         let (mut vm, clean) = self.holder.take();
         if !clean {
@@ -404,9 +468,10 @@ impl<P: RestorePolicy> PollingVm<P> {
             self.reset()?;
             vm = self.holder.take().0;
         }
-        let result = match cancel {
-            Some(token) => vm.invoke_cancellable(name, input, token),
-            None => vm.invoke(name, input),
+        let result = match extra {
+            Extra::None => vm.invoke(name, input),
+            Extra::Cancel(token) => vm.invoke_cancellable(name, input, token),
+            Extra::Data(data) => vm.invoke_with(name, input, data),
         };
         self.holder.view.refresh(&vm);
         self.holder.forget_inputs();

@@ -26,6 +26,7 @@ use super::{GuestState, Inner, Snapshot, SnapshotError, SnapshotId};
 use crate::abi::{MAX_FUNCTIONS, MAX_FUNCTION_NAME, PAGE_SIZE};
 use crate::net::{ConnKey, ConnState, Connection, Direction, Endpoint};
 use crate::vm::cpu::CpuState;
+use crate::vm::TableId;
 use crate::vm::{Generation, MAX_MEMORY_SIZE};
 
 /// `"SNAPVMSN"`.
@@ -701,6 +702,8 @@ fn decode_state(
             cpu,
             guest: GuestState {
                 functions,
+                // A table read from a file is not known to be any other.
+                function_table: TableId::fresh(),
                 input_buf,
                 input_cap,
                 heap_used,

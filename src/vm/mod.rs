@@ -30,6 +30,7 @@ pub(crate) mod cpu;
 mod dirty;
 mod error;
 mod ext;
+mod func;
 mod host;
 mod hypercall;
 mod interrupt;
@@ -59,6 +60,8 @@ pub use config::{
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, TxFault, VmError};
 pub(crate) use ext::{sealed, ExtSettings, Setting};
 pub use ext::{CallContext, Extension, NoExtensions};
+pub use func::Func;
+pub(crate) use func::TableId;
 pub use host::HostCaller;
 pub use interrupt::{CancelToken, InterruptHandle};
 pub use loader::GuestProgram;
@@ -138,6 +141,8 @@ pub struct Vm<X: Extension> {
     /// `Ready`. A reset compares it with the next table to install
     /// instead of looking every name up.
     installed_functions: Vec<(String, u64)>,
+    /// The identity of `functions` (see [`TableId`]): replaced with it.
+    function_table: TableId,
     input_buf: u64,
     input_cap: u64,
     state: VmState,
@@ -297,6 +302,7 @@ impl<X: Extension> Vm<X> {
             machine,
             functions: HashMap::new(),
             installed_functions: Vec::new(),
+            function_table: TableId::EMPTY,
             input_buf: 0,
             input_cap: 0,
             state: VmState::Ready,
@@ -404,7 +410,12 @@ impl<X: Extension> Vm<X> {
         input: &[u8],
         call_data: CallData<'_>,
     ) -> Result<Vec<u8>, VmError> {
-        let (ptr, len) = self.call_raw(name, input, call_data)?;
+        let output = self.call_raw(name, input, call_data)?;
+        self.output_vec(output)
+    }
+
+    /// Copies a call's output (its guest address and length) out.
+    fn output_vec(&mut self, (ptr, len): (u64, u64)) -> Result<Vec<u8>, VmError> {
         let mut out = vec![0; len as usize];
         self.read_output(ptr, &mut out)?;
         Ok(out)
@@ -545,17 +556,29 @@ impl<X: Extension> Vm<X> {
         input: &[u8],
         call_data: CallData<'_>,
     ) -> Result<(u64, u64), VmError> {
-        if self.state == VmState::Poisoned {
-            return Err(VmError::Poisoned {
+        self.check_ready()?;
+        let index = self.function_index(name)?;
+        self.call_index(index, input, call_data)
+    }
+
+    /// Fails with [`VmError::Poisoned`] if the instance is poisoned.
+    fn check_ready(&self) -> Result<(), VmError> {
+        match self.state {
+            VmState::Ready => Ok(()),
+            VmState::Poisoned => Err(VmError::Poisoned {
                 cause: self.poison_cause.to_string(),
-            });
+            }),
         }
-        let index = *self
-            .functions
-            .get(name)
-            .ok_or_else(|| VmError::UnknownFunction {
-                name: name.to_string(),
-            })?;
+    }
+
+    /// Runs one call of function `index` of the current table on a ready
+    /// instance (see [`Self::check_ready`]).
+    fn call_index(
+        &mut self,
+        index: u64,
+        input: &[u8],
+        call_data: CallData<'_>,
+    ) -> Result<(u64, u64), VmError> {
         // Poisoned until the call provably finished: a host panic unwinding
         // out of here leaves no instance that claims to be ready.
         self.state = VmState::Poisoned;
@@ -735,6 +758,7 @@ impl<X: Extension> Vm<X> {
             }
         }
         self.functions = functions;
+        self.function_table = TableId::fresh();
         self.installed_functions.clear();
         let [flags] = self.read_words::<1>(field(offset_of!(AbiPage, guest_flags)))?;
         self.guest_resets_cpu = flags & abi::GUEST_FLAG_RESETS_VECTOR_STATE != 0;
@@ -826,6 +850,39 @@ impl<X: Extension> Vm<X> {
         if self.dirty_tracking {
             self.dirty.note_host_write(addr, len);
         }
+    }
+
+    /// The index of exported function `name` in the current table.
+    pub(crate) fn function_index(&self, name: &str) -> Result<u64, VmError> {
+        self.functions
+            .get(name)
+            .copied()
+            .ok_or_else(|| VmError::UnknownFunction {
+                name: name.to_string(),
+            })
+    }
+
+    /// The identity of the current function table (see [`TableId`]).
+    pub(crate) fn function_table(&self) -> TableId {
+        self.function_table
+    }
+
+    /// Like [`Self::invoke_with_data`], for a function resolved earlier:
+    /// by its index when this VM's table is the one `func` was resolved
+    /// from, by its name otherwise. The same call path either way.
+    pub(crate) fn invoke_resolved(
+        &mut self,
+        func: &Func,
+        input: &[u8],
+        call_data: CallData<'_>,
+    ) -> Result<Vec<u8>, VmError> {
+        self.check_ready()?;
+        let index = match func.index_in(self.function_table) {
+            Some(index) => index,
+            None => self.function_index(func.name())?,
+        };
+        let output = self.call_index(index, input, call_data)?;
+        self.output_vec(output)
     }
 }
 

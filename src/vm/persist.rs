@@ -22,6 +22,7 @@ use std::fmt;
 use super::cpu::{CpuState, Registers};
 use super::machine::Machine;
 use super::memory::GuestRam;
+use super::TableId;
 use super::{check_user_range, Extension, Generation, Vm, VmConfig, VmError, VmState};
 use crate::abi::{PAGE_SIZE, USER_BASE};
 
@@ -56,6 +57,9 @@ impl fmt::Debug for SnapshotId {
 pub(crate) struct GuestState {
     /// Exported functions and their indices, sorted by index.
     pub(crate) functions: Vec<(String, u64)>,
+    /// The identity of `functions` (see [`TableId`]): a VM that installs
+    /// them takes it over. Not saved in snapshot files.
+    pub(crate) function_table: TableId,
     pub(crate) input_buf: u64,
     pub(crate) input_cap: u64,
     pub(crate) heap_used: u64,
@@ -92,6 +96,7 @@ impl<X: Extension> Vm<X> {
         functions.sort_by_key(|(_, index)| *index);
         GuestState {
             functions,
+            function_table: self.function_table,
             input_buf: self.input_buf,
             input_cap: self.input_cap,
             heap_used: self.stats.heap_used,
@@ -331,6 +336,8 @@ impl<X: Extension> Vm<X> {
             }
             self.installed_functions.clone_from(&guest.functions);
         }
+        // The table now equals the one `guest` names.
+        self.function_table = guest.function_table;
         if self.preserved != guest.preserved {
             // Preserved regions must fit this VM's limits, as they would
             // have to when the guest asked (`Preserve`).

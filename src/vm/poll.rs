@@ -25,6 +25,7 @@ use super::error::{HypercallFault, VmError};
 use super::hypercall::{PollHooks, PolledCall, Watch};
 use super::memory::GuestRam;
 use super::userfault::MemoryFault;
+use super::TableId;
 use super::{Extension, InterruptHandle, Stop, TimeoutClock, Vm, VmState};
 use crate::abi::{self, AbiPage};
 
@@ -82,6 +83,8 @@ pub(crate) fn window_ticks(window: Duration) -> u64 {
 pub(crate) struct HotView {
     ram: Arc<GuestRam>,
     functions: HashMap<String, u64>,
+    /// The identity of `functions` (see [`TableId`]).
+    function_table: TableId,
     input_buf: u64,
     input_cap: u64,
     limits: ResultLimits,
@@ -103,6 +106,11 @@ impl HotView {
     /// The index of exported function `name`.
     pub(crate) fn function(&self, name: &str) -> Option<u64> {
         self.functions.get(name).copied()
+    }
+
+    /// The identity of the function table [`Self::function`] looks in.
+    pub(crate) fn function_table(&self) -> TableId {
+        self.function_table
     }
 
     /// Whether an input of `len` bytes fits the guest's input buffer.
@@ -229,6 +237,7 @@ impl<X: Extension> Vm<X> {
         HotView {
             ram: Arc::clone(&self.machine.ram),
             functions: self.functions.clone(),
+            function_table: self.function_table(),
             input_buf: self.input_buf,
             input_cap: self.input_cap,
             limits: self.result_limits(),
