@@ -34,7 +34,7 @@
 //!   have. Backends: a local directory ([`store::FsBackend`]), memory
 //!   ([`store::MemoryBackend`]) and, with the `s3` feature, any
 //!   S3-compatible object store (`store::S3Backend`). The store depends on
-//!   nothing else in the crate.
+//!   nothing else in the crate but the [`ErrorKind`] vocabulary.
 //! - [`net`] — guest networking on a host TAP device
 //!   ([`VmConfig::network`]) and connection recovery: the
 //!   [`net::ConnTracker`] follows every TCP connection, and
