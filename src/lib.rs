@@ -102,6 +102,7 @@
 //!   the store built on the `object_store` crate.
 
 mod call;
+mod combinator;
 pub mod error;
 mod error_kind;
 #[cfg(feature = "fuzzing")]
