@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
-use snapvm::{RestoreStrategy, Snapshot, SnapshotError, VmConfig, VmInstance};
+use snapvm::snapshot::RestoreStrategy;
+use snapvm::{Snapshot, SnapshotError, VmConfig, VmInstance};
 
 const PAGE: usize = 4096;
 const HEADER: usize = 128;
@@ -1133,7 +1134,7 @@ fn a_file_taken_on_another_cpu_restores_into_vms_that_have_run() {
     let snap = load("apic-id.snap", &b).unwrap();
 
     // A pooled shell's vCPU has run: KVM takes no other CPUID for it.
-    let pool = snapvm::ShellPool::for_snapshot(&config(), &snap, 1).unwrap();
+    let pool = snapvm::snapshot::ShellPool::for_snapshot(&config(), &snap, 1).unwrap();
     let mut vm = pool.restore(&snap).unwrap();
     assert_eq!(counter(&mut vm), 2);
     // Nor for a poisoned VM rewound in place.
