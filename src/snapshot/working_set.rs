@@ -31,7 +31,8 @@ struct Range {
 /// touched them, as page ranges. Cheap to encode (a few bytes per range).
 ///
 /// ```no_run
-/// use snapvm::trace::{TraceCache, WorkingSet};
+/// use snapvm::snapshot::WorkingSet;
+/// use snapvm::trace::TraceCache;
 /// use snapvm::{GuestProgram, Snapshot, VmConfig, VmInstance};
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
