@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use snapvm::policy::{Always, EveryN, GuestGarbageAbove, ManagedVm, Never, RestorePolicy};
-use snapvm::{GuestProgram, ShellPool, Snapshot, VmConfig, VmInstance, VmState};
+use snapvm::snapshot::ShellPool;
+use snapvm::{GuestProgram, Snapshot, VmConfig, VmInstance, VmState};
 
 /// The restore policy chosen on the command line. Each worker builds its
 /// own (`build`), so it is a plain value rather than a policy object.

@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use snapvm::{GuestProgram, ShellPool, Snapshot, VmConfig, VmInstance};
+use snapvm::snapshot::ShellPool;
+use snapvm::{GuestProgram, Snapshot, VmConfig, VmInstance};
 
 /// Prints guest log messages (they arrive through the `log` facade).
 struct PrintLogger;

@@ -39,7 +39,7 @@ pub enum ErrorKind {
     /// The call ran out of time. The VM is poisoned.
     Timeout,
     /// The call was stopped by an
-    /// [`InterruptHandle`](crate::InterruptHandle). The VM is poisoned.
+    /// [`InterruptHandle`](crate::vm::InterruptHandle). The VM is poisoned.
     Cancelled,
     /// The request was wrong: an unknown function, an input or output over
     /// a limit, a buffer too small, a value that does not encode or decode.

@@ -12,8 +12,9 @@
 //!   faults, panics and timeouts come back as [`VmError`] values.
 //! - [`Snapshot`] — a VM captured in its ready state (after init) and
 //!   restored far faster than booting: into a new VM, into a pre-created
-//!   shell from a [`ShellPool`], or in place. Every restore gives the guest
-//!   fresh entropy and a new [`Generation`], so copies are not clones.
+//!   shell from a [`snapshot::ShellPool`], or in place. Every restore gives
+//!   the guest fresh entropy and a new [`Generation`], so copies are not
+//!   clones.
 //! - [`RestorePolicy`] and [`ManagedVm`] — after every call, keep the VM or
 //!   rewind it to its ready state: single-request isolation, garbage
 //!   collection by restore, or every N calls, keeping the state the guest
@@ -41,6 +42,12 @@
 //!   [`VmInstance::terminate_connections`] ends them on both sides, with
 //!   the exact sequence numbers each side expects, before a halt, snapshot
 //!   or migration. See `docs/networking.md`.
+//!
+//! The crate root re-exports the types most programs name (the VM, its
+//! config and errors, snapshots, the managed wrappers, the call surface,
+//! the store's entry points); everything else lives at its module path:
+//! `snapvm::policy::Always`, `snapvm::snapshot::ShellPool`,
+//! `snapvm::store::FsBackend`, `snapvm::vm::InterruptHandle`.
 //!
 //! ## Quick start
 //!
@@ -102,6 +109,7 @@
 //!   the store built on the `object_store` crate.
 
 mod call;
+mod combinator;
 pub mod error;
 mod error_kind;
 #[cfg(feature = "fuzzing")]
@@ -129,15 +137,9 @@ pub use error::{Error, Result};
 pub use error_kind::ErrorKind;
 pub use instance::{Features, VmInstance};
 pub use policy::{
-    Decision, InvokeStats, ManagedVm, PollConfig, PollingVm, ReadyPool, RestorePolicy, RetryPolicy,
-    SuccessCriteria, Transaction, TxEnd, TxError,
+    ManagedVm, PollConfig, PollingVm, ReadyPool, RestorePolicy, SuccessCriteria, Transaction,
+    TxError,
 };
-pub use snapshot::{PoolStats, RestoreStrategy, ShellPool, Snapshot, SnapshotError, SnapshotId};
-pub use store::{
-    Backend, ConvergentStore, FsBackend, Manifest, ManifestId, ManifestKey, MemoryBackend,
-    Redundancy, SaltSelector, StoreConfig, StoreError,
-};
-pub use vm::{
-    CancelToken, Generation, GuestFault, GuestProgram, HostCaller, InterruptHandle, InvalidGuest,
-    PanicLocation, TxFault, VmConfig, VmError, VmState, VmStats,
-};
+pub use snapshot::{Snapshot, SnapshotError};
+pub use store::{ConvergentStore, StoreConfig, StoreError};
+pub use vm::{CancelToken, Generation, GuestProgram, HostCaller, VmConfig, VmError, VmState};

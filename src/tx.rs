@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::combinator::{And, Not, Or};
 use crate::instance::TxEnd;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotId};
 use crate::vm::VmError;
@@ -164,10 +165,8 @@ impl<F: Fn() -> Result<(), String> + Send + Sync> SuccessCriteria for HostCheck<
     }
 }
 
-/// Both criteria (see [`SuccessCriteria::and`]).
-#[derive(Clone, Copy, Debug)]
-pub struct And<A, B>(pub A, pub B);
-
+/// Success only when both succeed; otherwise the first failure (a `Fatal`
+/// from either wins).
 impl<A: SuccessCriteria, B: SuccessCriteria> SuccessCriteria for And<A, B> {
     fn judge(&self, attempt: &AttemptInfo<'_>) -> Verdict {
         match (self.0.judge(attempt), self.1.judge(attempt)) {
@@ -178,10 +177,7 @@ impl<A: SuccessCriteria, B: SuccessCriteria> SuccessCriteria for And<A, B> {
     }
 }
 
-/// Either criterion (see [`SuccessCriteria::or`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Or<A, B>(pub A, pub B);
-
+/// Success when either succeeds; `Fatal` only when both are fatal.
 impl<A: SuccessCriteria, B: SuccessCriteria> SuccessCriteria for Or<A, B> {
     fn judge(&self, attempt: &AttemptInfo<'_>) -> Verdict {
         match (self.0.judge(attempt), self.1.judge(attempt)) {
@@ -192,10 +188,8 @@ impl<A: SuccessCriteria, B: SuccessCriteria> SuccessCriteria for Or<A, B> {
     }
 }
 
-/// The inverse of a criterion (see [`SuccessCriteria::not`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Not<A>(pub A);
-
+/// Success where the criterion asks for a retry and the other way round;
+/// `Fatal` stays `Fatal`.
 impl<A: SuccessCriteria> SuccessCriteria for Not<A> {
     fn judge(&self, attempt: &AttemptInfo<'_>) -> Verdict {
         match self.0.judge(attempt) {

@@ -14,7 +14,8 @@
 mod common;
 
 use snapvm::policy::{Always, ManagedVm, RetryPolicy, Transaction};
-use snapvm::{ReadyPool, RestoreStrategy, ShellPool, Snapshot, VmConfig, VmInstance, VmState};
+use snapvm::snapshot::{RestoreStrategy, ShellPool};
+use snapvm::{ReadyPool, Snapshot, VmConfig, VmInstance, VmState};
 
 fn config() -> VmConfig {
     common::config("testguest").dirty_tracking(true)

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use snapvm::{RestoreStrategy, ShellPool, Snapshot, VmInstance, VmState};
+use snapvm::snapshot::{RestoreStrategy, ShellPool};
+use snapvm::{Snapshot, VmInstance, VmState};
 
 /// Set in a child process: `snapshot` or `restore`.
 const ROLE: &str = "SNAPVM_CPU_AFFINITY_ROLE";

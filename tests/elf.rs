@@ -3,7 +3,8 @@
 
 mod common;
 
-use snapvm::{GuestProgram, InvalidGuest, VmConfig, VmError};
+use snapvm::vm::InvalidGuest;
+use snapvm::{GuestProgram, VmConfig, VmError};
 
 fn elf() -> Vec<u8> {
     std::fs::read(common::guest_path("quickstart")).expect("guest built")

@@ -544,7 +544,7 @@ fn guest_error_messages_obey_the_buffer_rule_and_the_limit() {
 fn hostile_transaction_hypercalls_are_typed_errors() {
     require_kvm!();
     use snapvm::policy::{RetryPolicy, Transaction, TxError};
-    use snapvm::TxFault;
+    use snapvm::vm::TxFault;
     let begin = Hypercall::TxBegin as u32;
     let end = Hypercall::TxEnd as u32;
     type Expected = fn(&VmError) -> bool;

@@ -234,7 +234,7 @@ fn a_guest_error_is_typed_and_does_not_poison() {
 }
 
 /// Interrupts `vm`'s call from another thread once `started` says so.
-fn interrupt_when(handle: snapvm::InterruptHandle, started: Arc<AtomicUsize>) -> Kicker {
+fn interrupt_when(handle: snapvm::vm::InterruptHandle, started: Arc<AtomicUsize>) -> Kicker {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let thread = std::thread::spawn({
         let done = Arc::clone(&done);
@@ -507,7 +507,7 @@ fn every_entry_point_classifies_its_errors_the_same_way() {
     let restore = VmInstance::restore(&wrong, &ready).unwrap_err();
     assert_eq!(restore.kind(), ErrorKind::Invalid);
     assert_eq!(snapvm::Error::from(restore).kind(), ErrorKind::Invalid);
-    let pool = snapvm::ShellPool::new(&config, 1).unwrap();
+    let pool = snapvm::snapshot::ShellPool::new(&config, 1).unwrap();
     let pooled = pool.restore_with(&wrong, &ready).unwrap_err();
     assert_eq!(pooled.kind(), ErrorKind::Invalid);
     assert!(matches!(

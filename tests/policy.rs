@@ -4,11 +4,11 @@
 mod common;
 
 use snapvm::policy::{
-    Always, DirtyAbove, EveryN, GuestGarbageAbove, InvokeStats, ManagedVm, Never, OnError,
-    RestorePolicy,
+    Always, Decision, DirtyAbove, EveryN, GuestGarbageAbove, InvokeStats, ManagedVm, Never,
+    OnError, RestorePolicy,
 };
 use snapvm::vm::ScratchDisk;
-use snapvm::{Decision, ReadyPool, Snapshot, VmConfig, VmError, VmInstance};
+use snapvm::{ReadyPool, Snapshot, VmConfig, VmError, VmInstance};
 
 fn config() -> VmConfig {
     common::config("testguest").dirty_tracking(true)

@@ -384,7 +384,7 @@ fn every_polled_call_starts_with_fresh_transaction_state() {
     let mut always = polling_from(&config, ready, Always, Duration::from_millis(500));
     assert_eq!(always.invoke("one_tx", b"").unwrap(), b"committed");
     match always.invoke("unbalanced", b"").map_err(vm_error) {
-        Err(VmError::Transaction(snapvm::TxFault::NotEnded)) => {}
+        Err(VmError::Transaction(snapvm::vm::TxFault::NotEnded)) => {}
         other => panic!("a transaction left open must fail, got {other:?}"),
     }
     for i in 0..3 {

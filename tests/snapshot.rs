@@ -3,7 +3,8 @@
 
 mod common;
 
-use snapvm::{RestoreStrategy, ShellPool, Snapshot, SnapshotError, VmConfig, VmError, VmInstance};
+use snapvm::snapshot::{RestoreStrategy, ShellPool};
+use snapvm::{Snapshot, SnapshotError, VmConfig, VmError, VmInstance};
 
 fn config() -> VmConfig {
     common::config("testguest")

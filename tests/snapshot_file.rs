@@ -4,9 +4,10 @@
 //! case must give a typed [`SnapshotError`], never a panic.
 //!
 //! The byte-level cases double as the seed corpus of the `snapshot_file`
-//! fuzz target: each also goes through `snapvm::snapshot::fuzz_load`, which
-//! must agree with `Snapshot::load`, and with `SNAPVM_FUZZ_CORPUS=<dir>` set
-//! they are written to `<dir>` as seeds (see `fuzz/fuzz_targets/`).
+//! fuzz target: each also goes through its entry point,
+//! `snapvm::fuzzing::snapshot_file::load`, which must agree with
+//! `Snapshot::load`, and with `SNAPVM_FUZZ_CORPUS=<dir>` set they are
+//! written to `<dir>` as seeds (see `fuzz/fuzz_targets/`).
 //!
 //! The helpers below follow `docs/snapshot-format.md`, independently of the
 //! crate's own encoder.
@@ -20,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
-use snapvm::{RestoreStrategy, Snapshot, SnapshotError, VmConfig, VmInstance};
+use snapvm::snapshot::RestoreStrategy;
+use snapvm::{Snapshot, SnapshotError, VmConfig, VmInstance};
 
 const PAGE: usize = 4096;
 const HEADER: usize = 128;
@@ -256,11 +258,11 @@ fn load(name: &str, bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     save_seed(name, bytes);
     let path = write_sparse(name, bytes);
     let from_file = Snapshot::load(&path);
-    let fuzzed = snapvm::snapshot::fuzz_load(bytes);
+    let fuzzed = snapvm::fuzzing::snapshot_file::load(bytes);
     match (&from_file, &fuzzed) {
         (Ok(a), Ok(b)) => assert_eq!(a.id(), b.id(), "{name}"),
         (Err(a), Err(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name}"),
-        _ => panic!("{name}: load gave {from_file:?}, fuzz_load gave {fuzzed:?}"),
+        _ => panic!("{name}: load gave {from_file:?}, the fuzz entry point gave {fuzzed:?}"),
     }
     from_file
 }
@@ -290,7 +292,7 @@ fn an_intact_file_loads_the_same_both_ways_and_restores() {
     require_kvm!();
     let f = fixture();
     let snap = load("intact.snap", &f.full).unwrap();
-    let fuzzed = snapvm::snapshot::fuzz_load(&f.full).unwrap();
+    let fuzzed = snapvm::fuzzing::snapshot_file::load(&f.full).unwrap();
     for s in [&snap, &fuzzed] {
         for strategy in [RestoreStrategy::Eager, RestoreStrategy::Lazy] {
             let mut vm = VmInstance::restore_with(&config(), s, strategy).unwrap();
@@ -1132,7 +1134,7 @@ fn a_file_taken_on_another_cpu_restores_into_vms_that_have_run() {
     let snap = load("apic-id.snap", &b).unwrap();
 
     // A pooled shell's vCPU has run: KVM takes no other CPUID for it.
-    let pool = snapvm::ShellPool::for_snapshot(&config(), &snap, 1).unwrap();
+    let pool = snapvm::snapshot::ShellPool::for_snapshot(&config(), &snap, 1).unwrap();
     let mut vm = pool.restore(&snap).unwrap();
     assert_eq!(counter(&mut vm), 2);
     // Nor for a poisoned VM rewound in place.

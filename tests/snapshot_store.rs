@@ -7,12 +7,13 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use snapvm::snapshot::RestoreStrategy;
 use snapvm::store::ManifestKey;
 use snapvm::store::{
     Backend, BackendError, ConvergentStore, Entry, FsBackend, Namespace, ObjectName, PutOutcome,
     StoreConfig,
 };
-use snapvm::{RestoreStrategy, Snapshot, SnapshotError, VmConfig, VmInstance};
+use snapvm::{Snapshot, SnapshotError, VmConfig, VmInstance};
 
 const OWNER: [u8; 32] = [5; 32];
 
@@ -58,8 +59,8 @@ fn a_snapshot_round_trips_through_the_store() {
     assert_eq!(loaded.id(), snapshot.id());
     assert_eq!(loaded.stored_bytes(), snapshot.stored_bytes());
     for strategy in [
-        snapvm::RestoreStrategy::Eager,
-        snapvm::RestoreStrategy::Lazy,
+        snapvm::snapshot::RestoreStrategy::Eager,
+        snapvm::snapshot::RestoreStrategy::Lazy,
     ] {
         let mut copy = VmInstance::restore_with(&config, &loaded, strategy).unwrap();
         assert_eq!(counter(&mut copy), 2);

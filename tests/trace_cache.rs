@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use snapvm::snapshot::SnapshotId;
 use snapvm::trace::{CodeId, TraceCache, TraceError, TraceKey, TraceKind};
-use snapvm::SnapshotId;
 
 fn key(tenant: &str, function: &str) -> TraceKey {
     TraceKey {

@@ -224,7 +224,7 @@ fn restored_environments_of_one_snapshot_share_function_profiles() {
     let mut second = VmInstance::restore(&config, &snap_a).unwrap();
     assert_eq!(words(&mut second), "imported");
     // So does a VM restored into a pooled shell.
-    let pool = snapvm::ShellPool::new(&config, 1).unwrap();
+    let pool = snapvm::snapshot::ShellPool::new(&config, 1).unwrap();
     let mut pooled = pool.restore(&snap_a).unwrap();
     assert_eq!(words(&mut pooled), "imported");
     // Snapshot B is another code identity: its VMs start cold.

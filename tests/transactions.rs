@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use snapvm::policy::{
     Always, Committed, ManagedVm, NoTimeout, RestorePolicy, RetryPolicy, ReturnedOk,
-    SuccessCriteria, Transaction, TxError, Verdict,
+    SuccessCriteria, Transaction, TxEnd, TxError, Verdict,
 };
-use snapvm::{Snapshot, TxEnd, TxFault, VmConfig, VmError, VmInstance, VmState};
+use snapvm::vm::TxFault;
+use snapvm::{Snapshot, VmConfig, VmError, VmInstance, VmState};
 
 fn config() -> VmConfig {
     common::config("txguest").dirty_tracking(true)

@@ -120,7 +120,7 @@ fn guest_abort_carries_its_message() {
     }
 }
 
-fn fault(name: &str) -> snapvm::GuestFault {
+fn fault(name: &str) -> snapvm::vm::GuestFault {
     match poisoning_error(name) {
         VmError::GuestFault(fault) => fault,
         other => panic!("{name}: unexpected {other:?}"),

@@ -37,8 +37,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use snapvm::snapshot::{RestoreStrategy, ShellPool};
 use snapvm::vm::raw::{RawGuest, EXIT_LOOP};
-use snapvm::{GuestProgram, RestoreStrategy, ShellPool, Snapshot, VmConfig, VmInstance};
+use snapvm::{GuestProgram, Snapshot, VmConfig, VmInstance};
 
 use super::{time_us, Ctx, Figure, Stats, Target};
 

@@ -28,9 +28,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use snapvm::snapshot::ShellPool;
 use snapvm::trace::{ProfileScope, TraceCache};
 use snapvm::vm::raw::{RawGuest, EXIT_LOOP};
-use snapvm::{GuestProgram, ShellPool, Snapshot, VmConfig, VmInstance};
+use snapvm::{GuestProgram, Snapshot, VmConfig, VmInstance};
 
 use super::{time_us, Ctx, Figure, Stats, Target};
 

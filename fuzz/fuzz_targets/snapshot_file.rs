@@ -65,5 +65,5 @@ fuzz_target!(|data: &[u8]| {
             pad(&mut bytes);
         }
     }
-    let _ = snapvm::snapshot::fuzz_load(&bytes);
+    let _ = snapvm::fuzzing::snapshot_file::load(&bytes);
 });

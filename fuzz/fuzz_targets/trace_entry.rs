@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         let digest = Sha256::digest(&bytes[..body]);
         bytes[body..].copy_from_slice(&digest);
     }
-    if let Some((key, value)) = snapvm::trace::parse_entry_file(&bytes) {
-        assert_eq!(snapvm::trace::encode_entry_file(&key, &value), bytes);
+    if let Some((key, value)) = snapvm::fuzzing::trace_entry::parse(&bytes) {
+        assert_eq!(snapvm::fuzzing::trace_entry::encode(&key, &value), bytes);
     }
 });

@@ -16,8 +16,12 @@
 //!   accumulated, keeping what the guest asked to preserve
 //!   (`snapvm_guest::preserve`).
 //! - **Amortized resets** — [`EveryN`], [`DirtyAbove`], [`OnError`], and any
-//!   combination ([`any`], [`all`], [`RestorePolicy::or`],
-//!   [`RestorePolicy::and`]) or closure.
+//!   combination ([`RestorePolicy::or`], [`RestorePolicy::and`]) or closure.
+//!
+//! Restore policies and success criteria share their combinators: [`Or`]
+//! and [`And`] (and, for criteria, [`Not`]), the types their `.or()`,
+//! `.and()` and `.not()` methods build, each judged by the trait of what
+//! they combine.
 //!
 //! [`ManagedVm`] applies a policy to a VM. A reset rewinds only the pages
 //! the guest wrote since the last reset (KVM dirty logging), so its cost
@@ -47,10 +51,11 @@ mod pool;
 
 use std::time::Duration;
 
+pub use crate::combinator::{And, Not, Or};
 pub use crate::instance::{TxEnd, MAX_DEFERRED_CALLS};
 pub use crate::tx::{
-    And, Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, Not, Or, OutputMatches,
-    RetryPolicy, ReturnedOk, SuccessCriteria, Transaction, TxError, TxOutcome, Verdict,
+    Attempt, AttemptInfo, Committed, HostCheck, NoTimeout, OutputMatches, RetryPolicy, ReturnedOk,
+    SuccessCriteria, Transaction, TxError, TxOutcome, Verdict,
 };
 pub use managed::ManagedVm;
 pub use poll::{PollConfig, PollingVm, MAX_POLL_WINDOW, MIN_POLL_WINDOW};
@@ -150,20 +155,20 @@ pub trait RestorePolicy: Send + Sync {
         KeepPreserved(self)
     }
 
-    /// Resets when either policy says so.
-    fn or<P: RestorePolicy>(self, other: P) -> Any<Self, P>
+    /// Resets when either policy says so ([`Or`]).
+    fn or<P: RestorePolicy>(self, other: P) -> Or<Self, P>
     where
         Self: Sized,
     {
-        any(self, other)
+        Or(self, other)
     }
 
-    /// Resets only when both policies say so.
-    fn and<P: RestorePolicy>(self, other: P) -> All<Self, P>
+    /// Resets only when both policies say so ([`And`]).
+    fn and<P: RestorePolicy>(self, other: P) -> And<Self, P>
     where
         Self: Sized,
     {
-        all(self, other)
+        And(self, other)
     }
 }
 
@@ -308,11 +313,8 @@ impl RestorePolicy for OnError {
     }
 }
 
-/// Resets when either policy says so (see [`any`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Any<A, B>(pub A, pub B);
-
-impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for Any<A, B> {
+/// Resets when either policy says so.
+impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for Or<A, B> {
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
         reset_if(self.0.decide(stats) == Decision::Reset || self.1.decide(stats) == Decision::Reset)
     }
@@ -328,11 +330,8 @@ impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for Any<A, B> {
     }
 }
 
-/// Resets only when both policies say so (see [`all`]).
-#[derive(Clone, Copy, Debug)]
-pub struct All<A, B>(pub A, pub B);
-
-impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for All<A, B> {
+/// Resets only when both policies say so.
+impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for And<A, B> {
     fn decide(&self, stats: &InvokeStats<'_>) -> Decision {
         reset_if(self.0.decide(stats) == Decision::Reset && self.1.decide(stats) == Decision::Reset)
     }
@@ -348,14 +347,24 @@ impl<A: RestorePolicy, B: RestorePolicy> RestorePolicy for All<A, B> {
     }
 }
 
-/// A policy that resets when `a` or `b` does.
-pub fn any<A: RestorePolicy, B: RestorePolicy>(a: A, b: B) -> Any<A, B> {
-    Any(a, b)
+/// The former name of [`Or`] for restore policies.
+#[deprecated(note = "renamed `Or` (`policy::Or`, built by `RestorePolicy::or`)")]
+pub type Any<A, B> = Or<A, B>;
+
+/// The former name of [`And`] for restore policies.
+#[deprecated(note = "renamed `And` (`policy::And`, built by `RestorePolicy::and`)")]
+pub type All<A, B> = And<A, B>;
+
+/// A policy that resets when `a` or `b` does: `Or(a, b)`.
+#[deprecated(note = "use `a.or(b)` or `Or(a, b)`")]
+pub fn any<A: RestorePolicy, B: RestorePolicy>(a: A, b: B) -> Or<A, B> {
+    Or(a, b)
 }
 
-/// A policy that resets only when both `a` and `b` do.
-pub fn all<A: RestorePolicy, B: RestorePolicy>(a: A, b: B) -> All<A, B> {
-    All(a, b)
+/// A policy that resets only when both `a` and `b` do: `And(a, b)`.
+#[deprecated(note = "use `a.and(b)` or `And(a, b)`")]
+pub fn all<A: RestorePolicy, B: RestorePolicy>(a: A, b: B) -> And<A, B> {
+    And(a, b)
 }
 
 #[cfg(test)]
@@ -409,11 +418,21 @@ mod tests {
         let failed = stats(2, 0, 0, None, Outcome::Failed);
         assert_eq!(EveryN(5).or(OnError).decide(&ok), Decision::Keep);
         assert_eq!(EveryN(5).or(OnError).decide(&failed), Decision::Reset);
-        assert_eq!(all(EveryN(2), OnError).decide(&ok), Decision::Keep);
-        assert_eq!(all(EveryN(2), OnError).decide(&failed), Decision::Reset);
+        assert_eq!(And(EveryN(2), OnError).decide(&ok), Decision::Keep);
+        assert_eq!(And(EveryN(2), OnError).decide(&failed), Decision::Reset);
         let even = |s: &InvokeStats<'_>| reset_if(s.invocations_since_reset % 2 == 0);
-        assert_eq!(any(Never, even).decide(&ok), Decision::Reset);
+        assert_eq!(Or(Never, even).decide(&ok), Decision::Reset);
         let boxed: Box<dyn RestorePolicy> = Box::new(Never.and(Always));
         assert_eq!(boxed.decide(&ok), Decision::Keep);
+    }
+
+    #[test]
+    #[allow(deprecated, reason = "the former names must keep compiling")]
+    fn former_combinator_names_still_compile() {
+        let failed = stats(2, 0, 0, None, Outcome::Failed);
+        let either: Any<EveryN, OnError> = any(EveryN(5), OnError);
+        let both: All<EveryN, OnError> = all(EveryN(5), OnError);
+        assert_eq!(either.decide(&failed), Decision::Reset);
+        assert_eq!(both.decide(&failed), Decision::Keep);
     }
 }

@@ -43,9 +43,18 @@ impl PollConfig {
         self
     }
 
-    /// The polling window.
-    pub fn get_window(&self) -> Duration {
+    /// The polling window set by [`PollConfig::window`]. (A getter beside
+    /// a builder method of the same name carries what it returns in its
+    /// name, as [`VmConfig::memory_size_bytes`](crate::VmConfig::memory_size_bytes)
+    /// does.)
+    pub fn window_duration(&self) -> Duration {
         self.window
+    }
+
+    /// The polling window.
+    #[deprecated(note = "renamed `window_duration` (getters take no `get_` prefix)")]
+    pub fn get_window(&self) -> Duration {
+        self.window_duration()
     }
 }
 

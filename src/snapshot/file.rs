@@ -461,9 +461,10 @@ pub(crate) fn load(path: &Path, base: Option<&Snapshot>) -> Result<Snapshot, Sna
 }
 
 /// Loads a snapshot from `bytes` held in an anonymous in-memory file, through
-/// the same path as [`Snapshot::load`]. The entry point of the fuzz target.
-#[doc(hidden)]
-pub fn fuzz_load(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+/// the same path as [`Snapshot::load`]. The entry point of the fuzz target
+/// (`snapvm::fuzzing::snapshot_file`).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_load(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     let path = Path::new("<fuzz input>");
     let mut file = super::image::memfd(0)?;
     file.write_all(bytes)

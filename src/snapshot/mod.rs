@@ -50,8 +50,8 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use error::SnapshotError;
-#[doc(hidden)]
-pub use file::fuzz_load;
+#[cfg(feature = "fuzzing")]
+pub(crate) use file::fuzz_load;
 pub use ondemand::OnDemandConfig;
 pub use pool::{PoolStats, ShellPool};
 pub use working_set::WorkingSet;

@@ -120,7 +120,8 @@ fn new_shell(memory_size: u64, dirty_tracking: bool, prefault: &[u64]) -> Result
 /// every VM handed back.
 ///
 /// ```no_run
-/// use snapvm::{GuestProgram, ShellPool, VmConfig, VmInstance};
+/// use snapvm::snapshot::ShellPool;
+/// use snapvm::{GuestProgram, VmConfig, VmInstance};
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?);

@@ -19,7 +19,8 @@ pub const SALT_DOMAIN: &[u8] = b"snapvm-store-v1 salt\0";
 /// Domain-separation prefix of a manifest key id:
 /// first 8 bytes of `SHA-256(prefix || manifest key)`.
 pub const MANIFEST_KEY_ID_DOMAIN: &[u8] = b"snapvm-store-v1 manifest-key-id\0";
-/// The nonce of every block encryption: twelve zero bytes (see [`seal_block`]).
+/// The nonce of every block encryption: twelve zero bytes (see
+/// [`seal_block_in_place`]).
 pub const BLOCK_NONCE: [u8; 12] = [0; 12];
 /// Length of an AES-GCM tag, appended to every ciphertext.
 pub const TAG_LEN: usize = 16;
@@ -41,8 +42,9 @@ pub fn block_key(salt: &Salt, plaintext: &[u8]) -> BlockKey {
     BlockKey::from_bytes(h.finalize().into())
 }
 
-/// Encrypts one block convergently and returns its key and id; `out` receives
-/// the stored bytes (ciphertext followed by the 16-byte tag).
+/// Encrypts one block convergently and returns its key and id: `buf` holds
+/// the plaintext on entry and the stored bytes (ciphertext followed by the
+/// 16-byte tag) on return.
 ///
 /// The nonce is fixed ([`BLOCK_NONCE`]). That is safe because a key encrypts
 /// exactly one plaintext: the key is a collision-resistant hash of the
@@ -50,15 +52,6 @@ pub fn block_key(salt: &Salt, plaintext: &[u8]) -> BlockKey {
 /// be a SHA-256 collision. Re-encrypting the same plaintext under the same key
 /// and nonce yields the same ciphertext, which reveals nothing beyond
 /// "identical block" — the property deduplication needs.
-pub fn seal_block(salt: &Salt, plaintext: &[u8], out: &mut Vec<u8>) -> (BlockKey, BlockId) {
-    out.clear();
-    out.reserve(plaintext.len() + TAG_LEN);
-    out.extend_from_slice(plaintext);
-    seal_block_in_place(salt, out)
-}
-
-/// [`seal_block`] without a copy: `buf` holds the plaintext on entry and
-/// the stored bytes (ciphertext and tag) on return.
 pub fn seal_block_in_place(salt: &Salt, buf: &mut Vec<u8>) -> (BlockKey, BlockId) {
     let key = block_key(salt, buf);
     let cipher = Aes256Gcm::new(key.as_bytes().into());
@@ -142,6 +135,12 @@ pub fn open_manifest_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seal_block(salt: &Salt, plaintext: &[u8], out: &mut Vec<u8>) -> (BlockKey, BlockId) {
+        out.clear();
+        out.extend_from_slice(plaintext);
+        seal_block_in_place(salt, out)
+    }
 
     #[test]
     fn convergent_and_salted() {

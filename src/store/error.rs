@@ -153,10 +153,10 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
-    /// The operating system gave no randomness (for a manifest nonce or a
-    /// lease name).
+    /// The operating system gave no randomness (for a manifest key, a
+    /// manifest nonce or a lease name).
     #[error("the operating system's random generator failed")]
-    Random(#[source] getrandom::Error),
+    Random(#[source] io::Error),
     /// An ingest worker thread panicked (a bug, or a panicking backend).
     #[error("an ingest worker thread panicked")]
     WorkerPanicked,
@@ -181,6 +181,13 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// Fills `buf` from the operating system's generator; `getrandom`'s error
+/// stays out of the public API ([`StoreError::Random`] carries an
+/// [`io::Error`]).
+pub(super) fn fill_random(buf: &mut [u8]) -> Result<(), StoreError> {
+    getrandom::fill(buf).map_err(|e| StoreError::Random(io::Error::from(e)))
 }
 
 /// A rejected [`StoreConfig`](super::StoreConfig).

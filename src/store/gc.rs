@@ -174,7 +174,7 @@ fn now_millis() -> u64 {
 
 fn random_name(namespace: Namespace) -> Result<ObjectName, StoreError> {
     let mut id = [0u8; 32];
-    getrandom::fill(&mut id).map_err(StoreError::Random)?;
+    super::error::fill_random(&mut id)?;
     Ok(ObjectName { namespace, id })
 }
 

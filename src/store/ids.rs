@@ -206,10 +206,12 @@ secret! {
 }
 
 impl ManifestKey {
-    /// A fresh random key from the operating system's generator.
-    pub fn generate() -> Result<Self, getrandom::Error> {
+    /// A fresh random key from the operating system's generator; fails
+    /// with [`StoreError::Random`](super::StoreError::Random) when it gives
+    /// none.
+    pub fn generate() -> Result<Self, super::StoreError> {
         let mut k = [0u8; HASH_LEN];
-        getrandom::fill(&mut k)?;
+        super::error::fill_random(&mut k)?;
         Ok(Self(k))
     }
 }

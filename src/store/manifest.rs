@@ -412,13 +412,15 @@ impl Manifest {
         })
     }
 
-    /// Seals the manifest under `key` with a fresh random nonce.
+    /// Seals the manifest under `key` with a fresh random nonce; fails with
+    /// [`StoreError::Random`](super::StoreError::Random) when the operating
+    /// system gives no randomness.
     ///
     /// # Panics
     /// If the metadata is longer than `u32::MAX` bytes (the store rejects
     /// such metadata with [`StoreError::MetadataTooLarge`](super::StoreError)
     /// long before).
-    pub fn seal(&self, key: &ManifestKey) -> Result<Vec<u8>, getrandom::Error> {
+    pub fn seal(&self, key: &ManifestKey) -> Result<Vec<u8>, super::StoreError> {
         let refs = self.refs();
         let mut body = self
             .encode_body(&refs)
@@ -437,7 +439,7 @@ impl Manifest {
         }
         // The nonce is part of the associated data; draw it first.
         let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce)?;
+        super::error::fill_random(&mut nonce)?;
         out[nonce_at..nonce_at + NONCE_LEN].copy_from_slice(&nonce);
         crypto::seal_manifest_body_with_nonce(key, &nonce, &out, &mut body);
         out.extend_from_slice(&body);

@@ -3,7 +3,7 @@
 //!
 //! A data set is cut into fixed-size blocks ([`block`]). Each block is
 //! encrypted with AES-256-GCM under a key derived from its own plaintext and
-//! a salt ([`crypto`]), so identical blocks under the same salt give
+//! a salt, so identical blocks under the same salt give
 //! identical ciphertexts and are stored once; the block's id is the SHA-256
 //! of its ciphertext, so anyone can check a block without its key. All-zero
 //! blocks are not stored. A [`Manifest`] lists the blocks in order with
@@ -27,7 +27,7 @@
 
 pub mod backend;
 pub mod block;
-pub mod crypto;
+mod crypto;
 mod error;
 mod gc;
 mod ids;

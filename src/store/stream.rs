@@ -189,7 +189,7 @@ fn commit(
             limit: cfg.max_manifest_len,
         });
     }
-    let sealed = manifest.seal(&store.key).map_err(StoreError::Random)?;
+    let sealed = manifest.seal(&store.key)?;
     let id = ManifestId::from_bytes(crypto::sha256(&sealed));
     // Renew first, so the lease has at least two thirds of its TTL left
     // while the manifest is written; refuse if it ever lapsed.

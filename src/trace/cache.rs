@@ -555,16 +555,16 @@ impl TraceCache {
 
 /// Parses the bytes of an entry file exactly as [`TraceCache::open`] and
 /// [`TraceCache::get`] do: the key and value, or `None` for a file they
-/// drop. For the `trace_entry` fuzz target.
-#[doc(hidden)]
-pub fn parse_entry_file(bytes: &[u8]) -> Option<(TraceKey, Vec<u8>)> {
+/// drop. For the `trace_entry` fuzz target (`snapvm::fuzzing::trace_entry`).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn parse_entry_file(bytes: &[u8]) -> Option<(TraceKey, Vec<u8>)> {
     decode_entry(bytes).ok()
 }
 
 /// The bytes of the entry file for `key` and `value`. For the
-/// `trace_entry` fuzz target.
-#[doc(hidden)]
-pub fn encode_entry_file(key: &TraceKey, value: &[u8]) -> Vec<u8> {
+/// `trace_entry` fuzz target (`snapvm::fuzzing::trace_entry`).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn encode_entry_file(key: &TraceKey, value: &[u8]) -> Vec<u8> {
     encode_entry(&key.encode(), value)
 }
 

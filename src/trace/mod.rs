@@ -11,7 +11,7 @@ mod cache;
 pub(crate) mod ext;
 mod profile;
 
-#[doc(hidden)]
-pub use cache::{encode_entry_file, parse_entry_file};
+#[cfg(feature = "fuzzing")]
+pub(crate) use cache::{encode_entry_file, parse_entry_file};
 pub use cache::{CodeId, TraceCache, TraceError, TraceKey, TraceKind, MAX_KEY_LEN};
 pub use profile::{ProfileScope, DEFAULT_RUNTIME};
