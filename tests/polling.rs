@@ -565,3 +565,109 @@ fn call_data_reaches_host_functions_and_the_guest_goes_hot_again() {
     );
     assert_eq!(request.0, 8);
 }
+
+/// How late a timed-out polled call may return: the promised 20 ms for the
+/// kicked vCPU thread to give the VM back, plus 80 ms of tolerance for this
+/// thread's own wait for a core on a loaded 2-core machine (measured: at
+/// most 40 ms late in 120 calls with four busy threads and load average 7).
+const TIMEOUT_LATE: Duration = Duration::from_millis(100);
+
+/// Busy threads that keep every core of this machine (2 on the
+/// development machines) oversubscribed until dropped: a loaded host.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(threads: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A polled call into a guest that never answers returns `Timeout` soon
+/// after its deadline even with every core oversubscribed: the caller
+/// reads the clock at every look, waits for the kicked vCPU thread at most
+/// 20 ms, and leaves the reset to the next call (`docs/executor.md`).
+#[test]
+fn a_timed_out_polled_call_returns_soon_after_its_deadline_under_load() {
+    require_kvm!();
+    let _serial = serial();
+    let deadline = Duration::from_millis(200);
+    let config = common::config("testguest")
+        .dirty_tracking(true)
+        .timeout(Some(deadline));
+    let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let mut vm = polling_from(&config, ready, Never, Duration::from_millis(5));
+    // Two busy threads per core of the 2-core machines this runs on.
+    let _load = Load::start(4);
+    for round in 0..10 {
+        assert_eq!(counter(&mut vm), 1, "round {round}: reset before this call");
+        let resets = vm.resets();
+        let started = Instant::now();
+        let e = vm_error(vm.invoke("infinite_loop", b"").unwrap_err());
+        let took = started.elapsed();
+        assert!(matches!(e, VmError::Timeout { .. }), "round {round}: {e:?}");
+        assert!(took >= deadline, "round {round}: early, {took:?}");
+        assert!(
+            took < deadline + TIMEOUT_LATE,
+            "round {round}: returned {:?} past its deadline",
+            took - deadline
+        );
+        assert_eq!(vm.resets(), resets, "round {round}: reset inside the call");
+    }
+}
+
+/// A polled call whose guest sits in a slow host function at its deadline
+/// returns on time too: a kick cannot stop host code, so the call does not
+/// wait for it (at most 20 ms) and the VM stays with the vCPU thread until
+/// the host function returns; the next call takes it back and resets it.
+#[test]
+fn a_timed_out_polled_call_does_not_wait_for_a_slow_host_function() {
+    require_kvm!();
+    let _serial = serial();
+    let deadline = Duration::from_millis(200);
+    let config = common::config("testguest")
+        .dirty_tracking(true)
+        .timeout(Some(deadline))
+        .host_function("slow", |_| {
+            std::thread::sleep(Duration::from_millis(1500));
+            Ok(Vec::new())
+        });
+    let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
+    let mut vm = polling_from(&config, ready, Never, Duration::from_millis(5));
+    assert_eq!(counter(&mut vm), 1);
+    let started = Instant::now();
+    let e = vm_error(vm.invoke("host_call", b"slow\n").unwrap_err());
+    let took = started.elapsed();
+    assert!(matches!(e, VmError::Timeout { .. }), "{e:?}");
+    assert!(
+        took < deadline + TIMEOUT_LATE,
+        "returned {:?} past its deadline",
+        took - deadline
+    );
+    // The next call runs on a reset VM, once the host function is done.
+    assert_eq!(counter(&mut vm), 1);
+    assert_eq!(vm.resets(), 1);
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+}
