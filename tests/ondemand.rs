@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use snapvm::abi::{ABI_PAGE_ADDR, PAGE_SIZE};
+use snapvm::policy::{ManagedVm, Never, PollConfig, PollingVm};
 use snapvm::snapshot::OnDemandConfig;
 use snapvm::snapshot::WorkingSet;
 use snapvm::store::{
@@ -258,6 +259,60 @@ fn a_deleted_block_poisons_the_vm_and_a_slow_one_hits_the_deadline() {
     assert!(matches!(source, StoreError::FetchTimeout { block: b, .. } if *b == block));
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert!(vm.invoke("counter", b"").is_err());
+}
+
+/// Polling mode reads a result from guest memory while the guest runs on
+/// its own vCPU thread, so the result reader itself must refuse a stand-in
+/// page: here the guest publishes as its output a page that nobody touched
+/// since the restore and whose block is gone from the store. The host's
+/// read is the fault; the call fails with the error naming the block (never
+/// `Ok` with the zero page standing in for it), and the VM stays poisoned.
+#[test]
+fn a_polled_result_on_a_page_that_cannot_be_fetched_fails() {
+    require_kvm!();
+    let f = fixture();
+    let blocks = data_blocks(&f);
+    // In the middle of the region's data: no call below touches it.
+    let (offset, deleted) = blocks[blocks.len() * 3 / 4];
+    f.backend.delete(&ObjectName::block(&deleted)).unwrap();
+    let on_demand = open_on_demand(&f, Duration::from_secs(5));
+    let config = config().dirty_tracking(true);
+    let vm = VmInstance::restore(&config, &on_demand).unwrap();
+    let managed = ManagedVm::new(vm, on_demand.clone(), Never).unwrap();
+    let mut vm = PollingVm::new(
+        managed,
+        PollConfig::new().window(Duration::from_millis(500)),
+    )
+    .expect("polling");
+    assert_eq!(vm.invoke("echo", b"hot").unwrap(), b"hot");
+    assert_eq!(vm.invoke("counter", b"").unwrap(), 1u64.to_le_bytes());
+
+    let page = PAGE_SIZE;
+    let input = [offset.to_le_bytes(), page.to_le_bytes()].concat();
+    let vm_error = |e: snapvm::Error| match e {
+        snapvm::Error::Vm(e) => e,
+        other => panic!("expected a VM error, got {other:?}"),
+    };
+    let err = match vm.invoke("poll_output_at", &input) {
+        Ok(out) => panic!(
+            "a stand-in page left the VM as a result ({} bytes, all zero: {})",
+            out.len(),
+            out.iter().all(|&b| b == 0)
+        ),
+        Err(e) => vm_error(e),
+    };
+    let (block, source) = failed_block(&err).unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!(block, deleted);
+    assert!(matches!(source, StoreError::Missing { .. }), "{source:?}");
+    assert!(err.poisons());
+    // Poisoned for good (the memory cannot be had): every later call fails
+    // with the same error, whatever it touches.
+    for function in ["counter", "poll_output_at"] {
+        let input: &[u8] = if function == "counter" { b"" } else { &input };
+        let err = vm_error(vm.invoke(function, input).unwrap_err());
+        let (block, _) = failed_block(&err).unwrap_or_else(|| panic!("{function}: {err:?}"));
+        assert_eq!(block, deleted, "{function}");
+    }
 }
 
 #[test]

@@ -77,8 +77,12 @@ impl PollConfig {
 ///
 /// Timeouts ([`crate::VmConfig::timeout`]) apply to each call on the wall
 /// clock, whatever the VM's timeout clock; a guest that does not answer in
-/// time is stopped and the call fails with [`VmError::Timeout`]. Dropping a
-/// `PollingVm` stops its guest and joins its thread.
+/// time is stopped and the call fails with [`VmError::Timeout`], at most
+/// about 20 ms after its deadline (plus the time the calling thread waits
+/// for a core): the VM is reset before the next call, not inside the
+/// timed-out one, and a guest still inside a host function is left to
+/// finish it meanwhile. Dropping a `PollingVm` stops its guest and joins
+/// its thread.
 ///
 /// The cost: while hot, the guest's vCPU keeps one core busy and the
 /// caller spins on the result, so a call costs far less latency than an
@@ -451,10 +455,14 @@ impl<P: RestorePolicy> PollingVm<P> {
                 holder.vm = Some(vm);
                 (Err(e), true)
             }
-            Waited::TimedOut(mut vm) => {
+            Waited::TimedOut(vm) => {
                 let e = poll::timeout_error(holder.view.timeout().unwrap_or_default());
-                vm.poison_with(&e);
-                holder.vm = Some(vm);
+                // Without the VM, the vCPU thread still holds it (kicked):
+                // the next call takes it back, and the reset follows.
+                if let Some(mut vm) = vm {
+                    vm.poison_with(&e);
+                    holder.vm = Some(vm);
+                }
                 (Err(e), true)
             }
         };
@@ -517,7 +525,11 @@ impl<P: RestorePolicy> PollingVm<P> {
             heap_growth: 0,
             guest_garbage,
         };
-        if self.ledger.judge(stats, broken) {
+        // A call that ran out of time returns at once: its reset waits for
+        // the next call (which resets a VM the policy marked before it
+        // runs anything), so it never runs past the deadline.
+        let timed_out = matches!(result, Err(VmError::Timeout { .. }));
+        if self.ledger.judge(stats, broken) && !timed_out {
             if let Err(e) = self.reset() {
                 log::warn!(
                     target: "snapvm::policy",

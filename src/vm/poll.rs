@@ -32,6 +32,12 @@ use crate::abi::{self, AbiPage};
 /// How long a stop request (`REQUEST_IDLE`) may take before the vCPU is
 /// kicked instead.
 const STOP_GRACE: Duration = Duration::from_millis(20);
+/// How long a caller whose call ran out of time waits for the kicked vCPU
+/// thread to give the VM back. Past it the call returns without the VM
+/// (the thread keeps it until the guest is out; the next call takes it
+/// back and resets it), so a timed-out call returns at most this long
+/// after its deadline, plus the time its own thread waits for a core.
+const TIMEOUT_GRACE: Duration = Duration::from_millis(20);
 /// How long the vCPU thread lets a guest spin past its window before it
 /// stops the guest itself (and poisons it: a guest that follows the
 /// protocol stops at the window).
@@ -386,8 +392,10 @@ pub(crate) enum Waited<X: Extension> {
     Finished,
     /// The run ended (the VM is back in the caller's hands).
     Stopped(Vm<X>, RunEnd),
-    /// The deadline passed; the vCPU was stopped (and the VM is back).
-    TimedOut(Vm<X>),
+    /// The deadline passed; the vCPU was kicked. The VM is back, or, when
+    /// the thread did not give it back within [`TIMEOUT_GRACE`], `None`:
+    /// the thread keeps it until its guest is out ([`PollWorker::take`]).
+    TimedOut(Option<Vm<X>>),
 }
 
 impl<X: Extension> PollWorker<X> {
@@ -495,16 +503,38 @@ impl<X: Extension> PollWorker<X> {
     /// Waits for the thread to stop, kicking the vCPU every millisecond.
     fn take_by_force(&self, view: &HotView) -> (Vm<X>, RunEnd) {
         loop {
-            if let Some(taken) = self.take() {
+            if let Some(taken) = self.take_by_force_until(view, None) {
                 return taken;
             }
+        }
+    }
+
+    /// [`Self::take_by_force`] until `until` at most: `None` when the
+    /// thread still runs the guest then (kicked: it stops when it next
+    /// gets a core).
+    fn take_by_force_until(
+        &self,
+        view: &HotView,
+        until: Option<Instant>,
+    ) -> Option<(Vm<X>, RunEnd)> {
+        loop {
+            if let Some(taken) = self.take() {
+                return Some(taken);
+            }
+            let left = match until {
+                Some(until) => match until.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(Duration::from_millis(1)),
+                    _ => return None,
+                },
+                None => Duration::from_millis(1),
+            };
             view.interrupt.interrupt();
             let slot = self.shared.lock();
             if !self.shared.stopped.load(Ordering::SeqCst) {
                 drop(
                     self.shared
                         .cv
-                        .wait_timeout(slot, Duration::from_millis(1))
+                        .wait_timeout(slot, left)
                         .unwrap_or_else(|e| e.into_inner()),
                 );
             }
@@ -535,25 +565,38 @@ impl<X: Extension> PollWorker<X> {
                 self.dispatch(vm);
             }
             spins = spins.saturating_add(1);
-            if spins % 64 == 0 && start.elapsed() > LONG_CALL {
-                // A long call: look less often.
-                nap = LONG_CALL_NAP;
+            let sleeping = spins >= SPINS_BEFORE_SLEEP;
+            // The clock is read every 64 looks while spinning, and at every
+            // look once sleeping: on a busy host a nap can last
+            // milliseconds, and the deadline must not wait for 64 of them.
+            if sleeping || spins % 64 == 0 {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    return self.time_out(view, now);
+                }
+                if now.duration_since(start) > LONG_CALL {
+                    // A long call: look less often.
+                    nap = LONG_CALL_NAP;
+                }
             }
-            if spins % 64 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
-                let (vm, end) = self.take_by_force(view);
-                return match end {
-                    // It finished or failed on its own meanwhile.
-                    RunEnd::Failed(e) if !matches!(e, VmError::Cancelled) => {
-                        Waited::Stopped(vm, RunEnd::Failed(e))
-                    }
-                    _ => Waited::TimedOut(vm),
-                };
-            }
-            if spins < SPINS_BEFORE_SLEEP {
-                std::hint::spin_loop();
-            } else {
+            if sleeping {
                 std::thread::sleep(nap);
+            } else {
+                std::hint::spin_loop();
             }
+        }
+    }
+
+    /// The call ran out of time (noticed at `now`): kicks the vCPU and
+    /// waits for the VM at most [`TIMEOUT_GRACE`].
+    fn time_out(&self, view: &HotView, now: Instant) -> Waited<X> {
+        match self.take_by_force_until(view, Some(now + TIMEOUT_GRACE)) {
+            // It finished or failed on its own meanwhile.
+            Some((vm, RunEnd::Failed(e))) if !matches!(e, VmError::Cancelled) => {
+                Waited::Stopped(vm, RunEnd::Failed(e))
+            }
+            Some((vm, _)) => Waited::TimedOut(Some(vm)),
+            None => Waited::TimedOut(None),
         }
     }
 

@@ -89,6 +89,7 @@ fn init(exports: &mut Exports) {
         .export("poll_spin_forever", poll_spin_forever)
         .export("poll_forge_result", poll_forge_result)
         .export("poll_host_loop", poll_host_loop)
+        .export("poll_output_at", poll_output_at)
         .export("stray_idle", |_| {
             raw_hypercall(Hypercall::Idle as u32, &[]);
             b"resumed".to_vec()
@@ -425,6 +426,30 @@ fn poll_forge_result(_: &[u8]) -> Vec<u8> {
     unsafe {
         core::ptr::addr_of_mut!((*page).output_ptr).write_volatile(mem_size() - 8);
         core::ptr::addr_of_mut!((*page).output_len).write_volatile(4096);
+        core::ptr::addr_of_mut!((*page).status).write_volatile(abi::STATUS_OK);
+        let seq = core::ptr::addr_of!((*page).poll_seq).read_volatile();
+        core::ptr::addr_of_mut!((*page).poll_done).write_volatile(seq);
+    }
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Polling mode: publishes as its result the `len` bytes at guest address
+/// `addr` (input: `addr` and `len`, u64 LE each) without ever reading them,
+/// so the host is the first to touch them; then never returns (nor answers
+/// a stop request).
+fn poll_output_at(input: &[u8]) -> Vec<u8> {
+    let word = |i: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&input[i..i + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    let page = abi::ABI_PAGE_ADDR as *mut AbiPage;
+    // SAFETY: the ABI page is mapped read/write at CPL3.
+    unsafe {
+        core::ptr::addr_of_mut!((*page).output_ptr).write_volatile(word(0));
+        core::ptr::addr_of_mut!((*page).output_len).write_volatile(word(8));
         core::ptr::addr_of_mut!((*page).status).write_volatile(abi::STATUS_OK);
         let seq = core::ptr::addr_of!((*page).poll_seq).read_volatile();
         core::ptr::addr_of_mut!((*page).poll_done).write_volatile(seq);
