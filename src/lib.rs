@@ -111,6 +111,7 @@ pub mod net;
 pub mod policy;
 pub mod snapshot;
 pub mod store;
+mod sys;
 pub mod trace;
 mod tx;
 pub mod vm;

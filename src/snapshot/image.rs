@@ -8,7 +8,7 @@
 //! holds, verified the first time the block is used.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +19,7 @@ use memmap2::{Mmap, MmapOptions};
 use super::ondemand::StoreMemory;
 use super::SnapshotError;
 use crate::abi::PAGE_SIZE;
+pub(crate) use crate::store::block::is_zero;
 use crate::vm::memory::{Backing, GuestRam};
 
 /// Guest memory covered by one checksum.
@@ -83,16 +84,8 @@ pub(crate) struct MemoryImage {
 }
 
 pub(crate) fn memfd(size: u64) -> Result<File, SnapshotError> {
-    // SAFETY: the name is a NUL-terminated literal; the returned fd is new
-    // and owned by the `File` built from it (checked for failure first).
-    let fd = unsafe { libc::memfd_create(c"snapvm-snapshot".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(SnapshotError::io("memfd_create", None)(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` is a fresh, valid descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = crate::sys::fs::memfd(c"snapvm-snapshot")
+        .map_err(SnapshotError::io("memfd_create", None))?;
     file.set_len(size)
         .map_err(SnapshotError::io("sizing the memory image", None))?;
     Ok(file)
@@ -126,15 +119,6 @@ fn push_page(extents: &mut Vec<Extent>, page: u64, zero: bool) {
         pages: 1,
         zero,
     });
-}
-
-pub(crate) fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: reinterpreting initialised bytes as u128 is sound for any
-        // bit pattern; `align_to` puts misaligned bytes in head and tail.
-        unsafe { page.align_to::<u128>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 impl MemoryImage {
@@ -333,30 +317,19 @@ impl MemoryImage {
     /// system calls; only data outside the extents (a tampered or foreign
     /// file, or a file system without hole support) is read.
     fn check_holes(&self) -> Result<(), SnapshotError> {
-        let fd = self.file.as_raw_fd();
         let (start, end) = (self.offset, self.offset + self.size);
         let mut pos = start;
         while pos < end {
-            let seek = |from: u64, whence| {
-                let from = libc::off_t::try_from(from).unwrap_or(libc::off_t::MAX);
-                // SAFETY: lseek on a descriptor this image owns; it only
-                // moves the file offset, which nothing else here uses (all
-                // reads go through the mapping or positioned reads).
-                unsafe { libc::lseek(fd, from, whence) }
-            };
-            let data = seek(pos, libc::SEEK_DATA);
-            if data < 0 {
+            let Ok(Some(data)) = crate::sys::fs::seek_data(&self.file, pos) else {
                 break; // ENXIO: no data after `pos`
-            }
-            let data = (data as u64).max(pos);
+            };
+            let data = data.max(pos);
             if data >= end {
                 break;
             }
-            let hole = seek(data, libc::SEEK_HOLE);
-            let hole = if hole < 0 {
-                end
-            } else {
-                (hole as u64).min(end)
+            let hole = match crate::sys::fs::seek_hole(&self.file, data) {
+                Ok(Some(hole)) => hole.min(end),
+                _ => end,
             };
             let first = (data - start) / PAGE_SIZE;
             let last = (hole - start).div_ceil(PAGE_SIZE);
@@ -471,11 +444,7 @@ impl MemoryImage {
             ) else {
                 return;
             };
-            // SAFETY: posix_fadvise on a descriptor this image owns; it only
-            // starts reads into the page cache.
-            unsafe {
-                libc::posix_fadvise(self.file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED);
-            }
+            crate::sys::fs::will_need(&self.file, at, len);
         }
     }
 

@@ -32,16 +32,7 @@ pub(super) fn current_function_name(functions: &HashMap<String, u64>, index: Opt
 
 /// CPU time this thread has used.
 fn thread_cpu_time() -> Result<Duration, VmError> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a
-    // constant every Linux supports.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return Err(VmError::Timer(std::io::Error::last_os_error()));
-    }
-    Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    crate::sys::clock::thread_cpu_time().map_err(VmError::Timer)
 }
 
 /// A call's deadline. The timer always runs on the monotonic clock: a

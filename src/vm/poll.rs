@@ -28,6 +28,7 @@ use super::userfault::MemoryFault;
 use super::TableId;
 use super::{Extension, InterruptHandle, Stop, TimeoutClock, Vm, VmState};
 use crate::abi::{self, AbiPage};
+use crate::sys::clock::rdtsc;
 
 /// How long a stop request (`REQUEST_IDLE`) may take before the vCPU is
 /// kicked instead.
@@ -58,17 +59,6 @@ fn tsc_per_second() -> u64 {
         let (ns, ticks) = (t0.elapsed().as_nanos(), rdtsc().wrapping_sub(c0));
         u64::try_from(u128::from(ticks) * 1_000_000_000 / ns.max(1)).unwrap_or(u64::MAX)
     })
-}
-
-/// Reads the time-stamp counter.
-fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: `rdtsc` reads the time-stamp counter into edx:eax; it touches
-    // no memory and is allowed in user mode on Linux.
-    unsafe {
-        std::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
-    }
-    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 /// `window` in the guest's time-stamp-counter ticks (at least 1: 0 would
