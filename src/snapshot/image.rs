@@ -14,13 +14,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapOptions};
-
 use super::ondemand::StoreMemory;
 use super::SnapshotError;
 use crate::abi::PAGE_SIZE;
 pub(crate) use crate::store::block::is_zero;
-use crate::vm::memory::{Backing, GuestRam};
+use crate::sys::memory::{Backing, Stopped};
+use crate::sys::mmap::FileMap;
 
 /// Guest memory covered by one checksum.
 pub(crate) const BLOCK_SIZE: u64 = 2 << 20;
@@ -71,7 +70,7 @@ pub(crate) struct MemoryImage {
     file: File,
     offset: u64,
     size: u64,
-    map: Mmap,
+    map: FileMap,
     pub(crate) extents: Vec<Extent>,
     pub(crate) block_crc: Vec<u32>,
     verified: Vec<AtomicBool>,
@@ -91,19 +90,9 @@ pub(crate) fn memfd(size: u64) -> Result<File, SnapshotError> {
     Ok(file)
 }
 
-fn map(file: &File, offset: u64, size: u64) -> Result<Mmap, SnapshotError> {
-    // SAFETY: a read-only shared mapping of the image. Snapshot images are
-    // never written after creation (memfds are private to this process;
-    // files must not change while loaded, which is checked before each
-    // restore, see `FileIdentity`), and all reads go through bounds-checked
-    // slices of the mapping.
-    unsafe {
-        MmapOptions::new()
-            .offset(offset)
-            .len(size as usize)
-            .map(file)
-    }
-    .map_err(SnapshotError::io("mapping the memory image", None))
+fn map(file: &File, offset: u64, size: u64) -> Result<FileMap, SnapshotError> {
+    FileMap::new(file, offset, size as usize)
+        .map_err(SnapshotError::io("mapping the memory image", None))
 }
 
 /// Appends page `page` (zero or not) to `extents`, merging with the last run.
@@ -123,12 +112,11 @@ fn push_page(extents: &mut Vec<Extent>, page: u64, zero: bool) {
 
 impl MemoryImage {
     /// Captures every non-zero page of `ram` (a full snapshot).
-    pub(crate) fn capture_full(ram: &GuestRam) -> Result<Self, SnapshotError> {
+    pub(crate) fn capture_full(ram: &Stopped<'_>) -> Result<Self, SnapshotError> {
         let resident = ram
             .resident_pages()
             .map_err(SnapshotError::io("mincore", None))?;
-        // SAFETY: the caller holds `&mut VmInstance`, so the vCPU is stopped.
-        let memory = unsafe { ram.as_slice() };
+        let memory = ram.as_slice();
         let mut extents = Vec::new();
         for (page, flags) in resident.iter().enumerate() {
             if flags & 1 == 0 {
@@ -144,11 +132,10 @@ impl MemoryImage {
 
     /// Captures the pages listed in `dirty` (a diff): data pages and zero pages.
     pub(crate) fn capture_pages(
-        ram: &GuestRam,
+        ram: &Stopped<'_>,
         dirty: impl Iterator<Item = u64>,
     ) -> Result<Self, SnapshotError> {
-        // SAFETY: as in `capture_full`.
-        let memory = unsafe { ram.as_slice() };
+        let memory = ram.as_slice();
         let mut extents = Vec::new();
         for page in dirty {
             let start = (page * PAGE_SIZE) as usize;
@@ -301,12 +288,7 @@ impl MemoryImage {
             // The checks read the whole image through this mapping: drop
             // its page-table entries so that it pins nothing in the page
             // cache (a file page mapped anywhere cannot be evicted).
-            // SAFETY: a read-only shared file mapping: MADV_DONTNEED only
-            // drops its page-table entries, later reads see the file again.
-            let _ = unsafe {
-                self.map
-                    .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
-            };
+            self.map.release_pages();
         }
         Ok(())
     }
@@ -394,7 +376,7 @@ impl MemoryImage {
 
     /// Writes the image's pages into `ram` (zero extents are zeroed),
     /// verifying each block on its first use.
-    pub(crate) fn apply(&self, ram: &GuestRam) -> Result<(), SnapshotError> {
+    pub(crate) fn apply(&self, ram: &mut Stopped<'_>) -> Result<(), SnapshotError> {
         let mut last_verified = u64::MAX;
         for e in &self.extents {
             if !e.zero {
@@ -449,7 +431,7 @@ impl MemoryImage {
     }
 
     /// Zeroes in `ram` every page this image stores data for.
-    pub(crate) fn zero_data_pages(&self, ram: &GuestRam) -> Result<(), SnapshotError> {
+    pub(crate) fn zero_data_pages(&self, ram: &mut Stopped<'_>) -> Result<(), SnapshotError> {
         for e in self.extents.iter().filter(|e| !e.zero) {
             ram.zero(e.addr(), e.len())
                 .map_err(|_| SnapshotError::Malformed {

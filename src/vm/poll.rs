@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 use super::abi_page::{self, bad, field, ResultLimits};
 use super::error::{HypercallFault, VmError};
 use super::hypercall::{PollHooks, PolledCall, Watch};
-use super::memory::GuestRam;
 use super::userfault::MemoryFault;
 use super::TableId;
 use super::{Extension, InterruptHandle, Stop, TimeoutClock, Vm, VmState};
 use crate::abi::{self, AbiPage};
 use crate::sys::clock::rdtsc;
+use crate::sys::memory::GuestRam;
 
 /// How long a stop request (`REQUEST_IDLE`) may take before the vCPU is
 /// kicked instead.
@@ -129,7 +129,7 @@ impl HotView {
     pub(crate) fn refresh<X: Extension>(&mut self, vm: &Vm<X>) {
         self.input_buf = vm.input_buf;
         self.input_cap = vm.input_cap;
-        self.ram = Arc::clone(&vm.machine.ram);
+        self.ram = vm.machine.shared_ram();
         self.memory_fault = vm.memory_fault.clone();
     }
 
@@ -225,7 +225,7 @@ impl<X: Extension> Vm<X> {
     /// The caller's view of this VM for polling mode.
     pub(crate) fn hot_view(&self) -> HotView {
         HotView {
-            ram: Arc::clone(&self.machine.ram),
+            ram: self.machine.shared_ram(),
             functions: self.functions.clone(),
             function_table: self.function_table(),
             input_buf: self.input_buf,
