@@ -119,6 +119,7 @@ pub mod net;
 pub mod policy;
 pub mod snapshot;
 pub mod store;
+mod sys;
 pub mod trace;
 mod tx;
 pub mod vm;

@@ -17,14 +17,8 @@ use crate::vm::{CallContext, HypercallFault, Setting, VmConfig, VmError};
 
 /// Microseconds of the host's monotonic clock (the guest stack's time).
 fn monotonic_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC exists
-    // on every Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
+    let now = crate::sys::clock::monotonic();
+    now.as_secs() * 1_000_000 + u64::from(now.subsec_micros())
 }
 
 impl Setting for NetConfig {

@@ -8,18 +8,18 @@
 //! holds, verified the first time the block is used.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapOptions};
-
 use super::ondemand::StoreMemory;
 use super::SnapshotError;
 use crate::abi::PAGE_SIZE;
-use crate::vm::memory::{Backing, GuestRam};
+pub(crate) use crate::store::block::is_zero;
+use crate::sys::memory::{Backing, Stopped};
+use crate::sys::mmap::FileMap;
 
 /// Guest memory covered by one checksum.
 pub(crate) const BLOCK_SIZE: u64 = 2 << 20;
@@ -70,7 +70,7 @@ pub(crate) struct MemoryImage {
     file: File,
     offset: u64,
     size: u64,
-    map: Mmap,
+    map: FileMap,
     pub(crate) extents: Vec<Extent>,
     pub(crate) block_crc: Vec<u32>,
     verified: Vec<AtomicBool>,
@@ -83,34 +83,16 @@ pub(crate) struct MemoryImage {
 }
 
 pub(crate) fn memfd(size: u64) -> Result<File, SnapshotError> {
-    // SAFETY: the name is a NUL-terminated literal; the returned fd is new
-    // and owned by the `File` built from it (checked for failure first).
-    let fd = unsafe { libc::memfd_create(c"snapvm-snapshot".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(SnapshotError::io("memfd_create", None)(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` is a fresh, valid descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = crate::sys::fs::memfd(c"snapvm-snapshot")
+        .map_err(SnapshotError::io("memfd_create", None))?;
     file.set_len(size)
         .map_err(SnapshotError::io("sizing the memory image", None))?;
     Ok(file)
 }
 
-fn map(file: &File, offset: u64, size: u64) -> Result<Mmap, SnapshotError> {
-    // SAFETY: a read-only shared mapping of the image. Snapshot images are
-    // never written after creation (memfds are private to this process;
-    // files must not change while loaded, which is checked before each
-    // restore, see `FileIdentity`), and all reads go through bounds-checked
-    // slices of the mapping.
-    unsafe {
-        MmapOptions::new()
-            .offset(offset)
-            .len(size as usize)
-            .map(file)
-    }
-    .map_err(SnapshotError::io("mapping the memory image", None))
+fn map(file: &File, offset: u64, size: u64) -> Result<FileMap, SnapshotError> {
+    FileMap::new(file, offset, size as usize)
+        .map_err(SnapshotError::io("mapping the memory image", None))
 }
 
 /// Appends page `page` (zero or not) to `extents`, merging with the last run.
@@ -128,23 +110,13 @@ fn push_page(extents: &mut Vec<Extent>, page: u64, zero: bool) {
     });
 }
 
-pub(crate) fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: reinterpreting initialised bytes as u128 is sound for any
-        // bit pattern; `align_to` puts misaligned bytes in head and tail.
-        unsafe { page.align_to::<u128>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
 impl MemoryImage {
     /// Captures every non-zero page of `ram` (a full snapshot).
-    pub(crate) fn capture_full(ram: &GuestRam) -> Result<Self, SnapshotError> {
+    pub(crate) fn capture_full(ram: &Stopped<'_>) -> Result<Self, SnapshotError> {
         let resident = ram
             .resident_pages()
             .map_err(SnapshotError::io("mincore", None))?;
-        // SAFETY: the caller holds `&mut VmInstance`, so the vCPU is stopped.
-        let memory = unsafe { ram.as_slice() };
+        let memory = ram.as_slice();
         let mut extents = Vec::new();
         for (page, flags) in resident.iter().enumerate() {
             if flags & 1 == 0 {
@@ -160,11 +132,10 @@ impl MemoryImage {
 
     /// Captures the pages listed in `dirty` (a diff): data pages and zero pages.
     pub(crate) fn capture_pages(
-        ram: &GuestRam,
+        ram: &Stopped<'_>,
         dirty: impl Iterator<Item = u64>,
     ) -> Result<Self, SnapshotError> {
-        // SAFETY: as in `capture_full`.
-        let memory = unsafe { ram.as_slice() };
+        let memory = ram.as_slice();
         let mut extents = Vec::new();
         for page in dirty {
             let start = (page * PAGE_SIZE) as usize;
@@ -317,12 +288,7 @@ impl MemoryImage {
             // The checks read the whole image through this mapping: drop
             // its page-table entries so that it pins nothing in the page
             // cache (a file page mapped anywhere cannot be evicted).
-            // SAFETY: a read-only shared file mapping: MADV_DONTNEED only
-            // drops its page-table entries, later reads see the file again.
-            let _ = unsafe {
-                self.map
-                    .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
-            };
+            self.map.release_pages();
         }
         Ok(())
     }
@@ -333,30 +299,19 @@ impl MemoryImage {
     /// system calls; only data outside the extents (a tampered or foreign
     /// file, or a file system without hole support) is read.
     fn check_holes(&self) -> Result<(), SnapshotError> {
-        let fd = self.file.as_raw_fd();
         let (start, end) = (self.offset, self.offset + self.size);
         let mut pos = start;
         while pos < end {
-            let seek = |from: u64, whence| {
-                let from = libc::off_t::try_from(from).unwrap_or(libc::off_t::MAX);
-                // SAFETY: lseek on a descriptor this image owns; it only
-                // moves the file offset, which nothing else here uses (all
-                // reads go through the mapping or positioned reads).
-                unsafe { libc::lseek(fd, from, whence) }
-            };
-            let data = seek(pos, libc::SEEK_DATA);
-            if data < 0 {
+            let Ok(Some(data)) = crate::sys::fs::seek_data(&self.file, pos) else {
                 break; // ENXIO: no data after `pos`
-            }
-            let data = (data as u64).max(pos);
+            };
+            let data = data.max(pos);
             if data >= end {
                 break;
             }
-            let hole = seek(data, libc::SEEK_HOLE);
-            let hole = if hole < 0 {
-                end
-            } else {
-                (hole as u64).min(end)
+            let hole = match crate::sys::fs::seek_hole(&self.file, data) {
+                Ok(Some(hole)) => hole.min(end),
+                _ => end,
             };
             let first = (data - start) / PAGE_SIZE;
             let last = (hole - start).div_ceil(PAGE_SIZE);
@@ -421,7 +376,7 @@ impl MemoryImage {
 
     /// Writes the image's pages into `ram` (zero extents are zeroed),
     /// verifying each block on its first use.
-    pub(crate) fn apply(&self, ram: &GuestRam) -> Result<(), SnapshotError> {
+    pub(crate) fn apply(&self, ram: &mut Stopped<'_>) -> Result<(), SnapshotError> {
         let mut last_verified = u64::MAX;
         for e in &self.extents {
             if !e.zero {
@@ -471,16 +426,12 @@ impl MemoryImage {
             ) else {
                 return;
             };
-            // SAFETY: posix_fadvise on a descriptor this image owns; it only
-            // starts reads into the page cache.
-            unsafe {
-                libc::posix_fadvise(self.file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED);
-            }
+            crate::sys::fs::will_need(&self.file, at, len);
         }
     }
 
     /// Zeroes in `ram` every page this image stores data for.
-    pub(crate) fn zero_data_pages(&self, ram: &GuestRam) -> Result<(), SnapshotError> {
+    pub(crate) fn zero_data_pages(&self, ram: &mut Stopped<'_>) -> Result<(), SnapshotError> {
         for e in self.extents.iter().filter(|e| !e.zero) {
             ram.zero(e.addr(), e.len())
                 .map_err(|_| SnapshotError::Malformed {

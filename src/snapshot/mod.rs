@@ -56,9 +56,9 @@ pub use ondemand::OnDemandConfig;
 pub use pool::{PoolStats, ShellPool};
 pub use working_set::WorkingSet;
 
+use crate::sys::memory::{GuestRam, Stopped};
 use crate::vm::cpu::CpuState;
 use crate::vm::machine::Machine;
-use crate::vm::memory::GuestRam;
 use crate::vm::persist::{Backing, MemorySource};
 use crate::vm::{Generation, VmConfig, VmError};
 use crate::VmInstance;
@@ -209,7 +209,7 @@ impl Snapshot {
         let chain = self.chain();
         let size = self.memory_size();
         let map_err = |source| VmError::MapMemory { size, source };
-        let (ram, rest) = match strategy {
+        let (mut ram, rest) = match strategy {
             RestoreStrategy::Eager => (GuestRam::new(size).map_err(map_err)?, &chain[..]),
             RestoreStrategy::Lazy => {
                 let root = &chain[0].inner.memory;
@@ -223,7 +223,9 @@ impl Snapshot {
                 )
             }
         };
-        rest.iter().try_for_each(|s| s.inner.memory.apply(&ram))?;
+        let mut stopped = ram.stopped();
+        rest.iter()
+            .try_for_each(|s| s.inner.memory.apply(&mut stopped))?;
         Ok(ram)
     }
 
@@ -260,7 +262,7 @@ impl VmInstance {
         {
             b.snapshot.inner.memory.ensure_all()?;
         }
-        let memory = MemoryImage::capture_full(self.ram())?;
+        let memory = MemoryImage::capture_full(&self.stopped())?;
         self.check_memory()?;
         self.capture(memory, None)
     }
@@ -277,7 +279,7 @@ impl VmInstance {
             return Err(SnapshotError::NotReady);
         }
         let pages = self.take_written_pages()?;
-        let memory = MemoryImage::capture_pages(self.ram(), pages.into_iter())?;
+        let memory = MemoryImage::capture_pages(&self.stopped(), pages.into_iter())?;
         self.capture(memory, Some(base.clone()))
     }
 
@@ -402,7 +404,11 @@ impl MemorySource for Snapshot {
         Snapshot::page(self, page)
     }
 
-    fn refill(&self, ram: &GuestRam, backing: Option<&Backing>) -> Result<(), SnapshotError> {
+    fn refill(
+        &self,
+        ram: &mut Stopped<'_>,
+        backing: Option<&Backing>,
+    ) -> Result<(), SnapshotError> {
         let chain = self.chain();
         // A file-backed VM reads its backing image again after the discard.
         // If that image is the chain's root, it already holds the root's

@@ -28,8 +28,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -40,9 +42,10 @@ use super::image::memfd;
 use super::{Snapshot, SnapshotError};
 use crate::abi::PAGE_SIZE;
 use crate::store::{BlockId, BlockKey, ConvergentStore, Entry, ManifestId, StoreError};
+use crate::sys::memory::GuestRam;
+use crate::sys::uffd::Userfault;
 use crate::vm::machine::Machine;
-use crate::vm::memory::GuestRam;
-use crate::vm::userfault::{MemoryFault, Userfault};
+use crate::vm::userfault::MemoryFault;
 use crate::vm::{VmConfig, VmError};
 use crate::VmInstance;
 
@@ -294,16 +297,15 @@ fn unwrap_shared(page: u64, e: Arc<SnapshotError>) -> SnapshotError {
 /// The per-VM fault handler: a thread serving the VM's userfaultfd, stopped
 /// and joined when the VM is dropped.
 pub(crate) struct FaultHandler {
-    stop: OwnedFd,
+    /// Written to stop the thread (it polls the other end).
+    stop: UnixStream,
     thread: Option<JoinHandle<()>>,
     order: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Drop for FaultHandler {
     fn drop(&mut self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes to the eventfd this handler owns.
-        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
+        let _ = (&self.stop).write(&[1]);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -318,17 +320,9 @@ impl FaultHandler {
     ) -> Result<Self, SnapshotError> {
         let io = |step| SnapshotError::io(step, None);
         let uffd = Userfault::new().map_err(io("opening a userfaultfd"))?;
-        uffd.register(ram.host_addr(), ram.size())
+        uffd.register(ram)
             .map_err(io("registering guest memory with userfaultfd"))?;
-        // SAFETY: eventfd takes two integers and returns a new descriptor
-        // (or -1), owned from here on.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io("eventfd")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh descriptor nothing else owns.
-        let stop = unsafe { OwnedFd::from_raw_fd(raw) };
-        let stop_raw = stop.as_raw_fd();
+        let (stop, stopped) = UnixStream::pair().map_err(io("socketpair"))?;
         let order = Arc::new(Mutex::new(Vec::new()));
         let serve = Serve {
             uffd,
@@ -341,7 +335,7 @@ impl FaultHandler {
         };
         let thread = std::thread::Builder::new()
             .name("snapvm-uffd".into())
-            .spawn(move || serve.run(stop_raw))
+            .spawn(move || serve.run(&stopped))
             .map_err(io("starting the fault handler"))?;
         Ok(Self {
             stop,
@@ -367,28 +361,15 @@ struct Serve {
 }
 
 impl Serve {
-    fn run(mut self, stop: i32) {
+    fn run(mut self, stop: &UnixStream) {
         let mut faults = [0u64; 16];
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.uffd.raw(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: polls two descriptors this thread's owner keeps open
-            // until it has joined the thread; `fds` lives for the call.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if rc < 0 {
+            let Ok([_, stopped]) =
+                crate::sys::poll::poll_readable([self.uffd.as_fd(), stop.as_fd()], -1)
+            else {
                 continue; // EINTR
-            }
-            if fds[1].revents != 0 {
+            };
+            if stopped {
                 return;
             }
             let n = match self.uffd.read_faults(&mut faults) {
@@ -589,14 +570,15 @@ pub(crate) fn restore(
     let chain = snapshot.chain();
     let root = &chain[0].inner.memory;
     let size = snapshot.memory_size();
-    let ram = GuestRam::with_backing(size, root.backing())
+    let mut ram = GuestRam::with_backing(size, root.backing())
         .map_err(|source| VmError::MapMemory { size, source })?;
     let fault = Arc::new(MemoryFault::default());
     let handler = FaultHandler::start(&ram, Arc::clone(memory), Arc::clone(&fault))?;
     let built = (|| {
+        let mut stopped = ram.stopped();
         chain[1..]
             .iter()
-            .try_for_each(|s| s.inner.memory.apply(&ram))?;
+            .try_for_each(|s| s.inner.memory.apply(&mut stopped))?;
         let machine = Machine::create(ram, config.dirty_tracking_enabled())?;
         snapshot.finish_restore(machine, config)
     })();

@@ -13,8 +13,8 @@ use super::{Snapshot, SnapshotError, SnapshotId};
 use crate::abi::{
     PAGE_SIZE, PORT_HYPERCALL, STACK_TOP, SYSTEM_AREA_END, SYSTEM_AREA_START, USER_BASE,
 };
+use crate::sys::memory::GuestRam;
 use crate::vm::machine::Machine;
-use crate::vm::memory::GuestRam;
 use crate::vm::{VmConfig, VmError};
 use crate::VmInstance;
 
@@ -76,9 +76,9 @@ fn new_shell(memory_size: u64, dirty_tracking: bool, prefault: &[u64]) -> Result
         field: "memory_size",
         reason: "too small for a VM shell".into(),
     };
-    machine.ram.write(USER_BASE, WARM_UP).map_err(setup)?;
+    machine.ram().write(USER_BASE, WARM_UP).map_err(setup)?;
     loop {
-        match crate::vm::io_exit(machine.vcpu.run())? {
+        match crate::vm::io_exit(machine.vcpu().run())? {
             Some((PORT_HYPERCALL, _, _)) => break,
             Some((port, _, _)) => {
                 return Err(VmError::UnexpectedExit {
@@ -91,12 +91,13 @@ fn new_shell(memory_size: u64, dirty_tracking: bool, prefault: &[u64]) -> Result
     // Back to all-zero memory: the system structures and the program page
     // are the only bytes the warm-up wrote (the CPU only set accessed bits
     // in the page tables, which lie in the system area).
-    let ram = &machine.ram;
-    ram.zero(SYSTEM_AREA_START, SYSTEM_AREA_END - SYSTEM_AREA_START)
+    let mut stopped = machine.stopped();
+    stopped
+        .zero(SYSTEM_AREA_START, SYSTEM_AREA_END - SYSTEM_AREA_START)
         .map_err(setup)?;
-    ram.zero(USER_BASE, PAGE_SIZE).map_err(setup)?;
+    stopped.zero(USER_BASE, PAGE_SIZE).map_err(setup)?;
     for &block in prefault {
-        ram.populate(block * BLOCK_SIZE, BLOCK_SIZE);
+        machine.ram().populate(block * BLOCK_SIZE, BLOCK_SIZE);
     }
     if dirty_tracking {
         machine.set_dirty_log(true)?;
@@ -292,7 +293,7 @@ impl ShellPool {
         } else {
             None
         };
-        let machine = match shell {
+        let mut machine = match shell {
             Some(machine) => machine,
             None => {
                 if layout_ok {
@@ -304,10 +305,11 @@ impl ShellPool {
                 Machine::create(ram, self.shared.dirty_tracking)?
             }
         };
+        let mut stopped = machine.stopped();
         snapshot
             .chain()
             .iter()
-            .try_for_each(|s| s.inner.memory.apply(&machine.ram))?;
+            .try_for_each(|s| s.inner.memory.apply(&mut stopped))?;
         snapshot.finish_restore(machine, config)
     }
 

@@ -346,9 +346,7 @@ mod tests {
         file.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(&back[page..], &bytes[..]);
         // Zero pages stay holes: the data regions are pages 1, 3-4 and 6.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        // SAFETY: lseek on a descriptor `file` owns; only its offset moves.
-        let data = unsafe { libc::lseek(fd, PAGE_SIZE as i64 * 2, libc::SEEK_DATA) };
-        assert_eq!(data, PAGE_SIZE as i64 * 3);
+        let data = crate::sys::fs::seek_data(&file, PAGE_SIZE * 2).unwrap();
+        assert_eq!(data, Some(PAGE_SIZE * 3));
     }
 }

@@ -242,10 +242,8 @@ fn pid_alive(pid: u32) -> bool {
     if pid <= 0 {
         return true;
     }
-    // SAFETY: signal 0 only checks that the process exists and that we may
-    // signal it; nothing is delivered and no memory is passed.
-    let ret = unsafe { libc::kill(pid, 0) };
-    ret == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    crate::sys::signal::probe_process(pid)
+        .map_or_else(|e| e.raw_os_error() != Some(libc::ESRCH), |()| true)
 }
 
 impl Holder {

@@ -5,9 +5,9 @@
 use std::mem::offset_of;
 
 use super::error::{HypercallFault, VmError};
-use super::memory::GuestRam;
 use super::{Extension, Vm};
 use crate::abi::{self, AbiPage, ABI_PAGE_ADDR};
+use crate::sys::memory::GuestRam;
 
 /// Checks that `[addr, addr + len)` is memory guest code can read and write
 /// at CPL3: the user stack and the program area up to the end of guest
@@ -112,7 +112,7 @@ fn check_output(
 impl<X: Extension> Vm<X> {
     /// Reads `N` words of the ABI page at guest address `addr`.
     pub(super) fn read_words<const N: usize>(&self, addr: u64) -> Result<[u64; N], VmError> {
-        ram_words(&self.machine.ram, addr)
+        ram_words(self.machine.ram(), addr)
     }
 
     /// What this VM accepts from a guest's result.
@@ -132,7 +132,7 @@ impl<X: Extension> Vm<X> {
             chunk.copy_from_slice(&word.to_le_bytes());
         }
         self.machine
-            .ram
+            .ram()
             .write(addr, &bytes[..len])
             .map_err(|e| bad("ABI page", e.into()))
     }

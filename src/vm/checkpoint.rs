@@ -68,7 +68,7 @@ impl<X: Extension> Vm<X> {
         let mut data = vec![0u8; pages.len() * PAGE_SIZE as usize];
         for (page, bytes) in pages.iter().zip(data.chunks_exact_mut(PAGE_SIZE as usize)) {
             self.machine
-                .ram
+                .ram()
                 .read(page * PAGE_SIZE, bytes)
                 .map_err(|e| VmError::MemoryOutOfRange {
                     addr: e.addr,
@@ -77,7 +77,7 @@ impl<X: Extension> Vm<X> {
         }
         // RIP past the hypercall, or a rewind would issue it again.
         self.complete_pending_exit()?;
-        let cpu = UserCpu::capture(&mut self.machine.vcpu, !self.guest_resets_cpu)?;
+        let cpu = UserCpu::capture(self.machine.vcpu(), !self.guest_resets_cpu)?;
         Ok(Checkpoint {
             cpu,
             pages,
@@ -110,7 +110,7 @@ impl<X: Extension> Vm<X> {
         self.complete_pending_exit()?;
         self.rewind_checkpoint_pages(checkpoint, base)?;
         checkpoint.cpu.apply(
-            &mut self.machine.vcpu,
+            self.machine.vcpu(),
             anywhere,
             Machine::sync_regs_supported(),
         )?;
@@ -141,7 +141,7 @@ impl<X: Extension> Vm<X> {
         }
         pages.sort_unstable();
         pages.dedup();
-        let ram = &self.machine.ram;
+        let mut ram = self.machine.stopped();
         let zero = [0u8; PAGE_SIZE as usize];
         let size = PAGE_SIZE as usize;
         for page in pages {

@@ -10,6 +10,7 @@ use kvm_ioctls::{SyncReg, VcpuFd};
 use std::sync::OnceLock;
 
 use super::VmError;
+use crate::sys::kvm::set_xsave;
 use crate::vm::machine::{normalize_cpuid, Machine};
 
 /// MSRs a guest can observe or that shape its execution: SYSENTER, PAT,
@@ -146,9 +147,7 @@ impl UserCpu {
         sync_regs: bool,
     ) -> Result<(), VmError> {
         if let Some(xsave) = &self.xsave {
-            // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy structure, which
-            // is exactly what KVM_SET_XSAVE reads.
-            unsafe { vcpu.set_xsave(xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+            set_xsave(vcpu, xsave).map_err(kvm("KVM_SET_XSAVE"))?;
         }
         if anywhere {
             clear_sync_regs(vcpu);
@@ -277,9 +276,7 @@ impl CpuState {
         vcpu.set_sregs(&Machine::host_sregs(&self.sregs))
             .map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
-        // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy structure, which is
-        // exactly what KVM_SET_XSAVE reads.
-        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        set_xsave(vcpu, &self.xsave).map_err(kvm("KVM_SET_XSAVE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
         let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VmError::InvalidVcpuState {
             reason: "too many MSRs",
@@ -314,8 +311,7 @@ impl CpuState {
         match which {
             Registers::All => return self.apply(vcpu, current_cpuid),
             Registers::UserMode => {
-                // SAFETY: as in `apply`.
-                unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+                set_xsave(vcpu, &self.xsave).map_err(kvm("KVM_SET_XSAVE"))?;
             }
             Registers::NoVector => {}
         }
@@ -411,7 +407,7 @@ mod tests {
     /// The state of a new VM's vCPU, or `None` without KVM.
     fn state() -> Option<CpuState> {
         let mut machine = Machine::new(4 << 20, USER_BASE, STACK_TOP - 8).ok()?;
-        Some(CpuState::capture(&mut machine.vcpu).expect("capture"))
+        Some(CpuState::capture(machine.vcpu()).expect("capture"))
     }
 
     #[test]
@@ -484,7 +480,7 @@ mod tests {
         let Some(mut state) = state() else { return };
         // Every MSR the capture could read goes back.
         let mut machine = Machine::new(4 << 20, USER_BASE, STACK_TOP - 8).expect("vm");
-        state.apply(&mut machine.vcpu, None).expect("apply");
+        state.apply(machine.vcpu(), None).expect("apply");
         // One this KVM does not know (as from a host with other MSRs):
         // KVM_SET_MSRS sets the ones before it and stops.
         state.msrs.push(kvm_msr_entry {
@@ -492,7 +488,7 @@ mod tests {
             data: 1,
             ..Default::default()
         });
-        let err = state.apply(&mut machine.vcpu, None).unwrap_err();
+        let err = state.apply(machine.vcpu(), None).unwrap_err();
         assert!(matches!(err, VmError::InvalidVcpuState { .. }), "{err:?}");
     }
 

@@ -538,8 +538,8 @@ pub enum HypercallFault {
     },
 }
 
-impl From<super::memory::OutOfRange> for HypercallFault {
-    fn from(e: super::memory::OutOfRange) -> Self {
+impl From<crate::sys::memory::OutOfRange> for HypercallFault {
+    fn from(e: crate::sys::memory::OutOfRange) -> Self {
         Self::OutOfRange {
             addr: e.addr,
             len: e.len,

@@ -22,9 +22,9 @@ use super::config::GuestLimits;
 use super::dirty::DirtyTracker;
 use super::error::{HypercallFault, VmError};
 use super::hypercall::Deadline;
-use super::memory::GuestRam;
 use super::{interrupt, timer, Checkpoint, Generation, SnapshotId, VmConfig};
 use crate::abi::Hypercall;
+use crate::sys::memory::GuestRam;
 
 pub(crate) mod sealed {
     /// Only the crate's own extension sets implement [`super::Extension`].

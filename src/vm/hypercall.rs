@@ -32,16 +32,7 @@ pub(super) fn current_function_name(functions: &HashMap<String, u64>, index: Opt
 
 /// CPU time this thread has used.
 fn thread_cpu_time() -> Result<Duration, VmError> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a
-    // constant every Linux supports.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return Err(VmError::Timer(std::io::Error::last_os_error()));
-    }
-    Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    crate::sys::clock::thread_cpu_time().map_err(VmError::Timer)
 }
 
 /// A call's deadline. The timer always runs on the monotonic clock: a
@@ -191,7 +182,7 @@ impl<X: Extension> Vm<X> {
                 return Err(VmError::Cancelled);
             }
             self.exit_pending = true;
-            let exit = self.machine.vcpu.run();
+            let exit = self.machine.vcpu().run();
             // Memory that could not be filled poisons the VM before any exit
             // is served: the guest may have run on a stand-in page.
             if let Some(fault) = &self.memory_fault {
@@ -269,7 +260,7 @@ impl<X: Extension> Vm<X> {
                     Some(other) => {
                         // Not the core's: an extension's, or unknown.
                         let mut cx = CallContext {
-                            ram: &self.machine.ram,
+                            ram: self.machine.ram(),
                             limits: &self.limits,
                             deadline: &mut deadline,
                             polled_deadline: self.call_deadline,
@@ -323,7 +314,7 @@ impl<X: Extension> Vm<X> {
         /// bound the rounds. A guest whose `rep ins` runs longer than this
         /// leaves a VM that cannot be rewound (`VcpuStuck`); drop it.
         const ROUNDS: usize = 4096;
-        let vcpu = &mut self.machine.vcpu;
+        let vcpu = self.machine.vcpu();
         vcpu.set_kvm_immediate_exit(1);
         let mut last = String::new();
         let mut done = false;
@@ -380,7 +371,7 @@ impl<X: Extension> Vm<X> {
 
     fn hypercall_log(&mut self) -> Result<(), VmError> {
         let [level, ptr, len] = self.read_words::<3>(ARGS)?;
-        let ram = &self.machine.ram;
+        let ram = self.machine.ram();
         check_user_range(ram.size(), ptr, len).map_err(|e| bad("Log", e))?;
         let len = len.min(self.limits.message);
         let level = match level {
@@ -394,7 +385,7 @@ impl<X: Extension> Vm<X> {
         if !log::log_enabled!(target: "snapvm::guest", level) || !self.log_allowed(len) {
             return Ok(());
         }
-        let text = read_str(&self.machine.ram, ptr, len, len, true).map_err(|e| bad("Log", e))?;
+        let text = read_str(self.machine.ram(), ptr, len, len, true).map_err(|e| bad("Log", e))?;
         log::log!(
             target: "snapvm::guest",
             level,
@@ -418,7 +409,7 @@ impl<X: Extension> Vm<X> {
         let [name_ptr, name_len, in_ptr, in_len, out_ptr, out_cap] = self.read_words::<6>(ARGS)?;
         let size = self.memory_size();
         let name = read_str(
-            &self.machine.ram,
+            self.machine.ram(),
             name_ptr,
             name_len,
             abi::MAX_FUNCTION_NAME,
@@ -440,7 +431,7 @@ impl<X: Extension> Vm<X> {
         } else if self.ext.defers_host_calls() && self.deferred.contains(&name) {
             let input = self
                 .machine
-                .ram
+                .ram()
                 .read_vec(in_ptr, in_len)
                 .map_err(|e| bad("HostCall", e.into()))?;
             self.ext
@@ -448,7 +439,7 @@ impl<X: Extension> Vm<X> {
         } else {
             let input = self
                 .machine
-                .ram
+                .ram()
                 .read_vec(in_ptr, in_len)
                 .map_err(|e| bad("HostCall", e.into()))?;
             // The input must not be a stand-in for memory that failed.
@@ -496,7 +487,7 @@ impl<X: Extension> Vm<X> {
         let len = result.len() as u64;
         if len <= out_cap {
             self.machine
-                .ram
+                .ram()
                 .write(out_ptr, &result)
                 .map_err(|e| bad("HostCall", e.into()))?;
             self.note_host_write(out_ptr, len);
@@ -545,7 +536,7 @@ impl<X: Extension> Vm<X> {
             return self.write_words(RET, &[status, len]);
         }
         self.machine
-            .ram
+            .ram()
             .write(ptr, &result)
             .map_err(|e| bad("HostResult", e.into()))?;
         self.note_host_write(ptr, len);
@@ -556,7 +547,7 @@ impl<X: Extension> Vm<X> {
     fn read_message(&self, hypercall: &'static str, ptr: u64, len: u64) -> Result<String, VmError> {
         check_user_range(self.memory_size(), ptr, len).map_err(|e| bad(hypercall, e))?;
         let len = len.min(self.limits.message);
-        read_str(&self.machine.ram, ptr, len, len, true).map_err(|e| bad(hypercall, e))
+        read_str(self.machine.ram(), ptr, len, len, true).map_err(|e| bad(hypercall, e))
     }
 
     fn hypercall_panic(&mut self) -> VmError {
@@ -569,7 +560,7 @@ impl<X: Extension> Vm<X> {
             } else {
                 check_user_range(self.memory_size(), file_ptr, file_len)
                     .map_err(|e| bad("Panic", e))?;
-                let file = read_str(&self.machine.ram, file_ptr, file_len, MAX_FILE_NAME, true)
+                let file = read_str(self.machine.ram(), file_ptr, file_len, MAX_FILE_NAME, true)
                     .map_err(|e| bad("Panic", e))?;
                 Some(PanicLocation {
                     file,
@@ -593,7 +584,7 @@ impl<X: Extension> Vm<X> {
 
     /// Reads the exception frame the CPL0 stub left on its stack.
     fn read_fault(&mut self) -> VmError {
-        let regs = match self.machine.vcpu.get_regs() {
+        let regs = match self.machine.vcpu().get_regs() {
             Ok(regs) => regs,
             Err(source) => {
                 return VmError::Kvm {
@@ -602,7 +593,7 @@ impl<X: Extension> Vm<X> {
                 }
             }
         };
-        let sregs = match self.machine.vcpu.get_sregs() {
+        let sregs = match self.machine.vcpu().get_sregs() {
             Ok(sregs) => sregs,
             Err(source) => {
                 return VmError::Kvm {
@@ -613,7 +604,7 @@ impl<X: Extension> Vm<X> {
         };
         // Frame: vector, error code, then what the CPU pushed (RIP, CS, ...).
         let mut frame = [0u8; 24];
-        if self.machine.ram.read(regs.rsp, &mut frame).is_err()
+        if self.machine.ram().read(regs.rsp, &mut frame).is_err()
             || !(abi::SYSTEM_AREA_START..abi::SYSTEM_AREA_END).contains(&regs.rsp)
         {
             return VmError::UnexpectedExit {

@@ -21,7 +21,7 @@ pub(crate) struct Shared {
     /// An interrupt was asked for during the current run.
     requested: AtomicBool,
     /// The timer of the thread inside a run of this VM, while it is.
-    running: Mutex<Option<TimerId>>,
+    running: Mutex<RunningTimer>,
     /// The kick fired during the current run (the timer needs disarming
     /// even when the call has no timeout).
     kicked: AtomicBool,
@@ -35,19 +35,40 @@ pub(crate) struct Shared {
     next_call: AtomicU64,
 }
 
+/// The timer of the thread that last ran this VM, kept after the run so
+/// that the next run on the same thread takes no new handle to it.
+#[derive(Debug, Default)]
+struct RunningTimer {
+    timer: Option<TimerId>,
+    /// That thread is inside a run now.
+    inside: bool,
+}
+
+impl RunningTimer {
+    /// The timer of the thread inside a run, if one is.
+    fn current(&self) -> Option<&TimerId> {
+        self.timer.as_ref().filter(|_| self.inside)
+    }
+}
+
 impl Shared {
-    fn running(&self) -> MutexGuard<'_, Option<TimerId>> {
+    fn running(&self) -> MutexGuard<'_, RunningTimer> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers the calling thread as running this VM until the guard is
     /// dropped. An interrupt asked for before this point is forgotten.
     pub(crate) fn enter(self: &Arc<Self>) -> Result<Running, VmError> {
-        let id = timer::current().map_err(VmError::Timer)?;
         let mut running = self.running();
+        timer::with_current(|id| {
+            if !running.timer.as_ref().is_some_and(|t| t.same(id)) {
+                running.timer = Some(id.clone());
+            }
+        })
+        .map_err(VmError::Timer)?;
         self.requested.store(false, Ordering::SeqCst);
         self.kicked.store(false, Ordering::SeqCst);
-        *running = Some(id);
+        running.inside = true;
         Ok(Running(Arc::clone(self)))
     }
 
@@ -66,8 +87,8 @@ impl Shared {
     /// `run_wide`: the whole run stops ([`InterruptHandle::interrupt`]);
     /// otherwise only the call a token cancelled does (`cancelled_call`),
     /// so a kick that lands after that call ended stops nothing else.
-    fn kick(&self, running: &Option<TimerId>, run_wide: bool) {
-        if let Some(id) = *running {
+    fn kick(&self, running: &RunningTimer, run_wide: bool) {
+        if let Some(id) = running.current() {
             if run_wide {
                 self.requested.store(true, Ordering::SeqCst);
             }
@@ -84,7 +105,7 @@ pub(crate) struct Running(Arc<Shared>);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        *self.0.running() = None;
+        self.0.running().inside = false;
         if self.0.kicked.swap(false, Ordering::SeqCst) {
             timer::disarm();
         }

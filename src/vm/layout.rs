@@ -6,11 +6,11 @@
 //! none) onto the CPL0 stack and writes to [`PORT_FAULT`]; the host then reads
 //! the exception frame from guest memory.
 
-use super::memory::{GuestRam, OutOfRange};
 use crate::abi::{
     ABI_PAGE_ADDR, HUGE_PAGE_SIZE, PAGE_SIZE, PORT_FAULT, PORT_HYPERCALL, STACK_BOTTOM,
     STACK_GUARD_ADDR, STACK_TOP, SYSTEM_AREA_END, SYSTEM_AREA_START,
 };
+use crate::sys::memory::{GuestRam, OutOfRange};
 
 /// GDT (6 descriptors, the TSS one takes two slots).
 pub(crate) const GDT_ADDR: u64 = 0x2000;

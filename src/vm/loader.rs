@@ -15,8 +15,8 @@ use elf::ElfBytes;
 use sha2::Digest;
 
 use super::error::InvalidGuest;
-use super::memory::GuestRam;
 use crate::abi::{HUGE_PAGE_SIZE, PAGE_SIZE, USER_BASE};
+use crate::sys::memory::GuestRam;
 
 /// Most loadable segments accepted.
 const MAX_SEGMENTS: usize = 64;

@@ -1,18 +1,20 @@
-//! The KVM resources of one VM: the VM and vCPU fds and guest RAM, plus the
-//! vCPU's initial long-mode, CPL3 state. This file and `memory.rs` own every
-//! resource the VM holds; dropping a [`Machine`] releases all of them.
+//! One VM's KVM resources as the core uses them: the VM and vCPU fds and
+//! guest RAM (owned by `sys::kvm::VmFds`), the dirty log, and the vCPU's
+//! initial long-mode, CPL3 state. Dropping a [`Machine`] releases all of
+//! them.
 
 use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
-    kvm_xcrs, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, CpuId,
+    KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::error::VmError;
 use super::layout::{self, GDT_ADDR, IDT_ADDR, PML4_ADDR, TSS_ADDR, TSS_SEL, USER_CS, USER_DS};
-use super::memory::GuestRam;
+use crate::sys::kvm::{KvmFailed, VmFds};
+use crate::sys::memory::{GuestRam, Stopped};
 
 /// Path of the KVM device.
 pub(crate) const KVM_PATH: &str = "/dev/kvm";
@@ -157,24 +159,23 @@ pub fn check_kvm_device(path: &std::path::Path) -> Result<(), VmError> {
 
 /// A VM with one vCPU and its memory.
 pub(crate) struct Machine {
-    // Field order is drop order: the vCPU and VM fds close before the RAM
-    // they reference is unmapped.
-    pub(crate) vcpu: VcpuFd,
-    #[allow(
-        dead_code,
-        reason = "owns the VM fd for the vCPU's and memslot's lifetime"
-    )]
-    pub(crate) vm: VmFd,
-    /// Shared with a polling VM's caller thread, which writes requests and
-    /// reads results while the vCPU thread is inside `KVM_RUN`.
-    pub(crate) ram: Arc<GuestRam>,
+    /// The VM and vCPU fds and guest RAM. The RAM is shared with a polling
+    /// VM's caller thread, which writes requests and reads results while
+    /// the vCPU thread is inside `KVM_RUN`.
+    fds: VmFds,
     dirty_log: bool,
-    /// KVM leaves pages writable after `KVM_GET_DIRTY_LOG` until they are
-    /// cleared explicitly (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
-    manual_protect: bool,
     /// The CPUID last given to the vCPU (as the vCPU reports it), so a
     /// restore can skip `KVM_SET_CPUID2` when nothing changes.
     pub(crate) cpuid: Option<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+}
+
+impl From<KvmFailed> for VmError {
+    fn from(e: KvmFailed) -> Self {
+        VmError::Kvm {
+            step: e.step,
+            source: e.source,
+        }
+    }
 }
 
 impl Machine {
@@ -193,7 +194,7 @@ impl Machine {
         let mut machine = Self::create(ram, false)?;
         machine.setup_vcpu(host()?, entry, rsp)?;
         machine.cpuid = machine
-            .vcpu
+            .vcpu()
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .ok()
             .map(|c| c.as_slice().to_vec());
@@ -203,28 +204,44 @@ impl Machine {
     /// Creates a VM and one vCPU over `ram`, registered as memory slot 0,
     /// with dirty-page logging if asked. The vCPU state is KVM's reset state.
     pub(crate) fn create(ram: GuestRam, dirty_log: bool) -> Result<Self, VmError> {
-        let host = host()?;
-        let vm = host
-            .kvm
-            .create_vm()
-            .map_err(VmError::kvm("KVM_CREATE_VM"))?;
-        let manual_protect = enable_manual_protect(&vm);
-        set_memslot(&vm, &ram, dirty_log)?;
-        let vcpu = vm.create_vcpu(0).map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
+        let fds = VmFds::new(&host()?.kvm, ram, dirty_log)?;
         Ok(Self {
-            vcpu,
-            vm,
-            ram: Arc::new(ram),
+            fds,
             dirty_log,
-            manual_protect,
             cpuid: None,
         })
+    }
+
+    /// The vCPU.
+    pub(crate) fn vcpu(&mut self) -> &mut VcpuFd {
+        self.fds.vcpu()
+    }
+
+    /// Guest memory (bounds-checked `vm-memory` accessors).
+    pub(crate) fn ram(&self) -> &GuestRam {
+        self.fds.ram()
+    }
+
+    /// Guest memory for a polling VM's caller thread.
+    pub(crate) fn shared_ram(&self) -> Arc<GuestRam> {
+        self.fds.shared_ram()
+    }
+
+    /// Guest memory with the vCPU stopped (see [`Stopped`]): `&mut self`
+    /// keeps the vCPU out of `KVM_RUN` while the token lives.
+    pub(crate) fn stopped(&mut self) -> Stopped<'_> {
+        self.fds.stopped()
+    }
+
+    /// The vCPU and the CPUID last given to it, borrowed together.
+    pub(crate) fn vcpu_and_cpuid(&mut self) -> (&mut VcpuFd, Option<&[kvm_cpuid_entry2]>) {
+        (self.fds.vcpu(), self.cpuid.as_deref())
     }
 
     /// Turns dirty-page logging of guest memory on or off.
     pub(crate) fn set_dirty_log(&mut self, on: bool) -> Result<(), VmError> {
         if self.dirty_log != on {
-            set_memslot(&self.vm, &self.ram, on)?;
+            self.fds.set_dirty_log(on)?;
             self.dirty_log = on;
         }
         Ok(())
@@ -243,8 +260,8 @@ impl Machine {
     /// bits set until [`Self::clear_dirty_log`]; without it, KVM clears and
     /// write-protects them now.
     pub(crate) fn peek_dirty_log(&self) -> Result<Vec<u64>, VmError> {
-        self.vm
-            .get_dirty_log(0, self.ram.size() as usize)
+        self.fds
+            .get_dirty_log()
             .map_err(VmError::kvm("KVM_GET_DIRTY_LOG"))
     }
 
@@ -254,41 +271,20 @@ impl Machine {
     /// and keeps its bit set: it is reported dirty by every later read. (A
     /// no-op without manual protection.)
     pub(crate) fn clear_dirty_log(&self, first_word: usize, bitmap: &[u64]) -> Result<(), VmError> {
-        if !self.manual_protect || bitmap.iter().all(|&w| w == 0) {
+        if !self.fds.manual_protect() || bitmap.iter().all(|&w| w == 0) {
             return Ok(());
         }
-        let out_of_range = || VmError::MemoryOutOfRange {
-            addr: 0,
-            len: self.ram.size(),
-        };
-        let pages = self.ram.size() / crate::abi::PAGE_SIZE;
+        let size = self.ram().size();
+        let out_of_range = || VmError::MemoryOutOfRange { addr: 0, len: size };
+        let pages = size / crate::abi::PAGE_SIZE;
         let first_page = first_word as u64 * 64;
         let num_pages = bitmap.len() as u64 * 64;
-        if first_page + num_pages > pages {
+        if first_page + num_pages > pages || u32::try_from(num_pages).is_err() {
             return Err(out_of_range());
         }
-        let clear = kvm_bindings::kvm_clear_dirty_log {
-            slot: 0,
-            num_pages: u32::try_from(num_pages).map_err(|_| out_of_range())?,
-            first_page,
-            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
-                dirty_bitmap: bitmap.as_ptr() as *mut libc::c_void,
-            },
-        };
-        // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits (a multiple of
-        // 64, inside the slot: checked above) from `dirty_bitmap`, which
-        // points at `bitmap`, exactly that many bits long and alive for the
-        // call; it writes nothing back.
-        let rc = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_ref(&self.vm, kvm_clear_dirty_log_ioctl(), &clear)
-        };
-        if rc != 0 {
-            return Err(VmError::Kvm {
-                step: "KVM_CLEAR_DIRTY_LOG",
-                source: kvm_ioctls::Error::last(),
-            });
-        }
-        Ok(())
+        self.fds
+            .clear_dirty_log(first_page, bitmap)
+            .map_err(VmError::kvm("KVM_CLEAR_DIRTY_LOG"))
     }
 
     /// Whether registers can be handed to KVM through `kvm_run` (see
@@ -338,15 +334,12 @@ impl Machine {
         EFFECTIVE.get()
     }
 
-    fn setup_vcpu(&self, host: &HostKvm, entry: u64, rsp: u64) -> Result<(), VmError> {
-        self.vcpu
-            .set_cpuid2(&host.cpuid)
+    fn setup_vcpu(&mut self, host: &HostKvm, entry: u64, rsp: u64) -> Result<(), VmError> {
+        let vcpu = self.vcpu();
+        vcpu.set_cpuid2(&host.cpuid)
             .map_err(VmError::kvm("KVM_SET_CPUID2"))?;
 
-        let mut sregs = self
-            .vcpu
-            .get_sregs()
-            .map_err(VmError::kvm("KVM_GET_SREGS"))?;
+        let mut sregs = vcpu.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
         let flat = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
             base: 0,
             limit: 0xFFFF_FFFF,
@@ -402,8 +395,7 @@ impl Machine {
         }
         // LME | LMA | NXE
         sregs.efer = (1 << 8) | (1 << 10) | (1 << 11);
-        self.vcpu
-            .set_sregs(&sregs)
+        vcpu.set_sregs(&sregs)
             .map_err(VmError::kvm("KVM_SET_SREGS"))?;
 
         if let Some(xcr0) = host.xcr0 {
@@ -413,9 +405,7 @@ impl Machine {
             };
             xcrs.xcrs[0].xcr = 0;
             xcrs.xcrs[0].value = xcr0;
-            self.vcpu
-                .set_xcrs(&xcrs)
-                .map_err(VmError::kvm("KVM_SET_XCRS"))?;
+            vcpu.set_xcrs(&xcrs).map_err(VmError::kvm("KVM_SET_XCRS"))?;
         }
 
         let fpu = kvm_fpu {
@@ -423,9 +413,7 @@ impl Machine {
             mxcsr: 0x1F80,
             ..Default::default()
         };
-        self.vcpu
-            .set_fpu(&fpu)
-            .map_err(VmError::kvm("KVM_SET_FPU"))?;
+        vcpu.set_fpu(&fpu).map_err(VmError::kvm("KVM_SET_FPU"))?;
 
         let regs = kvm_regs {
             rip: entry,
@@ -433,56 +421,8 @@ impl Machine {
             rflags: 0x2,
             ..Default::default()
         };
-        self.vcpu
-            .set_regs(&regs)
-            .map_err(VmError::kvm("KVM_SET_REGS"))
+        vcpu.set_regs(&regs).map_err(VmError::kvm("KVM_SET_REGS"))
     }
-}
-
-vmm_sys_util::ioctl_iowr_nr!(
-    kvm_clear_dirty_log_ioctl,
-    kvm_bindings::KVMIO,
-    0xc0,
-    kvm_bindings::kvm_clear_dirty_log
-);
-
-/// Turns on manual dirty-log protection where KVM offers it; returns
-/// whether it is on.
-fn enable_manual_protect(vm: &VmFd) -> bool {
-    let cap = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
-    let supported = vm.check_extension_raw(u64::from(cap)) as u32;
-    if supported & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE == 0 {
-        return false;
-    }
-    let enable = kvm_bindings::kvm_enable_cap {
-        cap,
-        args: [
-            u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE),
-            0,
-            0,
-            0,
-        ],
-        ..Default::default()
-    };
-    vm.enable_cap(&enable).is_ok()
-}
-
-fn set_memslot(vm: &VmFd, ram: &GuestRam, dirty_log: bool) -> Result<(), VmError> {
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: if dirty_log {
-            KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            0
-        },
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_addr(),
-    };
-    // SAFETY: the region describes `ram`, a live mapping of exactly its size
-    // that outlives the VM fd (field order of `Machine`), registered (or
-    // re-registered with other flags) as slot 0, the VM's only slot.
-    unsafe { vm.set_user_memory_region(region) }.map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))
 }
 
 /// `KVM_CREATE_VM` + `KVM_CREATE_VCPU` and nothing else (a baseline).

@@ -37,7 +37,6 @@ mod interrupt;
 pub(crate) mod layout;
 mod loader;
 pub(crate) mod machine;
-pub(crate) mod memory;
 pub(crate) mod persist;
 pub(crate) mod poll;
 pub mod raw;
@@ -238,7 +237,7 @@ impl<X: Extension> std::fmt::Debug for Vm<X> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmInstance")
             .field("state", &self.state)
-            .field("memory_size", &self.machine.ram.size())
+            .field("memory_size", &self.machine.ram().size())
             .field("functions", &self.functions.len())
             .field("stats", &self.stats)
             .finish_non_exhaustive()
@@ -256,10 +255,10 @@ impl<X: Extension> Vm<X> {
             config.program.entry(),
             abi::STACK_TOP - 8,
         )?;
-        config.program.load(&machine.ram)?;
+        config.program.load(machine.ram())?;
         if let Some(disk) = &config.scratch_disk {
             machine
-                .ram
+                .ram()
                 .write(config.memory_size, disk.bytes())
                 .map_err(|_| VmError::InvalidConfig {
                     field: "scratch_disk",
@@ -386,7 +385,7 @@ impl<X: Extension> Vm<X> {
 
     /// Guest memory size in bytes.
     pub fn memory_size(&self) -> u64 {
-        self.machine.ram.size()
+        self.machine.ram().size()
     }
 
     /// Names of the functions the guest exported, in no particular order.
@@ -527,7 +526,7 @@ impl<X: Extension> Vm<X> {
     fn read_output(&mut self, ptr: u64, out: &mut [u8]) -> Result<(), VmError> {
         let result = self
             .machine
-            .ram
+            .ram()
             .read(ptr, out)
             .map_err(|e| bad("Done", e.into()))
             // Never hand out bytes read from a stand-in for failed memory.
@@ -618,7 +617,7 @@ impl<X: Extension> Vm<X> {
             self.grow_input(input.len(), call_data.as_deref_mut())?;
         }
         self.machine
-            .ram
+            .ram()
             .write(self.input_buf, input)
             .map_err(|e| bad("Ready", e.into()))?;
         self.note_host_write(self.input_buf, len);
@@ -648,7 +647,7 @@ impl<X: Extension> Vm<X> {
     fn finish_call(&mut self, call_data: CallData<'_>) -> Result<(u64, u64), VmError> {
         self.expect_done(call_data)?;
         self.ext.call_end()?;
-        let report = abi_page::read_result(&self.machine.ram, self.result_limits());
+        let report = abi_page::read_result(self.machine.ram(), self.result_limits());
         self.check_memory()?;
         let report = report?;
         self.stats.heap_used = report.heap_used;
@@ -662,7 +661,7 @@ impl<X: Extension> Vm<X> {
     /// Asks the guest for an input buffer of at least `len` bytes.
     fn grow_input(&mut self, len: usize, call_data: CallData<'_>) -> Result<(), VmError> {
         self.machine
-            .ram
+            .ram()
             .check(0, len as u64)
             .map_err(|_| VmError::InputTooLarge { len })?;
         self.write_words(
@@ -742,7 +741,7 @@ impl<X: Extension> Vm<X> {
                 },
             ));
         }
-        let ram = &self.machine.ram;
+        let ram = self.machine.ram();
         check_user_range(ram.size(), table, count * 16).map_err(|e| bad("Ready", e))?;
         let entries = ram
             .read_vec(table, count * 16)
@@ -780,7 +779,7 @@ impl<X: Extension> Vm<X> {
     /// tests). The vCPU is stopped whenever the caller holds the VM.
     pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), VmError> {
         self.machine
-            .ram
+            .ram()
             .read(addr, buf)
             .map_err(|e| VmError::MemoryOutOfRange {
                 addr: e.addr,
@@ -821,12 +820,6 @@ impl<X: Extension> Vm<X> {
         Ok(self
             .dirty
             .pending(ABI_PAGE_ADDR / abi::PAGE_SIZE, abi::PAGE_SIZE))
-    }
-
-    /// The pages of the last [`Self::pending_dirty_pages`] that stay
-    /// writable (hot), sorted.
-    pub(crate) fn hot_pages(&self) -> &[u64] {
-        self.dirty.hot()
     }
 
     /// Starts a new dirty set once the pages of the last

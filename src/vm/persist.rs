@@ -21,10 +21,10 @@ use std::fmt;
 
 use super::cpu::{CpuState, Registers};
 use super::machine::Machine;
-use super::memory::GuestRam;
 use super::TableId;
 use super::{check_user_range, Extension, Generation, Vm, VmConfig, VmError, VmState};
 use crate::abi::{PAGE_SIZE, USER_BASE};
+use crate::sys::memory::{GuestRam, Stopped};
 
 /// Identifies a snapshot; diffs name their base by it, and a VM tracks the
 /// pages written since the snapshot with this id.
@@ -78,7 +78,7 @@ pub(crate) trait MemorySource {
     fn page(&self, page: u64) -> Result<Option<&[u8]>, Self::Error>;
     /// Fills all of `ram` after it was discarded (when it reads as the
     /// image `backing` maps, or as zeros without one).
-    fn refill(&self, ram: &GuestRam, backing: Option<&Backing>) -> Result<(), Self::Error>;
+    fn refill(&self, ram: &mut Stopped<'_>, backing: Option<&Backing>) -> Result<(), Self::Error>;
 }
 
 /// What a lazily restored VM's memory maps: kept alive as long as the VM,
@@ -117,12 +117,19 @@ impl<X: Extension> Vm<X> {
         }
         // RIP must be past the hypercall the vCPU stopped at.
         self.complete_pending_exit()?;
-        CpuState::capture(&mut self.machine.vcpu)
+        CpuState::capture(self.machine.vcpu())
     }
 
-    /// Guest memory, for capturing it.
+    /// Guest memory (bounds-checked `vm-memory` accessors).
     pub(crate) fn ram(&self) -> &GuestRam {
-        &self.machine.ram
+        self.machine.ram()
+    }
+
+    /// Guest memory with the vCPU stopped, for capturing it: plain copies
+    /// and slices, sound because `&mut self` keeps the vCPU out of
+    /// `KVM_RUN` (and every other access out) while the token lives.
+    pub(crate) fn stopped(&mut self) -> Stopped<'_> {
+        self.machine.stopped()
     }
 
     /// The generation of this VM lifetime.
@@ -190,7 +197,7 @@ impl<X: Extension> Vm<X> {
         tracked: SnapshotId,
     ) -> Result<Self, VmError> {
         let current = machine.cpuid.take();
-        cpu.apply(&mut machine.vcpu, current.as_deref())?;
+        cpu.apply(machine.vcpu(), current.as_deref())?;
         machine.cpuid = Some(cpu.cpuid.clone());
         let mut vm = Self::from_machine(machine, config)?;
         vm.install_guest(guest)?;
@@ -231,12 +238,12 @@ impl<X: Extension> Vm<X> {
             // Memory is replaced wholesale: until that finished, nothing is
             // tracked against any snapshot.
             self.base = None;
-            let ram = &self.machine.ram;
+            let mut ram = self.machine.stopped();
             ram.discard_all().map_err(|source| VmError::MapMemory {
                 size: ram.size(),
                 source,
             })?;
-            source.refill(ram, self.backing.as_deref())?;
+            source.refill(&mut ram, self.backing.as_deref())?;
             self.clear_dirty();
         }
         // A ready VM's vCPU is where a call left it: at CPL3, with only the
@@ -247,13 +254,8 @@ impl<X: Extension> Vm<X> {
             (true, false) => Registers::UserMode,
             _ => Registers::All,
         };
-        let current = self.machine.cpuid.as_deref();
-        cpu.apply_registers(
-            &mut self.machine.vcpu,
-            current,
-            registers,
-            Machine::sync_regs_supported(),
-        )?;
+        let (vcpu, current) = self.machine.vcpu_and_cpuid();
+        cpu.apply_registers(vcpu, current, registers, Machine::sync_regs_supported())?;
         if self.machine.cpuid.as_deref() != Some(cpu.cpuid.as_slice()) {
             self.machine.cpuid = Some(cpu.cpuid.clone());
         }
@@ -282,8 +284,10 @@ impl<X: Extension> Vm<X> {
         // which every call writes (often with the same bytes).
         let check = self.dirty.checks_hot();
         let mut demote = Vec::new();
-        let hot = self.hot_pages();
-        let ram = &self.machine.ram;
+        // The pages of the last `pending_dirty_pages` that stay writable
+        // (hot), sorted.
+        let hot = self.dirty.hot();
+        let mut ram = self.machine.stopped();
         let outside = |addr: u64| VmError::MemoryOutOfRange {
             addr,
             len: PAGE_SIZE,
@@ -368,7 +372,7 @@ impl<X: Extension> Vm<X> {
         self.preserved
             .iter()
             .map(|&(addr, len)| {
-                let bytes = self.machine.ram.read_vec(addr, len).map_err(|e| {
+                let bytes = self.machine.ram().read_vec(addr, len).map_err(|e| {
                     VmError::MemoryOutOfRange {
                         addr: e.addr,
                         len: e.len,
@@ -382,7 +386,7 @@ impl<X: Extension> Vm<X> {
     fn write_preserved(&mut self, preserved: Vec<(u64, Vec<u8>)>) -> Result<(), VmError> {
         for (addr, bytes) in preserved {
             self.machine
-                .ram
+                .ram()
                 .write(addr, &bytes)
                 .map_err(|e| VmError::MemoryOutOfRange {
                     addr: e.addr,

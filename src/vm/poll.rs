@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 use super::abi_page::{self, bad, field, ResultLimits};
 use super::error::{HypercallFault, VmError};
 use super::hypercall::{PollHooks, PolledCall, Watch};
-use super::memory::GuestRam;
 use super::userfault::MemoryFault;
 use super::TableId;
 use super::{Extension, InterruptHandle, Stop, TimeoutClock, Vm, VmState};
 use crate::abi::{self, AbiPage};
+use crate::sys::clock::rdtsc;
+use crate::sys::memory::GuestRam;
 
 /// How long a stop request (`REQUEST_IDLE`) may take before the vCPU is
 /// kicked instead.
@@ -64,17 +65,6 @@ fn tsc_per_second() -> u64 {
         let (ns, ticks) = (t0.elapsed().as_nanos(), rdtsc().wrapping_sub(c0));
         u64::try_from(u128::from(ticks) * 1_000_000_000 / ns.max(1)).unwrap_or(u64::MAX)
     })
-}
-
-/// Reads the time-stamp counter.
-fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: `rdtsc` reads the time-stamp counter into edx:eax; it touches
-    // no memory and is allowed in user mode on Linux.
-    unsafe {
-        std::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
-    }
-    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 /// `window` in the guest's time-stamp-counter ticks (at least 1: 0 would
@@ -145,7 +135,7 @@ impl HotView {
     pub(crate) fn refresh<X: Extension>(&mut self, vm: &Vm<X>) {
         self.input_buf = vm.input_buf;
         self.input_cap = vm.input_cap;
-        self.ram = Arc::clone(&vm.machine.ram);
+        self.ram = vm.machine.shared_ram();
         self.memory_fault = vm.memory_fault.clone();
     }
 
@@ -241,7 +231,7 @@ impl<X: Extension> Vm<X> {
     /// The caller's view of this VM for polling mode.
     pub(crate) fn hot_view(&self) -> HotView {
         HotView {
-            ram: Arc::clone(&self.machine.ram),
+            ram: self.machine.shared_ram(),
             functions: self.functions.clone(),
             function_table: self.function_table(),
             input_buf: self.input_buf,

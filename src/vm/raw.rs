@@ -17,7 +17,7 @@ impl RawGuest {
     pub fn new(code: &[u8], memory_size: u64) -> Result<Self, VmError> {
         let machine = Machine::new(memory_size, USER_BASE, STACK_TOP - 8)?;
         machine
-            .ram
+            .ram()
             .write(USER_BASE, code)
             .map_err(|e| VmError::InvalidConfig {
                 field: "code",
@@ -30,7 +30,7 @@ impl RawGuest {
     /// write, or an error for any other exit.
     pub fn run_once(&mut self) -> Result<u16, VmError> {
         loop {
-            if let Some((port, _, _)) = super::io_exit(self.machine.vcpu.run())? {
+            if let Some((port, _, _)) = super::io_exit(self.machine.vcpu().run())? {
                 return Ok(port);
             }
         }
@@ -38,7 +38,7 @@ impl RawGuest {
 
     /// Removes the IDT, so that any exception becomes a triple fault.
     pub fn remove_idt(&mut self) -> Result<(), VmError> {
-        let vcpu = &self.machine.vcpu;
+        let vcpu = self.machine.vcpu();
         let mut sregs = vcpu.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
         sregs.idt.limit = 0;
         vcpu.set_sregs(&sregs)

@@ -10,8 +10,11 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
+
+use crate::sys::signal;
+use crate::sys::timer::ThreadTimer;
 
 /// Interval of repeated expiries after the first one.
 const REFIRE: Duration = Duration::from_millis(5);
@@ -22,87 +25,21 @@ pub fn timeout_signal() -> i32 {
     libc::SIGRTMIN() + 2
 }
 
-extern "C" fn on_signal(_: libc::c_int) {}
-
 fn install_handler() -> io::Result<()> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
-    INSTALL.call_once(|| {
-        // SAFETY: `sigaction` is zero-initialisable plain data; we install a
-        // handler that does nothing (async-signal-safe) for our own signal.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(timeout_signal(), &action, std::ptr::null_mut()) != 0 {
-                result = Err(io::Error::last_os_error());
-            }
-        }
-    });
+    INSTALL.call_once(|| result = signal::install_noop_handler(timeout_signal()));
     result
 }
 
-/// A POSIX timer that signals the thread that created it.
-struct ThreadTimer {
-    id: libc::timer_t,
-}
-
-impl ThreadTimer {
-    fn new() -> io::Result<Self> {
-        install_handler()?;
-        // SAFETY: plain data structures initialised by zeroing, then filled
-        // in; `timer_create` writes the new id into `id` on success. The
-        // signal is unblocked for this thread only.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, timeout_signal());
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-
-            let mut event: libc::sigevent = std::mem::zeroed();
-            event.sigev_notify = libc::SIGEV_THREAD_ID;
-            event.sigev_signo = timeout_signal();
-            event.sigev_notify_thread_id = libc::gettid();
-            let mut id: libc::timer_t = std::mem::zeroed();
-            if libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut id) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(Self { id })
-        }
-    }
-
-    fn set(&self, first: Duration, interval: Duration) -> io::Result<()> {
-        let spec = libc::itimerspec {
-            it_interval: timespec(interval),
-            it_value: timespec(first),
-        };
-        // SAFETY: `self.id` is a live timer owned by this value.
-        if unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ThreadTimer {
-    fn drop(&mut self) {
-        // SAFETY: `self.id` is a live timer owned by this value.
-        unsafe {
-            libc::timer_delete(self.id);
-        }
-    }
-}
-
-fn timespec(d: Duration) -> libc::timespec {
-    libc::timespec {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
-    }
+/// A new timer that signals this thread with [`timeout_signal`].
+fn new_timer() -> io::Result<TimerId> {
+    install_handler()?;
+    ThreadTimer::new(timeout_signal()).map(|t| TimerId(Arc::new(t)))
 }
 
 thread_local! {
-    static TIMER: RefCell<Option<ThreadTimer>> = const { RefCell::new(None) };
+    static TIMER: RefCell<Option<TimerId>> = const { RefCell::new(None) };
 }
 
 /// Arms this thread's timer to interrupt the vCPU after `after`
@@ -111,10 +48,10 @@ pub(crate) fn arm(after: Duration) -> io::Result<()> {
     TIMER.with(|cell| {
         let mut timer = cell.borrow_mut();
         if timer.is_none() {
-            *timer = Some(ThreadTimer::new()?);
+            *timer = Some(new_timer()?);
         }
         let first = after.max(Duration::from_nanos(1));
-        timer.as_ref().map_or(Ok(()), |t| t.set(first, REFIRE))
+        timer.as_ref().map_or(Ok(()), |t| t.0.set(first, REFIRE))
     })
 }
 
@@ -122,7 +59,7 @@ pub(crate) fn arm(after: Duration) -> io::Result<()> {
 pub(crate) fn disarm() {
     TIMER.with(|cell| {
         if let Some(timer) = cell.borrow().as_ref() {
-            let _ = timer.set(Duration::ZERO, Duration::ZERO);
+            let _ = timer.0.set(Duration::ZERO, Duration::ZERO);
         }
     });
 }
@@ -145,43 +82,32 @@ impl Drop for Armed {
     }
 }
 
-/// This thread's timer as an id another thread may arm (see
-/// [`super::interrupt`]). Valid while the thread lives: the interrupt code
-/// only uses it while the owning thread is inside a run.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct TimerId(libc::timer_t);
-
-// SAFETY: a `timer_t` is a process-wide identifier, usable with
-// `timer_settime` from any thread. It is deleted only when its owning
-// thread exits; `interrupt::Running` guarantees the owner is inside a run
-// (so alive) whenever another thread uses the id.
-unsafe impl Send for TimerId {}
+/// This thread's timer as a handle another thread may fire (see
+/// [`super::interrupt`]). The timer lives as long as any handle to it.
+#[derive(Clone, Debug)]
+pub(crate) struct TimerId(Arc<ThreadTimer>);
 
 impl TimerId {
     /// Makes the timer fire now and then every `interval`, until the
     /// owning thread disarms it.
-    pub(crate) fn fire_now(self, interval: Duration) -> io::Result<()> {
-        let spec = libc::itimerspec {
-            it_interval: timespec(interval),
-            it_value: timespec(Duration::from_nanos(1)),
-        };
-        // SAFETY: a live timer (see the `Send` impl); the spec is valid.
-        if unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+    pub(crate) fn fire_now(&self, interval: Duration) -> io::Result<()> {
+        self.0.set(Duration::from_nanos(1), interval)
+    }
+
+    /// Whether both are handles to the same timer.
+    pub(crate) fn same(&self, other: &TimerId) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
-/// This thread's timer (created on first use).
-pub(crate) fn current() -> io::Result<TimerId> {
+/// Calls `f` with this thread's timer (created on first use).
+pub(crate) fn with_current<R>(f: impl FnOnce(&TimerId) -> R) -> io::Result<R> {
     TIMER.with(|cell| {
         let mut timer = cell.borrow_mut();
-        if timer.is_none() {
-            *timer = Some(ThreadTimer::new()?);
-        }
-        Ok(TimerId(
-            timer.as_ref().map_or(std::ptr::null_mut(), |t| t.id),
-        ))
+        let timer = match timer.as_ref() {
+            Some(t) => t,
+            None => timer.insert(new_timer()?),
+        };
+        Ok(f(timer))
     })
 }

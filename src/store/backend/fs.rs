@@ -26,10 +26,10 @@
 //! store. The root itself must not be a symlink when the store is opened
 //! (its ancestors may be).
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{Backend, Namespace, ObjectName, PutOutcome};
 use crate::store::error::BackendError;
+use crate::sys::fs::{file_type_at, mkdirat, openat, openat2_beneath, renameat, unlinkat};
 
 /// How hard [`FsBackend`] works to make a write survive power loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -79,143 +80,10 @@ fn ns_index(ns: Namespace) -> usize {
     }
 }
 
-// ---- Thin wrappers over the *at system calls ------------------------------
+// The `*at` system calls are `sys::fs`'s thin wrappers.
 
 fn c_name(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// `openat(dir, name, flags | O_CLOEXEC, mode)`.
-fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
-    loop {
-        // SAFETY: `dir` is a live descriptor and `name` a NUL-terminated
-        // string, both borrowed for the duration of the call; the kernel
-        // reads nothing else.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                flags | libc::O_CLOEXEC,
-                mode as libc::c_uint,
-            )
-        };
-        match cvt(fd) {
-            // SAFETY: the kernel just returned this descriptor to us; nothing
-            // else owns it.
-            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// `struct open_how` of `linux/openat2.h` (libc's is `non_exhaustive`).
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-const RESOLVE_BENEATH: u64 = 0x08;
-
-/// `openat2(dir, path, flags | O_CLOEXEC)` resolving strictly beneath `dir`
-/// without following any symlink.
-fn openat2_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
-    };
-    loop {
-        // SAFETY: `dir` is a live descriptor, `path` a NUL-terminated string
-        // and `how` an initialised `open_how` whose size is passed along;
-        // all outlive the call, and the kernel only reads them.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::EAGAIN) {
-                continue;
-            }
-            return Err(e);
-        }
-        // SAFETY: a non-negative return is a descriptor the kernel just
-        // opened for us; nothing else owns it.
-        return Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) });
-    }
-}
-
-/// The file type bits (`S_IFMT`) of `name` in `dir`, without following a
-/// symlink.
-fn file_type_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::mode_t> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `dir` is live, `name` NUL-terminated, and `st` points to
-    // writable memory of the size of `struct stat`, which the call fills.
-    cvt(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    // SAFETY: fstatat succeeded, so it initialised `st`.
-    Ok(unsafe { st.assume_init() }.st_mode & libc::S_IFMT)
-}
-
-/// `mkdirat(dir, name, 0o777)`; whether it created the directory.
-fn mkdirat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
-    // SAFETY: `dir` is live and `name` NUL-terminated for the call.
-    match cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o777) }) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// `renameat(from_dir, from, to_dir, to)`.
-fn renameat(
-    from_dir: BorrowedFd<'_>,
-    from: &CStr,
-    to_dir: BorrowedFd<'_>,
-    to: &CStr,
-) -> io::Result<()> {
-    // SAFETY: both descriptors are live and both names NUL-terminated for
-    // the duration of the call.
-    cvt(unsafe {
-        libc::renameat(
-            from_dir.as_raw_fd(),
-            from.as_ptr(),
-            to_dir.as_raw_fd(),
-            to.as_ptr(),
-        )
-    })
-    .map(|_| ())
-}
-
-/// `unlinkat(dir, name, 0)`: removes a file (or the symlink itself, never
-/// its target).
-fn unlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    // SAFETY: `dir` is live and `name` NUL-terminated for the call.
-    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(|_| ())
 }
 
 /// Whether `file` is a regular file holding exactly `bytes`. Reads at most

@@ -1,0 +1,49 @@
+//! TAP devices: attaching to one by name through `/dev/net/tun`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+/// `struct ifreq` as `TUNSETIFF` reads it: the name and the flags.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
+
+/// Opens `/dev/net/tun` (non-blocking) and attaches it to TAP device `name`
+/// (whole Ethernet frames, no packet information header), creating the
+/// device if it is missing and the process may. `name` has 1 to 15 bytes
+/// and no NUL.
+pub(crate) fn open_tap(name: &str) -> io::Result<File> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a TAP device name has 1 to 15 bytes",
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF on the tun device reads (and writes back) a
+    // `struct ifreq` of 40 bytes; `req` is one, laid out as the kernel
+    // expects (the NUL-terminated name, then the flags at offset 16), and
+    // lives across the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
