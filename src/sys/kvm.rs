@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, kvm_xsave, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::memory::{GuestRam, Stopped};
 
@@ -49,6 +49,21 @@ impl VmFds {
     /// protection where KVM offers it. The vCPU state is KVM's reset state.
     pub(crate) fn new(kvm: &Kvm, ram: GuestRam, dirty_log: bool) -> Result<Self, KvmFailed> {
         let vm = kvm.create_vm().map_err(failed("KVM_CREATE_VM"))?;
+        // `set_xsave` passes the legacy 4 KiB `kvm_xsave`: refuse a VM
+        // whose vCPU state could be larger (the process was granted
+        // dynamic XSTATE features for guests, such as AMX tiles, by
+        // `arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM)`; snapvm never asks, but
+        // a library it shares the process with could). 0: no XSAVE2, so
+        // the legacy size is all there is.
+        let xsave_size = vm.check_extension_int(Cap::Xsave2);
+        if usize::try_from(xsave_size).is_ok_and(|n| n > std::mem::size_of::<kvm_xsave>()) {
+            return Err(KvmFailed {
+                step: "KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2): the vCPU state is larger than 4 KiB \
+                       (dynamic XSTATE features such as AMX were enabled for guests in this \
+                       process); snapvm does not support them",
+                source: kvm_ioctls::Error::new(libc::EOPNOTSUPP),
+            });
+        }
         let manual_protect = enable_manual_protect(&vm);
         set_memslot(&vm, &ram, dirty_log)?;
         let vcpu = vm.create_vcpu(0).map_err(failed("KVM_CREATE_VCPU"))?;
@@ -195,7 +210,10 @@ pub(crate) fn set_xsave(vcpu: &VcpuFd, xsave: &kvm_xsave) -> Result<(), kvm_ioct
     // SAFETY: KVM_SET_XSAVE reads as many bytes at `xsave` as the vCPU's
     // XSAVE area has: the 4 KiB of `kvm_xsave`, unless the process enabled
     // dynamic XSTATE features for guests (`arch_prctl` with
-    // `ARCH_REQ_XCOMP_GUEST_PERM`, e.g. AMX), which snapvm never does.
-    // `xsave` lives for the call, and the kernel writes nothing back.
+    // `ARCH_REQ_XCOMP_GUEST_PERM`, e.g. AMX), which snapvm never does, and
+    // `VmFds::new` refuses a VM whose KVM_CAP_XSAVE2 size says otherwise
+    // (the guest's CPUID, fixed when the vCPU is set up, cannot offer
+    // features granted later). `xsave` lives for the call, and the kernel
+    // writes nothing back.
     unsafe { vcpu.set_xsave(xsave) }
 }
