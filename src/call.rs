@@ -208,9 +208,7 @@ pub trait Invoke {
         In: serde::Serialize + ?Sized,
         Out: serde::de::DeserializeOwned,
     {
-        let bytes = crate::vm::encode_typed(input)?;
-        let output = self.invoke(name, &bytes)?;
-        Ok(crate::vm::decode_typed(&output)?)
+        crate::vm::typed_call(input, |bytes| self.invoke(name, bytes))
     }
 
     /// Resolves typed guest function `name` into a [`TypedFunc`] (the
@@ -340,9 +338,7 @@ where
     /// # Ok(()) }
     /// ```
     pub fn call<V: Invoke + ?Sized>(&self, vm: &mut V, input: &In) -> Result<Out, V::Error> {
-        let bytes = crate::vm::encode_typed(input)?;
-        let output = vm.invoke_func(&self.func, &bytes)?;
-        Ok(crate::vm::decode_typed(&output)?)
+        crate::vm::typed_call(input, |bytes| vm.invoke_func(&self.func, bytes))
     }
 
     /// The untyped handle.

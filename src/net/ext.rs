@@ -28,10 +28,6 @@ impl Setting for NetConfig {
             reason,
         })
     }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
 }
 
 impl VmConfig {

@@ -130,9 +130,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         In: serde::Serialize + ?Sized,
         Out: serde::de::DeserializeOwned,
     {
-        let bytes = crate::vm::encode_typed(input)?;
-        let output = self.invoke(name, &bytes)?;
-        Ok(crate::vm::decode_typed(&output)?)
+        crate::vm::typed_call(input, |bytes| self.invoke(name, bytes))
     }
 
     /// Like [`VmInstance::invoke_cancellable`], then applies the policy (a

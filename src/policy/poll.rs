@@ -282,9 +282,7 @@ impl<P: RestorePolicy> PollingVm<P> {
         In: serde::Serialize + ?Sized,
         Out: serde::de::DeserializeOwned,
     {
-        let bytes = crate::vm::encode_typed(input)?;
-        let output = self.invoke(name, &bytes)?;
-        Ok(crate::vm::decode_typed(&output)?)
+        crate::vm::typed_call(input, |bytes| self.invoke(name, bytes))
     }
 
     /// Like [`Self::invoke`], cancellable through `cancel` as

@@ -14,11 +14,7 @@ use super::{CodeId, ProfileScope, TraceKey};
 use crate::abi::{self, Hypercall};
 use crate::vm::{CallContext, Setting, VmConfig, VmError};
 
-impl Setting for ProfileScope {
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
+impl Setting for ProfileScope {}
 
 impl VmConfig {
     /// Keeps the guest's profiles (`snapvm_guest::trace`) in `scope`'s

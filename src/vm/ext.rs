@@ -13,7 +13,7 @@
 //! could reach itself), the call's limits and its deadline.
 
 use std::any::{Any, TypeId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use super::config::GuestLimits;
 use super::dirty::DirtyTracker;
 use super::error::{HypercallFault, VmError};
 use super::hypercall::Deadline;
-use super::{interrupt, timer, Checkpoint, Generation, SnapshotId, VmConfig};
+use super::{interrupt, timer, Checkpoint, SnapshotId, VmConfig};
 use crate::abi::Hypercall;
 use crate::sys::memory::GuestRam;
 
@@ -88,22 +88,6 @@ pub trait Extension: sealed::Sealed + Send + Sized + 'static {
     fn before_reset(&mut self) {}
 }
 
-/// A VM core without extensions: every feature hypercall is unknown.
-#[derive(Debug, Default)]
-pub struct NoExtensions;
-
-impl sealed::Sealed for NoExtensions {}
-
-impl Extension for NoExtensions {
-    fn open(_: &VmConfig) -> Result<Self, VmError> {
-        Ok(Self)
-    }
-
-    fn hypercall(&mut self, _: Hypercall, _: &mut CallContext<'_>) -> Option<Result<(), VmError>> {
-        None
-    }
-}
-
 /// What an extension may see and do while it serves a hypercall. Every
 /// guest address it passes is checked against what the guest could reach
 /// at CPL3; every host write is recorded for dirty tracking.
@@ -114,8 +98,11 @@ pub struct CallContext<'a> {
     pub(super) polled_deadline: Option<Instant>,
     pub(super) dirty: Option<&'a mut DirtyTracker>,
     pub(super) interrupt: &'a interrupt::Shared,
-    pub(super) function: &'a str,
-    pub(super) generation: Generation,
+    /// The function table and the index being called, for
+    /// [`Self::function`] (looked up only when a hook asks: a name search,
+    /// kept off the network's per-exchange path).
+    pub(super) functions: &'a HashMap<String, u64>,
+    pub(super) current_function: Option<u64>,
     pub(super) program_digest: &'a [u8; 32],
     pub(super) origin: Option<SnapshotId>,
     pub(super) hypercall: &'static str,
@@ -126,7 +113,7 @@ impl std::fmt::Debug for CallContext<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallContext")
             .field("hypercall", &self.hypercall)
-            .field("function", &self.function)
+            .field("function", &self.function())
             .finish_non_exhaustive()
     }
 }
@@ -216,13 +203,7 @@ impl CallContext<'_> {
 
     /// The exported function being called (`"(init)"` in init).
     pub(crate) fn function(&self) -> &str {
-        self.function
-    }
-
-    /// The VM's generation.
-    #[allow(dead_code, reason = "part of the context every extension gets")]
-    pub(crate) fn generation(&self) -> Generation {
-        self.generation
+        super::hypercall::current_function_name(self.functions, self.current_function)
     }
 
     /// SHA-256 of the guest program.
@@ -285,15 +266,23 @@ pub(crate) struct ExtSettings {
 struct TypeIdKey(TypeId);
 
 /// One extension's settings in a [`VmConfig`].
-pub(crate) trait Setting: Any + Send + Sync + std::fmt::Debug {
+pub(crate) trait Setting: AsAny + Send + Sync + std::fmt::Debug {
     /// Checks the settings (when a VM is built or restored, before any
     /// KVM object is created).
     fn validate(&self) -> Result<(), VmError> {
         Ok(())
     }
+}
 
-    /// `self`, to downcast.
+/// `self` as `dyn Any`, to downcast a [`Setting`].
+pub(crate) trait AsAny: Any {
     fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 impl ExtSettings {

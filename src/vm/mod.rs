@@ -58,7 +58,7 @@ pub use config::{
 };
 pub use error::{GuestFault, HypercallFault, InvalidGuest, PanicLocation, TxFault, VmError};
 pub(crate) use ext::{sealed, ExtSettings, Setting};
-pub use ext::{CallContext, Extension, NoExtensions};
+pub use ext::{CallContext, Extension};
 pub use func::Func;
 pub(crate) use func::TableId;
 pub use host::HostCaller;
@@ -452,9 +452,7 @@ impl<X: Extension> Vm<X> {
         In: serde::Serialize + ?Sized,
         Out: serde::de::DeserializeOwned,
     {
-        let bytes = encode_typed(input)?;
-        let output = self.invoke(name, &bytes)?;
-        decode_typed(&output)
+        typed_call(input, |bytes| self.invoke(name, bytes))
     }
 
     /// Like [`Self::invoke`], cancellable through `cancel` (see
@@ -881,9 +879,26 @@ impl<X: Extension> Vm<X> {
 
 pub(crate) use layout::{page_table_pages, write_system_area_checked as write_system_area};
 
-/// Encodes the input of a typed call (the one encoding every wrapper uses).
+/// A typed call through `invoke` (bytes in, bytes out): the one encoding
+/// and decoding every call surface uses.
 #[cfg(feature = "serde")]
-pub(crate) fn encode_typed<In: serde::Serialize + ?Sized>(input: &In) -> Result<Vec<u8>, VmError> {
+pub(crate) fn typed_call<In, Out, E>(
+    input: &In,
+    invoke: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
+) -> Result<Out, E>
+where
+    In: serde::Serialize + ?Sized,
+    Out: serde::de::DeserializeOwned,
+    E: From<VmError>,
+{
+    let bytes = encode_typed(input)?;
+    let output = invoke(&bytes)?;
+    Ok(decode_typed(&output)?)
+}
+
+/// Encodes the input of a typed call.
+#[cfg(feature = "serde")]
+fn encode_typed<In: serde::Serialize + ?Sized>(input: &In) -> Result<Vec<u8>, VmError> {
     postcard::to_allocvec(input).map_err(|e| VmError::Encode {
         reason: e.to_string(),
     })
@@ -891,9 +906,7 @@ pub(crate) fn encode_typed<In: serde::Serialize + ?Sized>(input: &In) -> Result<
 
 /// Decodes the output of a typed call.
 #[cfg(feature = "serde")]
-pub(crate) fn decode_typed<Out: serde::de::DeserializeOwned>(
-    output: &[u8],
-) -> Result<Out, VmError> {
+fn decode_typed<Out: serde::de::DeserializeOwned>(output: &[u8]) -> Result<Out, VmError> {
     postcard::from_bytes(output).map_err(|e| VmError::Decode {
         reason: e.to_string(),
     })
