@@ -331,7 +331,15 @@ fn policies_that_read_the_dirty_log_and_bad_windows_are_refused() {
 fn resets_after_polled_calls_match_a_never_used_vm() {
     require_kvm!();
     let _serial = serial();
-    let (config, ready) = setup();
+    // This test is about memory, not time: a generous timeout, so that a
+    // slow host (nested virtualization under emulation) cannot fail it.
+    let config = common::config("testguest")
+        .dirty_tracking(true)
+        .timeout(Some(Duration::from_secs(10)));
+    let ready = VmInstance::new(&config)
+        .expect("testguest boots")
+        .snapshot()
+        .expect("ready snapshot");
     let reference = VmInstance::restore(&config, &ready).expect("restore");
     let mut vm = polling_from(&config, ready, Never, Duration::from_millis(50));
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
