@@ -354,7 +354,7 @@ where
     }
 }
 
-impl VmInstance {
+impl<D> VmInstance<D> {
     /// Resolves exported function `name` into a [`Func`]; fails with
     /// [`VmError::UnknownFunction`] if the guest exports no such function.
     ///
@@ -432,11 +432,11 @@ impl Snapshot {
     }
 }
 
-impl Invoke for VmInstance {
+impl<D> Invoke for VmInstance<D> {
     type Error = VmError;
 
     fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, VmError> {
-        VmInstance::invoke(self, name, input)
+        VmInstance::<D>::invoke(self, name, input)
     }
 
     fn invoke_with(
@@ -445,7 +445,7 @@ impl Invoke for VmInstance {
         input: &[u8],
         call_data: &mut (dyn Any + Send),
     ) -> Result<Vec<u8>, VmError> {
-        VmInstance::invoke_with(self, name, input, call_data)
+        VmInstance::<D>::invoke_with(self, name, input, call_data)
     }
 
     fn invoke_cancellable(
@@ -454,11 +454,11 @@ impl Invoke for VmInstance {
         input: &[u8],
         cancel: &CancelToken,
     ) -> Result<Vec<u8>, VmError> {
-        VmInstance::invoke_cancellable(self, name, input, cancel)
+        VmInstance::<D>::invoke_cancellable(self, name, input, cancel)
     }
 
     fn func(&self, name: &str) -> Result<Func, VmError> {
-        VmInstance::func(self, name)
+        VmInstance::<D>::func(self, name)
     }
 
     fn invoke_func(&mut self, func: &Func, input: &[u8]) -> Result<Vec<u8>, VmError> {
@@ -466,7 +466,7 @@ impl Invoke for VmInstance {
     }
 }
 
-impl<P: RestorePolicy> Invoke for ManagedVm<P> {
+impl<P: RestorePolicy, D> Invoke for ManagedVm<P, D> {
     type Error = crate::Error;
 
     fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
@@ -500,7 +500,7 @@ impl<P: RestorePolicy> Invoke for ManagedVm<P> {
     }
 }
 
-impl<P: RestorePolicy> Invoke for PollingVm<P> {
+impl<P: RestorePolicy, D: Send + 'static> Invoke for PollingVm<P, D> {
     type Error = crate::Error;
 
     fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {
@@ -534,7 +534,7 @@ impl<P: RestorePolicy> Invoke for PollingVm<P> {
     }
 }
 
-impl<P: RestorePolicy> Invoke for PooledVm<'_, P> {
+impl<P: RestorePolicy, D: Default + Send + 'static> Invoke for PooledVm<'_, P, D> {
     type Error = crate::Error;
 
     fn invoke(&mut self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::Error> {

@@ -514,9 +514,9 @@ impl<C: SuccessCriteria> Transaction<C> {
     /// Calls `name` with `input` on `vm`, which tracks written pages
     /// against `base` (a snapshot taken from it or restored into it, like
     /// a [`ManagedVm`](super::ManagedVm)'s ready snapshot).
-    pub fn invoke(
+    pub fn invoke<D>(
         &self,
-        vm: &mut VmInstance,
+        vm: &mut VmInstance<D>,
         base: &Snapshot,
         name: &str,
         input: &[u8],
@@ -527,9 +527,9 @@ impl<C: SuccessCriteria> Transaction<C> {
     /// Like [`Self::invoke`], with call data for the host functions (see
     /// [`VmInstance::invoke_with`]); deferred host calls see it on
     /// delivery too.
-    pub fn invoke_with(
+    pub fn invoke_with<D>(
         &self,
-        vm: &mut VmInstance,
+        vm: &mut VmInstance<D>,
         base: &Snapshot,
         name: &str,
         input: &[u8],
@@ -538,9 +538,9 @@ impl<C: SuccessCriteria> Transaction<C> {
         self.run(vm, base, name, input, Some(call_data))
     }
 
-    fn run(
+    fn run<D>(
         &self,
-        vm: &mut VmInstance,
+        vm: &mut VmInstance<D>,
         base: &Snapshot,
         name: &str,
         input: &[u8],
@@ -555,9 +555,9 @@ impl<C: SuccessCriteria> Transaction<C> {
         result
     }
 
-    fn attempts(
+    fn attempts<D>(
         &self,
-        vm: &mut VmInstance,
+        vm: &mut VmInstance<D>,
         base: &Snapshot,
         name: &str,
         input: &[u8],
@@ -618,9 +618,9 @@ impl<C: SuccessCriteria> Transaction<C> {
         }
     }
 
-    fn verdict(
+    fn verdict<D>(
         &self,
-        vm: &VmInstance,
+        vm: &VmInstance<D>,
         number: u32,
         elapsed: Duration,
         tx: Option<&TxEnd>,

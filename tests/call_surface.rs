@@ -191,6 +191,83 @@ fn a_pooled_vm_serves_every_call_of_the_trait() {
     assert_eq!(pool.stats().discarded, 0);
 }
 
+/// The host data of the tests below: which tenant a VM serves, and how
+/// many host calls it made for it.
+#[derive(Debug, Default)]
+struct Tenant {
+    name: Option<&'static str>,
+    calls: u64,
+}
+
+/// The test guest with a host function that answers with the VM's tenant
+/// and counts the call in it (typed: no downcast can come back empty).
+fn tenant_config() -> VmConfig<Tenant> {
+    common::config("testguest")
+        .dirty_tracking(true)
+        .timeout(Some(Duration::from_secs(5)))
+        .data_type::<Tenant>()
+        .host_function_with_caller("tenant", |caller, _| {
+            let tenant = caller.data();
+            tenant.calls += 1;
+            Ok(format!("{}/{}", tenant.name.unwrap_or("none"), tenant.calls).into_bytes())
+        })
+}
+
+/// Host data is typed by the config and reaches host functions on every
+/// call path: a bare VM, a managed VM across its resets, a polling VM
+/// whose host functions run on the vCPU thread, and a pooled VM, which a
+/// pool gives to the next borrower with the default data, never the last
+/// borrower's.
+#[test]
+fn typed_host_data_reaches_host_functions_through_every_wrapper() {
+    require_kvm!();
+    let config = tenant_config();
+    let ready = VmInstance::new(&config).unwrap().snapshot().unwrap();
+
+    // A new VM starts with the default; restores in place keep the data.
+    let mut vm = VmInstance::restore(&config, &ready).unwrap();
+    assert_eq!(vm.invoke("host_call", b"tenant\n").unwrap(), b"ok:none/1");
+    vm.data_mut().name = Some("acme");
+    assert_eq!(vm.invoke("host_call", b"tenant\n").unwrap(), b"ok:acme/2");
+    vm.restore_in_place(&ready).unwrap();
+    assert_eq!(vm.invoke("host_call", b"tenant\n").unwrap(), b"ok:acme/3");
+    assert_eq!(vm.data().calls, 3);
+
+    // Resets after every call keep the host's data (it is not the guest's).
+    let vm = VmInstance::restore(&config, &ready).unwrap();
+    let mut managed = ManagedVm::new(vm, ready.clone(), Always).unwrap();
+    managed.data_mut().name = Some("globex");
+    for n in 1..=3 {
+        let out = managed.invoke("host_call", b"tenant\n").unwrap();
+        assert_eq!(out, format!("ok:globex/{n}").into_bytes());
+    }
+    assert_eq!(managed.resets(), 3);
+
+    // Polled calls run the host function on the vCPU thread, with the data.
+    let window = PollConfig::new().window(Duration::from_millis(300));
+    let mut hot = PollingVm::new(managed, window).unwrap();
+    assert_eq!(
+        hot.invoke("host_call", b"tenant\n").unwrap(),
+        b"ok:globex/4"
+    );
+    hot.data_mut().name = Some("initech");
+    assert_eq!(
+        hot.invoke("host_call", b"tenant\n").unwrap(),
+        b"ok:initech/5"
+    );
+    assert_eq!(hot.data_mut().calls, 5);
+
+    // A pool: each borrower sets its tenant; the next one starts clean.
+    let pool = ReadyPool::new(&config, ready, 1, || Never).unwrap();
+    let mut lent = pool.get().unwrap();
+    lent.data_mut().name = Some("acme");
+    assert_eq!(lent.invoke("host_call", b"tenant\n").unwrap(), b"ok:acme/1");
+    drop(lent);
+    let mut lent = pool.get().unwrap();
+    assert_eq!(lent.invoke("host_call", b"tenant\n").unwrap(), b"ok:none/1");
+    assert_eq!(pool.stats().created, 1, "the same VM, lent again");
+}
+
 /// Untyped and typed calls through `dyn Invoke` (handles resolved on
 /// `ready`, the snapshot behind `vm`).
 fn through_dyn(vm: &mut dyn Invoke<Error = snapvm::Error>, ready: &Snapshot) {

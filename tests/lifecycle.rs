@@ -360,8 +360,8 @@ fn timeouts_run_on_the_clock_the_config_chooses() {
     );
 }
 
-#[derive(Debug)]
-struct Tenant(&'static str);
+#[derive(Debug, Default)]
+struct Tenant(Option<&'static str>);
 #[derive(Debug)]
 struct RequestId(u64);
 
@@ -370,8 +370,9 @@ fn host_functions_see_the_call_context_and_user_data() {
     require_kvm!();
     let config = testguest()
         .timeout(Some(Duration::from_secs(5)))
+        .data_type::<Tenant>()
         .host_function_with_caller("whoami", |caller, input| {
-            let tenant = caller.data::<Tenant>().map_or("none", |t| t.0);
+            let tenant = caller.data().0.unwrap_or("none");
             let request = caller.call_data::<RequestId>().map_or(0, |r| {
                 r.0 += 1; // call data is the caller's to change
                 r.0
@@ -392,7 +393,7 @@ fn host_functions_see_the_call_context_and_user_data() {
         out,
         format!("ok:none/0/host_call/{generation}/3").into_bytes()
     );
-    vm.set_data(Tenant("acme"));
+    vm.set_data(Tenant(Some("acme")));
     let mut request = RequestId(41);
     let out = vm
         .invoke_with("host_call", b"whoami\n", &mut request)
@@ -402,7 +403,7 @@ fn host_functions_see_the_call_context_and_user_data() {
         format!("ok:acme/42/host_call/{generation}/0").into_bytes()
     );
     assert_eq!(request.0, 42);
-    assert_eq!(vm.data_mut::<Tenant>().map(|t| t.0), Some("acme"));
+    assert_eq!(vm.data().0, Some("acme"));
 }
 
 #[cfg(feature = "serde")]

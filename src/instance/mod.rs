@@ -24,7 +24,7 @@ use tx::TxCall;
 ///
 /// This is the type to use: the VM core [`Vm`] with [`Features`]. See
 /// [`Vm`] for its methods.
-pub type VmInstance = Vm<Features>;
+pub type VmInstance<D = ()> = Vm<Features, D>;
 
 /// The feature set of a [`VmInstance`]: its network device and its guest
 /// profiles. Built from the [`VmConfig`] (`VmConfig::network`,
@@ -39,7 +39,7 @@ pub struct Features {
 impl sealed::Sealed for Features {}
 
 impl Extension for Features {
-    fn open(config: &VmConfig) -> Result<Self, VmError> {
+    fn open<D>(config: &VmConfig<D>) -> Result<Self, VmError> {
         Ok(Self {
             net: NetExt::open(config)?,
             profiles: ProfileExt::open(config),

@@ -6,7 +6,7 @@ use crate::net::{ConnTracker, Connection, NetDevice, NetIdentity, NetStats};
 use crate::vm::VmError;
 use crate::VmInstance;
 
-impl VmInstance {
+impl<D> VmInstance<D> {
     /// Ends every open TCP connection of this VM on both sides, so that it
     /// can be halted, snapshotted or moved: each peer gets a RST that
     /// appears to come from the guest, and the guest a RST that appears to

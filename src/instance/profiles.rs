@@ -5,7 +5,7 @@ use crate::trace::ext::code_id;
 use crate::trace::{CodeId, ProfileScope};
 use crate::VmInstance;
 
-impl VmInstance {
+impl<D> VmInstance<D> {
     /// The code identity profiles of this VM are keyed by.
     pub fn code_id(&self) -> CodeId {
         code_id(self.program_digest(), self.restored_from())

@@ -156,7 +156,7 @@ impl TxCall {
     }
 }
 
-impl VmInstance {
+impl<D> VmInstance<D> {
     fn tx(&mut self) -> &mut TxCall {
         &mut self.ext_mut().tx
     }

@@ -30,7 +30,7 @@ impl Setting for NetConfig {
     }
 }
 
-impl VmConfig {
+impl<D> VmConfig<D> {
     /// Gives the VM a network device on a TAP device (see
     /// [`NetConfig`] and `docs/networking.md`). Each VM built or restored
     /// with this config opens the TAP device and gets this identity: to
@@ -50,7 +50,7 @@ pub(crate) struct NetExt {
 
 impl NetExt {
     /// Opens the network device of `config`, if it has one.
-    pub(crate) fn open(config: &VmConfig) -> Result<Self, VmError> {
+    pub(crate) fn open<D>(config: &VmConfig<D>) -> Result<Self, VmError> {
         let Some(net) = config.ext.get::<NetConfig>() else {
             return Ok(Self::default());
         };

@@ -15,8 +15,8 @@ use crate::VmInstance;
 /// `VmConfig::dirty_tracking(true)` and restore it from (or take) that
 /// snapshot, as in the module example.
 #[derive(Debug)]
-pub struct ManagedVm<P> {
-    pub(super) vm: VmInstance,
+pub struct ManagedVm<P, D = ()> {
+    pub(super) vm: VmInstance<D>,
     pub(super) ledger: Ledger<P>,
 }
 
@@ -61,7 +61,7 @@ impl<P: RestorePolicy> Ledger<P> {
     }
 
     /// Rewinds `vm` to the ready snapshot and starts counting again.
-    pub(super) fn reset(&mut self, vm: &mut VmInstance) -> Result<(), SnapshotError> {
+    pub(super) fn reset<D>(&mut self, vm: &mut VmInstance<D>) -> Result<(), SnapshotError> {
         vm.reset_to(&self.ready, self.policy.keeps_preserved())?;
         self.needs_reset = false;
         self.since_reset = 0;
@@ -70,9 +70,9 @@ impl<P: RestorePolicy> Ledger<P> {
     }
 }
 
-impl<P: RestorePolicy> ManagedVm<P> {
+impl<P: RestorePolicy, D> ManagedVm<P, D> {
     /// Manages `vm`, which must track dirty pages against `ready`.
-    pub fn new(mut vm: VmInstance, ready: Snapshot, policy: P) -> Result<Self, SnapshotError> {
+    pub fn new(mut vm: VmInstance<D>, ready: Snapshot, policy: P) -> Result<Self, SnapshotError> {
         if vm.tracking_base() != Some(ready.id()) {
             // Bring the VM to the ready state and start tracking from there.
             if !vm.tracks_written_pages() {
@@ -192,7 +192,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         &mut self,
         name: &str,
         input: &[u8],
-        call: impl FnOnce(&mut VmInstance, &str, &[u8]) -> Result<(), VmError>,
+        call: impl FnOnce(&mut VmInstance<D>, &str, &[u8]) -> Result<(), VmError>,
     ) -> Result<(), crate::Error> {
         self.run_call(name, input, crate::Error::from, |vm, name, input| {
             call(vm, name, input).map_err(crate::Error::from)
@@ -204,7 +204,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
         name: &str,
         input: &[u8],
         reset_error: impl FnOnce(SnapshotError) -> E,
-        call: impl FnOnce(&mut VmInstance, &str, &[u8]) -> Result<(), E>,
+        call: impl FnOnce(&mut VmInstance<D>, &str, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         if self.ledger.needs_reset || self.vm.state() == VmState::Poisoned {
             self.reset().map_err(reset_error)?;
@@ -274,8 +274,13 @@ impl<P: RestorePolicy> ManagedVm<P> {
     }
 
     /// The managed VM.
-    pub fn vm(&self) -> &VmInstance {
+    pub fn vm(&self) -> &VmInstance<D> {
         &self.vm
+    }
+
+    /// The VM's host data (see [`VmInstance::data_mut`]): resets keep it.
+    pub fn data_mut(&mut self) -> &mut D {
+        self.vm.data_mut()
     }
 
     /// The ready snapshot resets return to.
@@ -284,7 +289,7 @@ impl<P: RestorePolicy> ManagedVm<P> {
     }
 
     /// Gives back the VM.
-    pub fn into_inner(self) -> VmInstance {
+    pub fn into_inner(self) -> VmInstance<D> {
         self.vm
     }
 

@@ -103,12 +103,12 @@ impl PollConfig {
 /// }
 /// # Ok(()) }
 /// ```
-pub struct PollingVm<P: RestorePolicy> {
-    holder: Holder,
+pub struct PollingVm<P: RestorePolicy, D: Send + 'static = ()> {
+    holder: Holder<D>,
     ledger: Ledger<P>,
 }
 
-impl<P: RestorePolicy> std::fmt::Debug for PollingVm<P> {
+impl<P: RestorePolicy, D: Send + 'static> std::fmt::Debug for PollingVm<P, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PollingVm")
             .field("hot", &self.holder.vm.is_none())
@@ -126,11 +126,11 @@ enum Extra<'a> {
 }
 
 /// Where the VM is: in the caller's hands, or with the vCPU thread.
-struct Holder {
+struct Holder<D: Send + 'static> {
     /// `Some` while the vCPU thread does not run it.
-    vm: Option<VmInstance>,
+    vm: Option<VmInstance<D>>,
     view: HotView,
-    worker: PollWorker<crate::Features>,
+    worker: PollWorker<crate::Features, D>,
     /// The guest's window in time-stamp-counter ticks.
     window: u64,
     /// The last request number posted.
@@ -148,11 +148,11 @@ struct Holder {
     released: bool,
 }
 
-impl Holder {
+impl<D: Send + 'static> Holder<D> {
     /// Tells the VM's dirty tracker about the input bytes polled calls
     /// wrote since it last heard (once per page-rounded high mark, so the
     /// record stays small however often the VM goes hot and cold).
-    fn note_inputs(&mut self, vm: &mut VmInstance) {
+    fn note_inputs(&mut self, vm: &mut VmInstance<D>) {
         if self.posted_len > self.noted_len {
             vm.note_input_written(self.posted_len);
             self.noted_len = self.posted_len;
@@ -173,7 +173,7 @@ impl Holder {
     /// Takes the VM back, stopping its guest if it runs. False in the
     /// second value when the VM must be reset before guest code runs again
     /// (its run ended in an error).
-    fn take(&mut self) -> (VmInstance, bool) {
+    fn take(&mut self) -> (VmInstance<D>, bool) {
         if let Some(mut vm) = self.vm.take() {
             self.note_inputs(&mut vm);
             return (vm, true);
@@ -196,7 +196,7 @@ impl Holder {
     }
 
     /// Accounts for a VM coming back from the vCPU thread.
-    fn absorb(&mut self, mut vm: VmInstance, end: RunEnd) -> (VmInstance, bool) {
+    fn absorb(&mut self, mut vm: VmInstance<D>, end: RunEnd) -> (VmInstance<D>, bool) {
         self.note_inputs(&mut vm);
         vm.account_polled(
             std::mem::take(&mut self.polled),
@@ -215,7 +215,7 @@ impl Holder {
     }
 }
 
-impl Drop for Holder {
+impl<D: Send + 'static> Drop for Holder<D> {
     fn drop(&mut self) {
         if self.vm.is_none() && !self.released {
             // Stop the guest before the worker thread is told to quit.
@@ -224,11 +224,11 @@ impl Drop for Holder {
     }
 }
 
-impl<P: RestorePolicy> PollingVm<P> {
+impl<P: RestorePolicy, D: Send + 'static> PollingVm<P, D> {
     /// Puts `managed` in polling mode. Fails with
     /// [`VmError::InvalidConfig`] if its policy reads dirty-page counts
     /// (see the type's docs) or the window is out of range.
-    pub fn new(managed: ManagedVm<P>, config: PollConfig) -> Result<Self, crate::Error> {
+    pub fn new(managed: ManagedVm<P, D>, config: PollConfig) -> Result<Self, crate::Error> {
         if managed.ledger.policy.reads_dirty_pages() {
             return Err(VmError::InvalidConfig {
                 field: "policy",
@@ -548,6 +548,15 @@ impl<P: RestorePolicy> PollingVm<P> {
         result
     }
 
+    /// The VM's host data (see [`VmInstance::data_mut`]). Host functions
+    /// of a hot guest run on the vCPU thread, so this stops the guest (as
+    /// a call with call data does): the next call starts it again.
+    pub fn data_mut(&mut self) -> &mut D {
+        let (vm, clean) = self.holder.take();
+        self.ledger.needs_reset |= !clean;
+        self.holder.vm.insert(vm).data_mut()
+    }
+
     /// Resets performed so far.
     pub fn resets(&self) -> u64 {
         self.ledger.resets
@@ -566,7 +575,7 @@ impl<P: RestorePolicy> PollingVm<P> {
 
     /// Stops the guest and gives back the [`ManagedVm`] (its calls go
     /// through exits again).
-    pub fn into_managed(self) -> ManagedVm<P> {
+    pub fn into_managed(self) -> ManagedVm<P, D> {
         let Self {
             mut holder,
             mut ledger,

@@ -51,13 +51,13 @@ type PolicyFactory<P> = Arc<dyn Fn() -> P + Send + Sync>;
 /// });
 /// # Ok(()) }
 /// ```
-pub struct ReadyPool<P> {
-    config: VmConfig,
+pub struct ReadyPool<P, D = ()> {
+    config: VmConfig<D>,
     ready: Snapshot,
-    shells: ShellPool,
+    shells: ShellPool<D>,
     policy: PolicyFactory<P>,
     /// Idle VMs, each with the thread that gave it back.
-    idle: Mutex<Vec<(ThreadId, ManagedVm<P>)>>,
+    idle: Mutex<Vec<(ThreadId, ManagedVm<P, D>)>>,
     capacity: usize,
     created: AtomicU64,
     discarded: AtomicU64,
@@ -84,7 +84,7 @@ pub struct ReadyPoolStats {
     pub shells: PoolStats,
 }
 
-impl<P> std::fmt::Debug for ReadyPool<P> {
+impl<P, D> std::fmt::Debug for ReadyPool<P, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadyPool")
             .field("snapshot", &self.ready.id())
@@ -94,14 +94,14 @@ impl<P> std::fmt::Debug for ReadyPool<P> {
     }
 }
 
-impl<P: RestorePolicy> ReadyPool<P> {
+impl<P: RestorePolicy, D: Default + Send + 'static> ReadyPool<P, D> {
     /// Creates a pool for `ready` that keeps up to `capacity` idle VMs (one
     /// per worker thread is the usual choice), restores `capacity` of them
     /// now, and keeps `capacity` warm shells for new ones. `config` must
     /// enable dirty tracking (see [`ManagedVm`]); `policy` builds each
     /// VM's restore policy.
     pub fn new(
-        config: &VmConfig,
+        config: &VmConfig<D>,
         ready: Snapshot,
         capacity: usize,
         policy: impl Fn() -> P + Send + Sync + 'static,
@@ -130,7 +130,7 @@ impl<P: RestorePolicy> ReadyPool<P> {
 
     /// Lends a ready VM: an idle one, or one restored now from the
     /// snapshot. The VM returns to the pool when the [`PooledVm`] drops.
-    pub fn get(&self) -> Result<PooledVm<'_, P>, SnapshotError> {
+    pub fn get(&self) -> Result<PooledVm<'_, P, D>, SnapshotError> {
         let here = std::thread::current().id();
         let idle = {
             let mut idle = self.lock_idle();
@@ -170,20 +170,23 @@ impl<P: RestorePolicy> ReadyPool<P> {
         &self.ready
     }
 
-    fn restore(&self) -> Result<ManagedVm<P>, SnapshotError> {
+    fn restore(&self) -> Result<ManagedVm<P, D>, SnapshotError> {
         let vm = self.shells.restore_with(&self.config, &self.ready)?;
         let managed = ManagedVm::new(vm, self.ready.clone(), (self.policy)())?;
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok(managed)
     }
 
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<(ThreadId, ManagedVm<P>)>> {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<(ThreadId, ManagedVm<P, D>)>> {
         // A panic while holding the lock cannot leave the list inconsistent
         // (push and pop only): keep using it.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn give_back(&self, vm: ManagedVm<P>, resets: u64) {
+    fn give_back(&self, mut vm: ManagedVm<P, D>, resets: u64) {
+        // The host data was the last borrower's (its tenant, its request):
+        // the next one starts from the default, as with a new VM.
+        vm.vm.set_data(D::default());
         self.lent.fetch_sub(1, Ordering::Relaxed);
         self.resets.fetch_add(resets, Ordering::Relaxed);
         if vm.vm().state() == VmState::Ready {
@@ -200,13 +203,13 @@ impl<P: RestorePolicy> ReadyPool<P> {
 
 /// A VM lent by a [`ReadyPool`]: use it as the [`ManagedVm`] it derefs
 /// to; dropping it gives it back.
-pub struct PooledVm<'a, P: RestorePolicy> {
-    pool: &'a ReadyPool<P>,
-    vm: Option<ManagedVm<P>>,
+pub struct PooledVm<'a, P: RestorePolicy, D: Default + Send + 'static = ()> {
+    pool: &'a ReadyPool<P, D>,
+    vm: Option<ManagedVm<P, D>>,
     resets_at_start: u64,
 }
 
-impl<P: RestorePolicy> std::fmt::Debug for PooledVm<'_, P> {
+impl<P: RestorePolicy, D: Default + Send + 'static> std::fmt::Debug for PooledVm<'_, P, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PooledVm")
             .field("vm", &self.vm.as_ref().map(ManagedVm::vm))
@@ -214,7 +217,7 @@ impl<P: RestorePolicy> std::fmt::Debug for PooledVm<'_, P> {
     }
 }
 
-impl<P: RestorePolicy> PooledVm<'_, P> {
+impl<P: RestorePolicy, D: Default + Send + 'static> PooledVm<'_, P, D> {
     /// Resets this VM did since it was lent (its policy's, and those after
     /// errors that poisoned it).
     pub fn resets(&self) -> u64 {
@@ -224,21 +227,21 @@ impl<P: RestorePolicy> PooledVm<'_, P> {
     }
 }
 
-impl<P: RestorePolicy> std::ops::Deref for PooledVm<'_, P> {
-    type Target = ManagedVm<P>;
+impl<P: RestorePolicy, D: Default + Send + 'static> std::ops::Deref for PooledVm<'_, P, D> {
+    type Target = ManagedVm<P, D>;
 
-    fn deref(&self) -> &ManagedVm<P> {
+    fn deref(&self) -> &ManagedVm<P, D> {
         self.vm.as_ref().expect("present until dropped")
     }
 }
 
-impl<P: RestorePolicy> std::ops::DerefMut for PooledVm<'_, P> {
-    fn deref_mut(&mut self) -> &mut ManagedVm<P> {
+impl<P: RestorePolicy, D: Default + Send + 'static> std::ops::DerefMut for PooledVm<'_, P, D> {
+    fn deref_mut(&mut self) -> &mut ManagedVm<P, D> {
         self.vm.as_mut().expect("present until dropped")
     }
 }
 
-impl<P: RestorePolicy> Drop for PooledVm<'_, P> {
+impl<P: RestorePolicy, D: Default + Send + 'static> Drop for PooledVm<'_, P, D> {
     fn drop(&mut self) {
         let resets = self.resets();
         if let Some(vm) = self.vm.take() {

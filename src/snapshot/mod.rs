@@ -181,7 +181,7 @@ impl Snapshot {
     }
 
     /// Checks that a VM built from `config` can take this snapshot's state.
-    fn check_restorable(&self, config: &VmConfig) -> Result<(), SnapshotError> {
+    fn check_restorable<D>(&self, config: &VmConfig<D>) -> Result<(), SnapshotError> {
         config.validate()?;
         let (snapshot, limit) = (self.memory_size(), config.total_memory());
         if snapshot > limit {
@@ -230,11 +230,11 @@ impl Snapshot {
     }
 
     /// Turns `machine` (memory already holding the snapshot) into a ready VM.
-    fn finish_restore(
+    fn finish_restore<D: Default>(
         &self,
         machine: Machine,
-        config: &VmConfig,
-    ) -> Result<VmInstance, SnapshotError> {
+        config: &VmConfig<D>,
+    ) -> Result<VmInstance<D>, SnapshotError> {
         let mut vm = VmInstance::from_saved(
             machine,
             config,
@@ -247,7 +247,7 @@ impl Snapshot {
     }
 }
 
-impl VmInstance {
+impl<D> VmInstance<D> {
     /// Captures this VM. It must be ready (not poisoned); it stays ready and
     /// unchanged.
     pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
@@ -311,16 +311,22 @@ impl VmInstance {
     /// Builds a new VM from `snapshot` with the default
     /// [`RestoreStrategy`]. The config supplies the limits and host
     /// functions; its program and memory size must match the snapshot's.
-    pub fn restore(config: &VmConfig, snapshot: &Snapshot) -> Result<VmInstance, SnapshotError> {
+    pub fn restore(config: &VmConfig<D>, snapshot: &Snapshot) -> Result<Self, SnapshotError>
+    where
+        D: Default,
+    {
         Self::restore_with(config, snapshot, RestoreStrategy::default())
     }
 
     /// Builds a new VM from `snapshot` with the given memory strategy.
     pub fn restore_with(
-        config: &VmConfig,
+        config: &VmConfig<D>,
         snapshot: &Snapshot,
         strategy: RestoreStrategy,
-    ) -> Result<VmInstance, SnapshotError> {
+    ) -> Result<Self, SnapshotError>
+    where
+        D: Default,
+    {
         snapshot.check_restorable(config)?;
         if let Some(memory) = snapshot.chain()[0].inner.memory.on_demand() {
             // Memory arrives on demand, whatever the strategy.
@@ -436,7 +442,7 @@ impl MemorySource for Snapshot {
 /// Guest pages `vm` touched since it was restored: in fault order for a VM
 /// restored on demand, in address order otherwise (the pages its memory
 /// mapping holds).
-pub(crate) fn touched_pages(vm: &VmInstance) -> Result<Vec<u64>, SnapshotError> {
+pub(crate) fn touched_pages<D>(vm: &VmInstance<D>) -> Result<Vec<u64>, SnapshotError> {
     let present = vm
         .ram()
         .present_pages()

@@ -562,11 +562,11 @@ impl Snapshot {
 
 /// Restores `snapshot`, whose root is an on-demand image: guest memory is
 /// a private mapping of the block cache, served by a fault handler.
-pub(crate) fn restore(
-    config: &VmConfig,
+pub(crate) fn restore<D: Default>(
+    config: &VmConfig<D>,
     snapshot: &Snapshot,
     memory: &Arc<StoreMemory>,
-) -> Result<VmInstance, SnapshotError> {
+) -> Result<VmInstance<D>, SnapshotError> {
     let chain = snapshot.chain();
     let root = &chain[0].inner.memory;
     let size = snapshot.memory_size();
@@ -595,7 +595,7 @@ pub(crate) fn restore(
 
 /// Guest pages `vm` faulted on since it was restored, in fault order, when
 /// it was restored on demand.
-pub(crate) fn fault_order(vm: &VmInstance) -> Option<Vec<u64>> {
+pub(crate) fn fault_order<D>(vm: &VmInstance<D>) -> Option<Vec<u64>> {
     vm.backing()
         .and_then(|b| b.downcast_ref::<OnDemandBacking>())
         .map(|b| b.handler.fault_order())

@@ -43,8 +43,9 @@ struct Shared {
 #[derive(Default)]
 struct Pooled {
     shells: Vec<Machine>,
-    /// VMs handed back, to be torn down off the request path.
-    retired: Vec<VmInstance>,
+    /// VMs handed back, to be torn down off the request path (of any
+    /// host-data type: only their drop runs here).
+    retired: Vec<Box<dyn Send>>,
 }
 
 /// Shortest time between two "pool ran dry" warnings.
@@ -133,17 +134,17 @@ fn new_shell(memory_size: u64, dirty_tracking: bool, prefault: &[u64]) -> Result
 /// pool.recycle(vm); // torn down on the pool's thread, not this one
 /// # Ok(()) }
 /// ```
-pub struct ShellPool {
+pub struct ShellPool<D = ()> {
     shared: Arc<Shared>,
     /// The config the pool was made for: [`Self::restore`] uses it.
-    config: VmConfig,
+    config: VmConfig<D>,
     /// Per snapshot: whether its page tables are the ones warm shells were
     /// built with (only then is a warm shell used for it).
     layout_ok: Mutex<HashMap<SnapshotId, bool>>,
     refill: Option<JoinHandle<()>>,
 }
 
-impl std::fmt::Debug for ShellPool {
+impl<D> std::fmt::Debug for ShellPool<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShellPool")
             .field("memory_size", &self.shared.memory_size)
@@ -153,10 +154,10 @@ impl std::fmt::Debug for ShellPool {
     }
 }
 
-impl ShellPool {
+impl<D> ShellPool<D> {
     /// Creates a pool of up to `capacity` shells sized for `config`, fills
     /// it, and starts the background refill thread.
-    pub fn new(config: &VmConfig, capacity: usize) -> Result<Self, SnapshotError> {
+    pub fn new(config: &VmConfig<D>, capacity: usize) -> Result<Self, SnapshotError> {
         Self::build(config, capacity, Vec::new())
     }
 
@@ -164,7 +165,7 @@ impl ShellPool {
     /// memory of the 2 MiB blocks where it stores data is allocated ahead of
     /// time, so restoring it copies into memory that is already there.
     pub fn for_snapshot(
-        config: &VmConfig,
+        config: &VmConfig<D>,
         snapshot: &Snapshot,
         capacity: usize,
     ) -> Result<Self, SnapshotError> {
@@ -181,7 +182,7 @@ impl ShellPool {
     }
 
     fn build(
-        config: &VmConfig,
+        config: &VmConfig<D>,
         capacity: usize,
         prefault: Vec<u64>,
     ) -> Result<Self, SnapshotError> {
@@ -244,10 +245,13 @@ impl ShellPool {
     /// Hands `vm` back: the pool's thread tears it down, off the caller's
     /// path. (Its memory held another request's data, so it is never reused
     /// as a shell.)
-    pub fn recycle(&self, vm: VmInstance) {
+    pub fn recycle(&self, vm: VmInstance<D>)
+    where
+        D: Send + 'static,
+    {
         self.shared.recycled.fetch_add(1, Ordering::Relaxed);
         match self.shared.shells.lock() {
-            Ok(mut pooled) => pooled.retired.push(vm),
+            Ok(mut pooled) => pooled.retired.push(Box::new(vm)),
             // The pool's thread is gone: tear it down here.
             Err(_) => drop(vm),
         }
@@ -257,7 +261,10 @@ impl ShellPool {
     /// Restores `snapshot` into a pooled shell (or a new VM if the pool is
     /// empty) with the config the pool was made for. Same checks and result
     /// as [`VmInstance::restore`].
-    pub fn restore(&self, snapshot: &Snapshot) -> Result<VmInstance, SnapshotError> {
+    pub fn restore(&self, snapshot: &Snapshot) -> Result<VmInstance<D>, SnapshotError>
+    where
+        D: Default,
+    {
         self.restore_with(&self.config, snapshot)
     }
 
@@ -265,9 +272,12 @@ impl ShellPool {
     /// limits), which must have the pool's memory size and dirty tracking.
     pub fn restore_with(
         &self,
-        config: &VmConfig,
+        config: &VmConfig<D>,
         snapshot: &Snapshot,
-    ) -> Result<VmInstance, SnapshotError> {
+    ) -> Result<VmInstance<D>, SnapshotError>
+    where
+        D: Default,
+    {
         if config.total_memory() != self.shared.memory_size
             || config.dirty_tracking_enabled() != self.shared.dirty_tracking
         {
@@ -419,7 +429,7 @@ fn refill(shared: &Shared) {
     }
 }
 
-impl Drop for ShellPool {
+impl<D> Drop for ShellPool<D> {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake.notify_all();

@@ -110,7 +110,7 @@ impl WorkingSet {
     /// `Ok(false)` is returned). A VM restored on demand reports its pages
     /// in fault order; a lazily restored one in address order (the kernel
     /// keeps no order for file-backed faults).
-    pub fn record(&mut self, vm: &VmInstance) -> Result<bool, SnapshotError> {
+    pub fn record<D>(&mut self, vm: &VmInstance<D>) -> Result<bool, SnapshotError> {
         if vm.restored_from() != Some(self.snapshot) {
             return Ok(false);
         }

@@ -16,7 +16,7 @@ use crate::vm::{CallContext, Setting, VmConfig, VmError};
 
 impl Setting for ProfileScope {}
 
-impl VmConfig {
+impl<D> VmConfig<D> {
     /// Keeps the guest's profiles (`snapvm_guest::trace`) in `scope`'s
     /// cache, for its tenant: what a VM exports is offered to later VMs of
     /// the same tenant, code and runtime version (see [`ProfileScope`] and
@@ -49,7 +49,7 @@ pub(crate) fn code_id(digest: &[u8; 32], origin: Option<crate::vm::SnapshotId>) 
 
 impl ProfileExt {
     /// The state of a VM built or restored with `config`.
-    pub(crate) fn open(config: &VmConfig) -> Self {
+    pub(crate) fn open<D>(config: &VmConfig<D>) -> Self {
         Self {
             scope: config.ext.get::<ProfileScope>().cloned(),
             pending: None,

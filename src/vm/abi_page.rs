@@ -109,7 +109,7 @@ fn check_output(
     Ok((output_ptr, output_len))
 }
 
-impl<X: Extension> Vm<X> {
+impl<X: Extension, D> Vm<X, D> {
     /// Reads `N` words of the ABI page at guest address `addr`.
     pub(super) fn read_words<const N: usize>(&self, addr: u64) -> Result<[u64; N], VmError> {
         ram_words(self.machine.ram(), addr)

@@ -47,7 +47,7 @@ pub struct Checkpoint {
     base: super::SnapshotId,
 }
 
-impl<X: Extension> Vm<X> {
+impl<X: Extension, D> Vm<X, D> {
     /// Whether this VM can take a checkpoint: it tracks its written pages
     /// against a base snapshot.
     pub(crate) fn can_checkpoint(&self) -> bool {
@@ -191,7 +191,7 @@ impl<X: Extension> Vm<X> {
                 function,
                 generation: self.generation,
                 deadline: None,
-                data: self.data.as_deref_mut(),
+                data: &mut self.data,
                 call_data: call_data.as_deref_mut(),
             };
             let outcome =

@@ -65,9 +65,9 @@ impl fmt::Display for TimeoutClock {
 pub type HostFn = dyn Fn(&[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync;
 
 /// A host function that also receives the call's context (see
-/// [`HostCaller`](super::HostCaller)).
-pub type HostFnWithCaller =
-    dyn Fn(&mut super::HostCaller<'_>, &[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync;
+/// [`HostCaller`](super::HostCaller)), with the VM's data of type `D`.
+pub type HostFnWithCaller<D = ()> =
+    dyn Fn(&mut super::HostCaller<'_, D>, &[u8]) -> Result<Vec<u8>, HostFnError> + Send + Sync;
 
 /// How a VM is built: the guest program, memory size, limits and host
 /// functions. Cheap to clone (the program and functions are shared), so one
@@ -84,14 +84,19 @@ pub type HostFnWithCaller =
 ///     .host_function("now", |_input| Ok(b"12:00".to_vec()));
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
-pub struct VmConfig {
+///
+/// # Host data
+/// `D` is the type of the data each VM built from this config carries for
+/// its host functions (the tenant, a database handle, counters): they see
+/// it as [`HostCaller::data`](super::HostCaller::data), typed, with no
+/// downcast. It is `()` unless [`VmConfig::data_type`] names another type.
+pub struct VmConfig<D = ()> {
     pub(crate) program: GuestProgram,
     pub(crate) memory_size: u64,
     pub(crate) timeout: Option<Duration>,
     pub(crate) timeout_clock: TimeoutClock,
     pub(crate) max_output: u64,
-    pub(crate) host_functions: Arc<HashMap<String, Arc<HostFnWithCaller>>>,
+    pub(crate) host_functions: Arc<HashMap<String, Arc<HostFnWithCaller<D>>>>,
     /// Host functions whose calls inside a transaction attempt are
     /// buffered and delivered only if the attempt succeeds.
     pub(crate) deferred: Arc<HashSet<String>>,
@@ -102,6 +107,27 @@ pub struct VmConfig {
     /// The settings of the features plugged into the core (the network
     /// device, guest profiles), set by their own builder methods.
     pub(crate) ext: super::ExtSettings,
+}
+
+// Not derived: a derived `Clone` would require `D: Clone`, and the config
+// holds no `D`.
+impl<D> Clone for VmConfig<D> {
+    fn clone(&self) -> Self {
+        Self {
+            program: self.program.clone(),
+            memory_size: self.memory_size,
+            timeout: self.timeout,
+            timeout_clock: self.timeout_clock,
+            max_output: self.max_output,
+            host_functions: Arc::clone(&self.host_functions),
+            deferred: Arc::clone(&self.deferred),
+            dirty_tracking: self.dirty_tracking,
+            max_preserved: self.max_preserved,
+            scratch_disk: self.scratch_disk.clone(),
+            limits: self.limits,
+            ext: self.ext.clone(),
+        }
+    }
 }
 
 /// Limits on what the host allocates or copies on a guest's behalf. Each
@@ -207,7 +233,7 @@ impl ScratchDisk {
     }
 }
 
-impl fmt::Debug for VmConfig {
+impl<D> fmt::Debug for VmConfig<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut names: Vec<_> = self.host_functions.keys().collect();
         names.sort();
@@ -247,6 +273,65 @@ impl VmConfig {
         }
     }
 
+    /// The same config for VMs that carry data of type `D` for their host
+    /// functions (see [`HostCaller::data`](super::HostCaller::data)). Every
+    /// VM built from it starts with `D::default()`; set it with
+    /// [`VmInstance::set_data`](crate::vm::Vm::set_data) or change it in
+    /// place with [`VmInstance::data_mut`](crate::vm::Vm::data_mut). For a
+    /// type with no sensible default (a connection), use `Option<T>`.
+    ///
+    /// Host functions registered before this call keep working; they do
+    /// not see the data.
+    ///
+    /// ```no_run
+    /// use snapvm::{GuestProgram, VmConfig, VmInstance};
+    ///
+    /// #[derive(Default)]
+    /// struct Tenant { name: String, calls: u64 }
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = VmConfig::new(GuestProgram::from_file("guest.elf")?)
+    ///     .data_type::<Tenant>()
+    ///     .host_function_with_caller("whoami", |caller, _input| {
+    ///         let tenant = caller.data();
+    ///         tenant.calls += 1;
+    ///         Ok(tenant.name.clone().into_bytes())
+    ///     });
+    /// let mut vm = VmInstance::new(&config)?;
+    /// vm.data_mut().name = "acme".into();
+    /// # Ok(()) }
+    /// ```
+    pub fn data_type<D>(self) -> VmConfig<D> {
+        let host_functions = self
+            .host_functions
+            .iter()
+            .map(|(name, f)| {
+                let f = Arc::clone(f);
+                let typed: Arc<HostFnWithCaller<D>> =
+                    Arc::new(move |caller: &mut super::HostCaller<'_, D>, input: &[u8]| {
+                        f(&mut caller.without_data(&mut ()), input)
+                    });
+                (name.clone(), typed)
+            })
+            .collect();
+        VmConfig {
+            program: self.program,
+            memory_size: self.memory_size,
+            timeout: self.timeout,
+            timeout_clock: self.timeout_clock,
+            max_output: self.max_output,
+            host_functions: Arc::new(host_functions),
+            deferred: self.deferred,
+            dirty_tracking: self.dirty_tracking,
+            max_preserved: self.max_preserved,
+            scratch_disk: self.scratch_disk,
+            limits: self.limits,
+            ext: self.ext,
+        }
+    }
+}
+
+impl<D> VmConfig<D> {
     /// Guest memory size in bytes: a multiple of 2 MiB between
     /// [`MIN_MEMORY_SIZE`] and [`MAX_MEMORY_SIZE`]. The heap is everything
     /// above the program image.
@@ -294,7 +379,7 @@ impl VmConfig {
     /// name again replaces it.
     pub fn host_function_with_caller<F>(mut self, name: impl Into<String>, f: F) -> Self
     where
-        F: Fn(&mut super::HostCaller<'_>, &[u8]) -> Result<Vec<u8>, HostFnError>
+        F: Fn(&mut super::HostCaller<'_, D>, &[u8]) -> Result<Vec<u8>, HostFnError>
             + Send
             + Sync
             + 'static,
@@ -340,7 +425,7 @@ impl VmConfig {
     /// ```
     pub fn deferred_host_function<F>(mut self, name: impl Into<String>, f: F) -> Self
     where
-        F: Fn(&mut super::HostCaller<'_>, &[u8]) -> Result<Vec<u8>, HostFnError>
+        F: Fn(&mut super::HostCaller<'_, D>, &[u8]) -> Result<Vec<u8>, HostFnError>
             + Send
             + Sync
             + 'static,
@@ -380,7 +465,10 @@ impl VmConfig {
     where
         In: serde::de::DeserializeOwned,
         Out: serde::Serialize,
-        F: Fn(&mut super::HostCaller<'_>, In) -> Result<Out, HostFnError> + Send + Sync + 'static,
+        F: Fn(&mut super::HostCaller<'_, D>, In) -> Result<Out, HostFnError>
+            + Send
+            + Sync
+            + 'static,
     {
         self.host_function_with_caller(name, move |caller, input| {
             let input: In =

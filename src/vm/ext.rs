@@ -39,7 +39,7 @@ pub(crate) mod sealed {
 pub trait Extension: sealed::Sealed + Send + Sized + 'static {
     /// The extension state of a VM built or restored with `config`.
     #[doc(hidden)]
-    fn open(config: &VmConfig) -> Result<Self, VmError>;
+    fn open<D>(config: &VmConfig<D>) -> Result<Self, VmError>;
 
     /// A call starts (through an exit or posted to a polling guest).
     #[doc(hidden)]

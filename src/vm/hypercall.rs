@@ -117,7 +117,7 @@ pub(crate) enum Watch {
     Again(Duration),
 }
 
-impl<X: Extension> Vm<X> {
+impl<X: Extension, D> Vm<X, D> {
     /// Runs the vCPU until the guest reports Ready or Done, serving the
     /// hypercalls it makes on the way.
     pub(super) fn run(&mut self, call_data: CallData<'_>) -> Result<Stop, VmError> {
@@ -451,7 +451,7 @@ impl<X: Extension> Vm<X> {
                 function: current_function_name(&self.functions, self.current_function),
                 generation: self.generation,
                 deadline: deadline.as_ref().map(|d| d.at).or(self.call_deadline),
-                data: self.data.as_deref_mut(),
+                data: &mut self.data,
                 call_data,
             };
             let outcome =

@@ -132,7 +132,7 @@ pub(super) enum Stop {
 /// assert_eq!(out, b"olleh");
 /// # Ok(()) }
 /// ```
-pub struct Vm<X: Extension> {
+pub struct Vm<X: Extension, D = ()> {
     machine: Machine,
     functions: HashMap<String, u64>,
     /// The table `functions` was last installed from by a restore, in the
@@ -151,11 +151,11 @@ pub struct Vm<X: Extension> {
     timeout: Option<Duration>,
     timeout_clock: TimeoutClock,
     max_output: u64,
-    host_functions: Arc<HashMap<String, Arc<HostFnWithCaller>>>,
+    host_functions: Arc<HashMap<String, Arc<HostFnWithCaller<D>>>>,
     /// Host functions whose calls inside a transaction attempt are buffered.
     deferred: Arc<std::collections::HashSet<String>>,
     /// The embedder's data for this VM (see [`VmInstance::set_data`](crate::vm::Vm::set_data)).
-    data: Option<Box<dyn std::any::Any + Send>>,
+    data: D,
     pending_host_result: Option<Vec<u8>>,
     pending_status: u64,
     stats: VmStats,
@@ -233,7 +233,7 @@ pub(crate) fn fresh_entropy() -> Result<(Generation, [u64; 4]), VmError> {
     Ok((generation, [word(1), word(2), word(3), word(4)]))
 }
 
-impl<X: Extension> std::fmt::Debug for Vm<X> {
+impl<X: Extension, D> std::fmt::Debug for Vm<X, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmInstance")
             .field("state", &self.state)
@@ -244,11 +244,14 @@ impl<X: Extension> std::fmt::Debug for Vm<X> {
     }
 }
 
-impl<X: Extension> Vm<X> {
+impl<X: Extension, D> Vm<X, D> {
     /// Builds a VM from `config` and runs the guest's init until it is
     /// ready. The config and program are validated before any KVM object is
     /// created.
-    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+    pub fn new(config: &VmConfig<D>) -> Result<Self, VmError>
+    where
+        D: Default,
+    {
         config.validate()?;
         let machine = Machine::new(
             config.total_memory(),
@@ -296,7 +299,10 @@ impl<X: Extension> Vm<X> {
     }
 
     /// An instance around `machine` with no guest state yet.
-    pub(crate) fn from_machine(machine: Machine, config: &VmConfig) -> Result<Self, VmError> {
+    pub(crate) fn from_machine(machine: Machine, config: &VmConfig<D>) -> Result<Self, VmError>
+    where
+        D: Default,
+    {
         Ok(Self {
             machine,
             functions: HashMap::new(),
@@ -334,7 +340,7 @@ impl<X: Extension> Vm<X> {
             current_function: None,
             call_deadline: None,
             polled_seq: 0,
-            data: None,
+            data: D::default(),
             ext: X::open(config)?,
         })
     }
@@ -486,16 +492,24 @@ impl<X: Extension> Vm<X> {
         self.invoke_with_data(name, input, Some(call_data))
     }
 
-    /// Attaches the embedder's data to this VM (the tenant, a database
-    /// handle, counters); host functions reach it through
-    /// [`HostCaller::data`]. Replaces what was there.
-    pub fn set_data<T: std::any::Any + Send>(&mut self, data: T) {
-        self.data = Some(Box::new(data));
+    /// Sets the embedder's data of this VM (the tenant, a database
+    /// handle, counters), of the type its config names
+    /// ([`VmConfig::data_type`]); host functions reach it through
+    /// [`HostCaller::data`]. Replaces what was there. The data belongs to
+    /// the host: it is not in snapshots, and resets and restores in place
+    /// keep it.
+    pub fn set_data(&mut self, data: D) {
+        self.data = data;
     }
 
-    /// The VM's data, if it is a `T`.
-    pub fn data_mut<T: std::any::Any>(&mut self) -> Option<&mut T> {
-        self.data.as_deref_mut().and_then(|d| d.downcast_mut())
+    /// The VM's data (see [`Self::set_data`]).
+    pub fn data(&self) -> &D {
+        &self.data
+    }
+
+    /// The VM's data, to change in place (see [`Self::set_data`]).
+    pub fn data_mut(&mut self) -> &mut D {
+        &mut self.data
     }
 
     /// Calls guest function `name` with `input` and writes its output into

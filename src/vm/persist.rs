@@ -85,7 +85,7 @@ pub(crate) trait MemorySource {
 /// opaque to `vm` (the `snapshot` module puts its `Snapshot` here).
 pub(crate) type Backing = dyn Any + Send + Sync;
 
-impl<X: Extension> Vm<X> {
+impl<X: Extension, D> Vm<X, D> {
     /// Copies the guest state out. Cannot fail.
     pub(crate) fn save_guest(&self) -> GuestState {
         let mut functions: Vec<(String, u64)> = self
@@ -191,11 +191,14 @@ impl<X: Extension> Vm<X> {
     /// already holds the saved image, with the saved vCPU and guest state.
     pub(crate) fn from_saved(
         mut machine: Machine,
-        config: &VmConfig,
+        config: &VmConfig<D>,
         cpu: &CpuState,
         guest: &GuestState,
         tracked: SnapshotId,
-    ) -> Result<Self, VmError> {
+    ) -> Result<Self, VmError>
+    where
+        D: Default,
+    {
         let current = machine.cpuid.take();
         cpu.apply(machine.vcpu(), current.as_deref())?;
         machine.cpuid = Some(cpu.cpuid.clone());

@@ -153,7 +153,7 @@ impl HotView {
 
     /// Takes the input buffer and limits of `vm` (they change when it is
     /// reset or grows its buffer).
-    pub(crate) fn refresh<X: Extension>(&mut self, vm: &Vm<X>) {
+    pub(crate) fn refresh<X: Extension, D>(&mut self, vm: &Vm<X, D>) {
         self.input_buf = vm.input_buf;
         self.input_cap = vm.input_cap;
         self.ram = vm.machine.shared_ram();
@@ -248,7 +248,7 @@ impl HotView {
     }
 }
 
-impl<X: Extension> Vm<X> {
+impl<X: Extension, D: Send + 'static> Vm<X, D> {
     /// The caller's view of this VM for polling mode.
     pub(crate) fn hot_view(&self) -> HotView {
         HotView {
@@ -299,15 +299,15 @@ pub(crate) enum RunEnd {
     Failed(VmError),
 }
 
-enum Slot<X: Extension> {
+enum Slot<X: Extension, D: Send + 'static> {
     Empty,
-    Run(Vm<X>),
-    Stopped(Vm<X>, RunEnd),
+    Run(Vm<X, D>),
+    Stopped(Vm<X, D>, RunEnd),
     Quit,
 }
 
-struct Shared<X: Extension> {
-    slot: Mutex<Slot<X>>,
+struct Shared<X: Extension, D: Send + 'static> {
+    slot: Mutex<Slot<X, D>>,
     cv: Condvar,
     /// The slot holds a stopped VM (read without the lock while spinning).
     stopped: AtomicBool,
@@ -333,9 +333,9 @@ struct Shared<X: Extension> {
 }
 
 /// The vCPU thread's answers to a polling run (see [`PollHooks`]).
-struct Hooks<'a, X: Extension>(&'a Shared<X>);
+struct Hooks<'a, X: Extension, D: Send + 'static>(&'a Shared<X, D>);
 
-impl<X: Extension> PollHooks for Hooks<'_, X> {
+impl<X: Extension, D: Send + 'static> PollHooks for Hooks<'_, X, D> {
     fn watch(&mut self) -> Watch {
         self.0.watch()
     }
@@ -366,8 +366,8 @@ impl<X: Extension> PollHooks for Hooks<'_, X> {
     }
 }
 
-impl<X: Extension> Shared<X> {
-    fn lock(&self) -> MutexGuard<'_, Slot<X>> {
+impl<X: Extension, D: Send + 'static> Shared<X, D> {
+    fn lock(&self) -> MutexGuard<'_, Slot<X, D>> {
         self.slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -392,24 +392,24 @@ impl<X: Extension> Shared<X> {
 }
 
 /// The vCPU thread of a polling VM.
-pub(crate) struct PollWorker<X: Extension> {
-    shared: Arc<Shared<X>>,
+pub(crate) struct PollWorker<X: Extension, D: Send + 'static> {
+    shared: Arc<Shared<X, D>>,
     thread: Option<JoinHandle<()>>,
 }
 
 /// What a caller waiting for its call found.
-pub(crate) enum Waited<X: Extension> {
+pub(crate) enum Waited<X: Extension, D: Send + 'static> {
     /// The guest published the call's result; it is still running.
     Finished,
     /// The run ended (the VM is back in the caller's hands).
-    Stopped(Vm<X>, RunEnd),
+    Stopped(Vm<X, D>, RunEnd),
     /// The deadline passed; the vCPU was kicked. The VM is back, or, when
     /// the thread did not give it back within [`TIMEOUT_GRACE`], `None`:
     /// the thread keeps it until its guest is out ([`PollWorker::take`]).
-    TimedOut(Option<Vm<X>>),
+    TimedOut(Option<Vm<X, D>>),
 }
 
-impl<X: Extension> PollWorker<X> {
+impl<X: Extension, D: Send + 'static> PollWorker<X, D> {
     /// Starts the vCPU thread; `window` is the guest's spin window.
     pub(crate) fn start(window: Duration) -> Result<Self, VmError> {
         let shared = Arc::new(Shared {
@@ -440,7 +440,7 @@ impl<X: Extension> PollWorker<X> {
     }
 
     /// Hands `vm` to the vCPU thread, which resumes it.
-    pub(crate) fn dispatch(&self, vm: Vm<X>) {
+    pub(crate) fn dispatch(&self, vm: Vm<X, D>) {
         let mut slot = self.shared.lock();
         *slot = Slot::Run(vm);
         self.shared.stopped.store(false, Ordering::SeqCst);
@@ -448,7 +448,7 @@ impl<X: Extension> PollWorker<X> {
     }
 
     /// Leaves a stopped VM with the thread again (see [`Self::take`]).
-    fn put_back(&self, vm: Vm<X>, end: RunEnd) {
+    fn put_back(&self, vm: Vm<X, D>, end: RunEnd) {
         let mut slot = self.shared.lock();
         *slot = Slot::Stopped(vm, end);
         self.shared.stopped.store(true, Ordering::SeqCst);
@@ -494,7 +494,7 @@ impl<X: Extension> PollWorker<X> {
     }
 
     /// Takes the VM back if the thread stopped with it.
-    pub(crate) fn take(&self) -> Option<(Vm<X>, RunEnd)> {
+    pub(crate) fn take(&self) -> Option<(Vm<X, D>, RunEnd)> {
         if !self.shared.stopped.load(Ordering::SeqCst) {
             return None;
         }
@@ -512,7 +512,7 @@ impl<X: Extension> PollWorker<X> {
     }
 
     /// Waits for the thread to stop, kicking the vCPU every millisecond.
-    fn take_by_force(&self, view: &HotView) -> (Vm<X>, RunEnd) {
+    fn take_by_force(&self, view: &HotView) -> (Vm<X, D>, RunEnd) {
         loop {
             if let Some(taken) = self.take_by_force_until(view, None) {
                 return taken;
@@ -527,7 +527,7 @@ impl<X: Extension> PollWorker<X> {
         &self,
         view: &HotView,
         until: Option<Instant>,
-    ) -> Option<(Vm<X>, RunEnd)> {
+    ) -> Option<(Vm<X, D>, RunEnd)> {
         loop {
             if let Some(taken) = self.take() {
                 return Some(taken);
@@ -555,7 +555,7 @@ impl<X: Extension> PollWorker<X> {
     /// Waits until the guest finished request `seq`, the run ended, or
     /// `deadline` passed. A guest that stopped by itself before it saw the
     /// request is resumed.
-    pub(crate) fn wait(&self, view: &HotView, seq: u64, deadline: Option<Instant>) -> Waited<X> {
+    pub(crate) fn wait(&self, view: &HotView, seq: u64, deadline: Option<Instant>) -> Waited<X, D> {
         let mut spins = 0u32;
         let start = Instant::now();
         let mut nap = Duration::from_micros(1);
@@ -600,7 +600,7 @@ impl<X: Extension> PollWorker<X> {
 
     /// The call ran out of time (noticed at `now`): kicks the vCPU and
     /// waits for the VM at most [`TIMEOUT_GRACE`].
-    fn time_out(&self, view: &HotView, now: Instant) -> Waited<X> {
+    fn time_out(&self, view: &HotView, now: Instant) -> Waited<X, D> {
         match self.take_by_force_until(view, Some(now + TIMEOUT_GRACE)) {
             // It finished or failed on its own meanwhile.
             Some((vm, RunEnd::Failed(e))) if !matches!(e, VmError::Cancelled) => {
@@ -614,7 +614,7 @@ impl<X: Extension> PollWorker<X> {
     /// Stops the guest and takes the VM back: asks it to stop
     /// (`REQUEST_IDLE` as request `seq`), and kicks the vCPU if it did
     /// not within [`STOP_GRACE`]. Returns the VM and how its run ended.
-    pub(crate) fn stop(&self, view: &HotView, seq: u64) -> (Vm<X>, RunEnd) {
+    pub(crate) fn stop(&self, view: &HotView, seq: u64) -> (Vm<X, D>, RunEnd) {
         if let Some(taken) = self.take() {
             return taken;
         }
@@ -635,7 +635,7 @@ impl<X: Extension> PollWorker<X> {
     }
 }
 
-impl<X: Extension> Drop for PollWorker<X> {
+impl<X: Extension, D: Send + 'static> Drop for PollWorker<X, D> {
     fn drop(&mut self) {
         {
             let mut slot = self.shared.lock();
@@ -651,7 +651,7 @@ impl<X: Extension> Drop for PollWorker<X> {
 
 /// The vCPU thread: runs each VM it is handed until the guest stops, the
 /// thread's timer parks it, or the run fails; then hands it back.
-fn work<X: Extension>(shared: &Shared<X>) {
+fn work<X: Extension, D: Send + 'static>(shared: &Shared<X, D>) {
     loop {
         let mut vm = {
             let mut slot = shared.lock();
