@@ -37,6 +37,9 @@ struct Counting {
     inner: FsBackend,
     gets: Mutex<HashMap<ObjectName, u32>>,
     delay: Mutex<Option<Duration>>,
+    /// Delays only the first get of each block (a replica that hangs,
+    /// while the others answer).
+    first_get_delay: Mutex<Option<Duration>>,
 }
 
 impl Counting {
@@ -45,6 +48,7 @@ impl Counting {
             inner: FsBackend::open(dir).unwrap(),
             gets: Mutex::new(HashMap::new()),
             delay: Mutex::new(None),
+            first_get_delay: Mutex::new(None),
         })
     }
 }
@@ -55,7 +59,16 @@ impl Backend for Counting {
     }
     fn get(&self, n: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError> {
         if n.namespace == Namespace::Blocks {
-            *self.gets.lock().unwrap().entry(*n).or_default() += 1;
+            let first = {
+                let mut gets = self.gets.lock().unwrap();
+                let count = gets.entry(*n).or_default();
+                *count += 1;
+                *count == 1
+            };
+            let stall = *self.first_get_delay.lock().unwrap();
+            if let Some(d) = stall.filter(|_| first) {
+                std::thread::sleep(d);
+            }
             let delay = *self.delay.lock().unwrap();
             if let Some(d) = delay {
                 std::thread::sleep(d);
@@ -319,7 +332,12 @@ fn a_polled_result_on_a_page_that_cannot_be_fetched_fails() {
 fn eight_concurrent_vms_fetch_each_block_once() {
     require_kvm!();
     let f = fixture();
-    let on_demand = open_on_demand(&f, Duration::from_secs(30));
+    // No hedged requests: a loaded machine could make a fetch slow enough
+    // to be asked for twice, which is what hedging is for, not this test.
+    let mut cfg = OnDemandConfig::default();
+    cfg.fetch_deadline = Duration::from_secs(30);
+    cfg.hedge_after = Some(Duration::MAX);
+    let on_demand = Snapshot::open_from_store(&f.store, &f.id, &cfg).unwrap();
     let expected = VmInstance::restore(&config(), &f.snapshot)
         .unwrap()
         .invoke("touch_region", &touch_all())
@@ -423,4 +441,60 @@ fn prefetching_a_working_set_never_changes_guest_memory() {
     assert!(od_trace.prefetch(&fresh));
     let vm = VmInstance::restore(&config(), &fresh).unwrap();
     assert_eq!(page_digests(&vm), plain);
+}
+
+/// A replica that hangs (here: the first request for every block stalls
+/// far past the fetch deadline) does not fail on-demand VMs: a fetch that
+/// takes longer than the hedge delay is asked for again, and the first
+/// answer wins. Memory is the snapshot's, byte for byte.
+#[test]
+fn a_fetch_stuck_on_a_slow_replica_is_hedged() {
+    require_kvm!();
+    let f = fixture();
+    *f.backend.first_get_delay.lock().unwrap() = Some(Duration::from_secs(4));
+    let on_demand = open_on_demand(&f, Duration::from_secs(2));
+    let mut vm = VmInstance::restore(&config(), &on_demand).unwrap();
+    let mut reference = VmInstance::restore(&config(), &f.snapshot).unwrap();
+    assert_eq!(
+        vm.invoke("touch_region", &touch_all())
+            .expect("every block arrives through a hedged fetch"),
+        reference.invoke("touch_region", &touch_all()).unwrap()
+    );
+    assert!(on_demand.blocks_hedged().unwrap() > 0);
+}
+
+/// A VM that reads its memory in sequence gets the blocks ahead of its
+/// faults fetched for it (by the fetch threads, in parallel), up to the
+/// read-ahead window; with read-ahead off it fetches only what it touches.
+#[test]
+fn a_sequential_scan_fetches_ahead_of_its_faults() {
+    require_kvm!();
+    let f = fixture();
+    // The first half of the region, page by page, in one run.
+    let half = u32::from(REGION_MIB) * 128;
+    let scan = [half.to_le_bytes(), half.to_le_bytes()].concat();
+    let fetched = |readahead: usize| {
+        let mut cfg = OnDemandConfig::default();
+        cfg.readahead_blocks = readahead;
+        let on_demand = Snapshot::open_from_store(&f.store, &f.id, &cfg).unwrap();
+        let mut vm = VmInstance::restore(&config(), &on_demand).unwrap();
+        let mut reference = VmInstance::restore(&config(), &f.snapshot).unwrap();
+        assert_eq!(
+            vm.invoke("touch_region", &scan).unwrap(),
+            reference.invoke("touch_region", &scan).unwrap()
+        );
+        on_demand
+    };
+    let without = fetched(0).blocks_fetched().unwrap();
+    let with = fetched(16);
+    // The read-ahead queued at the last faults may still be starting.
+    let until = Instant::now() + Duration::from_secs(10);
+    while with.blocks_fetched().unwrap() < without + 8 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ahead = with.blocks_fetched().unwrap();
+    assert!(
+        ahead >= without + 8,
+        "{ahead} blocks fetched with read-ahead, {without} without"
+    );
 }

@@ -59,6 +59,21 @@ pub struct OnDemandConfig {
     /// Threads fetching blocks (for faults and working-set prefetch), shared
     /// by every VM restored from the handle. Default 4.
     pub fetch_threads: usize,
+    /// When a faulting access has waited this long for its block, a second
+    /// fetch of the block starts on its own thread (a *hedged* request:
+    /// the store may answer it from another replica), and the first answer
+    /// wins. `None` (the default) adapts it: the 95th percentile of the
+    /// handle's recent fetch times, at least 5 ms (100 ms until 16 fetches
+    /// have been timed), and at most a quarter of [`Self::fetch_deadline`].
+    /// At most two fetches of a block run at once.
+    /// `Some(Duration::MAX)` never hedges.
+    pub hedge_after: Option<Duration>,
+    /// Most blocks fetched ahead of a VM that faults on consecutive blocks
+    /// (a sequential scan): the window starts at 2 blocks and doubles with
+    /// every fault that stays in sequence, up to this. Faults out of
+    /// sequence fetch nothing ahead. Default 16 (1 MiB of 64 KiB blocks);
+    /// 0 turns read-ahead off.
+    pub readahead_blocks: usize,
 }
 
 impl Default for OnDemandConfig {
@@ -66,9 +81,22 @@ impl Default for OnDemandConfig {
         Self {
             fetch_deadline: Duration::from_secs(10),
             fetch_threads: 4,
+            hedge_after: None,
+            readahead_blocks: 16,
         }
     }
 }
+
+/// The hedge delay before enough fetches were timed to adapt it.
+const HEDGE_INITIAL: Duration = Duration::from_millis(100);
+/// The shortest adaptive hedge delay.
+const HEDGE_FLOOR: Duration = Duration::from_millis(5);
+/// Fetch times kept for the adaptive hedge delay.
+const LATENCY_SAMPLES: usize = 64;
+/// Fetch times needed before the hedge delay adapts.
+const LATENCY_MIN_SAMPLES: usize = 16;
+/// The first read-ahead window of a sequential scan, in blocks.
+const READAHEAD_START: usize = 2;
 
 const ABSENT: u8 = 0;
 const QUEUED: u8 = 1;
@@ -87,9 +115,13 @@ struct Block {
 
 struct State {
     status: Vec<u8>,
+    /// Fetches of each block running now (two while a hedge runs).
+    inflight: Vec<u8>,
     errors: HashMap<u32, Arc<SnapshotError>>,
     queue: VecDeque<u32>,
     stop: bool,
+    /// How long the latest successful fetches took (the newest last).
+    latencies: VecDeque<Duration>,
 }
 
 struct Shared {
@@ -105,7 +137,10 @@ struct Shared {
     /// Signalled when a block changes status or work is queued.
     changed: Condvar,
     deadline: Duration,
+    /// A fixed hedge delay (see [`OnDemandConfig::hedge_after`]).
+    hedge_after: Option<Duration>,
     fetches: AtomicU64,
+    hedges: AtomicU64,
 }
 
 impl Shared {
@@ -125,6 +160,7 @@ impl Shared {
                     match st.queue.pop_front() {
                         Some(b) if st.status[b as usize] == QUEUED => {
                             st.status[b as usize] = FETCHING;
+                            st.inflight[b as usize] += 1;
                             break b;
                         }
                         Some(_) => continue,
@@ -132,16 +168,86 @@ impl Shared {
                     }
                 }
             };
-            let result = self.fetch(block);
-            let mut st = self.lock();
-            match result {
-                Ok(()) => st.status[block as usize] = PRESENT,
-                Err(e) => {
-                    st.status[block as usize] = FAILED;
+            self.fetch_and_record(block);
+        }
+    }
+
+    /// Fetches `block` (counted in `inflight` by the caller) and records
+    /// the outcome: the first success makes it present; a failure fails it
+    /// only when no other fetch of it (a hedge) is still running.
+    fn fetch_and_record(&self, block: u32) {
+        let started = Instant::now();
+        let result = self.fetch(block);
+        let took = started.elapsed();
+        let i = block as usize;
+        let mut st = self.lock();
+        st.inflight[i] -= 1;
+        match result {
+            // Only the first answer is timed: a hedged request that lost
+            // says how slow the stuck replica is, not the store.
+            Ok(()) if st.status[i] != PRESENT => {
+                st.status[i] = PRESENT;
+                if st.latencies.len() == LATENCY_SAMPLES {
+                    st.latencies.pop_front();
+                }
+                st.latencies.push_back(took);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if st.status[i] != PRESENT {
                     st.errors.insert(block, Arc::new(e));
+                    if st.inflight[i] == 0 {
+                        st.status[i] = FAILED;
+                    }
                 }
             }
-            self.changed.notify_all();
+        }
+        self.changed.notify_all();
+    }
+
+    /// How long a waiting access lets a fetch run before hedging it.
+    fn hedge_delay(&self, st: &State) -> Duration {
+        if let Some(d) = self.hedge_after {
+            return d;
+        }
+        let adaptive = if st.latencies.len() < LATENCY_MIN_SAMPLES {
+            HEDGE_INITIAL
+        } else {
+            let mut sorted: Vec<Duration> = st.latencies.iter().copied().collect();
+            sorted.sort_unstable();
+            sorted[sorted.len() * 95 / 100].max(HEDGE_FLOOR)
+        };
+        // Two hedges fit in the deadline with time to spare.
+        adaptive.min(self.deadline / 4)
+    }
+
+    /// Starts another fetch of `block` on its own thread, unless two run
+    /// already (it may be the first, if no worker has taken the block yet:
+    /// all of them may be stuck on a slow replica). The thread owns a
+    /// reference to the cache, so it may outlive the handle by one fetch.
+    fn hedge(self: &Arc<Self>, st: &mut State, block: u32) {
+        let i = block as usize;
+        if st.inflight[i] >= 2 {
+            return;
+        }
+        st.status[i] = FETCHING;
+        st.inflight[i] += 1;
+        let shared = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("snapvm-hedge".into())
+            .spawn(move || shared.fetch_and_record(block));
+        match spawned {
+            Ok(_) => {
+                self.hedges.fetch_add(1, Ordering::Relaxed);
+            }
+            // No thread: the fetches already running must do.
+            Err(_) => {
+                st.inflight[i] -= 1;
+                if st.inflight[i] == 0 {
+                    st.status[i] = QUEUED;
+                    st.queue.push_front(block);
+                }
+            }
         }
     }
 
@@ -183,8 +289,9 @@ impl Shared {
     }
 
     /// Waits until `block` is in the cache (asking for it first, ahead of
-    /// queued prefetches), at most the deadline.
-    fn ensure(&self, block: u32) -> Result<(), Arc<SnapshotError>> {
+    /// queued prefetches), at most the deadline; hedges the fetch when it
+    /// takes longer than the hedge delay.
+    fn ensure(self: &Arc<Self>, block: u32) -> Result<(), Arc<SnapshotError>> {
         let mut st = self.lock();
         let i = block as usize;
         match st.status[i] {
@@ -196,7 +303,10 @@ impl Shared {
             }
             _ => {}
         }
-        let until = Instant::now() + self.deadline;
+        let started = Instant::now();
+        // `None` when they lie past the end of time (`Duration::MAX`).
+        let until = started.checked_add(self.deadline);
+        let mut hedge_at = started.checked_add(self.hedge_delay(&st));
         loop {
             match st.status[i] {
                 PRESENT => return Ok(()),
@@ -204,7 +314,15 @@ impl Shared {
                 _ => {}
             }
             let now = Instant::now();
-            if now >= until {
+            if hedge_at.is_some_and(|at| now >= at) {
+                // At most two fetches of a block run at once; while two
+                // run, the next hedge waits another delay (the one that
+                // was a worker's may have been taken by a stuck replica).
+                self.hedge(&mut st, block);
+                hedge_at = now.checked_add(self.hedge_delay(&st));
+                continue;
+            }
+            if until.is_some_and(|until| now >= until) {
                 let id = self.blocks[i].id;
                 return Err(Arc::new(SnapshotError::Store {
                     block: Some(id),
@@ -214,11 +332,15 @@ impl Shared {
                     }),
                 }));
             }
-            st = self
-                .changed
-                .wait_timeout(st, until - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = match [hedge_at, until].into_iter().flatten().min() {
+                Some(wake) => {
+                    self.changed
+                        .wait_timeout(st, wake - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => self.changed.wait(st).unwrap_or_else(|e| e.into_inner()),
+            };
         }
     }
 }
@@ -229,6 +351,8 @@ impl Shared {
 pub(crate) struct StoreMemory {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// The largest read-ahead window of the VMs' fault handlers.
+    readahead: usize,
 }
 
 impl Drop for StoreMemory {
@@ -281,10 +405,26 @@ impl StoreMemory {
         self.shared.lock().queue.len().saturating_sub(before)
     }
 
-    /// Blocks fetched from the store so far (each distinct block once,
-    /// unless a fetch failed).
+    /// Block fetches started so far (each distinct block once, unless a
+    /// fetch failed or was hedged).
     pub(crate) fn fetches(&self) -> u64 {
         self.shared.fetches.load(Ordering::Relaxed)
+    }
+
+    /// Hedged fetches started so far.
+    pub(crate) fn hedges(&self) -> u64 {
+        self.shared.hedges.load(Ordering::Relaxed)
+    }
+
+    /// Queues the blocks of the `count` slots after `slot` for fetching
+    /// (read-ahead; those already asked for are skipped).
+    fn read_ahead(&self, slot: u64, count: usize) {
+        let shared = &self.shared;
+        let ahead = (slot + 1..)
+            .take(count)
+            .filter_map(|s| shared.slots.get(s as usize).copied())
+            .filter(|&b| b != u32::MAX);
+        shared.queue(ahead);
     }
 }
 
@@ -318,6 +458,7 @@ impl FaultHandler {
         memory: Arc<StoreMemory>,
         fault: Arc<MemoryFault>,
     ) -> Result<Self, SnapshotError> {
+        let readahead = memory.readahead;
         let io = |step| SnapshotError::io(step, None);
         let uffd = Userfault::new().map_err(io("opening a userfaultfd"))?;
         uffd.register(ram)
@@ -332,6 +473,9 @@ impl FaultHandler {
             size: ram.size(),
             order: Arc::clone(&order),
             seen: vec![0u64; (ram.size() / PAGE_SIZE).div_ceil(64) as usize],
+            last_slot: None,
+            window: 0,
+            readahead,
         };
         let thread = std::thread::Builder::new()
             .name("snapvm-uffd".into())
@@ -358,6 +502,12 @@ struct Serve {
     size: u64,
     order: Arc<Mutex<Vec<u64>>>,
     seen: Vec<u64>,
+    /// The block-sized slot of the last fault on a new slot.
+    last_slot: Option<u64>,
+    /// The read-ahead window, in blocks (0 out of sequence).
+    window: usize,
+    /// The largest read-ahead window.
+    readahead: usize,
 }
 
 impl Serve {
@@ -382,6 +532,27 @@ impl Serve {
         }
     }
 
+    /// Read-ahead: a fault on the slot after the last one (or within the
+    /// window fetched ahead of it) grows the window and queues the slots
+    /// ahead; a fault anywhere else closes the window.
+    fn follow(&mut self, slot: u64) {
+        if self.readahead == 0 || self.last_slot == Some(slot) {
+            return;
+        }
+        let in_sequence = self
+            .last_slot
+            .is_some_and(|last| slot > last && slot <= last + self.window.max(1) as u64);
+        self.window = if in_sequence {
+            (self.window * 2).clamp(READAHEAD_START, self.readahead)
+        } else {
+            0
+        };
+        self.last_slot = Some(slot);
+        if self.window > 0 {
+            self.memory.read_ahead(slot, self.window);
+        }
+    }
+
     fn serve(&mut self, addr: u64) {
         let Some(offset) = addr.checked_sub(self.base).filter(|&o| o < self.size) else {
             return;
@@ -396,12 +567,15 @@ impl Serve {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(page);
         }
-        let shared = &self.memory.shared;
         let block = if self.fault.failed() {
             None
         } else {
-            shared.block_of(page)
+            self.memory.shared.block_of(page)
         };
+        if block.is_some() {
+            self.follow(page * PAGE_SIZE / self.memory.shared.block_size);
+        }
+        let shared = &self.memory.shared;
         let Some(block) = block else {
             // An all-zero block, or memory that failed: the zero page.
             let _ = self.uffd.zero(page_addr, PAGE_SIZE);
@@ -524,19 +698,24 @@ impl Snapshot {
             block_size,
             state: Mutex::new(State {
                 status: vec![ABSENT; blocks.len()],
+                inflight: vec![0; blocks.len()],
                 errors: HashMap::new(),
                 queue: VecDeque::new(),
                 stop: false,
+                latencies: VecDeque::with_capacity(LATENCY_SAMPLES),
             }),
             blocks,
             slots,
             changed: Condvar::new(),
             deadline: config.fetch_deadline,
+            hedge_after: config.hedge_after,
             fetches: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
         });
         let mut memory = StoreMemory {
             shared: Arc::clone(&shared),
             workers: Vec::new(),
+            readahead: config.readahead_blocks,
         };
         for _ in 0..config.fetch_threads {
             let s = Arc::clone(&shared);
@@ -557,6 +736,13 @@ impl Snapshot {
             .memory
             .on_demand()
             .map(|m| m.fetches())
+    }
+
+    /// For a handle from [`Snapshot::open_from_store`], the hedged block
+    /// fetches started so far (see [`OnDemandConfig::hedge_after`]);
+    /// `None` for other snapshots.
+    pub fn blocks_hedged(&self) -> Option<u64> {
+        self.chain()[0].inner.memory.on_demand().map(|m| m.hedges())
     }
 }
 
