@@ -14,7 +14,8 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use snapvm::net::{NetConfig, NetIdentity};
+use snapvm::fuzzing::net::{tcp_frame, Flags};
+use snapvm::net::{NetConfig, NetIdentity, TrackerConfig};
 use snapvm::policy::{Always, ManagedVm};
 use snapvm::{Snapshot, VmConfig, VmError, VmInstance};
 
@@ -101,8 +102,18 @@ impl PeerNet {
 
     /// The VM side of this network: guest address `10.0.0.<host>`.
     fn config(&self, base: &VmConfig, host: u8) -> VmConfig {
+        self.config_with(base, host, |net| net)
+    }
+
+    /// [`Self::config`] with the device's settings changed by `f`.
+    fn config_with(
+        &self,
+        base: &VmConfig,
+        host: u8,
+        f: impl FnOnce(NetConfig) -> NetConfig,
+    ) -> VmConfig {
         base.clone()
-            .network(NetConfig::new(&self.tap, identity(host)))
+            .network(f(NetConfig::new(&self.tap, identity(host))))
     }
 
     /// Moves the TAP device (which a VM has opened) into the peer's
@@ -163,6 +174,43 @@ impl PeerNet {
             }
         }
         panic!("no TCPChallengeACK counter in /proc/net/netstat")
+    }
+
+    /// Established TCP sockets in the namespace (`ss`).
+    fn established(&self) -> Vec<String> {
+        self.sockets()
+            .into_iter()
+            .filter(|l| l.starts_with("ESTAB"))
+            .collect()
+    }
+
+    /// TCP segments the namespace's kernel received (`Tcp: InSegs` of
+    /// `/proc/net/snmp`), whatever became of them.
+    fn tcp_in_segs(&self) -> u64 {
+        let text =
+            run(Command::new("ip").args(["netns", "exec", &self.ns, "cat", "/proc/net/snmp"]));
+        let tcp: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
+        let [names, values] = tcp[..] else {
+            panic!("no Tcp lines in /proc/net/snmp")
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "InSegs")
+            .map(|(_, v)| v.parse().expect("a number"))
+            .expect("a Tcp InSegs counter")
+    }
+
+    /// The MAC address of the peer's side of the TAP device.
+    fn peer_mac(&self) -> [u8; 6] {
+        let path = format!("/sys/class/net/{}/address", self.tap);
+        let text = run(Command::new("ip").args(["netns", "exec", &self.ns, "cat", &path]));
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("a MAC address"))
+            .collect();
+        bytes.try_into().expect("6 bytes")
     }
 
     /// Frames the peer side of the TAP device received.
@@ -732,12 +780,12 @@ fn an_inexact_rst_earns_a_challenge_ack() {
         .connections()
         .next()
         .expect("one connection");
-    let rst = snapvm::fuzzing::net::tcp_frame(
+    let rst = tcp_frame(
         c.guest_mac,
         c.peer_mac,
         c.key.guest,
         c.key.peer,
-        snapvm::fuzzing::net::Flags::Rst,
+        Flags::Rst,
         c.guest.next_seq.wrapping_add(1),
         None,
         0,
@@ -918,4 +966,119 @@ fn a_missing_tap_device_name_is_an_invalid_config() {
             ..
         })
     ));
+}
+
+/// Client: opens N connections to the guest one after the other and says
+/// how each went (`connected`, `refused`, or an error), then `done`; once
+/// told to, reads each open one to its end and says how it ended.
+const CONNECT_MANY: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for i in range(n):
+    try:
+        conns.append(socket.create_connection((host, port), timeout=5))
+        print("connected")
+    except ConnectionRefusedError:
+        print("refused")
+    except Exception as e:
+        print("error", type(e).__name__)
+print("done")
+sys.stdin.readline()
+for c in conns:
+    c.settimeout(10)
+    try:
+        while c.recv(65536):
+            pass
+        print("eof")
+    except ConnectionResetError:
+        print("reset")
+    except Exception as e:
+        print("error", type(e).__name__)
+    c.close()
+"#;
+
+/// A table of 4 and a peer that opens 6 connections to the guest: the 2
+/// the tracker cannot follow never become connections (the peer's SYN is
+/// refused and counted), a SYN from the guest beyond the table never
+/// reaches the peer, and after the drop no peer socket is left
+/// established.
+#[test]
+fn syns_beyond_the_tracker_table_never_become_connections() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config_with(&base_config(), 2, |n| {
+        n.tracker(TrackerConfig { max_connections: 4 })
+    });
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    vm.invoke("listen", &words(&[8000, 16])).expect("listen");
+    let mut client = net.python(CONNECT_MANY, &["10.0.0.2", "8000", "6"]);
+    for _ in 0..4 {
+        vm.invoke("accept", &words(&[10_000])).expect("accept");
+    }
+    // The guest's stack runs while the last two SYNs arrive.
+    for _ in 0..2 {
+        let _ = vm.invoke("accept", &words(&[2_000]));
+    }
+    let said: Vec<String> = (0..6).map(|_| client.line()).collect();
+    client.expect("done");
+    assert_eq!(
+        said.iter().filter(|l| *l == "connected").count(),
+        4,
+        "{said:?}"
+    );
+    assert_eq!(
+        said.iter().filter(|l| *l == "refused").count(),
+        2,
+        "{said:?}"
+    );
+    assert_eq!(vm.connections().expect("a device").len(), 4);
+    assert_eq!(vm.net_stats().expect("a device").dropped_table_full, 2);
+
+    // The guest's own SYN beyond the table is dropped before the peer.
+    let me = identity(2);
+    let peer_mac = net.peer_mac();
+    let syn = tcp_frame(
+        me.mac,
+        peer_mac,
+        std::net::SocketAddrV4::new(me.ip, 40_000),
+        std::net::SocketAddrV4::new(PEER_IP, 8001),
+        Flags::Syn,
+        1,
+        None,
+        1000,
+        &[],
+    );
+    // A bare ACK behind it does reach the peer (and is counted there):
+    // once it arrived, so would have the SYN.
+    let ack = tcp_frame(
+        me.mac,
+        peer_mac,
+        std::net::SocketAddrV4::new(me.ip, 40_001),
+        std::net::SocketAddrV4::new(PEER_IP, 8001),
+        Flags::None,
+        1,
+        Some(1),
+        1000,
+        &[],
+    );
+    let segs = net.tcp_in_segs();
+    let mut batch = record(&syn);
+    batch.extend(record(&ack));
+    vm.invoke("raw_exchange", &batch).expect("raw exchange");
+    let stats = vm.net_stats().expect("a device");
+    assert_eq!(stats.dropped_table_full, 3);
+    eventually("the ACK arrives", || net.tcp_in_segs() > segs);
+    assert_eq!(net.tcp_in_segs(), segs + 1, "the SYN reached the peer");
+
+    drop(vm);
+    client.go();
+    for _ in 0..4 {
+        client.expect("reset");
+    }
+    client.wait();
+    eventually("no established socket in the peer namespace", || {
+        net.established().is_empty()
+    });
 }

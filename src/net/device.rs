@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use smoltcp::wire::{ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, Ipv4Packet};
 
 use super::tap::{Readiness, Tap};
-use super::tracker::{ConnKey, ConnTracker, Connection, Direction, Observation, TrackerConfig};
+use super::tracker::{
+    self, ConnKey, ConnTracker, Connection, Direction, Observation, TrackerConfig,
+};
 use crate::abi;
 
 /// The network identity of one VM: what its frames must carry.
@@ -111,7 +113,9 @@ impl NetConfig {
 }
 
 /// Counters of a VM's network device. Every frame the guest hands over is
-/// either forwarded (`tx_frames`) or counted in exactly one `dropped_*`.
+/// either forwarded (`tx_frames`) or counted in exactly one `dropped_*`;
+/// every frame read from the TAP device is either given to the guest
+/// (`rx_frames`) or counted in `dropped_device` or `dropped_table_full`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NetStats {
@@ -131,7 +135,9 @@ pub struct NetStats {
     pub dropped_arp_flood: u64,
     /// Guest frames of other protocols than IPv4 and ARP (IPv6 included).
     pub dropped_protocol: u64,
-    /// SYNs for new connections beyond the tracker's table.
+    /// SYNs for new connections beyond the tracker's table: the guest's
+    /// are dropped, a peer's are refused (the peer gets a RST, the guest
+    /// never sees the SYN).
     pub dropped_table_full: u64,
     /// Frames the TAP device refused (e.g. while its link is down), and
     /// frames from it longer than the guest can take.
@@ -353,7 +359,17 @@ impl NetDevice {
                 continue;
             }
             let frame = std::mem::take(&mut self.read_buf);
-            self.tracker.observe(Direction::ToGuest, &frame[..n]);
+            if self.tracker.observe(Direction::ToGuest, &frame[..n]) == Observation::TableFull {
+                // A peer's SYN the tracker cannot follow must not become a
+                // connection: the guest never sees it, the peer gets the
+                // answer of a closed port.
+                self.stats.dropped_table_full += 1;
+                if let Some(rst) = tracker::refusal(&frame[..n]) {
+                    self.write_host_frame(&rst);
+                }
+                self.read_buf = frame;
+                continue;
+            }
             let fitted = self.push_rx(&frame[..n], cap);
             if !fitted {
                 self.held = Some(frame[..n].to_vec());
@@ -390,6 +406,14 @@ impl NetDevice {
         !self.to_guest.is_empty()
     }
 
+    /// Writes a frame the host made on the guest's behalf (a reset, a
+    /// refusal) to the TAP device.
+    fn write_host_frame(&mut self, frame: &[u8]) {
+        if self.tap.write_frame(frame).is_err() {
+            self.stats.dropped_device += 1;
+        }
+    }
+
     /// Sends the peer-side reset of every tracked connection whose key
     /// `saved` does not hold, then makes `saved` the tracked set (as far as
     /// the table allows). Returns how many connections were ended.
@@ -406,9 +430,7 @@ impl NetDevice {
                 continue;
             };
             for f in &t.to_peer {
-                if self.tap.write_frame(f).is_err() {
-                    self.stats.dropped_device += 1;
-                }
+                self.write_host_frame(f);
             }
         }
         self.stats.terminated += stale.len() as u64;
@@ -429,9 +451,7 @@ impl NetDevice {
         let terms = self.tracker.terminate_all();
         for t in &terms {
             for f in &t.to_peer {
-                if self.tap.write_frame(f).is_err() {
-                    self.stats.dropped_device += 1;
-                }
+                self.write_host_frame(f);
             }
         }
         for t in terms.iter() {

@@ -106,8 +106,9 @@ pub enum Observation {
     /// no longer tracked.
     Closed(ConnKey),
     /// A SYN for a new connection while the table holds
-    /// [`TrackerConfig::max_connections`]: not tracked. A device should
-    /// drop it, so that no connection escapes termination.
+    /// [`TrackerConfig::max_connections`]: not tracked. A device must not
+    /// let it become a connection — drop a guest's, refuse a peer's — so
+    /// that no connection escapes termination.
     TableFull,
 }
 
@@ -583,6 +584,27 @@ fn termination_frames(c: &Connection) -> Termination {
     }
 }
 
+/// The answer to a peer's SYN that is not to become a connection (the
+/// tracker's table is full): a RST|ACK acknowledging the SYN, from the
+/// address it was sent to, as a closed port answers. `None` when `syn` is
+/// not a valid opening SYN.
+pub(crate) fn refusal(syn: &[u8]) -> Option<Vec<u8>> {
+    let Parsed::Tcp(s) = parse(syn) else {
+        return None;
+    };
+    if !s.syn || s.ack.is_some() || s.rst {
+        return None;
+    }
+    Some(rst_frame(
+        s.dst_mac,
+        s.src_mac,
+        s.dst,
+        s.src,
+        0,
+        Some(s.seq.wrapping_add(s.seg_len)),
+    ))
+}
+
 /// Length of the frames [`rst_frame`] builds: Ethernet + IPv4 + TCP headers.
 pub(crate) const RST_FRAME_LEN: usize = 14 + 20 + 20;
 
@@ -892,6 +914,19 @@ mod tests {
         );
         assert_eq!(t.stats().table_full, 1);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_refusal_answers_a_peer_syn_like_a_closed_port() {
+        let syn = frame(Direction::ToGuest, seg(TcpControl::Syn, 500, None, b""));
+        let rst = refusal(&syn).expect("a refusal");
+        assert_eq!(read_rst(&rst), (g(), p(), 0, Some(501)));
+        assert_eq!(&rst[0..6], &P_MAC);
+        assert_eq!(&rst[6..12], &G_MAC);
+        // Only an opening SYN gets one.
+        let ack = frame(Direction::ToGuest, seg(TcpControl::None, 500, Some(1), b""));
+        assert_eq!(refusal(&ack), None);
+        assert_eq!(refusal(&[0u8; 60]), None);
     }
 
     #[test]
