@@ -1082,3 +1082,61 @@ fn syns_beyond_the_tracker_table_never_become_connections() {
         net.established().is_empty()
     });
 }
+
+/// A guest that floods SYNs gets at most its rate of new connections to
+/// the peer (counted by the peer's kernel); the rest are dropped before
+/// the peer and counted.
+#[test]
+fn a_syn_flood_from_the_guest_is_held_to_its_rate() {
+    require_net!();
+    const RATE: u64 = 20;
+    const FLOOD: u64 = 200;
+    let mut net = PeerNet::new();
+    let config = net.config_with(&base_config(), 2, |n| n.syn_per_second(RATE as u32));
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let me = identity(2);
+    let peer_mac = net.peer_mac();
+    let segment = |port: u16, flags, ack| {
+        tcp_frame(
+            me.mac,
+            peer_mac,
+            std::net::SocketAddrV4::new(me.ip, port),
+            std::net::SocketAddrV4::new(PEER_IP, 9000),
+            flags,
+            1,
+            ack,
+            1000,
+            &[],
+        )
+    };
+    let mut batch: Vec<u8> = (0..FLOOD as u16)
+        .flat_map(|i| record(&segment(30_000 + i, Flags::Syn, None)))
+        .collect();
+    // A bare ACK behind the flood, which is not limited: once the peer
+    // counted it, it counted every SYN that left.
+    batch.extend(record(&segment(29_999, Flags::None, Some(1))));
+    let before = vm.net_stats().expect("a device");
+    let segs = net.tcp_in_segs();
+    vm.invoke("raw_exchange", &batch).expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    let passed = after.tx_frames - before.tx_frames - 1;
+    // The burst passes; at most a token or two more were earned while the
+    // batch ran.
+    assert!((RATE..=RATE + 2).contains(&passed), "{passed} SYNs passed");
+    assert_eq!(
+        after.dropped_syn_rate - before.dropped_syn_rate,
+        FLOOD - passed
+    );
+    eventually("the ACK arrives", || net.tcp_in_segs() > segs + passed);
+    assert_eq!(
+        net.tcp_in_segs() - segs,
+        passed + 1,
+        "the peer received more than the SYNs that passed"
+    );
+    assert_eq!(
+        vm.connections().expect("a device").len() as u64,
+        passed,
+        "a dropped SYN is not tracked"
+    );
+}

@@ -29,6 +29,9 @@ pub struct NetIdentity {
 /// Most ARP frames a guest may send per second by default (see
 /// [`NetConfig::arp_per_second`]).
 pub const DEFAULT_ARP_PER_SECOND: u32 = 50;
+/// Most new TCP connections a guest may open per second by default (see
+/// [`NetConfig::syn_per_second`]).
+pub const DEFAULT_SYN_PER_SECOND: u32 = 1000;
 /// Most frames the host queues for a guest (resets it must take in) by
 /// default.
 pub const DEFAULT_MAX_QUEUED: usize = 8192;
@@ -55,6 +58,7 @@ pub struct NetConfig {
     pub(crate) identity: NetIdentity,
     pub(crate) tracker: TrackerConfig,
     pub(crate) arp_per_second: u32,
+    pub(crate) syn_per_second: u32,
     pub(crate) max_queued: usize,
 }
 
@@ -68,6 +72,7 @@ impl NetConfig {
             identity,
             tracker: TrackerConfig::default(),
             arp_per_second: DEFAULT_ARP_PER_SECOND,
+            syn_per_second: DEFAULT_SYN_PER_SECOND,
             max_queued: DEFAULT_MAX_QUEUED,
         }
     }
@@ -94,6 +99,17 @@ impl NetConfig {
     /// same number); the rest are dropped and counted.
     pub fn arp_per_second(mut self, n: u32) -> Self {
         self.arp_per_second = n;
+        self
+    }
+
+    /// Most new TCP connections the guest may open per second, with
+    /// bursts up to the same number (default
+    /// [`DEFAULT_SYN_PER_SECOND`], 1000): a SYN for a new connection over
+    /// the rate is dropped before it reaches the peer and counted in
+    /// [`NetStats::dropped_syn_rate`]. A retransmitted SYN is not a new
+    /// connection; connections the peer opens are not limited.
+    pub fn syn_per_second(mut self, n: u32) -> Self {
+        self.syn_per_second = n;
         self
     }
 
@@ -139,6 +155,9 @@ pub struct NetStats {
     /// are dropped, a peer's are refused (the peer gets a RST, the guest
     /// never sees the SYN).
     pub dropped_table_full: u64,
+    /// SYNs for new connections over the guest's rate
+    /// ([`NetConfig::syn_per_second`]).
+    pub dropped_syn_rate: u64,
     /// Frames the TAP device refused (e.g. while its link is down), and
     /// frames from it longer than the guest can take.
     pub dropped_device: u64,
@@ -156,6 +175,41 @@ enum Refused {
     ArpFlood,
     Protocol,
     TableFull,
+    SynRate,
+}
+
+/// A token bucket: `per_second` tokens a second, at most `per_second` held.
+#[derive(Debug)]
+struct RateLimit {
+    per_second: u32,
+    tokens: u32,
+    refilled: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            tokens: per_second,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled);
+        let earned = (elapsed.as_micros() * u128::from(self.per_second) / 1_000_000) as u64;
+        if earned > 0 {
+            self.tokens = (u64::from(self.tokens) + earned).min(u64::from(self.per_second)) as u32;
+            self.refilled = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 /// One VM's device.
@@ -175,9 +229,8 @@ pub(crate) struct NetDevice {
     pub(crate) tx_in: Vec<u8>,
     /// One frame read from the TAP device.
     read_buf: Vec<u8>,
-    arp_per_second: u32,
-    arp_tokens: u32,
-    arp_refilled: Instant,
+    arp_rate: RateLimit,
+    syn_rate: RateLimit,
     stats: NetStats,
 }
 
@@ -199,9 +252,8 @@ impl NetDevice {
             // Larger than any frame we accept, so a longer one is seen
             // (and dropped) rather than cut.
             read_buf: vec![0; 64 * 1024],
-            arp_per_second: config.arp_per_second,
-            arp_tokens: config.arp_per_second,
-            arp_refilled: Instant::now(),
+            arp_rate: RateLimit::new(config.arp_per_second),
+            syn_rate: RateLimit::new(config.syn_per_second),
             stats: NetStats::default(),
         })
     }
@@ -249,6 +301,7 @@ impl NetDevice {
                 Err(Refused::ArpFlood) => self.stats.dropped_arp_flood += 1,
                 Err(Refused::Protocol) => self.stats.dropped_protocol += 1,
                 Err(Refused::TableFull) => self.stats.dropped_table_full += 1,
+                Err(Refused::SynRate) => self.stats.dropped_syn_rate += 1,
             }
         }
         self.tx_in = batch;
@@ -271,8 +324,13 @@ impl NetDevice {
                 if ip.src_addr() != self.identity.ip {
                     return Err(Refused::Spoofed);
                 }
-                match self.tracker.observe(Direction::FromGuest, frame) {
+                let syn_rate = &mut self.syn_rate;
+                match self
+                    .tracker
+                    .observe_admitting(Direction::FromGuest, frame, |_| syn_rate.take())
+                {
                     Observation::TableFull => Err(Refused::TableFull),
+                    Observation::NotAdmitted => Err(Refused::SynRate),
                     _ => Ok(()),
                 }
             }
@@ -293,29 +351,13 @@ impl NetDevice {
                 if !sender_ok {
                     return Err(Refused::Spoofed);
                 }
-                if !self.take_arp_token() {
+                if !self.arp_rate.take() {
                     return Err(Refused::ArpFlood);
                 }
                 Ok(())
             }
             _ => Err(Refused::Protocol),
         }
-    }
-
-    fn take_arp_token(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.arp_refilled);
-        let earned = (elapsed.as_micros() * u128::from(self.arp_per_second) / 1_000_000) as u64;
-        if earned > 0 {
-            self.arp_tokens =
-                (u64::from(self.arp_tokens) + earned).min(u64::from(self.arp_per_second)) as u32;
-            self.arp_refilled = now;
-        }
-        if self.arp_tokens == 0 {
-            return false;
-        }
-        self.arp_tokens -= 1;
-        true
     }
 
     /// Appends one frame for the guest to `rx_out` if it fits in `cap`.

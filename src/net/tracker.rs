@@ -110,6 +110,10 @@ pub enum Observation {
     /// let it become a connection — drop a guest's, refuse a peer's — so
     /// that no connection escapes termination.
     TableFull,
+    /// A SYN for a new connection that the caller of
+    /// [`ConnTracker::observe_admitting`] did not admit: not tracked. A
+    /// device should drop it.
+    NotAdmitted,
 }
 
 /// Limits of a [`ConnTracker`].
@@ -260,6 +264,20 @@ impl ConnTracker {
     /// Looks at one Ethernet frame travelling in `dir` and updates the
     /// connection it belongs to. Any bytes are accepted.
     pub fn observe(&mut self, dir: Direction, frame: &[u8]) -> Observation {
+        self.observe_admitting(dir, frame, |_| true)
+    }
+
+    /// [`observe`](Self::observe), asking `admit` before a SYN opens a new
+    /// connection (not for a retransmitted SYN, nor when the table is
+    /// full): when it says no, the tracker follows nothing new and returns
+    /// [`Observation::NotAdmitted`]. A device uses it to bound how fast a
+    /// guest opens connections.
+    pub fn observe_admitting(
+        &mut self,
+        dir: Direction,
+        frame: &[u8],
+        admit: impl FnOnce(Direction) -> bool,
+    ) -> Observation {
         self.stats.frames += 1;
         let seg = match parse(frame) {
             Parsed::NotTcp => return Observation::NotTcp,
@@ -301,6 +319,9 @@ impl ConnTracker {
             } else if self.conns.len() >= self.config.max_connections {
                 self.stats.table_full += 1;
                 return Observation::TableFull;
+            }
+            if !admit(dir) {
+                return Observation::NotAdmitted;
             }
             let me = Endpoint {
                 syn_seen: true,
@@ -927,6 +948,32 @@ mod tests {
         let ack = frame(Direction::ToGuest, seg(TcpControl::None, 500, Some(1), b""));
         assert_eq!(refusal(&ack), None);
         assert_eq!(refusal(&[0u8; 60]), None);
+    }
+
+    #[test]
+    fn admission_is_asked_for_new_connections_only() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let syn = frame(Direction::FromGuest, seg(TcpControl::Syn, 1, None, b""));
+        assert_eq!(
+            t.observe_admitting(Direction::FromGuest, &syn, |_| false),
+            Observation::NotAdmitted
+        );
+        assert!(t.is_empty());
+        let mut asked = 0;
+        let mut admit = |_| {
+            asked += 1;
+            true
+        };
+        assert!(matches!(
+            t.observe_admitting(Direction::FromGuest, &syn, &mut admit),
+            Observation::Tracked(_)
+        ));
+        // A retransmission of the SYN is not a new connection.
+        assert!(matches!(
+            t.observe_admitting(Direction::FromGuest, &syn, &mut admit),
+            Observation::Tracked(_)
+        ));
+        assert_eq!(asked, 1);
     }
 
     #[test]
