@@ -1140,3 +1140,215 @@ fn a_syn_flood_from_the_guest_is_held_to_its_rate() {
         "a dropped SYN is not tracked"
     );
 }
+
+/// Listens on a port (never accepting: a completed handshake shows as an
+/// established socket all the same) and watches the TAP device for its
+/// SYN-ACK: prints its sequence number, or `none` if none came within 3 s.
+const LISTEN_AND_WATCH: &str = r#"
+import socket, struct, sys, time
+tap, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.0.1", port))
+s.listen(8)
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+raw.bind((tap, 0))
+raw.settimeout(0.2)
+print("listening")
+end = time.time() + 3
+isn = None
+while isn is None and time.time() < end:
+    try:
+        f = raw.recv(2048)
+    except socket.timeout:
+        continue
+    if len(f) < 54 or f[12:14] != b"\x08\x00" or f[23] != 6:
+        continue
+    ihl = (f[14] & 15) * 4
+    t = f[14 + ihl:]
+    sport, = struct.unpack("!H", t[0:2])
+    if sport == port and t[13] & 0x12 == 0x12:
+        isn, = struct.unpack("!I", t[4:8])
+print(isn if isn is not None else "none")
+sys.stdin.readline()
+"#;
+
+/// `frame`'s IPv4 datagram cut into two fragments after `at` bytes of
+/// its payload (a multiple of 8), each a complete Ethernet frame.
+fn fragments(frame: &[u8], at: usize) -> [Vec<u8>; 2] {
+    let (eth, ip) = frame.split_at(14);
+    let (header, payload) = ip.split_at(20);
+    let piece = |part: &[u8], offset: usize, more: bool| {
+        let mut h = header.to_vec();
+        h[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        let flags = if more { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&(flags | (offset / 8) as u16).to_be_bytes());
+        h[10..12].copy_from_slice(&[0, 0]);
+        let mut sum: u32 = h
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        [eth, &h, part].concat()
+    };
+    [
+        piece(&payload[..at], 0, true),
+        piece(&payload[at..], at, false),
+    ]
+}
+
+/// A guest that opens a connection with a fragmented SYN (the tracker
+/// does not reassemble) and completes the handshake by hand cannot keep it
+/// out of termination: fragments never leave, so after terminate and drop
+/// the peer has no established socket.
+#[test]
+fn a_fragmented_syn_never_opens_an_untracked_connection() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let mut peer = net.python(LISTEN_AND_WATCH, &[&net.tap, "9100"]);
+    peer.expect("listening");
+    let me = identity(2);
+    let peer_mac = net.peer_mac();
+    let guest = std::net::SocketAddrV4::new(me.ip, 41_000);
+    let to = std::net::SocketAddrV4::new(PEER_IP, 9100);
+    let syn = tcp_frame(
+        me.mac,
+        peer_mac,
+        guest,
+        to,
+        Flags::Syn,
+        5000,
+        None,
+        1000,
+        &[],
+    );
+    let before = vm.net_stats().expect("a device");
+    // An ARP request first, so the peer knows where to answer.
+    let mut batch = record(&arp(me.mac, me.ip));
+    batch.extend(fragments(&syn, 8).iter().flat_map(|f| record(f)));
+    vm.invoke("raw_exchange", &batch).expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    assert_eq!(after.dropped_fragment - before.dropped_fragment, 2);
+    assert_eq!(after.tx_frames - before.tx_frames, 1, "a fragment left");
+    // Had the SYN arrived, the guest completes the handshake.
+    if let Ok(isn) = peer.line().parse::<u32>() {
+        let ack = tcp_frame(
+            me.mac,
+            peer_mac,
+            guest,
+            to,
+            Flags::None,
+            5001,
+            Some(isn.wrapping_add(1)),
+            1000,
+            &[],
+        );
+        vm.invoke("raw_exchange", &record(&ack))
+            .expect("raw exchange");
+        eventually("the handshake completes", || net.established().len() == 1);
+    }
+    assert_no_connection_escapes(vm, &net);
+}
+
+/// Connects the guest to an echo peer on `port` and returns the
+/// connection's id and its tracked record.
+fn open_tracked(
+    vm: &mut VmInstance,
+    net: &PeerNet,
+    port: u16,
+) -> (Peer, u32, snapvm::net::Connection) {
+    let mut server = net.python(ECHO_PEER_ADDR, &[&port.to_string()]);
+    server.expect("listening");
+    let id = connect(vm, port);
+    server.expect("10.0.0.2");
+    send(vm, id, b"one").expect("send");
+    assert_eq!(recv(vm, id, 3).expect("echo"), b"one");
+    let c = *vm
+        .connections()
+        .expect("a device")
+        .connections()
+        .find(|c| c.key.peer.port() == port)
+        .expect("the connection is tracked");
+    (server, id, c)
+}
+
+/// Terminates and drops `vm`, then checks that the peer has no
+/// established socket left.
+fn assert_no_connection_escapes(mut vm: VmInstance, net: &PeerNet) {
+    vm.terminate_connections().expect("terminate");
+    drop(vm);
+    eventually("no established socket in the peer namespace", || {
+        net.established().is_empty()
+    });
+}
+
+/// An exact RST sent to a MAC address that is not the peer's never
+/// reaches the peer; the tracker must not forget the connection for it.
+#[test]
+fn an_rst_to_the_wrong_mac_does_not_end_tracking() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let (_server, _id, c) = open_tracked(&mut vm, &net, 9200);
+    let rst = tcp_frame(
+        c.guest_mac,
+        [0x02, 0x5a, 0, 0, 0, 0x99],
+        c.key.guest,
+        c.key.peer,
+        Flags::Rst,
+        c.guest.next_seq,
+        None,
+        0,
+        &[],
+    );
+    let before = vm.net_stats().expect("a device");
+    vm.invoke("raw_exchange", &record(&rst))
+        .expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    assert_eq!(after.dropped_destination - before.dropped_destination, 1);
+    assert_eq!(vm.connections().expect("a device").len(), 1);
+    assert_eq!(net.established().len(), 1, "the peer's socket is open");
+    assert_no_connection_escapes(vm, &net);
+}
+
+/// One ACK to a bogus MAC address does not make the tracker send its
+/// resets there.
+#[test]
+fn an_ack_to_a_bogus_mac_does_not_redirect_the_resets() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let (_server, _id, c) = open_tracked(&mut vm, &net, 9300);
+    assert_eq!(c.peer_mac, net.peer_mac());
+    let ack = tcp_frame(
+        c.guest_mac,
+        [0x02, 0x5a, 0, 0, 0, 0x98],
+        c.key.guest,
+        c.key.peer,
+        Flags::None,
+        c.guest.next_seq,
+        c.guest.ack,
+        1000,
+        &[],
+    );
+    vm.invoke("raw_exchange", &record(&ack))
+        .expect("raw exchange");
+    let now = *vm
+        .connections()
+        .expect("a device")
+        .get(&c.key)
+        .expect("still tracked");
+    assert_eq!(now.peer_mac, net.peer_mac());
+    assert_no_connection_escapes(vm, &net);
+}

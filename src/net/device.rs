@@ -5,7 +5,9 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use smoltcp::wire::{ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, Ipv4Packet};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet,
+};
 
 use super::tap::{Readiness, Tap};
 use super::tracker::{
@@ -60,6 +62,7 @@ pub struct NetConfig {
     pub(crate) arp_per_second: u32,
     pub(crate) syn_per_second: u32,
     pub(crate) max_queued: usize,
+    pub(crate) peer_mac: Option<[u8; 6]>,
 }
 
 impl NetConfig {
@@ -74,6 +77,7 @@ impl NetConfig {
             arp_per_second: DEFAULT_ARP_PER_SECOND,
             syn_per_second: DEFAULT_SYN_PER_SECOND,
             max_queued: DEFAULT_MAX_QUEUED,
+            peer_mac: None,
         }
     }
 
@@ -113,10 +117,29 @@ impl NetConfig {
         self
     }
 
+    /// The MAC address of the guest's link peer: the host's side of the
+    /// TAP device, or the router the guest's frames go to when the TAP
+    /// device is bridged. By default the TAP device's own MAC address, read
+    /// when the VM opens it (right when the host routes for the TAP
+    /// device, the usual setup). The guest's frames must go to it (or, but
+    /// for TCP, to broadcast), and the host's resets go to it: what the
+    /// tracker believes follows from what reaches the peer, never from a
+    /// destination address the guest chose.
+    pub fn peer_mac(mut self, mac: [u8; 6]) -> Self {
+        self.peer_mac = Some(mac);
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
         let id = &self.identity;
         if id.mac[0] & 1 != 0 || id.mac == [0; 6] {
             return Err("the MAC address must be unicast and not all zero".into());
+        }
+        if self
+            .peer_mac
+            .is_some_and(|mac| mac[0] & 1 != 0 || mac == [0; 6])
+        {
+            return Err("the peer's MAC address must be unicast and not all zero".into());
         }
         if id.prefix_len > 32 {
             return Err("the prefix length must be at most 32".into());
@@ -151,6 +174,12 @@ pub struct NetStats {
     pub dropped_arp_flood: u64,
     /// Guest frames of other protocols than IPv4 and ARP (IPv6 included).
     pub dropped_protocol: u64,
+    /// Guest IPv4 fragments (of any protocol): the tracker cannot inspect
+    /// what they carry, so they never leave.
+    pub dropped_fragment: u64,
+    /// Guest frames sent to another MAC address than the peer's
+    /// ([`NetConfig::peer_mac`]), or, but for TCP, broadcast.
+    pub dropped_destination: u64,
     /// SYNs for new connections beyond the tracker's table: the guest's
     /// are dropped, a peer's are refused (the peer gets a RST, the guest
     /// never sees the SYN).
@@ -174,6 +203,8 @@ enum Refused {
     Malformed,
     ArpFlood,
     Protocol,
+    Fragment,
+    Destination,
     TableFull,
     SynRate,
 }
@@ -217,6 +248,9 @@ impl RateLimit {
 pub(crate) struct NetDevice {
     tap: Tap,
     identity: NetIdentity,
+    /// The MAC address of the guest's link peer (see
+    /// [`NetConfig::peer_mac`]).
+    peer_mac: [u8; 6],
     tracker: ConnTracker,
     /// Frames for the guest made by the host (resets), sent first.
     to_guest: VecDeque<Vec<u8>>,
@@ -240,10 +274,15 @@ const RECORD_HEADER: usize = 2;
 impl NetDevice {
     pub(crate) fn open(config: &NetConfig) -> std::io::Result<Self> {
         let tap = Tap::open(&config.tap)?;
+        let peer_mac = match config.peer_mac {
+            Some(mac) => mac,
+            None => tap.mac()?,
+        };
         Ok(Self {
             tap,
             identity: config.identity,
-            tracker: ConnTracker::new(config.tracker),
+            peer_mac,
+            tracker: ConnTracker::new(config.tracker).with_link(config.identity.mac, peer_mac),
             to_guest: VecDeque::new(),
             max_queued: config.max_queued,
             rx_out: Vec::with_capacity(abi::NET_MAX_RX as usize),
@@ -300,6 +339,8 @@ impl NetDevice {
                 Err(Refused::Malformed) => self.stats.dropped_malformed += 1,
                 Err(Refused::ArpFlood) => self.stats.dropped_arp_flood += 1,
                 Err(Refused::Protocol) => self.stats.dropped_protocol += 1,
+                Err(Refused::Fragment) => self.stats.dropped_fragment += 1,
+                Err(Refused::Destination) => self.stats.dropped_destination += 1,
                 Err(Refused::TableFull) => self.stats.dropped_table_full += 1,
                 Err(Refused::SynRate) => self.stats.dropped_syn_rate += 1,
             }
@@ -318,11 +359,27 @@ impl NetDevice {
         if eth.src_addr().0 != self.identity.mac {
             return Err(Refused::Spoofed);
         }
+        // Frames go to the peer (a broadcast reaches it too, but its TCP
+        // drops one): the tracker must never believe a frame the peer does
+        // not take in.
+        let dst = eth.dst_addr().0;
+        let to_peer = dst == self.peer_mac;
+        if !to_peer && dst != [0xff; 6] {
+            return Err(Refused::Destination);
+        }
         match eth.ethertype() {
             EthernetProtocol::Ipv4 => {
                 let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| Refused::Malformed)?;
                 if ip.src_addr() != self.identity.ip {
                     return Err(Refused::Spoofed);
+                }
+                // The peer would reassemble fragments; the tracker does
+                // not, so none leaves.
+                if ip.more_frags() || ip.frag_offset() != 0 {
+                    return Err(Refused::Fragment);
+                }
+                if ip.next_header() == IpProtocol::Tcp && !to_peer {
+                    return Err(Refused::Destination);
                 }
                 let syn_rate = &mut self.syn_rate;
                 match self
@@ -331,6 +388,9 @@ impl NetDevice {
                 {
                     Observation::TableFull => Err(Refused::TableFull),
                     Observation::NotAdmitted => Err(Refused::SynRate),
+                    // A TCP segment the tracker cannot read might still be
+                    // one the peer takes in.
+                    Observation::Malformed => Err(Refused::Malformed),
                     _ => Ok(()),
                 }
             }
@@ -406,7 +466,7 @@ impl NetDevice {
                 // connection: the guest never sees it, the peer gets the
                 // answer of a closed port.
                 self.stats.dropped_table_full += 1;
-                if let Some(rst) = tracker::refusal(&frame[..n]) {
+                if let Some(rst) = tracker::refusal(&frame[..n], self.identity.mac, self.peer_mac) {
                     self.write_host_frame(&rst);
                 }
                 self.read_buf = frame;

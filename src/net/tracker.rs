@@ -73,9 +73,12 @@ pub struct Connection {
     pub guest: Endpoint,
     /// The peer's side.
     pub peer: Endpoint,
-    /// The guest's MAC address, as seen on its frames.
+    /// The guest's MAC address: the tracker's fixed one
+    /// ([`ConnTracker::with_link`]), or as seen on the frames.
     pub guest_mac: [u8; 6],
-    /// The MAC address the guest's frames go to (the peer or its router).
+    /// The MAC address the guest's frames go to (the peer or its router):
+    /// the tracker's fixed one ([`ConnTracker::with_link`]), or as seen on
+    /// the frames.
     pub peer_mac: [u8; 6],
 }
 
@@ -181,6 +184,9 @@ pub struct ConnTracker {
     config: TrackerConfig,
     conns: BTreeMap<ConnKey, Connection>,
     stats: TrackerStats,
+    /// The guest's and the peer's MAC addresses, when the host knows them
+    /// (see [`ConnTracker::with_link`]).
+    link: Option<([u8; 6], [u8; 6])>,
 }
 
 /// A parsed TCP segment, in host terms.
@@ -212,7 +218,21 @@ impl ConnTracker {
             config,
             conns: BTreeMap::new(),
             stats: TrackerStats::default(),
+            link: None,
         }
+    }
+
+    /// Fixes the link addresses: every connection, observed or inserted,
+    /// records `guest_mac` and `peer_mac` (and its termination frames
+    /// carry them), whatever MAC addresses the frames carry. Without it the
+    /// tracker takes them from the frames it observes — which a guest
+    /// chooses: a device that knows its link should fix them.
+    pub fn with_link(mut self, guest_mac: [u8; 6], peer_mac: [u8; 6]) -> Self {
+        self.link = Some((guest_mac, peer_mac));
+        for c in self.conns.values_mut() {
+            (c.guest_mac, c.peer_mac) = (guest_mac, peer_mac);
+        }
+        self
     }
 
     /// Its limits.
@@ -253,9 +273,13 @@ impl ConnTracker {
     /// Inserts a connection record as it was saved (for example with a
     /// snapshot). Returns `false`, inserting nothing, when the table is
     /// full.
-    pub fn insert(&mut self, conn: Connection) -> bool {
+    /// With [fixed link addresses](Self::with_link) the record takes them.
+    pub fn insert(&mut self, mut conn: Connection) -> bool {
         if !self.conns.contains_key(&conn.key) && self.conns.len() >= self.config.max_connections {
             return false;
+        }
+        if let Some((guest_mac, peer_mac)) = self.link {
+            (conn.guest_mac, conn.peer_mac) = (guest_mac, peer_mac);
         }
         self.conns.insert(conn.key, conn);
         true
@@ -288,7 +312,7 @@ impl ConnTracker {
             Parsed::Tcp(seg) => seg,
         };
         self.stats.tcp_segments += 1;
-        let (key, guest_mac, peer_mac) = match dir {
+        let (key, mut guest_mac, mut peer_mac) = match dir {
             Direction::FromGuest => (
                 ConnKey {
                     guest: seg.src,
@@ -306,6 +330,10 @@ impl ConnTracker {
                 seg.src_mac,
             ),
         };
+
+        if let Some(link) = self.link {
+            (guest_mac, peer_mac) = link;
+        }
 
         // An opening SYN starts (or restarts) a connection.
         if seg.syn && seg.ack.is_none() && !seg.rst {
@@ -607,9 +635,9 @@ fn termination_frames(c: &Connection) -> Termination {
 
 /// The answer to a peer's SYN that is not to become a connection (the
 /// tracker's table is full): a RST|ACK acknowledging the SYN, from the
-/// address it was sent to, as a closed port answers. `None` when `syn` is
-/// not a valid opening SYN.
-pub(crate) fn refusal(syn: &[u8]) -> Option<Vec<u8>> {
+/// address it was sent to, as a closed port answers, from `guest_mac` to
+/// `peer_mac`. `None` when `syn` is not a valid opening SYN.
+pub(crate) fn refusal(syn: &[u8], guest_mac: [u8; 6], peer_mac: [u8; 6]) -> Option<Vec<u8>> {
     let Parsed::Tcp(s) = parse(syn) else {
         return None;
     };
@@ -617,8 +645,8 @@ pub(crate) fn refusal(syn: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     Some(rst_frame(
-        s.dst_mac,
-        s.src_mac,
+        guest_mac,
+        peer_mac,
         s.dst,
         s.src,
         0,
@@ -940,14 +968,14 @@ mod tests {
     #[test]
     fn a_refusal_answers_a_peer_syn_like_a_closed_port() {
         let syn = frame(Direction::ToGuest, seg(TcpControl::Syn, 500, None, b""));
-        let rst = refusal(&syn).expect("a refusal");
+        let rst = refusal(&syn, G_MAC, P_MAC).expect("a refusal");
         assert_eq!(read_rst(&rst), (g(), p(), 0, Some(501)));
         assert_eq!(&rst[0..6], &P_MAC);
         assert_eq!(&rst[6..12], &G_MAC);
         // Only an opening SYN gets one.
         let ack = frame(Direction::ToGuest, seg(TcpControl::None, 500, Some(1), b""));
-        assert_eq!(refusal(&ack), None);
-        assert_eq!(refusal(&[0u8; 60]), None);
+        assert_eq!(refusal(&ack, G_MAC, P_MAC), None);
+        assert_eq!(refusal(&[0u8; 60], G_MAC, P_MAC), None);
     }
 
     #[test]
@@ -974,6 +1002,34 @@ mod tests {
             Observation::Tracked(_)
         ));
         assert_eq!(asked, 1);
+    }
+
+    #[test]
+    fn fixed_link_addresses_are_not_learned_from_frames() {
+        let other = [2, 0, 0, 0, 0, 0x99];
+        let mut t = established().with_link(G_MAC, other);
+        let key = ConnKey {
+            guest: g(),
+            peer: p(),
+        };
+        assert_eq!(t.get(&key).unwrap().peer_mac, other);
+        // The guest's frames go to P_MAC: the record keeps the fixed one.
+        t.observe(
+            Direction::FromGuest,
+            &frame(
+                Direction::FromGuest,
+                seg(TcpControl::None, u32::MAX, Some(7001), b"x"),
+            ),
+        );
+        let c = *t.get(&key).unwrap();
+        assert_eq!((c.guest_mac, c.peer_mac), (G_MAC, other));
+        let mut inserted = c;
+        inserted.peer_mac = P_MAC;
+        t.clear();
+        assert!(t.insert(inserted));
+        let term = t.terminate(&key).unwrap();
+        assert_eq!(&term.to_peer[0][0..6], &other);
+        assert_eq!(&term.to_peer[0][6..12], &G_MAC);
     }
 
     #[test]
