@@ -1352,3 +1352,141 @@ fn an_ack_to_a_bogus_mac_does_not_redirect_the_resets() {
     assert_eq!(now.peer_mac, net.peer_mac());
     assert_no_connection_escapes(vm, &net);
 }
+
+/// The peer's MAC address on a [`BridgedNet`].
+const BRIDGE_MAC: [u8; 6] = [0x02, 0x5a, 0, 0, 0, 0x01];
+
+/// A peer namespace whose address (10.0.0.1) is on a bridge with several
+/// VMs' TAP devices as ports: frames any of them sends reach the same peer
+/// (as on a shared L2 network).
+struct BridgedNet {
+    net: PeerNet,
+    extra: Vec<String>,
+}
+
+impl BridgedNet {
+    fn new() -> Self {
+        let net = PeerNet::new();
+        let ns = net.ns.clone();
+        let mac = BRIDGE_MAC.map(|b| format!("{b:02x}")).join(":");
+        ip(&[
+            "-n", &ns, "link", "add", "br0", "address", &mac, "type", "bridge",
+        ]);
+        ip(&["-n", &ns, "addr", "add", "10.0.0.1/24", "dev", "br0"]);
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.br0.disable_ipv6=1",
+        ]));
+        ip(&["-n", &ns, "link", "set", "br0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        BridgedNet {
+            net,
+            extra: Vec::new(),
+        }
+    }
+
+    /// A VM config on a TAP device of its own (the first one is the
+    /// namespace's own), guest address `10.0.0.<host>`, peer MAC the
+    /// bridge's.
+    fn config(&mut self, base: &VmConfig, host: u8) -> (VmConfig, String) {
+        let tap = if host == 2 {
+            self.net.tap.clone()
+        } else {
+            let tap = format!("{}b{}", self.net.tap, self.extra.len());
+            ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
+            self.extra.push(tap.clone());
+            tap
+        };
+        let net = NetConfig::new(&tap, identity(host)).peer_mac(BRIDGE_MAC);
+        (base.clone().network(net), tap)
+    }
+
+    /// Makes `tap` (opened by a VM) a port of the bridge.
+    fn attach(&mut self, tap: &str) {
+        let ns = self.net.ns.clone();
+        ip(&["link", "set", "dev", tap, "netns", &ns]);
+        if tap == self.net.tap {
+            self.net.attached = true;
+        }
+        self.extra.retain(|t| t != tap);
+        let sysctl = format!("net.ipv6.conf.{tap}.disable_ipv6=1");
+        run(Command::new("ip").args(["netns", "exec", &ns, "sysctl", "-qw", &sysctl]));
+        ip(&["-n", &ns, "link", "set", tap, "master", "br0"]);
+        ip(&["-n", &ns, "link", "set", tap, "up"]);
+    }
+}
+
+impl Drop for BridgedNet {
+    fn drop(&mut self) {
+        for tap in &self.extra {
+            let _ = Command::new("ip").args(["link", "del", tap]).output();
+        }
+    }
+}
+
+/// A clone never speaks with the original's identity: VM A has 4 open
+/// connections when snapshot S is taken; clone C, restored from S with its
+/// own TAP device (on the same network) and identity, is reset in place to
+/// S, then serves a request under `ManagedVm<Always>`, then is dropped.
+/// A's peers are never reset, and A keeps using its connections.
+#[test]
+fn a_clone_never_ends_the_originals_connections() {
+    require_net!();
+    let mut link = BridgedNet::new();
+    let base = base_config().dirty_tracking(true);
+    let (config_a, tap_a) = link.config(&base, 2);
+    let mut a = VmInstance::new(&config_a).expect("boot netguest");
+    link.attach(&tap_a);
+    let ports = [7000u16, 7001, 7002, 7003];
+    let mut servers: Vec<Peer> = ports
+        .iter()
+        .map(|port| {
+            let mut server = link.net.python(ECHO_PEER_ADDR, &[&port.to_string()]);
+            server.expect("listening");
+            server
+        })
+        .collect();
+    let ids: Vec<u32> = ports
+        .iter()
+        .zip(&mut servers)
+        .map(|(&port, server)| {
+            let id = connect(&mut a, port);
+            server.expect("10.0.0.2");
+            send(&mut a, id, b"one").expect("send");
+            assert_eq!(recv(&mut a, id, 3).expect("echo"), b"one");
+            id
+        })
+        .collect();
+    assert_eq!(a.connections().expect("a device").len(), 4);
+    let challenges_before = link.net.challenge_acks();
+
+    let s = a.snapshot().expect("snapshot with connections open");
+    let (config_c, tap_c) = link.config(&base, 5);
+    let mut c = VmInstance::restore(&config_c, &s).expect("restore the clone");
+    link.attach(&tap_c);
+    let who = c.invoke("identity", b"").expect("identity");
+    assert_eq!(&who[6..], &[10, 0, 0, 5]);
+    c.restore_in_place(&s).expect("reset the clone in place");
+    assert!(
+        c.connections().expect("a device").is_empty(),
+        "the clone adopted the original's connections"
+    );
+    let mut managed = ManagedVm::new(c, s.clone(), Always).expect("managed clone");
+    managed.invoke("identity", b"").expect("a request");
+    assert!(managed.vm().connections().expect("a device").is_empty());
+    drop(managed);
+
+    // A's connections are alive at both ends: a RST sent before this
+    // exchange would have reached the peer first.
+    for &id in &ids {
+        send(&mut a, id, b"two").expect("send after the clone");
+        assert_eq!(recv(&mut a, id, 3).expect("echo"), b"two");
+    }
+    assert_eq!(link.net.established().len(), 4, "{:?}", link.net.sockets());
+    assert_eq!(link.net.challenge_acks(), challenges_before);
+    assert_eq!(a.connections().expect("a device").len(), 4);
+}

@@ -187,6 +187,10 @@ pub struct NetStats {
     /// SYNs for new connections over the guest's rate
     /// ([`NetConfig::syn_per_second`]).
     pub dropped_syn_rate: u64,
+    /// Frames the host made on the guest's behalf (resets, refusals) that
+    /// failed the checks a guest's own frame passes — another VM's
+    /// identity, or not to the peer: never sent.
+    pub dropped_host_frames: u64,
     /// Frames the TAP device refused (e.g. while its link is down), and
     /// frames from it longer than the guest can take.
     pub dropped_device: u64,
@@ -352,6 +356,54 @@ impl NetDevice {
     /// Whether a guest frame may leave: its own addresses only, IPv4 and
     /// ARP only, within size and rate; TCP segments go through the tracker.
     fn check(&mut self, frame: &[u8]) -> Result<(), Refused> {
+        match self.check_addresses(frame)? {
+            EthernetProtocol::Ipv4 => {
+                let syn_rate = &mut self.syn_rate;
+                match self
+                    .tracker
+                    .observe_admitting(Direction::FromGuest, frame, |_| syn_rate.take())
+                {
+                    Observation::TableFull => Err(Refused::TableFull),
+                    Observation::NotAdmitted => Err(Refused::SynRate),
+                    // A TCP segment the tracker cannot read might still be
+                    // one the peer takes in.
+                    Observation::Malformed => Err(Refused::Malformed),
+                    _ => Ok(()),
+                }
+            }
+            EthernetProtocol::Arp => {
+                let eth = EthernetFrame::new_checked(frame).map_err(|_| Refused::Malformed)?;
+                let arp = ArpPacket::new_checked(eth.payload()).map_err(|_| Refused::Malformed)?;
+                if arp.hardware_len() != 6 || arp.protocol_len() != 4 {
+                    return Err(Refused::Malformed);
+                }
+                let sender_ip = Ipv4Addr::from(
+                    <[u8; 4]>::try_from(arp.source_protocol_addr())
+                        .map_err(|_| Refused::Malformed)?,
+                );
+                let sender_ok = arp.source_hardware_addr() == self.identity.mac
+                    && (sender_ip == self.identity.ip
+                        // An ARP probe (RFC 5227) has sender IP 0.0.0.0.
+                        || (sender_ip.is_unspecified()
+                            && arp.operation() == ArpOperation::Request));
+                if !sender_ok {
+                    return Err(Refused::Spoofed);
+                }
+                if !self.arp_rate.take() {
+                    return Err(Refused::ArpFlood);
+                }
+                Ok(())
+            }
+            _ => Err(Refused::Protocol),
+        }
+    }
+
+    /// The checks of every frame that leaves on the guest's behalf, the
+    /// host's own (resets, refusals) included: size, the guest's own MAC
+    /// and IPv4 addresses as source, the peer's MAC (or, but for TCP,
+    /// broadcast) as destination, IPv4 or ARP, no IPv4 fragment. Returns
+    /// the frame's protocol.
+    fn check_addresses(&self, frame: &[u8]) -> Result<EthernetProtocol, Refused> {
         if frame.len() > abi::NET_MAX_FRAME as usize {
             return Err(Refused::Malformed);
         }
@@ -381,43 +433,28 @@ impl NetDevice {
                 if ip.next_header() == IpProtocol::Tcp && !to_peer {
                     return Err(Refused::Destination);
                 }
-                let syn_rate = &mut self.syn_rate;
-                match self
-                    .tracker
-                    .observe_admitting(Direction::FromGuest, frame, |_| syn_rate.take())
-                {
-                    Observation::TableFull => Err(Refused::TableFull),
-                    Observation::NotAdmitted => Err(Refused::SynRate),
-                    // A TCP segment the tracker cannot read might still be
-                    // one the peer takes in.
-                    Observation::Malformed => Err(Refused::Malformed),
-                    _ => Ok(()),
-                }
+                Ok(EthernetProtocol::Ipv4)
             }
-            EthernetProtocol::Arp => {
-                let arp = ArpPacket::new_checked(eth.payload()).map_err(|_| Refused::Malformed)?;
-                if arp.hardware_len() != 6 || arp.protocol_len() != 4 {
-                    return Err(Refused::Malformed);
-                }
-                let sender_ip = Ipv4Addr::from(
-                    <[u8; 4]>::try_from(arp.source_protocol_addr())
-                        .map_err(|_| Refused::Malformed)?,
-                );
-                let sender_ok = arp.source_hardware_addr() == self.identity.mac
-                    && (sender_ip == self.identity.ip
-                        // An ARP probe (RFC 5227) has sender IP 0.0.0.0.
-                        || (sender_ip.is_unspecified()
-                            && arp.operation() == ArpOperation::Request));
-                if !sender_ok {
-                    return Err(Refused::Spoofed);
-                }
-                if !self.arp_rate.take() {
-                    return Err(Refused::ArpFlood);
-                }
-                Ok(())
-            }
+            EthernetProtocol::Arp => Ok(EthernetProtocol::Arp),
             _ => Err(Refused::Protocol),
         }
+    }
+
+    /// Whether a frame from the TAP device is addressed to this guest (its
+    /// MAC, and its IPv4 address if IPv4): only those can be its
+    /// connections. On a shared link a frame for another VM can arrive
+    /// here (a bridge floods unknown destinations); its connection is not
+    /// this VM's to track or end.
+    fn for_guest(&self, frame: &[u8]) -> bool {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        if eth.dst_addr().0 != self.identity.mac {
+            return false;
+        }
+        eth.ethertype() != EthernetProtocol::Ipv4
+            || Ipv4Packet::new_checked(eth.payload())
+                .is_ok_and(|ip| ip.dst_addr() == self.identity.ip)
     }
 
     /// Appends one frame for the guest to `rx_out` if it fits in `cap`.
@@ -461,7 +498,9 @@ impl NetDevice {
                 continue;
             }
             let frame = std::mem::take(&mut self.read_buf);
-            if self.tracker.observe(Direction::ToGuest, &frame[..n]) == Observation::TableFull {
+            if self.for_guest(&frame[..n])
+                && self.tracker.observe(Direction::ToGuest, &frame[..n]) == Observation::TableFull
+            {
                 // A peer's SYN the tracker cannot follow must not become a
                 // connection: the guest never sees it, the peer gets the
                 // answer of a closed port.
@@ -509,16 +548,32 @@ impl NetDevice {
     }
 
     /// Writes a frame the host made on the guest's behalf (a reset, a
-    /// refusal) to the TAP device.
+    /// refusal) to the TAP device, if it passes the checks a guest's own
+    /// frame passes: it carries only this VM's identity, and goes to the
+    /// peer.
     fn write_host_frame(&mut self, frame: &[u8]) {
+        if self.check_addresses(frame) != Ok(EthernetProtocol::Ipv4) {
+            self.stats.dropped_host_frames += 1;
+            return;
+        }
         if self.tap.write_frame(frame).is_err() {
             self.stats.dropped_device += 1;
         }
     }
 
+    /// Whether a connection saved with a snapshot was captured under this
+    /// VM's identity (its IPv4 and MAC address). Only those are this VM's
+    /// to track and end; the others belong to the VM the snapshot was
+    /// taken from.
+    fn is_own(&self, conn: &Connection) -> bool {
+        *conn.key.guest.ip() == self.identity.ip && conn.guest_mac == self.identity.mac
+    }
+
     /// Sends the peer-side reset of every tracked connection whose key
-    /// `saved` does not hold, then makes `saved` the tracked set (as far as
-    /// the table allows). Returns how many connections were ended.
+    /// `saved` does not hold, then makes those of `saved` captured under
+    /// this VM's identity the tracked set (as far as the table allows); a
+    /// clone never adopts the connections of the VM it was cloned from.
+    /// Returns how many connections were ended.
     pub(crate) fn reset_to(&mut self, saved: &[Connection]) -> usize {
         let keep: std::collections::BTreeSet<ConnKey> = saved.iter().map(|c| c.key).collect();
         let stale: Vec<ConnKey> = self
@@ -541,7 +596,9 @@ impl NetDevice {
         self.to_guest.clear();
         self.tracker.clear();
         for c in saved {
-            self.tracker.insert(*c);
+            if self.is_own(c) {
+                self.tracker.insert(*c);
+            }
         }
         stale.len()
     }

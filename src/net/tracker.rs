@@ -273,7 +273,10 @@ impl ConnTracker {
     /// Inserts a connection record as it was saved (for example with a
     /// snapshot). Returns `false`, inserting nothing, when the table is
     /// full.
-    /// With [fixed link addresses](Self::with_link) the record takes them.
+    /// With [fixed link addresses](Self::with_link) the record takes them:
+    /// insert only connections captured under this tracker's own identity
+    /// (a connection of another guest, relabelled, would be ended from
+    /// this one's link as if it were its own).
     pub fn insert(&mut self, mut conn: Connection) -> bool {
         if !self.conns.contains_key(&conn.key) && self.conns.len() >= self.config.max_connections {
             return false;
