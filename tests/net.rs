@@ -1490,3 +1490,37 @@ fn a_clone_never_ends_the_originals_connections() {
     assert_eq!(link.net.challenge_acks(), challenges_before);
     assert_eq!(a.connections().expect("a device").len(), 4);
 }
+
+/// An exact RST the TAP device cannot take (its link is down) never
+/// reached the peer: the tracker keeps the connection, and ends it later.
+#[test]
+fn an_rst_the_device_could_not_send_does_not_end_tracking() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let (_server, _id, c) = open_tracked(&mut vm, &net, 9400);
+    let rst = tcp_frame(
+        c.guest_mac,
+        c.peer_mac,
+        c.key.guest,
+        c.key.peer,
+        Flags::Rst,
+        c.guest.next_seq,
+        None,
+        0,
+        &[],
+    );
+    ip(&["-n", &net.ns, "link", "set", &net.tap, "down"]);
+    let before = vm.net_stats().expect("a device");
+    vm.invoke("raw_exchange", &record(&rst))
+        .expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    ip(&["-n", &net.ns, "link", "set", &net.tap, "up"]);
+    assert_eq!(after.dropped_device - before.dropped_device, 1);
+    assert_eq!(after.tx_frames, before.tx_frames);
+    assert_eq!(vm.connections().expect("a device").len(), 1);
+    assert_eq!(net.established().len(), 1, "the peer's socket is open");
+    assert_no_connection_escapes(vm, &net);
+}

@@ -332,11 +332,15 @@ impl NetDevice {
             let (frame, next) = tail.split_at(len);
             rest = next;
             match self.check(frame) {
-                Ok(()) => {
+                Ok(seen) => {
                     if self.tap.write_frame(frame).is_ok() {
                         self.stats.tx_frames += 1;
                     } else {
                         self.stats.dropped_device += 1;
+                        // The peer never saw this end of the connection.
+                        if let Observation::Closed(key) = seen {
+                            self.tracker.reinstate(&key);
+                        }
                     }
                 }
                 Err(Refused::Spoofed) => self.stats.dropped_spoofed += 1,
@@ -355,7 +359,8 @@ impl NetDevice {
 
     /// Whether a guest frame may leave: its own addresses only, IPv4 and
     /// ARP only, within size and rate; TCP segments go through the tracker.
-    fn check(&mut self, frame: &[u8]) -> Result<(), Refused> {
+    /// Returns what the tracker made of it.
+    fn check(&mut self, frame: &[u8]) -> Result<Observation, Refused> {
         match self.check_addresses(frame)? {
             EthernetProtocol::Ipv4 => {
                 let syn_rate = &mut self.syn_rate;
@@ -368,7 +373,7 @@ impl NetDevice {
                     // A TCP segment the tracker cannot read might still be
                     // one the peer takes in.
                     Observation::Malformed => Err(Refused::Malformed),
-                    _ => Ok(()),
+                    seen => Ok(seen),
                 }
             }
             EthernetProtocol::Arp => {
@@ -392,7 +397,7 @@ impl NetDevice {
                 if !self.arp_rate.take() {
                     return Err(Refused::ArpFlood);
                 }
-                Ok(())
+                Ok(Observation::NotTcp)
             }
             _ => Err(Refused::Protocol),
         }

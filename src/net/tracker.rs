@@ -187,6 +187,9 @@ pub struct ConnTracker {
     /// The guest's and the peer's MAC addresses, when the host knows them
     /// (see [`ConnTracker::with_link`]).
     link: Option<([u8; 6], [u8; 6])>,
+    /// The connection the last [`Observation::Closed`] ended (see
+    /// [`ConnTracker::reinstate`]).
+    last_closed: Option<Connection>,
 }
 
 /// A parsed TCP segment, in host terms.
@@ -219,6 +222,7 @@ impl ConnTracker {
             conns: BTreeMap::new(),
             stats: TrackerStats::default(),
             link: None,
+            last_closed: None,
         }
     }
 
@@ -404,7 +408,7 @@ impl ConnTracker {
                 None => seg.ack == Some(receiver.next_seq) || !receiver.syn_seen,
             };
             if accepted {
-                self.conns.remove(&key);
+                self.last_closed = self.conns.remove(&key);
                 return Observation::Closed(key);
             }
             return Observation::Tracked(key);
@@ -462,10 +466,26 @@ impl ConnTracker {
             && acked(&conn.guest, &conn.peer)
             && acked(&conn.peer, &conn.guest)
         {
-            self.conns.remove(&key);
+            self.last_closed = self.conns.remove(&key);
             return Observation::Closed(key);
         }
         Observation::Tracked(key)
+    }
+
+    /// Follows `key` again as it was before the frame that ended it, when
+    /// the last [`observe`](Self::observe) reported
+    /// [`Observation::Closed(key)`](Observation::Closed) and that frame
+    /// never reached its receiver (a device could not send it): a
+    /// connection is forgotten only when its end was delivered. Returns
+    /// whether it did.
+    pub fn reinstate(&mut self, key: &ConnKey) -> bool {
+        match self.last_closed.take() {
+            Some(conn) if conn.key == *key => self.insert(conn),
+            other => {
+                self.last_closed = other;
+                false
+            }
+        }
     }
 
     /// The frames that would end one connection, without forgetting it.
@@ -937,12 +957,17 @@ mod tests {
 
         // An in-window RST ends a connection at once.
         let mut t = established();
+        let before = *t.connections().next().unwrap();
         let o = t.observe(
             Direction::ToGuest,
             &frame(Direction::ToGuest, seg(TcpControl::Rst, 7001, None, b"")),
         );
         assert!(matches!(o, Observation::Closed(_)));
         assert!(t.is_empty());
+        // Undelivered, it is undone: the record is back as it was.
+        assert!(t.reinstate(&before.key));
+        assert_eq!(t.get(&before.key), Some(&before));
+        assert!(!t.reinstate(&before.key), "only once");
     }
 
     #[test]
