@@ -14,7 +14,8 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use snapvm::net::{NetConfig, NetIdentity};
+use snapvm::fuzzing::net::{tcp_frame, Flags};
+use snapvm::net::{NetConfig, NetIdentity, TrackerConfig};
 use snapvm::policy::{Always, ManagedVm};
 use snapvm::{Snapshot, VmConfig, VmError, VmInstance};
 
@@ -101,8 +102,18 @@ impl PeerNet {
 
     /// The VM side of this network: guest address `10.0.0.<host>`.
     fn config(&self, base: &VmConfig, host: u8) -> VmConfig {
+        self.config_with(base, host, |net| net)
+    }
+
+    /// [`Self::config`] with the device's settings changed by `f`.
+    fn config_with(
+        &self,
+        base: &VmConfig,
+        host: u8,
+        f: impl FnOnce(NetConfig) -> NetConfig,
+    ) -> VmConfig {
         base.clone()
-            .network(NetConfig::new(&self.tap, identity(host)))
+            .network(f(NetConfig::new(&self.tap, identity(host))))
     }
 
     /// Moves the TAP device (which a VM has opened) into the peer's
@@ -163,6 +174,43 @@ impl PeerNet {
             }
         }
         panic!("no TCPChallengeACK counter in /proc/net/netstat")
+    }
+
+    /// Established TCP sockets in the namespace (`ss`).
+    fn established(&self) -> Vec<String> {
+        self.sockets()
+            .into_iter()
+            .filter(|l| l.starts_with("ESTAB"))
+            .collect()
+    }
+
+    /// TCP segments the namespace's kernel received (`Tcp: InSegs` of
+    /// `/proc/net/snmp`), whatever became of them.
+    fn tcp_in_segs(&self) -> u64 {
+        let text =
+            run(Command::new("ip").args(["netns", "exec", &self.ns, "cat", "/proc/net/snmp"]));
+        let tcp: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
+        let [names, values] = tcp[..] else {
+            panic!("no Tcp lines in /proc/net/snmp")
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "InSegs")
+            .map(|(_, v)| v.parse().expect("a number"))
+            .expect("a Tcp InSegs counter")
+    }
+
+    /// The MAC address of the peer's side of the TAP device.
+    fn peer_mac(&self) -> [u8; 6] {
+        let path = format!("/sys/class/net/{}/address", self.tap);
+        let text = run(Command::new("ip").args(["netns", "exec", &self.ns, "cat", &path]));
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("a MAC address"))
+            .collect();
+        bytes.try_into().expect("6 bytes")
     }
 
     /// Frames the peer side of the TAP device received.
@@ -732,12 +780,12 @@ fn an_inexact_rst_earns_a_challenge_ack() {
         .connections()
         .next()
         .expect("one connection");
-    let rst = snapvm::fuzzing::net::tcp_frame(
+    let rst = tcp_frame(
         c.guest_mac,
         c.peer_mac,
         c.key.guest,
         c.key.peer,
-        snapvm::fuzzing::net::Flags::Rst,
+        Flags::Rst,
         c.guest.next_seq.wrapping_add(1),
         None,
         0,
@@ -918,4 +966,561 @@ fn a_missing_tap_device_name_is_an_invalid_config() {
             ..
         })
     ));
+}
+
+/// Client: opens N connections to the guest one after the other and says
+/// how each went (`connected`, `refused`, or an error), then `done`; once
+/// told to, reads each open one to its end and says how it ended.
+const CONNECT_MANY: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for i in range(n):
+    try:
+        conns.append(socket.create_connection((host, port), timeout=5))
+        print("connected")
+    except ConnectionRefusedError:
+        print("refused")
+    except Exception as e:
+        print("error", type(e).__name__)
+print("done")
+sys.stdin.readline()
+for c in conns:
+    c.settimeout(10)
+    try:
+        while c.recv(65536):
+            pass
+        print("eof")
+    except ConnectionResetError:
+        print("reset")
+    except Exception as e:
+        print("error", type(e).__name__)
+    c.close()
+"#;
+
+/// A table of 4 and a peer that opens 6 connections to the guest: the 2
+/// the tracker cannot follow never become connections (the peer's SYN is
+/// refused and counted), a SYN from the guest beyond the table never
+/// reaches the peer, and after the drop no peer socket is left
+/// established.
+#[test]
+fn syns_beyond_the_tracker_table_never_become_connections() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config_with(&base_config(), 2, |n| {
+        n.tracker(TrackerConfig { max_connections: 4 })
+    });
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    vm.invoke("listen", &words(&[8000, 16])).expect("listen");
+    let mut client = net.python(CONNECT_MANY, &["10.0.0.2", "8000", "6"]);
+    for _ in 0..4 {
+        vm.invoke("accept", &words(&[10_000])).expect("accept");
+    }
+    // The guest's stack runs while the last two SYNs arrive.
+    for _ in 0..2 {
+        let _ = vm.invoke("accept", &words(&[2_000]));
+    }
+    let said: Vec<String> = (0..6).map(|_| client.line()).collect();
+    client.expect("done");
+    assert_eq!(
+        said.iter().filter(|l| *l == "connected").count(),
+        4,
+        "{said:?}"
+    );
+    assert_eq!(
+        said.iter().filter(|l| *l == "refused").count(),
+        2,
+        "{said:?}"
+    );
+    assert_eq!(vm.connections().expect("a device").len(), 4);
+    assert_eq!(vm.net_stats().expect("a device").dropped_table_full, 2);
+
+    // The guest's own SYN beyond the table is dropped before the peer.
+    let me = identity(2);
+    let peer_mac = net.peer_mac();
+    let syn = tcp_frame(
+        me.mac,
+        peer_mac,
+        std::net::SocketAddrV4::new(me.ip, 40_000),
+        std::net::SocketAddrV4::new(PEER_IP, 8001),
+        Flags::Syn,
+        1,
+        None,
+        1000,
+        &[],
+    );
+    // A bare ACK behind it does reach the peer (and is counted there):
+    // once it arrived, so would have the SYN.
+    let ack = tcp_frame(
+        me.mac,
+        peer_mac,
+        std::net::SocketAddrV4::new(me.ip, 40_001),
+        std::net::SocketAddrV4::new(PEER_IP, 8001),
+        Flags::None,
+        1,
+        Some(1),
+        1000,
+        &[],
+    );
+    let segs = net.tcp_in_segs();
+    let mut batch = record(&syn);
+    batch.extend(record(&ack));
+    vm.invoke("raw_exchange", &batch).expect("raw exchange");
+    let stats = vm.net_stats().expect("a device");
+    assert_eq!(stats.dropped_table_full, 3);
+    eventually("the ACK arrives", || net.tcp_in_segs() > segs);
+    assert_eq!(net.tcp_in_segs(), segs + 1, "the SYN reached the peer");
+
+    drop(vm);
+    client.go();
+    for _ in 0..4 {
+        client.expect("reset");
+    }
+    client.wait();
+    eventually("no established socket in the peer namespace", || {
+        net.established().is_empty()
+    });
+}
+
+/// A guest that floods SYNs gets at most its rate of new connections to
+/// the peer (counted by the peer's kernel); the rest are dropped before
+/// the peer and counted.
+#[test]
+fn a_syn_flood_from_the_guest_is_held_to_its_rate() {
+    require_net!();
+    const RATE: u64 = 20;
+    const FLOOD: u64 = 200;
+    let mut net = PeerNet::new();
+    let config = net.config_with(&base_config(), 2, |n| n.syn_per_second(RATE as u32));
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let me = identity(2);
+    let peer_mac = net.peer_mac();
+    let segment = |port: u16, flags, ack| {
+        tcp_frame(
+            me.mac,
+            peer_mac,
+            std::net::SocketAddrV4::new(me.ip, port),
+            std::net::SocketAddrV4::new(PEER_IP, 9000),
+            flags,
+            1,
+            ack,
+            1000,
+            &[],
+        )
+    };
+    let mut batch: Vec<u8> = (0..FLOOD as u16)
+        .flat_map(|i| record(&segment(30_000 + i, Flags::Syn, None)))
+        .collect();
+    // A bare ACK behind the flood, which is not limited: once the peer
+    // counted it, it counted every SYN that left.
+    batch.extend(record(&segment(29_999, Flags::None, Some(1))));
+    let before = vm.net_stats().expect("a device");
+    let segs = net.tcp_in_segs();
+    vm.invoke("raw_exchange", &batch).expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    let passed = after.tx_frames - before.tx_frames - 1;
+    // The burst passes; at most a token or two more were earned while the
+    // batch ran.
+    assert!((RATE..=RATE + 2).contains(&passed), "{passed} SYNs passed");
+    assert_eq!(
+        after.dropped_syn_rate - before.dropped_syn_rate,
+        FLOOD - passed
+    );
+    eventually("the ACK arrives", || net.tcp_in_segs() > segs + passed);
+    assert_eq!(
+        net.tcp_in_segs() - segs,
+        passed + 1,
+        "the peer received more than the SYNs that passed"
+    );
+    assert_eq!(
+        vm.connections().expect("a device").len() as u64,
+        passed,
+        "a dropped SYN is not tracked"
+    );
+}
+
+/// Listens on a port (never accepting: a completed handshake shows as an
+/// established socket all the same) and watches the TAP device for its
+/// SYN-ACK: prints its sequence number, or `none` if none came within 3 s.
+const LISTEN_AND_WATCH: &str = r#"
+import socket, struct, sys, time
+tap, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.0.1", port))
+s.listen(8)
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+raw.bind((tap, 0))
+raw.settimeout(0.2)
+print("listening")
+end = time.time() + 3
+isn = None
+while isn is None and time.time() < end:
+    try:
+        f = raw.recv(2048)
+    except socket.timeout:
+        continue
+    if len(f) < 54 or f[12:14] != b"\x08\x00" or f[23] != 6:
+        continue
+    ihl = (f[14] & 15) * 4
+    t = f[14 + ihl:]
+    sport, = struct.unpack("!H", t[0:2])
+    if sport == port and t[13] & 0x12 == 0x12:
+        isn, = struct.unpack("!I", t[4:8])
+print(isn if isn is not None else "none")
+sys.stdin.readline()
+"#;
+
+/// `frame`'s IPv4 datagram cut into two fragments after `at` bytes of
+/// its payload (a multiple of 8), each a complete Ethernet frame.
+fn fragments(frame: &[u8], at: usize) -> [Vec<u8>; 2] {
+    let (eth, ip) = frame.split_at(14);
+    let (header, payload) = ip.split_at(20);
+    let piece = |part: &[u8], offset: usize, more: bool| {
+        let mut h = header.to_vec();
+        h[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        let flags = if more { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&(flags | (offset / 8) as u16).to_be_bytes());
+        h[10..12].copy_from_slice(&[0, 0]);
+        let mut sum: u32 = h
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        [eth, &h, part].concat()
+    };
+    [
+        piece(&payload[..at], 0, true),
+        piece(&payload[at..], at, false),
+    ]
+}
+
+/// A guest that opens a connection with a fragmented SYN (the tracker
+/// does not reassemble) and completes the handshake by hand cannot keep it
+/// out of termination: fragments never leave, so after terminate and drop
+/// the peer has no established socket.
+#[test]
+fn a_fragmented_syn_never_opens_an_untracked_connection() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let mut peer = net.python(LISTEN_AND_WATCH, &[&net.tap, "9100"]);
+    peer.expect("listening");
+    let me = identity(2);
+    let peer_mac = net.peer_mac();
+    let guest = std::net::SocketAddrV4::new(me.ip, 41_000);
+    let to = std::net::SocketAddrV4::new(PEER_IP, 9100);
+    let syn = tcp_frame(
+        me.mac,
+        peer_mac,
+        guest,
+        to,
+        Flags::Syn,
+        5000,
+        None,
+        1000,
+        &[],
+    );
+    let before = vm.net_stats().expect("a device");
+    // An ARP request first, so the peer knows where to answer.
+    let mut batch = record(&arp(me.mac, me.ip));
+    batch.extend(fragments(&syn, 8).iter().flat_map(|f| record(f)));
+    vm.invoke("raw_exchange", &batch).expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    assert_eq!(after.dropped_fragment - before.dropped_fragment, 2);
+    assert_eq!(after.tx_frames - before.tx_frames, 1, "a fragment left");
+    // Had the SYN arrived, the guest completes the handshake.
+    if let Ok(isn) = peer.line().parse::<u32>() {
+        let ack = tcp_frame(
+            me.mac,
+            peer_mac,
+            guest,
+            to,
+            Flags::None,
+            5001,
+            Some(isn.wrapping_add(1)),
+            1000,
+            &[],
+        );
+        vm.invoke("raw_exchange", &record(&ack))
+            .expect("raw exchange");
+        eventually("the handshake completes", || net.established().len() == 1);
+    }
+    assert_no_connection_escapes(vm, &net);
+}
+
+/// Connects the guest to an echo peer on `port` and returns the
+/// connection's id and its tracked record.
+fn open_tracked(
+    vm: &mut VmInstance,
+    net: &PeerNet,
+    port: u16,
+) -> (Peer, u32, snapvm::net::Connection) {
+    let mut server = net.python(ECHO_PEER_ADDR, &[&port.to_string()]);
+    server.expect("listening");
+    let id = connect(vm, port);
+    server.expect("10.0.0.2");
+    send(vm, id, b"one").expect("send");
+    assert_eq!(recv(vm, id, 3).expect("echo"), b"one");
+    let c = *vm
+        .connections()
+        .expect("a device")
+        .connections()
+        .find(|c| c.key.peer.port() == port)
+        .expect("the connection is tracked");
+    (server, id, c)
+}
+
+/// Terminates and drops `vm`, then checks that the peer has no
+/// established socket left.
+fn assert_no_connection_escapes(mut vm: VmInstance, net: &PeerNet) {
+    vm.terminate_connections().expect("terminate");
+    drop(vm);
+    eventually("no established socket in the peer namespace", || {
+        net.established().is_empty()
+    });
+}
+
+/// An exact RST sent to a MAC address that is not the peer's never
+/// reaches the peer; the tracker must not forget the connection for it.
+#[test]
+fn an_rst_to_the_wrong_mac_does_not_end_tracking() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let (_server, _id, c) = open_tracked(&mut vm, &net, 9200);
+    let rst = tcp_frame(
+        c.guest_mac,
+        [0x02, 0x5a, 0, 0, 0, 0x99],
+        c.key.guest,
+        c.key.peer,
+        Flags::Rst,
+        c.guest.next_seq,
+        None,
+        0,
+        &[],
+    );
+    let before = vm.net_stats().expect("a device");
+    vm.invoke("raw_exchange", &record(&rst))
+        .expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    assert_eq!(after.dropped_destination - before.dropped_destination, 1);
+    assert_eq!(vm.connections().expect("a device").len(), 1);
+    assert_eq!(net.established().len(), 1, "the peer's socket is open");
+    assert_no_connection_escapes(vm, &net);
+}
+
+/// One ACK to a bogus MAC address does not make the tracker send its
+/// resets there.
+#[test]
+fn an_ack_to_a_bogus_mac_does_not_redirect_the_resets() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let (_server, _id, c) = open_tracked(&mut vm, &net, 9300);
+    assert_eq!(c.peer_mac, net.peer_mac());
+    let ack = tcp_frame(
+        c.guest_mac,
+        [0x02, 0x5a, 0, 0, 0, 0x98],
+        c.key.guest,
+        c.key.peer,
+        Flags::None,
+        c.guest.next_seq,
+        c.guest.ack,
+        1000,
+        &[],
+    );
+    vm.invoke("raw_exchange", &record(&ack))
+        .expect("raw exchange");
+    let now = *vm
+        .connections()
+        .expect("a device")
+        .get(&c.key)
+        .expect("still tracked");
+    assert_eq!(now.peer_mac, net.peer_mac());
+    assert_no_connection_escapes(vm, &net);
+}
+
+/// The peer's MAC address on a [`BridgedNet`].
+const BRIDGE_MAC: [u8; 6] = [0x02, 0x5a, 0, 0, 0, 0x01];
+
+/// A peer namespace whose address (10.0.0.1) is on a bridge with several
+/// VMs' TAP devices as ports: frames any of them sends reach the same peer
+/// (as on a shared L2 network).
+struct BridgedNet {
+    net: PeerNet,
+    extra: Vec<String>,
+}
+
+impl BridgedNet {
+    fn new() -> Self {
+        let net = PeerNet::new();
+        let ns = net.ns.clone();
+        let mac = BRIDGE_MAC.map(|b| format!("{b:02x}")).join(":");
+        ip(&[
+            "-n", &ns, "link", "add", "br0", "address", &mac, "type", "bridge",
+        ]);
+        ip(&["-n", &ns, "addr", "add", "10.0.0.1/24", "dev", "br0"]);
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.br0.disable_ipv6=1",
+        ]));
+        ip(&["-n", &ns, "link", "set", "br0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        BridgedNet {
+            net,
+            extra: Vec::new(),
+        }
+    }
+
+    /// A VM config on a TAP device of its own (the first one is the
+    /// namespace's own), guest address `10.0.0.<host>`, peer MAC the
+    /// bridge's.
+    fn config(&mut self, base: &VmConfig, host: u8) -> (VmConfig, String) {
+        let tap = if host == 2 {
+            self.net.tap.clone()
+        } else {
+            let tap = format!("{}b{}", self.net.tap, self.extra.len());
+            ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
+            self.extra.push(tap.clone());
+            tap
+        };
+        let net = NetConfig::new(&tap, identity(host)).peer_mac(BRIDGE_MAC);
+        (base.clone().network(net), tap)
+    }
+
+    /// Makes `tap` (opened by a VM) a port of the bridge.
+    fn attach(&mut self, tap: &str) {
+        let ns = self.net.ns.clone();
+        ip(&["link", "set", "dev", tap, "netns", &ns]);
+        if tap == self.net.tap {
+            self.net.attached = true;
+        }
+        self.extra.retain(|t| t != tap);
+        let sysctl = format!("net.ipv6.conf.{tap}.disable_ipv6=1");
+        run(Command::new("ip").args(["netns", "exec", &ns, "sysctl", "-qw", &sysctl]));
+        ip(&["-n", &ns, "link", "set", tap, "master", "br0"]);
+        ip(&["-n", &ns, "link", "set", tap, "up"]);
+    }
+}
+
+impl Drop for BridgedNet {
+    fn drop(&mut self) {
+        for tap in &self.extra {
+            let _ = Command::new("ip").args(["link", "del", tap]).output();
+        }
+    }
+}
+
+/// A clone never speaks with the original's identity: VM A has 4 open
+/// connections when snapshot S is taken; clone C, restored from S with its
+/// own TAP device (on the same network) and identity, is reset in place to
+/// S, then serves a request under `ManagedVm<Always>`, then is dropped.
+/// A's peers are never reset, and A keeps using its connections.
+#[test]
+fn a_clone_never_ends_the_originals_connections() {
+    require_net!();
+    let mut link = BridgedNet::new();
+    let base = base_config().dirty_tracking(true);
+    let (config_a, tap_a) = link.config(&base, 2);
+    let mut a = VmInstance::new(&config_a).expect("boot netguest");
+    link.attach(&tap_a);
+    let ports = [7000u16, 7001, 7002, 7003];
+    let mut servers: Vec<Peer> = ports
+        .iter()
+        .map(|port| {
+            let mut server = link.net.python(ECHO_PEER_ADDR, &[&port.to_string()]);
+            server.expect("listening");
+            server
+        })
+        .collect();
+    let ids: Vec<u32> = ports
+        .iter()
+        .zip(&mut servers)
+        .map(|(&port, server)| {
+            let id = connect(&mut a, port);
+            server.expect("10.0.0.2");
+            send(&mut a, id, b"one").expect("send");
+            assert_eq!(recv(&mut a, id, 3).expect("echo"), b"one");
+            id
+        })
+        .collect();
+    assert_eq!(a.connections().expect("a device").len(), 4);
+    let challenges_before = link.net.challenge_acks();
+
+    let s = a.snapshot().expect("snapshot with connections open");
+    let (config_c, tap_c) = link.config(&base, 5);
+    let mut c = VmInstance::restore(&config_c, &s).expect("restore the clone");
+    link.attach(&tap_c);
+    let who = c.invoke("identity", b"").expect("identity");
+    assert_eq!(&who[6..], &[10, 0, 0, 5]);
+    c.restore_in_place(&s).expect("reset the clone in place");
+    assert!(
+        c.connections().expect("a device").is_empty(),
+        "the clone adopted the original's connections"
+    );
+    let mut managed = ManagedVm::new(c, s.clone(), Always).expect("managed clone");
+    managed.invoke("identity", b"").expect("a request");
+    assert!(managed.vm().connections().expect("a device").is_empty());
+    drop(managed);
+
+    // A's connections are alive at both ends: a RST sent before this
+    // exchange would have reached the peer first.
+    for &id in &ids {
+        send(&mut a, id, b"two").expect("send after the clone");
+        assert_eq!(recv(&mut a, id, 3).expect("echo"), b"two");
+    }
+    assert_eq!(link.net.established().len(), 4, "{:?}", link.net.sockets());
+    assert_eq!(link.net.challenge_acks(), challenges_before);
+    assert_eq!(a.connections().expect("a device").len(), 4);
+}
+
+/// An exact RST the TAP device cannot take (its link is down) never
+/// reached the peer: the tracker keeps the connection, and ends it later.
+#[test]
+fn an_rst_the_device_could_not_send_does_not_end_tracking() {
+    require_net!();
+    let mut net = PeerNet::new();
+    let config = net.config(&base_config(), 2);
+    let mut vm = VmInstance::new(&config).expect("boot netguest");
+    net.attach();
+    let (_server, _id, c) = open_tracked(&mut vm, &net, 9400);
+    let rst = tcp_frame(
+        c.guest_mac,
+        c.peer_mac,
+        c.key.guest,
+        c.key.peer,
+        Flags::Rst,
+        c.guest.next_seq,
+        None,
+        0,
+        &[],
+    );
+    ip(&["-n", &net.ns, "link", "set", &net.tap, "down"]);
+    let before = vm.net_stats().expect("a device");
+    vm.invoke("raw_exchange", &record(&rst))
+        .expect("raw exchange");
+    let after = vm.net_stats().expect("a device");
+    ip(&["-n", &net.ns, "link", "set", &net.tap, "up"]);
+    assert_eq!(after.dropped_device - before.dropped_device, 1);
+    assert_eq!(after.tx_frames, before.tx_frames);
+    assert_eq!(vm.connections().expect("a device").len(), 1);
+    assert_eq!(net.established().len(), 1, "the peer's socket is open");
+    assert_no_connection_escapes(vm, &net);
 }

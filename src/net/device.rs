@@ -5,10 +5,14 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use smoltcp::wire::{ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, Ipv4Packet};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet,
+};
 
 use super::tap::{Readiness, Tap};
-use super::tracker::{ConnKey, ConnTracker, Connection, Direction, Observation, TrackerConfig};
+use super::tracker::{
+    self, ConnKey, ConnTracker, Connection, Direction, Observation, TrackerConfig,
+};
 use crate::abi;
 
 /// The network identity of one VM: what its frames must carry.
@@ -27,6 +31,9 @@ pub struct NetIdentity {
 /// Most ARP frames a guest may send per second by default (see
 /// [`NetConfig::arp_per_second`]).
 pub const DEFAULT_ARP_PER_SECOND: u32 = 50;
+/// Most new TCP connections a guest may open per second by default (see
+/// [`NetConfig::syn_per_second`]).
+pub const DEFAULT_SYN_PER_SECOND: u32 = 1000;
 /// Most frames the host queues for a guest (resets it must take in) by
 /// default.
 pub const DEFAULT_MAX_QUEUED: usize = 8192;
@@ -53,7 +60,9 @@ pub struct NetConfig {
     pub(crate) identity: NetIdentity,
     pub(crate) tracker: TrackerConfig,
     pub(crate) arp_per_second: u32,
+    pub(crate) syn_per_second: u32,
     pub(crate) max_queued: usize,
+    pub(crate) peer_mac: Option<[u8; 6]>,
 }
 
 impl NetConfig {
@@ -66,7 +75,9 @@ impl NetConfig {
             identity,
             tracker: TrackerConfig::default(),
             arp_per_second: DEFAULT_ARP_PER_SECOND,
+            syn_per_second: DEFAULT_SYN_PER_SECOND,
             max_queued: DEFAULT_MAX_QUEUED,
+            peer_mac: None,
         }
     }
 
@@ -95,10 +106,40 @@ impl NetConfig {
         self
     }
 
+    /// Most new TCP connections the guest may open per second, with
+    /// bursts up to the same number (default
+    /// [`DEFAULT_SYN_PER_SECOND`], 1000): a SYN for a new connection over
+    /// the rate is dropped before it reaches the peer and counted in
+    /// [`NetStats::dropped_syn_rate`]. A retransmitted SYN is not a new
+    /// connection; connections the peer opens are not limited.
+    pub fn syn_per_second(mut self, n: u32) -> Self {
+        self.syn_per_second = n;
+        self
+    }
+
+    /// The MAC address of the guest's link peer: the host's side of the
+    /// TAP device, or the router the guest's frames go to when the TAP
+    /// device is bridged. By default the TAP device's own MAC address, read
+    /// when the VM opens it (right when the host routes for the TAP
+    /// device, the usual setup). The guest's frames must go to it (or, but
+    /// for TCP, to broadcast), and the host's resets go to it: what the
+    /// tracker believes follows from what reaches the peer, never from a
+    /// destination address the guest chose.
+    pub fn peer_mac(mut self, mac: [u8; 6]) -> Self {
+        self.peer_mac = Some(mac);
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
         let id = &self.identity;
         if id.mac[0] & 1 != 0 || id.mac == [0; 6] {
             return Err("the MAC address must be unicast and not all zero".into());
+        }
+        if self
+            .peer_mac
+            .is_some_and(|mac| mac[0] & 1 != 0 || mac == [0; 6])
+        {
+            return Err("the peer's MAC address must be unicast and not all zero".into());
         }
         if id.prefix_len > 32 {
             return Err("the prefix length must be at most 32".into());
@@ -111,7 +152,9 @@ impl NetConfig {
 }
 
 /// Counters of a VM's network device. Every frame the guest hands over is
-/// either forwarded (`tx_frames`) or counted in exactly one `dropped_*`.
+/// either forwarded (`tx_frames`) or counted in exactly one `dropped_*`;
+/// every frame read from the TAP device is either given to the guest
+/// (`rx_frames`) or counted in `dropped_device` or `dropped_table_full`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NetStats {
@@ -131,8 +174,23 @@ pub struct NetStats {
     pub dropped_arp_flood: u64,
     /// Guest frames of other protocols than IPv4 and ARP (IPv6 included).
     pub dropped_protocol: u64,
-    /// SYNs for new connections beyond the tracker's table.
+    /// Guest IPv4 fragments (of any protocol): the tracker cannot inspect
+    /// what they carry, so they never leave.
+    pub dropped_fragment: u64,
+    /// Guest frames sent to another MAC address than the peer's
+    /// ([`NetConfig::peer_mac`]), or, but for TCP, broadcast.
+    pub dropped_destination: u64,
+    /// SYNs for new connections beyond the tracker's table: the guest's
+    /// are dropped, a peer's are refused (the peer gets a RST, the guest
+    /// never sees the SYN).
     pub dropped_table_full: u64,
+    /// SYNs for new connections over the guest's rate
+    /// ([`NetConfig::syn_per_second`]).
+    pub dropped_syn_rate: u64,
+    /// Frames the host made on the guest's behalf (resets, refusals) that
+    /// failed the checks a guest's own frame passes — another VM's
+    /// identity, or not to the peer: never sent.
+    pub dropped_host_frames: u64,
     /// Frames the TAP device refused (e.g. while its link is down), and
     /// frames from it longer than the guest can take.
     pub dropped_device: u64,
@@ -149,7 +207,44 @@ enum Refused {
     Malformed,
     ArpFlood,
     Protocol,
+    Fragment,
+    Destination,
     TableFull,
+    SynRate,
+}
+
+/// A token bucket: `per_second` tokens a second, at most `per_second` held.
+#[derive(Debug)]
+struct RateLimit {
+    per_second: u32,
+    tokens: u32,
+    refilled: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            tokens: per_second,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled);
+        let earned = (elapsed.as_micros() * u128::from(self.per_second) / 1_000_000) as u64;
+        if earned > 0 {
+            self.tokens = (u64::from(self.tokens) + earned).min(u64::from(self.per_second)) as u32;
+            self.refilled = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 /// One VM's device.
@@ -157,6 +252,9 @@ enum Refused {
 pub(crate) struct NetDevice {
     tap: Tap,
     identity: NetIdentity,
+    /// The MAC address of the guest's link peer (see
+    /// [`NetConfig::peer_mac`]).
+    peer_mac: [u8; 6],
     tracker: ConnTracker,
     /// Frames for the guest made by the host (resets), sent first.
     to_guest: VecDeque<Vec<u8>>,
@@ -169,9 +267,8 @@ pub(crate) struct NetDevice {
     pub(crate) tx_in: Vec<u8>,
     /// One frame read from the TAP device.
     read_buf: Vec<u8>,
-    arp_per_second: u32,
-    arp_tokens: u32,
-    arp_refilled: Instant,
+    arp_rate: RateLimit,
+    syn_rate: RateLimit,
     stats: NetStats,
 }
 
@@ -181,10 +278,15 @@ const RECORD_HEADER: usize = 2;
 impl NetDevice {
     pub(crate) fn open(config: &NetConfig) -> std::io::Result<Self> {
         let tap = Tap::open(&config.tap)?;
+        let peer_mac = match config.peer_mac {
+            Some(mac) => mac,
+            None => tap.mac()?,
+        };
         Ok(Self {
             tap,
             identity: config.identity,
-            tracker: ConnTracker::new(config.tracker),
+            peer_mac,
+            tracker: ConnTracker::new(config.tracker).with_link(config.identity.mac, peer_mac),
             to_guest: VecDeque::new(),
             max_queued: config.max_queued,
             rx_out: Vec::with_capacity(abi::NET_MAX_RX as usize),
@@ -193,9 +295,8 @@ impl NetDevice {
             // Larger than any frame we accept, so a longer one is seen
             // (and dropped) rather than cut.
             read_buf: vec![0; 64 * 1024],
-            arp_per_second: config.arp_per_second,
-            arp_tokens: config.arp_per_second,
-            arp_refilled: Instant::now(),
+            arp_rate: RateLimit::new(config.arp_per_second),
+            syn_rate: RateLimit::new(config.syn_per_second),
             stats: NetStats::default(),
         })
     }
@@ -231,18 +332,25 @@ impl NetDevice {
             let (frame, next) = tail.split_at(len);
             rest = next;
             match self.check(frame) {
-                Ok(()) => {
+                Ok(seen) => {
                     if self.tap.write_frame(frame).is_ok() {
                         self.stats.tx_frames += 1;
                     } else {
                         self.stats.dropped_device += 1;
+                        // The peer never saw this end of the connection.
+                        if let Observation::Closed(key) = seen {
+                            self.tracker.reinstate(&key);
+                        }
                     }
                 }
                 Err(Refused::Spoofed) => self.stats.dropped_spoofed += 1,
                 Err(Refused::Malformed) => self.stats.dropped_malformed += 1,
                 Err(Refused::ArpFlood) => self.stats.dropped_arp_flood += 1,
                 Err(Refused::Protocol) => self.stats.dropped_protocol += 1,
+                Err(Refused::Fragment) => self.stats.dropped_fragment += 1,
+                Err(Refused::Destination) => self.stats.dropped_destination += 1,
                 Err(Refused::TableFull) => self.stats.dropped_table_full += 1,
+                Err(Refused::SynRate) => self.stats.dropped_syn_rate += 1,
             }
         }
         self.tx_in = batch;
@@ -251,26 +359,25 @@ impl NetDevice {
 
     /// Whether a guest frame may leave: its own addresses only, IPv4 and
     /// ARP only, within size and rate; TCP segments go through the tracker.
-    fn check(&mut self, frame: &[u8]) -> Result<(), Refused> {
-        if frame.len() > abi::NET_MAX_FRAME as usize {
-            return Err(Refused::Malformed);
-        }
-        let eth = EthernetFrame::new_checked(frame).map_err(|_| Refused::Malformed)?;
-        if eth.src_addr().0 != self.identity.mac {
-            return Err(Refused::Spoofed);
-        }
-        match eth.ethertype() {
+    /// Returns what the tracker made of it.
+    fn check(&mut self, frame: &[u8]) -> Result<Observation, Refused> {
+        match self.check_addresses(frame)? {
             EthernetProtocol::Ipv4 => {
-                let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| Refused::Malformed)?;
-                if ip.src_addr() != self.identity.ip {
-                    return Err(Refused::Spoofed);
-                }
-                match self.tracker.observe(Direction::FromGuest, frame) {
+                let syn_rate = &mut self.syn_rate;
+                match self
+                    .tracker
+                    .observe_admitting(Direction::FromGuest, frame, |_| syn_rate.take())
+                {
                     Observation::TableFull => Err(Refused::TableFull),
-                    _ => Ok(()),
+                    Observation::NotAdmitted => Err(Refused::SynRate),
+                    // A TCP segment the tracker cannot read might still be
+                    // one the peer takes in.
+                    Observation::Malformed => Err(Refused::Malformed),
+                    seen => Ok(seen),
                 }
             }
             EthernetProtocol::Arp => {
+                let eth = EthernetFrame::new_checked(frame).map_err(|_| Refused::Malformed)?;
                 let arp = ArpPacket::new_checked(eth.payload()).map_err(|_| Refused::Malformed)?;
                 if arp.hardware_len() != 6 || arp.protocol_len() != 4 {
                     return Err(Refused::Malformed);
@@ -287,29 +394,72 @@ impl NetDevice {
                 if !sender_ok {
                     return Err(Refused::Spoofed);
                 }
-                if !self.take_arp_token() {
+                if !self.arp_rate.take() {
                     return Err(Refused::ArpFlood);
                 }
-                Ok(())
+                Ok(Observation::NotTcp)
             }
             _ => Err(Refused::Protocol),
         }
     }
 
-    fn take_arp_token(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.arp_refilled);
-        let earned = (elapsed.as_micros() * u128::from(self.arp_per_second) / 1_000_000) as u64;
-        if earned > 0 {
-            self.arp_tokens =
-                (u64::from(self.arp_tokens) + earned).min(u64::from(self.arp_per_second)) as u32;
-            self.arp_refilled = now;
+    /// The checks of every frame that leaves on the guest's behalf, the
+    /// host's own (resets, refusals) included: size, the guest's own MAC
+    /// and IPv4 addresses as source, the peer's MAC (or, but for TCP,
+    /// broadcast) as destination, IPv4 or ARP, no IPv4 fragment. Returns
+    /// the frame's protocol.
+    fn check_addresses(&self, frame: &[u8]) -> Result<EthernetProtocol, Refused> {
+        if frame.len() > abi::NET_MAX_FRAME as usize {
+            return Err(Refused::Malformed);
         }
-        if self.arp_tokens == 0 {
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Refused::Malformed)?;
+        if eth.src_addr().0 != self.identity.mac {
+            return Err(Refused::Spoofed);
+        }
+        // Frames go to the peer (a broadcast reaches it too, but its TCP
+        // drops one): the tracker must never believe a frame the peer does
+        // not take in.
+        let dst = eth.dst_addr().0;
+        let to_peer = dst == self.peer_mac;
+        if !to_peer && dst != [0xff; 6] {
+            return Err(Refused::Destination);
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {
+                let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| Refused::Malformed)?;
+                if ip.src_addr() != self.identity.ip {
+                    return Err(Refused::Spoofed);
+                }
+                // The peer would reassemble fragments; the tracker does
+                // not, so none leaves.
+                if ip.more_frags() || ip.frag_offset() != 0 {
+                    return Err(Refused::Fragment);
+                }
+                if ip.next_header() == IpProtocol::Tcp && !to_peer {
+                    return Err(Refused::Destination);
+                }
+                Ok(EthernetProtocol::Ipv4)
+            }
+            EthernetProtocol::Arp => Ok(EthernetProtocol::Arp),
+            _ => Err(Refused::Protocol),
+        }
+    }
+
+    /// Whether a frame from the TAP device is addressed to this guest (its
+    /// MAC, and its IPv4 address if IPv4): only those can be its
+    /// connections. On a shared link a frame for another VM can arrive
+    /// here (a bridge floods unknown destinations); its connection is not
+    /// this VM's to track or end.
+    fn for_guest(&self, frame: &[u8]) -> bool {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        if eth.dst_addr().0 != self.identity.mac {
             return false;
         }
-        self.arp_tokens -= 1;
-        true
+        eth.ethertype() != EthernetProtocol::Ipv4
+            || Ipv4Packet::new_checked(eth.payload())
+                .is_ok_and(|ip| ip.dst_addr() == self.identity.ip)
     }
 
     /// Appends one frame for the guest to `rx_out` if it fits in `cap`.
@@ -353,7 +503,19 @@ impl NetDevice {
                 continue;
             }
             let frame = std::mem::take(&mut self.read_buf);
-            self.tracker.observe(Direction::ToGuest, &frame[..n]);
+            if self.for_guest(&frame[..n])
+                && self.tracker.observe(Direction::ToGuest, &frame[..n]) == Observation::TableFull
+            {
+                // A peer's SYN the tracker cannot follow must not become a
+                // connection: the guest never sees it, the peer gets the
+                // answer of a closed port.
+                self.stats.dropped_table_full += 1;
+                if let Some(rst) = tracker::refusal(&frame[..n], self.identity.mac, self.peer_mac) {
+                    self.write_host_frame(&rst);
+                }
+                self.read_buf = frame;
+                continue;
+            }
             let fitted = self.push_rx(&frame[..n], cap);
             if !fitted {
                 self.held = Some(frame[..n].to_vec());
@@ -390,9 +552,33 @@ impl NetDevice {
         !self.to_guest.is_empty()
     }
 
+    /// Writes a frame the host made on the guest's behalf (a reset, a
+    /// refusal) to the TAP device, if it passes the checks a guest's own
+    /// frame passes: it carries only this VM's identity, and goes to the
+    /// peer.
+    fn write_host_frame(&mut self, frame: &[u8]) {
+        if self.check_addresses(frame) != Ok(EthernetProtocol::Ipv4) {
+            self.stats.dropped_host_frames += 1;
+            return;
+        }
+        if self.tap.write_frame(frame).is_err() {
+            self.stats.dropped_device += 1;
+        }
+    }
+
+    /// Whether a connection saved with a snapshot was captured under this
+    /// VM's identity (its IPv4 and MAC address). Only those are this VM's
+    /// to track and end; the others belong to the VM the snapshot was
+    /// taken from.
+    fn is_own(&self, conn: &Connection) -> bool {
+        *conn.key.guest.ip() == self.identity.ip && conn.guest_mac == self.identity.mac
+    }
+
     /// Sends the peer-side reset of every tracked connection whose key
-    /// `saved` does not hold, then makes `saved` the tracked set (as far as
-    /// the table allows). Returns how many connections were ended.
+    /// `saved` does not hold, then makes those of `saved` captured under
+    /// this VM's identity the tracked set (as far as the table allows); a
+    /// clone never adopts the connections of the VM it was cloned from.
+    /// Returns how many connections were ended.
     pub(crate) fn reset_to(&mut self, saved: &[Connection]) -> usize {
         let keep: std::collections::BTreeSet<ConnKey> = saved.iter().map(|c| c.key).collect();
         let stale: Vec<ConnKey> = self
@@ -406,9 +592,7 @@ impl NetDevice {
                 continue;
             };
             for f in &t.to_peer {
-                if self.tap.write_frame(f).is_err() {
-                    self.stats.dropped_device += 1;
-                }
+                self.write_host_frame(f);
             }
         }
         self.stats.terminated += stale.len() as u64;
@@ -417,7 +601,9 @@ impl NetDevice {
         self.to_guest.clear();
         self.tracker.clear();
         for c in saved {
-            self.tracker.insert(*c);
+            if self.is_own(c) {
+                self.tracker.insert(*c);
+            }
         }
         stale.len()
     }
@@ -429,9 +615,7 @@ impl NetDevice {
         let terms = self.tracker.terminate_all();
         for t in &terms {
             for f in &t.to_peer {
-                if self.tap.write_frame(f).is_err() {
-                    self.stats.dropped_device += 1;
-                }
+                self.write_host_frame(f);
             }
         }
         for t in terms.iter() {

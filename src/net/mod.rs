@@ -33,7 +33,10 @@ pub(crate) mod tap;
 pub(crate) mod tracker;
 
 pub(crate) use device::NetDevice;
-pub use device::{NetConfig, NetIdentity, NetStats, DEFAULT_ARP_PER_SECOND, DEFAULT_MAX_QUEUED};
+pub use device::{
+    NetConfig, NetIdentity, NetStats, DEFAULT_ARP_PER_SECOND, DEFAULT_MAX_QUEUED,
+    DEFAULT_SYN_PER_SECOND,
+};
 pub use tap::Tap;
 pub use tracker::{
     ConnKey, ConnState, ConnTracker, Connection, Direction, Endpoint, Observation, Termination,

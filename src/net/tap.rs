@@ -39,6 +39,13 @@ impl Tap {
         })
     }
 
+    /// The MAC address of the host's side of the device, asked of the
+    /// kernel (recent kernels look the device up by name in the network
+    /// namespace it was opened in, so this fails once it moved to another).
+    pub fn mac(&self) -> io::Result<[u8; 6]> {
+        crate::sys::tap::tap_mac(&self.file)
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.name

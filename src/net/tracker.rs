@@ -73,9 +73,12 @@ pub struct Connection {
     pub guest: Endpoint,
     /// The peer's side.
     pub peer: Endpoint,
-    /// The guest's MAC address, as seen on its frames.
+    /// The guest's MAC address: the tracker's fixed one
+    /// ([`ConnTracker::with_link`]), or as seen on the frames.
     pub guest_mac: [u8; 6],
-    /// The MAC address the guest's frames go to (the peer or its router).
+    /// The MAC address the guest's frames go to (the peer or its router):
+    /// the tracker's fixed one ([`ConnTracker::with_link`]), or as seen on
+    /// the frames.
     pub peer_mac: [u8; 6],
 }
 
@@ -106,9 +109,14 @@ pub enum Observation {
     /// no longer tracked.
     Closed(ConnKey),
     /// A SYN for a new connection while the table holds
-    /// [`TrackerConfig::max_connections`]: not tracked. A device should
-    /// drop it, so that no connection escapes termination.
+    /// [`TrackerConfig::max_connections`]: not tracked. A device must not
+    /// let it become a connection — drop a guest's, refuse a peer's — so
+    /// that no connection escapes termination.
     TableFull,
+    /// A SYN for a new connection that the caller of
+    /// [`ConnTracker::observe_admitting`] did not admit: not tracked. A
+    /// device should drop it.
+    NotAdmitted,
 }
 
 /// Limits of a [`ConnTracker`].
@@ -176,6 +184,12 @@ pub struct ConnTracker {
     config: TrackerConfig,
     conns: BTreeMap<ConnKey, Connection>,
     stats: TrackerStats,
+    /// The guest's and the peer's MAC addresses, when the host knows them
+    /// (see [`ConnTracker::with_link`]).
+    link: Option<([u8; 6], [u8; 6])>,
+    /// The connection the last [`Observation::Closed`] ended (see
+    /// [`ConnTracker::reinstate`]).
+    last_closed: Option<Connection>,
 }
 
 /// A parsed TCP segment, in host terms.
@@ -207,7 +221,22 @@ impl ConnTracker {
             config,
             conns: BTreeMap::new(),
             stats: TrackerStats::default(),
+            link: None,
+            last_closed: None,
         }
+    }
+
+    /// Fixes the link addresses: every connection, observed or inserted,
+    /// records `guest_mac` and `peer_mac` (and its termination frames
+    /// carry them), whatever MAC addresses the frames carry. Without it the
+    /// tracker takes them from the frames it observes — which a guest
+    /// chooses: a device that knows its link should fix them.
+    pub fn with_link(mut self, guest_mac: [u8; 6], peer_mac: [u8; 6]) -> Self {
+        self.link = Some((guest_mac, peer_mac));
+        for c in self.conns.values_mut() {
+            (c.guest_mac, c.peer_mac) = (guest_mac, peer_mac);
+        }
+        self
     }
 
     /// Its limits.
@@ -248,9 +277,16 @@ impl ConnTracker {
     /// Inserts a connection record as it was saved (for example with a
     /// snapshot). Returns `false`, inserting nothing, when the table is
     /// full.
-    pub fn insert(&mut self, conn: Connection) -> bool {
+    /// With [fixed link addresses](Self::with_link) the record takes them:
+    /// insert only connections captured under this tracker's own identity
+    /// (a connection of another guest, relabelled, would be ended from
+    /// this one's link as if it were its own).
+    pub fn insert(&mut self, mut conn: Connection) -> bool {
         if !self.conns.contains_key(&conn.key) && self.conns.len() >= self.config.max_connections {
             return false;
+        }
+        if let Some((guest_mac, peer_mac)) = self.link {
+            (conn.guest_mac, conn.peer_mac) = (guest_mac, peer_mac);
         }
         self.conns.insert(conn.key, conn);
         true
@@ -259,6 +295,20 @@ impl ConnTracker {
     /// Looks at one Ethernet frame travelling in `dir` and updates the
     /// connection it belongs to. Any bytes are accepted.
     pub fn observe(&mut self, dir: Direction, frame: &[u8]) -> Observation {
+        self.observe_admitting(dir, frame, |_| true)
+    }
+
+    /// [`observe`](Self::observe), asking `admit` before a SYN opens a new
+    /// connection (not for a retransmitted SYN, nor when the table is
+    /// full): when it says no, the tracker follows nothing new and returns
+    /// [`Observation::NotAdmitted`]. A device uses it to bound how fast a
+    /// guest opens connections.
+    pub fn observe_admitting(
+        &mut self,
+        dir: Direction,
+        frame: &[u8],
+        admit: impl FnOnce(Direction) -> bool,
+    ) -> Observation {
         self.stats.frames += 1;
         let seg = match parse(frame) {
             Parsed::NotTcp => return Observation::NotTcp,
@@ -269,7 +319,7 @@ impl ConnTracker {
             Parsed::Tcp(seg) => seg,
         };
         self.stats.tcp_segments += 1;
-        let (key, guest_mac, peer_mac) = match dir {
+        let (key, mut guest_mac, mut peer_mac) = match dir {
             Direction::FromGuest => (
                 ConnKey {
                     guest: seg.src,
@@ -288,6 +338,10 @@ impl ConnTracker {
             ),
         };
 
+        if let Some(link) = self.link {
+            (guest_mac, peer_mac) = link;
+        }
+
         // An opening SYN starts (or restarts) a connection.
         if seg.syn && seg.ack.is_none() && !seg.rst {
             if let Some(c) = self.conns.get(&key) {
@@ -300,6 +354,9 @@ impl ConnTracker {
             } else if self.conns.len() >= self.config.max_connections {
                 self.stats.table_full += 1;
                 return Observation::TableFull;
+            }
+            if !admit(dir) {
+                return Observation::NotAdmitted;
             }
             let me = Endpoint {
                 syn_seen: true,
@@ -351,7 +408,7 @@ impl ConnTracker {
                 None => seg.ack == Some(receiver.next_seq) || !receiver.syn_seen,
             };
             if accepted {
-                self.conns.remove(&key);
+                self.last_closed = self.conns.remove(&key);
                 return Observation::Closed(key);
             }
             return Observation::Tracked(key);
@@ -409,10 +466,26 @@ impl ConnTracker {
             && acked(&conn.guest, &conn.peer)
             && acked(&conn.peer, &conn.guest)
         {
-            self.conns.remove(&key);
+            self.last_closed = self.conns.remove(&key);
             return Observation::Closed(key);
         }
         Observation::Tracked(key)
+    }
+
+    /// Follows `key` again as it was before the frame that ended it, when
+    /// the last [`observe`](Self::observe) reported
+    /// [`Observation::Closed(key)`](Observation::Closed) and that frame
+    /// never reached its receiver (a device could not send it): a
+    /// connection is forgotten only when its end was delivered. Returns
+    /// whether it did.
+    pub fn reinstate(&mut self, key: &ConnKey) -> bool {
+        match self.last_closed.take() {
+            Some(conn) if conn.key == *key => self.insert(conn),
+            other => {
+                self.last_closed = other;
+                false
+            }
+        }
     }
 
     /// The frames that would end one connection, without forgetting it.
@@ -581,6 +654,27 @@ fn termination_frames(c: &Connection) -> Termination {
         to_peer,
         to_guest,
     }
+}
+
+/// The answer to a peer's SYN that is not to become a connection (the
+/// tracker's table is full): a RST|ACK acknowledging the SYN, from the
+/// address it was sent to, as a closed port answers, from `guest_mac` to
+/// `peer_mac`. `None` when `syn` is not a valid opening SYN.
+pub(crate) fn refusal(syn: &[u8], guest_mac: [u8; 6], peer_mac: [u8; 6]) -> Option<Vec<u8>> {
+    let Parsed::Tcp(s) = parse(syn) else {
+        return None;
+    };
+    if !s.syn || s.ack.is_some() || s.rst {
+        return None;
+    }
+    Some(rst_frame(
+        guest_mac,
+        peer_mac,
+        s.dst,
+        s.src,
+        0,
+        Some(s.seq.wrapping_add(s.seg_len)),
+    ))
 }
 
 /// Length of the frames [`rst_frame`] builds: Ethernet + IPv4 + TCP headers.
@@ -863,12 +957,17 @@ mod tests {
 
         // An in-window RST ends a connection at once.
         let mut t = established();
+        let before = *t.connections().next().unwrap();
         let o = t.observe(
             Direction::ToGuest,
             &frame(Direction::ToGuest, seg(TcpControl::Rst, 7001, None, b"")),
         );
         assert!(matches!(o, Observation::Closed(_)));
         assert!(t.is_empty());
+        // Undelivered, it is undone: the record is back as it was.
+        assert!(t.reinstate(&before.key));
+        assert_eq!(t.get(&before.key), Some(&before));
+        assert!(!t.reinstate(&before.key), "only once");
     }
 
     #[test]
@@ -892,6 +991,73 @@ mod tests {
         );
         assert_eq!(t.stats().table_full, 1);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_refusal_answers_a_peer_syn_like_a_closed_port() {
+        let syn = frame(Direction::ToGuest, seg(TcpControl::Syn, 500, None, b""));
+        let rst = refusal(&syn, G_MAC, P_MAC).expect("a refusal");
+        assert_eq!(read_rst(&rst), (g(), p(), 0, Some(501)));
+        assert_eq!(&rst[0..6], &P_MAC);
+        assert_eq!(&rst[6..12], &G_MAC);
+        // Only an opening SYN gets one.
+        let ack = frame(Direction::ToGuest, seg(TcpControl::None, 500, Some(1), b""));
+        assert_eq!(refusal(&ack, G_MAC, P_MAC), None);
+        assert_eq!(refusal(&[0u8; 60], G_MAC, P_MAC), None);
+    }
+
+    #[test]
+    fn admission_is_asked_for_new_connections_only() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let syn = frame(Direction::FromGuest, seg(TcpControl::Syn, 1, None, b""));
+        assert_eq!(
+            t.observe_admitting(Direction::FromGuest, &syn, |_| false),
+            Observation::NotAdmitted
+        );
+        assert!(t.is_empty());
+        let mut asked = 0;
+        let mut admit = |_| {
+            asked += 1;
+            true
+        };
+        assert!(matches!(
+            t.observe_admitting(Direction::FromGuest, &syn, &mut admit),
+            Observation::Tracked(_)
+        ));
+        // A retransmission of the SYN is not a new connection.
+        assert!(matches!(
+            t.observe_admitting(Direction::FromGuest, &syn, &mut admit),
+            Observation::Tracked(_)
+        ));
+        assert_eq!(asked, 1);
+    }
+
+    #[test]
+    fn fixed_link_addresses_are_not_learned_from_frames() {
+        let other = [2, 0, 0, 0, 0, 0x99];
+        let mut t = established().with_link(G_MAC, other);
+        let key = ConnKey {
+            guest: g(),
+            peer: p(),
+        };
+        assert_eq!(t.get(&key).unwrap().peer_mac, other);
+        // The guest's frames go to P_MAC: the record keeps the fixed one.
+        t.observe(
+            Direction::FromGuest,
+            &frame(
+                Direction::FromGuest,
+                seg(TcpControl::None, u32::MAX, Some(7001), b"x"),
+            ),
+        );
+        let c = *t.get(&key).unwrap();
+        assert_eq!((c.guest_mac, c.peer_mac), (G_MAC, other));
+        let mut inserted = c;
+        inserted.peer_mac = P_MAC;
+        t.clear();
+        assert!(t.insert(inserted));
+        let term = t.terminate(&key).unwrap();
+        assert_eq!(&term.to_peer[0][0..6], &other);
+        assert_eq!(&term.to_peer[0][6..12], &G_MAC);
     }
 
     #[test]

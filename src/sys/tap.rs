@@ -47,3 +47,37 @@ pub(crate) fn open_tap(name: &str) -> io::Result<File> {
     }
     Ok(file)
 }
+
+/// `struct ifreq` as `SIOCGIFHWADDR` fills it: the name, then a
+/// `struct sockaddr` (family, then the address bytes).
+#[repr(C)]
+struct IfReqHwAddr {
+    name: [u8; libc::IFNAMSIZ],
+    family: libc::sa_family_t,
+    data: [u8; 14],
+    _pad: [u8; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<IfReqHwAddr>() == 40);
+
+/// The MAC address of the TAP device `file` is attached to (the host's
+/// side of the link, not the guest's).
+pub(crate) fn tap_mac(file: &File) -> io::Result<[u8; 6]> {
+    let mut req = IfReqHwAddr {
+        name: [0; libc::IFNAMSIZ],
+        family: 0,
+        data: [0; 14],
+        _pad: [0; 8],
+    };
+    // SAFETY: SIOCGIFHWADDR on an attached tun file writes a `struct
+    // ifreq` of 40 bytes (the device's name and its hardware address as a
+    // `struct sockaddr`); `req` is one, laid out as the kernel expects, and
+    // lives across the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&req.data[..6]);
+    Ok(mac)
+}
