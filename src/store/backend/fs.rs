@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use super::{Backend, Namespace, ObjectName, PutOutcome};
+use super::{Backend, Listing, Namespace, ObjectName, PutOutcome};
 use crate::store::error::BackendError;
 use crate::sys::fs::{file_type_at, mkdirat, openat, openat2_beneath, renameat, unlinkat};
 
@@ -259,6 +259,70 @@ impl FsBackend {
         }
     }
 
+    /// Lists `namespace`. A namespace or shard directory that is a symlink
+    /// (or, for a shard name, not a directory) fails the listing with
+    /// `skipped` `None`, and is recorded there and left out otherwise.
+    fn list_inner(
+        &self,
+        namespace: Namespace,
+        mut skipped: Option<&mut Vec<PathBuf>>,
+    ) -> Result<Vec<ObjectName>, BackendError> {
+        // Fails if the namespace directory is a symlink.
+        match self.open_beneath(namespace.as_str(), libc::O_RDONLY | libc::O_DIRECTORY) {
+            Ok(_) => {}
+            Err(BackendError::Symlink { path } | BackendError::NotADirectory { path })
+                if skipped.is_some() =>
+            {
+                if let Some(s) = skipped {
+                    s.push(path);
+                }
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        }
+        let ns_dir = self.root.join(namespace.as_str());
+        let mut out = Vec::new();
+        for shard in fs::read_dir(&ns_dir)? {
+            let shard = shard?;
+            let ft = shard.file_type()?;
+            let shard_name = shard.file_name();
+            let is_shard_name = shard_name.to_str().is_some_and(|s| {
+                s.len() == 2 && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+            });
+            if ft.is_symlink() || (is_shard_name && !ft.is_dir()) {
+                match skipped.as_deref_mut() {
+                    Some(s) => {
+                        s.push(shard.path());
+                        continue;
+                    }
+                    None if ft.is_symlink() => {
+                        return Err(BackendError::Symlink { path: shard.path() })
+                    }
+                    None => continue,
+                }
+            }
+            let Some(prefix) = shard_name.to_str().filter(|s| s.len() == 2 && ft.is_dir()) else {
+                continue;
+            };
+            // Entries of any type are listed: reading or deleting one that
+            // is not a regular file is a typed error (Symlink, NotAFile),
+            // which `verify` reports as a problem.
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let file_name = entry.file_name();
+                let Some(hex) = file_name.to_str() else {
+                    continue;
+                };
+                if let Some(name) = ObjectName::parse(namespace, hex) {
+                    if hex.starts_with(prefix) {
+                        out.push(name);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes `bytes` to a new file in `tmp/`; returns its name there.
     fn write_tmp(&self, hex: &str, bytes: &[u8]) -> Result<CString, BackendError> {
         loop {
@@ -413,37 +477,13 @@ impl Backend for FsBackend {
     }
 
     fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError> {
-        // Fails if the namespace directory is a symlink.
-        self.open_beneath(namespace.as_str(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let ns_dir = self.root.join(namespace.as_str());
-        let mut out = Vec::new();
-        for shard in fs::read_dir(&ns_dir)? {
-            let shard = shard?;
-            let ft = shard.file_type()?;
-            if ft.is_symlink() {
-                return Err(BackendError::Symlink { path: shard.path() });
-            }
-            let shard_name = shard.file_name();
-            let Some(prefix) = shard_name.to_str().filter(|s| s.len() == 2 && ft.is_dir()) else {
-                continue;
-            };
-            // Entries of any type are listed: reading or deleting one that
-            // is not a regular file is a typed error (Symlink, NotAFile),
-            // which `verify` reports as a problem.
-            for entry in fs::read_dir(shard.path())? {
-                let entry = entry?;
-                let file_name = entry.file_name();
-                let Some(hex) = file_name.to_str() else {
-                    continue;
-                };
-                if let Some(name) = ObjectName::parse(namespace, hex) {
-                    if hex.starts_with(prefix) {
-                        out.push(name);
-                    }
-                }
-            }
-        }
-        Ok(out)
+        self.list_inner(namespace, None)
+    }
+
+    fn list_skipping(&self, namespace: Namespace) -> Result<Listing, BackendError> {
+        let mut skipped = Vec::new();
+        let objects = self.list_inner(namespace, Some(&mut skipped))?;
+        Ok(Listing::new(objects, skipped))
     }
 
     fn remove_incomplete(&self, older_than: Duration) -> Result<u64, BackendError> {

@@ -10,6 +10,7 @@ mod memory;
 mod s3;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,6 +163,25 @@ pub enum PutOutcome {
     AlreadyPresent,
 }
 
+/// What [`Backend::list_skipping`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Listing {
+    /// Every object listed, in no particular order.
+    pub objects: Vec<ObjectName>,
+    /// Parts of the namespace left out because listing them would follow a
+    /// link (or they are not directories): their paths, never entered.
+    pub skipped: Vec<PathBuf>,
+}
+
+impl Listing {
+    /// A listing of `objects` that left out `skipped` (for backends
+    /// implementing [`Backend::list_skipping`] themselves).
+    pub fn new(objects: Vec<ObjectName>, skipped: Vec<PathBuf>) -> Self {
+        Self { objects, skipped }
+    }
+}
+
 /// Object storage for a [`ConvergentStore`](super::ConvergentStore).
 ///
 /// Requirements on an implementation:
@@ -200,6 +220,22 @@ pub trait Backend: Send + Sync {
     /// names are not 64 lowercase hex digits are skipped.
     fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError>;
 
+    /// Like [`Backend::list`], but a part of the namespace that cannot be
+    /// listed without following a link is left out and named in
+    /// [`Listing::skipped`] instead of failing the whole listing
+    /// ([`FsBackend`]: a namespace or shard directory that is a symbolic
+    /// link or not a directory). [`ConvergentStore::verify`](super::ConvergentStore::verify)
+    /// uses it to report such a directory and carry on; `gc` uses
+    /// [`Backend::list`], which fails, because objects it cannot see might
+    /// be manifests. The default lists with [`Backend::list`] and skips
+    /// nothing.
+    fn list_skipping(&self, namespace: Namespace) -> Result<Listing, BackendError> {
+        Ok(Listing {
+            objects: self.list(namespace)?,
+            skipped: Vec::new(),
+        })
+    }
+
     /// Makes every object stored so far durable. The default does nothing,
     /// for backends whose `put_if_absent` is durable when it returns.
     fn flush(&self) -> Result<(), BackendError> {
@@ -233,6 +269,9 @@ macro_rules! forward_backend {
             }
             fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError> {
                 (**self).list(namespace)
+            }
+            fn list_skipping(&self, namespace: Namespace) -> Result<Listing, BackendError> {
+                (**self).list_skipping(namespace)
             }
             fn remove_incomplete(&self, older_than: Duration) -> Result<u64, BackendError> {
                 (**self).remove_incomplete(older_than)
