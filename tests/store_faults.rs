@@ -204,6 +204,73 @@ fn symlinked_shard_directories_are_never_followed() {
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
 }
 
+/// A block file replaced by a FIFO (no writer) or by a symlink to
+/// `/dev/zero` is refused at once with a typed error, never waited on or
+/// read without bound; `verify` reports both and carries on.
+#[test]
+fn a_fifo_or_a_link_to_dev_zero_in_place_of_a_block_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = std::sync::Arc::new(
+        ConvergentStore::new(
+            &StoreConfig {
+                block_size: 4096,
+                ..StoreConfig::default()
+            },
+            FsBackend::open(&root).unwrap(),
+            ManifestKey::from_bytes(KEY),
+        )
+        .unwrap(),
+    );
+    let data = common::pseudo_random(2 * 4096, 11);
+    let put = store.put_bytes(&data, b"").unwrap();
+    let ids = data_ids(&store, &put.manifest);
+    let fs = FsBackend::open(&root).unwrap();
+    let p0 = fs.path_of(&ObjectName::block(&ids[0]));
+    std::fs::remove_file(&p0).unwrap();
+    let made = Command::new("mkfifo").arg(&p0).status().unwrap();
+    assert!(made.success());
+    let p1 = fs.path_of(&ObjectName::block(&ids[1]));
+    std::fs::remove_file(&p1).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &p1).unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = store.clone();
+    let (n0, n1) = (ObjectName::block(&ids[0]), ObjectName::block(&ids[1]));
+    std::thread::spawn(move || {
+        let b = s.backend();
+        let _ = tx.send((
+            b.get(&n0, 1 << 20),
+            b.get(&n1, 1 << 20),
+            b.put_if_absent(&n0, b"x"),
+            s.verify(),
+        ));
+    });
+    let (get0, get1, put0, report) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("reading a FIFO or /dev/zero block blocked");
+    assert!(
+        matches!(get0, Err(BackendError::NotAFile { .. })),
+        "{get0:?}"
+    );
+    assert!(
+        matches!(get1, Err(BackendError::Symlink { .. })),
+        "{get1:?}"
+    );
+    assert!(
+        matches!(put0, Err(BackendError::NotAFile { .. })),
+        "{put0:?}"
+    );
+    let mut problems = report.unwrap().problems;
+    problems.sort_by_key(|p| format!("{p:?}"));
+    let mut want = vec![
+        Problem::NotAFile { object: n0 },
+        Problem::NotAFile { object: n1 },
+    ];
+    want.sort_by_key(|p| format!("{p:?}"));
+    assert_eq!(problems, want);
+}
+
 /// `verify` reports a symlinked shard directory (and the referenced blocks
 /// behind it) and checks everything else, instead of failing.
 #[test]
