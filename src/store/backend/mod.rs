@@ -159,7 +159,8 @@ pub enum PutOutcome {
     /// The object was written.
     Stored,
     /// An object of that name already existed (with these bytes, for
-    /// backends that check); nothing was written.
+    /// backends that check); nothing was written (`S3Backend`: it was
+    /// written again, see [`Backend::put_if_absent`]).
     AlreadyPresent,
 }
 
@@ -198,11 +199,19 @@ impl Listing {
 pub trait Backend: Send + Sync {
     /// Stores `bytes` under `name` unless an object of that name exists.
     ///
+    /// The store counts a block as stored only when this returns `Ok`, so
+    /// `Ok` must mean that the object is durable and readable by every
+    /// reader of the backend — for a replicated backend, written at its
+    /// write quorum by this call or by one known to have completed. A
+    /// backend that cannot tell an object held by too few replicas from a
+    /// complete one must write it again.
+    ///
     /// [`FsBackend`] and [`MemoryBackend`] compare an existing object with
     /// `bytes` (length first, then contents) and replace it if it differs,
-    /// so putting the same data again heals a truncated or damaged object.
-    /// Backends for which that check is costly (such as `S3Backend`) may
-    /// keep any existing object.
+    /// so putting the same data again heals a truncated or damaged object;
+    /// there an existing object is exact proof. `S3Backend` always writes
+    /// (a HEAD answers "present" when one replica holds the object), and
+    /// reports [`PutOutcome::AlreadyPresent`] when a HEAD found it first.
     fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError>;
 
     /// Reads an object; `Ok(None)` if it does not exist. An object longer
