@@ -6,6 +6,7 @@
 #   bash .ci/garage-cluster.sh status DIR
 #   bash .ci/garage-cluster.sh stop-node DIR N  # N = 1, 2 or 3
 #   bash .ci/garage-cluster.sh start-node DIR N
+#   bash .ci/garage-cluster.sh kill-nodes DIR N... # SIGKILL, all at once
 #   bash .ci/garage-cluster.sh stop DIR         # every node this script started
 #
 # `replication_factor = 3` with the default `consistency_mode = "consistent"`:
@@ -26,7 +27,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -203,6 +204,27 @@ EOF
     status
 }
 
+# SIGKILL nodes "$@" at once (a crash, not a shutdown), then waits for them
+# to be gone.
+kill_nodes() {
+    local n pid pids=()
+    for n in "$@"; do
+        pid="$(cat "$dir/node$n/pid" 2>/dev/null || true)"
+        if is_ours "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+            pids+=("$pid")
+        fi
+        rm -f "$dir/node$n/pid"
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+        local deadline=$((SECONDS + 5))
+        while [ -e "/proc/$pid" ] && is_ours "$pid" && [ "$SECONDS" -lt "$deadline" ]; do
+            sleep 0.05
+        done
+    done
+}
+
 stop() {
     local n
     for n in 1 2 3; do
@@ -248,6 +270,12 @@ status) status ;;
 stop-node)
     node_arg "${3:-}"
     stop_node "$3"
+    ;;
+kill-nodes)
+    shift 2
+    [ $# -ge 1 ] || usage
+    for n in "$@"; do node_arg "$n"; done
+    kill_nodes "$@"
     ;;
 start-node)
     node_arg "${3:-}"

@@ -147,6 +147,7 @@ fn backend(args: &Args) -> Result<(Box<dyn Backend>, PathBuf), Box<dyn Error>> {
                 access_key_id: var("SNAPVM_S3_ACCESS_KEY_ID")?,
                 secret_access_key: var("SNAPVM_S3_SECRET_ACCESS_KEY")?,
                 allow_http: true,
+                retry_timeout: snapvm::store::S3Config::DEFAULT_RETRY_TIMEOUT,
             };
             let key = args.key.clone().ok_or("--s3 needs --key FILE")?;
             return Ok((Box::new(snapvm::store::S3Backend::new(&config)?), key));

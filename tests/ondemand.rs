@@ -274,6 +274,25 @@ fn a_deleted_block_poisons_the_vm_and_a_slow_one_hits_the_deadline() {
     assert!(vm.invoke("counter", b"").is_err());
 }
 
+/// Dropping an on-demand snapshot handle never waits for the backend: with
+/// fetches stuck in a slow backend (as in S3 client retries after the
+/// cluster's nodes died), the last drop returns at once and the fetch
+/// threads finish on their own.
+#[test]
+fn dropping_an_on_demand_handle_does_not_wait_for_fetches_in_flight() {
+    require_kvm!();
+    let f = fixture();
+    let on_demand = open_on_demand(&f, Duration::from_millis(300));
+    let mut vm = VmInstance::restore(&config(), &on_demand).unwrap();
+    *f.backend.delay.lock().unwrap() = Some(Duration::from_secs(4));
+    let started = Instant::now();
+    assert!(vm.invoke("touch_region", &touch_all()).is_err());
+    drop(vm);
+    drop(on_demand);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "the drop took {took:?}");
+}
+
 /// Polling mode reads a result from guest memory while the guest runs on
 /// its own vCPU thread, so the result reader itself must refuse a stand-in
 /// page: here the guest publishes as its output a page that nobody touched

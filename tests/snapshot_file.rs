@@ -844,6 +844,16 @@ fn only_regular_files_are_loaded() {
         matches!(&e, SnapshotError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
         "{e:?}"
     );
+    // A symlink to /dev/zero is refused at once, never read.
+    let zero = dir().join("zero.snap");
+    let _ = std::fs::remove_file(&zero);
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        Snapshot::load(&zero),
+        Err(SnapshotError::Symlink { path }) if path == zero
+    ));
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
     // A FIFO is rejected without waiting for a writer.
     let fifo = dir().join("fifo.snap");
     let _ = std::fs::remove_file(&fifo);

@@ -2,7 +2,8 @@
 //! (`.ci/garage-cluster.sh`: `replication_factor = 3`, consistency mode
 //! `consistent`, one node per zone) on loopback, with a node stopped and
 //! started again, snapshots restored by a second process with empty local
-//! state, and owners sharing the bucket.
+//! state, owners sharing the bucket, and a put repeated over blocks that
+//! only one node holds.
 //!
 //! Without Garage the test prints one SKIP line and passes, unless
 //! `SNAPVM_REQUIRE_S3=1` (`bash .ci/store-s3.sh` installs it).
@@ -18,7 +19,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster::Cluster;
-use snapvm::store::{ConvergentStore, ManifestId, ManifestKey, S3Backend, StoreConfig, StoreError};
+use snapvm::store::{
+    Backend, BackendError, ConvergentStore, ManifestId, ManifestKey, Namespace, S3Backend,
+    StoreConfig, StoreError,
+};
 
 const OWNER_A: [u8; 32] = [0xa1; 32];
 const OWNER_B: [u8; 32] = [0xb2; 32];
@@ -27,6 +31,10 @@ const PREFIX: &str = "fleet/";
 const CHILD_ENV: &str = "SNAPVM_CLUSTER_CHILD";
 
 fn store(backend: S3Backend, key: [u8; 32]) -> ConvergentStore {
+    store_on(backend, key)
+}
+
+fn store_on(backend: impl Backend + 'static, key: [u8; 32]) -> ConvergentStore {
     let config = StoreConfig {
         block_size: 64 * 1024,
         ..StoreConfig::default()
@@ -245,4 +253,115 @@ fn a_three_node_cluster_with_a_node_down() {
         node3_b.get_bytes(&b_data.manifest).unwrap(),
         common::pseudo_random(3 << 20, 1)
     );
+}
+
+/// Copies (`cp -a`) a node's Garage directories (`meta/`, `data/`) from
+/// `from` to `to`.
+fn copy_node_state(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for sub in ["meta", "data"] {
+        let _ = std::fs::remove_dir_all(to.join(sub));
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(from.join(sub))
+            .arg(to.join(sub))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp -a {}", from.join(sub).display());
+    }
+}
+
+/// Issue 22: the store counts a block as stored only when the backend
+/// acknowledged a write of it at its write quorum. Garage answers a HEAD
+/// with "present" when a single node holds the object — as after a put
+/// through node 1 during which nodes 2 and 3 died — and a put that trusted
+/// that committed a manifest whose blocks nodes 2 and 3 could not serve.
+///
+/// The state is made exactly: nodes 2 and 3 are stopped and their state is
+/// copied; the blocks of a data set are written through node 1 (as an
+/// interrupted put leaves them, without a manifest); nodes 2 and 3 are
+/// killed and get their old state back, so only node 1 holds the blocks. A
+/// put through node 1 while they are down fails with a typed error; once
+/// they are back, the put repeated must be readable, and `verify` clean,
+/// through every node.
+#[test]
+fn a_put_repeated_over_blocks_only_one_node_holds_is_readable_through_every_node() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    let Some(garage) = garage_or_skip() else {
+        return;
+    };
+    let cluster = Cluster::start(garage).unwrap();
+    // Short client retries: a request to a cluster without quorum fails in
+    // seconds, not the default half minute.
+    let backend = |n| {
+        let mut config = cluster.config(n, PREFIX);
+        config.retry_timeout = Duration::from_secs(3);
+        cluster::ready_backend(&config)
+    };
+    let data = common::pseudo_random(4 << 20, 22);
+    // The block objects a put of `data` writes (convergent: the same in any
+    // store with the same salts and block size).
+    let memory = snapvm::store::MemoryBackend::new();
+    store_on(memory.clone(), OWNER_A)
+        .put_bytes(&data, b"")
+        .unwrap();
+    let blocks: Vec<_> = memory
+        .list(Namespace::Blocks)
+        .unwrap()
+        .into_iter()
+        .map(|name| (name, memory.get(&name, 1 << 20).unwrap().unwrap()))
+        .collect();
+    assert!(blocks.len() >= 64);
+
+    let saved = tempfile::tempdir().unwrap();
+    for n in [2, 3] {
+        cluster.stop_node(n);
+        copy_node_state(&cluster.node_dir(n), &saved.path().join(n.to_string()));
+        cluster.start_node(n);
+    }
+    let raw1 = backend(1);
+    let node1 = store(backend(1), OWNER_A);
+    for (name, bytes) in &blocks {
+        eventually("writing a block through node 1", || {
+            raw1.put_if_absent(name, bytes)
+                .map_err(|source| StoreError::Backend {
+                    op: snapvm::store::Op::Put,
+                    object: *name,
+                    source,
+                })
+        });
+    }
+    // Nodes 2 and 3 crash and come back without those writes.
+    cluster.kill_nodes(&[2, 3]);
+    for n in [2, 3] {
+        copy_node_state(&saved.path().join(n.to_string()), &cluster.node_dir(n));
+    }
+    let down = node1.put_bytes(&data, b"repeated");
+    assert!(
+        matches!(
+            down,
+            Err(StoreError::Backend {
+                source: BackendError::S3(_),
+                ..
+            } | StoreError::List {
+                source: BackendError::S3(_),
+                ..
+            })
+        ),
+        "a put without quorum: {down:?}"
+    );
+    cluster.start_node(2);
+    cluster.start_node(3);
+    // Now a HEAD through any node finds every block (node 1 holds it), but
+    // a GET through node 2 or 3 does not: a put that skipped them on the
+    // strength of the HEAD failed below with `StoreError::Missing`.
+    let put = eventually("the repeated put", || node1.put_bytes(&data, b"repeated"));
+    for n in 1..=3 {
+        let s = store(backend(n), OWNER_A);
+        assert!(s.get_bytes(&put.manifest).unwrap() == data, "node {n}");
+        let report = s.verify().unwrap();
+        assert!(report.is_clean(), "verify through node {n}: {report:?}");
+    }
 }

@@ -204,6 +204,152 @@ fn symlinked_shard_directories_are_never_followed() {
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
 }
 
+/// A block file replaced by a FIFO (no writer) or by a symlink to
+/// `/dev/zero` is refused at once with a typed error, never waited on or
+/// read without bound; `verify` reports both and carries on.
+#[test]
+fn a_fifo_or_a_link_to_dev_zero_in_place_of_a_block_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = std::sync::Arc::new(
+        ConvergentStore::new(
+            &StoreConfig {
+                block_size: 4096,
+                ..StoreConfig::default()
+            },
+            FsBackend::open(&root).unwrap(),
+            ManifestKey::from_bytes(KEY),
+        )
+        .unwrap(),
+    );
+    let data = common::pseudo_random(2 * 4096, 11);
+    let put = store.put_bytes(&data, b"").unwrap();
+    let ids = data_ids(&store, &put.manifest);
+    let fs = FsBackend::open(&root).unwrap();
+    let p0 = fs.path_of(&ObjectName::block(&ids[0]));
+    std::fs::remove_file(&p0).unwrap();
+    let made = Command::new("mkfifo").arg(&p0).status().unwrap();
+    assert!(made.success());
+    let p1 = fs.path_of(&ObjectName::block(&ids[1]));
+    std::fs::remove_file(&p1).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &p1).unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = store.clone();
+    let (n0, n1) = (ObjectName::block(&ids[0]), ObjectName::block(&ids[1]));
+    std::thread::spawn(move || {
+        let b = s.backend();
+        let _ = tx.send((
+            b.get(&n0, 1 << 20),
+            b.get(&n1, 1 << 20),
+            b.put_if_absent(&n0, b"x"),
+            s.verify(),
+        ));
+    });
+    let (get0, get1, put0, report) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("reading a FIFO or /dev/zero block blocked");
+    assert!(
+        matches!(get0, Err(BackendError::NotAFile { .. })),
+        "{get0:?}"
+    );
+    assert!(
+        matches!(get1, Err(BackendError::Symlink { .. })),
+        "{get1:?}"
+    );
+    assert!(
+        matches!(put0, Err(BackendError::NotAFile { .. })),
+        "{put0:?}"
+    );
+    let mut problems = report.unwrap().problems;
+    problems.sort_by_key(|p| format!("{p:?}"));
+    let mut want = vec![
+        Problem::NotAFile { object: n0 },
+        Problem::NotAFile { object: n1 },
+    ];
+    want.sort_by_key(|p| format!("{p:?}"));
+    assert_eq!(problems, want);
+}
+
+/// `verify` reports a symlinked shard directory (and the referenced blocks
+/// behind it) and checks everything else, instead of failing.
+#[test]
+fn verify_reports_a_symlinked_shard_directory_and_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = ConvergentStore::new(
+        &StoreConfig {
+            block_size: 4096,
+            ..StoreConfig::default()
+        },
+        FsBackend::open(&root).unwrap(),
+        ManifestKey::from_bytes(KEY),
+    )
+    .unwrap();
+    let data = common::pseudo_random(16 * 4096, 10);
+    let put = store.put_bytes(&data, b"").unwrap();
+    let ids = data_ids(&store, &put.manifest);
+    let fs = FsBackend::open(&root).unwrap();
+    let path = fs.path_of(&ObjectName::block(&ids[0]));
+    let shard = path.parent().unwrap().to_path_buf();
+    let behind: Vec<_> = ids
+        .iter()
+        .filter(|id| fs.path_of(&ObjectName::block(id)).parent() == Some(&shard))
+        .copied()
+        .collect();
+    // Another block, elsewhere, is corrupt: verify must still find it.
+    let other = *ids
+        .iter()
+        .find(|id| fs.path_of(&ObjectName::block(id)).parent() != Some(&shard))
+        .expect("16 random blocks share one shard");
+    let other_path = fs.path_of(&ObjectName::block(&other));
+    let mut bytes = std::fs::read(&other_path).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&other_path, &bytes).unwrap();
+
+    let outside = dir.path().join("outside");
+    std::fs::rename(&shard, &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, &shard).unwrap();
+    // A symlinked shard of the manifests namespace too.
+    let mshard = root.join("manifests/00");
+    let moutside = dir.path().join("moutside");
+    std::fs::create_dir(&moutside).unwrap();
+    std::os::unix::fs::symlink(&moutside, &mshard).unwrap();
+
+    let report = store.verify().expect("verify carries on");
+    let mut want = vec![
+        Problem::NotADirectory {
+            namespace: Namespace::Blocks,
+            path: shard.clone(),
+        },
+        Problem::NotADirectory {
+            namespace: Namespace::Manifests,
+            path: mshard.clone(),
+        },
+        Problem::CorruptBlock { block: other },
+    ];
+    want.extend(behind.iter().map(|id| Problem::NotAFile {
+        object: ObjectName::block(id),
+    }));
+    let mut problems = report.problems.clone();
+    problems.sort_by_key(|p| format!("{p:?}"));
+    want.sort_by_key(|p| format!("{p:?}"));
+    assert_eq!(problems, want);
+    assert_eq!(report.manifests, 1);
+    assert_eq!(report.blocks as usize, ids.len() - behind.len());
+    // Nothing behind the links was touched.
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), behind.len());
+    assert_eq!(std::fs::read_dir(&moutside).unwrap().count(), 0);
+
+    // Moving the shard back and healing the corrupt block makes it clean.
+    std::fs::remove_file(&shard).unwrap();
+    std::fs::rename(&outside, &shard).unwrap();
+    std::fs::remove_file(&mshard).unwrap();
+    std::fs::remove_file(&other_path).unwrap();
+    store.put_bytes(&data, b"").unwrap();
+    assert!(store.verify().unwrap().is_clean());
+}
+
 #[test]
 fn verify_reports_a_directory_or_symlink_in_place_of_a_block() {
     let dir = tempfile::tempdir().unwrap();

@@ -166,6 +166,7 @@ root_domain = ".s3.garage.localhost"
             access_key_id: lines.next().unwrap().into(),
             secret_access_key: lines.next().unwrap().into(),
             allow_http: true,
+            retry_timeout: snapvm::store::S3Config::DEFAULT_RETRY_TIMEOUT,
         }
     }
 
@@ -284,6 +285,7 @@ fn on_demand_child() {
         access_key_id: var("SNAPVM_CHILD_KEY_ID"),
         secret_access_key: var("SNAPVM_CHILD_SECRET"),
         allow_http: true,
+        retry_timeout: snapvm::store::S3Config::DEFAULT_RETRY_TIMEOUT,
     };
     let machine_b = std::sync::Arc::new(store(S3Backend::new(&config).unwrap(), [10u8; 32]));
     let id: snapvm::store::ManifestId = var("SNAPVM_CHILD_MANIFEST").parse().unwrap();

@@ -336,3 +336,87 @@ fn two_caches_on_one_directory_see_each_others_entries() {
     assert_eq!(two.len(), 1);
     assert_eq!(two.get(&key("a", "g")), None);
 }
+
+/// Runs `f` on another thread and waits at most 10 s for it: a cache in a
+/// shared directory must never block on what another process put there.
+fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what} blocked"))
+}
+
+fn mkfifo(path: &Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
+#[test]
+fn a_fifo_device_or_symlink_in_place_of_an_entry_is_dropped_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = TraceCache::open(dir.path(), 1 << 20).unwrap();
+    cache.put(&key("a", "f"), &[1; 100]).unwrap();
+    let fifo = only_file(dir.path());
+    cache.put(&key("b", "f"), &[2; 100]).unwrap();
+    drop(cache);
+
+    // An entry replaced by a FIFO with no writer: open and get skip it.
+    std::fs::remove_file(&fifo).unwrap();
+    mkfifo(&fifo);
+    let path = dir.path().to_path_buf();
+    let cache = within_bound("TraceCache::open over a FIFO", move || {
+        TraceCache::open(path, 1 << 20).unwrap()
+    });
+    assert_eq!(cache.len(), 1);
+    assert!(!fifo.exists(), "the FIFO was dropped");
+    let cache = Arc::new(cache);
+    mkfifo(&fifo);
+    let c = cache.clone();
+    assert_eq!(
+        within_bound("TraceCache::get over a FIFO", move || c.get(&key("a", "f"))),
+        None
+    );
+    assert!(!fifo.exists());
+    assert_eq!(cache.get(&key("b", "f")), Some(vec![2; 100]));
+
+    // A symlink to /dev/zero (and one to a valid entry elsewhere) is never
+    // followed: refused at once, not read until memory runs out.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = TraceCache::open(elsewhere.path(), 1 << 20).unwrap();
+    other.put(&key("a", "f"), &[3; 100]).unwrap();
+    let valid = only_file(elsewhere.path());
+    for target in [Path::new("/dev/zero"), valid.as_path()] {
+        std::os::unix::fs::symlink(target, &fifo).unwrap();
+        let c = cache.clone();
+        let started = std::time::Instant::now();
+        assert_eq!(
+            within_bound("TraceCache::get over a symlink", move || c
+                .get(&key("a", "f"))),
+            None,
+            "{}",
+            target.display()
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert!(
+            std::fs::symlink_metadata(&fifo).is_err(),
+            "the link was dropped"
+        );
+        std::os::unix::fs::symlink(target, &fifo).unwrap();
+        let path = dir.path().to_path_buf();
+        let reopened = within_bound("TraceCache::open over a symlink", move || {
+            TraceCache::open(path, 1 << 20).unwrap()
+        });
+        assert_eq!(reopened.get(&key("a", "f")), None);
+        assert_eq!(reopened.len(), 1);
+    }
+    assert_eq!(
+        std::fs::read(&valid).unwrap().len(),
+        std::fs::metadata(&valid).unwrap().len() as usize
+    );
+    assert_eq!(other.get(&key("a", "f")), Some(vec![3; 100]));
+}

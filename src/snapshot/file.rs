@@ -25,6 +25,7 @@ use super::image::{Extent, FileIdentity, MemoryImage, BLOCK_SIZE};
 use super::{GuestState, Inner, Snapshot, SnapshotError, SnapshotId};
 use crate::abi::{MAX_FUNCTIONS, MAX_FUNCTION_NAME, PAGE_SIZE};
 use crate::net::{ConnKey, ConnState, Connection, Direction, Endpoint};
+use crate::sys::fs::{open_untrusted, UntrustedError};
 use crate::vm::cpu::CpuState;
 use crate::vm::TableId;
 use crate::vm::{Generation, MAX_MEMORY_SIZE};
@@ -445,18 +446,33 @@ pub(crate) fn save(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError
 
 /// Reads a snapshot file. `base` must be given for a diff snapshot.
 pub(crate) fn load(path: &Path, base: Option<&Snapshot>) -> Result<Snapshot, SnapshotError> {
-    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is then
-    // rejected as not a regular file); it changes nothing for regular files.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => SnapshotError::Symlink {
+    // The one way files from shared directories are opened: no link
+    // followed, no wait on a FIFO (it is then rejected as not a regular
+    // file), a regular file by fstat. The format accepts files longer than
+    // the memory image (the bytes past it are ignored), so the length is
+    // not capped here: every read below is bounded by the header's fields,
+    // which are checked against MAX_STATE, MAX_MEMORY_SIZE and the length.
+    let file = open_untrusted(path, u64::MAX)
+        .map_err(|e| match e {
+            UntrustedError::Symlink => SnapshotError::Symlink {
                 path: path.to_path_buf(),
             },
-            _ => SnapshotError::io("opening the snapshot file", Some(path))(e),
-        })?;
+            UntrustedError::Open(e) => {
+                SnapshotError::io("opening the snapshot file", Some(path))(e)
+            }
+            UntrustedError::Stat(e) | UntrustedError::Read(e) => {
+                SnapshotError::io("stat", Some(path))(e)
+            }
+            UntrustedError::NotAFile => SnapshotError::Malformed {
+                section: "file",
+                reason: "not a regular file",
+            },
+            UntrustedError::TooLarge { .. } => SnapshotError::Malformed {
+                section: "file",
+                reason: "larger than the format allows",
+            },
+        })?
+        .file;
     load_from(file, path, base)
 }
 

@@ -122,7 +122,13 @@ struct State {
     stop: bool,
     /// How long the latest successful fetches took (the newest last).
     latencies: VecDeque<Duration>,
+    /// Fetch workers that have not yet seen `stop`.
+    live: usize,
 }
+
+/// How long dropping the last user of an on-demand snapshot's cache waits
+/// for fetch workers that are inside a fetch (see [`StoreMemory`]'s `Drop`).
+const DROP_WAIT: Duration = Duration::from_millis(100);
 
 struct Shared {
     store: Arc<ConvergentStore>,
@@ -155,6 +161,8 @@ impl Shared {
                 let mut st = self.lock();
                 loop {
                     if st.stop {
+                        st.live -= 1;
+                        self.changed.notify_all();
                         return;
                     }
                     match st.queue.pop_front() {
@@ -355,12 +363,38 @@ pub(crate) struct StoreMemory {
     readahead: usize,
 }
 
+/// Stops the fetch workers. Idle ones exit at once and are joined; one
+/// inside a fetch (a backend call that may retry for long against a dead
+/// server: `S3Config::retry_timeout`) is waited for at most [`DROP_WAIT`],
+/// then left to finish on its own: it holds its own reference to the
+/// shared state (the store handle and the cache memfd), writes nothing
+/// anyone reads any more, exits as soon as its backend call returns, and
+/// frees the cache then. So dropping never blocks on the network.
 impl Drop for StoreMemory {
     fn drop(&mut self) {
-        self.shared.lock().stop = true;
+        let until = Instant::now() + DROP_WAIT;
+        let mut st = self.shared.lock();
+        st.stop = true;
         self.shared.changed.notify_all();
+        while st.live > 0 {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let all_stopped = st.live == 0;
+        drop(st);
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            if all_stopped || w.is_finished() {
+                let _ = w.join();
+            }
+            // Otherwise detached: it exits when its fetch returns.
         }
     }
 }
@@ -611,6 +645,11 @@ impl Snapshot {
     /// fetched at most once per handle. Prefetch a recorded working set
     /// with [`WorkingSet::prefetch`](super::WorkingSet::prefetch).
     ///
+    /// Dropping the handle (with the last VM restored from it) does not
+    /// wait for fetches in flight for more than about 100 ms: a fetch
+    /// thread still inside a backend call finishes on its own and then
+    /// frees the block cache (see `docs/trace.md`, "Dropping a handle").
+    ///
     /// Needs a store block size that is a multiple of 4 KiB (the default
     /// 64 KiB is), and userfaultfd (Linux; the process needs the right to
     /// handle kernel faults: root, `CAP_SYS_PTRACE`, or access to
@@ -703,6 +742,7 @@ impl Snapshot {
                 queue: VecDeque::new(),
                 stop: false,
                 latencies: VecDeque::with_capacity(LATENCY_SAMPLES),
+                live: 0,
             }),
             blocks,
             slots,
@@ -719,10 +759,15 @@ impl Snapshot {
         };
         for _ in 0..config.fetch_threads {
             let s = Arc::clone(&shared);
+            // Counted before it runs, so a drop never misses it.
+            shared.lock().live += 1;
             let w = std::thread::Builder::new()
                 .name("snapvm-fetch".into())
                 .spawn(move || s.worker())
-                .map_err(io("starting a fetch thread"))?;
+                .map_err(|e| {
+                    shared.lock().live -= 1;
+                    io("starting a fetch thread")(e)
+                })?;
             memory.workers.push(w);
         }
         load_on_demand(&head, cache, size, Arc::new(memory))

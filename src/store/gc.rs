@@ -132,6 +132,19 @@ pub enum Problem {
         /// The object.
         object: ObjectName,
     },
+    /// A directory of the store's layout that is a symbolic link or not a
+    /// directory ([`FsBackend`](super::FsBackend): a namespace or shard
+    /// directory). It is neither followed nor listed, so objects behind it
+    /// are not checked; each block a manifest references behind it is
+    /// reported as [`Problem::NotAFile`]. Move its contents back into a
+    /// real directory of that name (or remove it if it holds nothing of
+    /// the store's).
+    NotADirectory {
+        /// The namespace it belongs to.
+        namespace: Namespace,
+        /// Its path.
+        path: std::path::PathBuf,
+    },
     /// A manifest whose bytes do not hash to its id, whose clear header does
     /// not parse, or (for the owner's manifests) that does not open.
     CorruptManifest {
@@ -471,6 +484,29 @@ fn list(store: &ConvergentStore, namespace: Namespace) -> Result<Vec<ObjectName>
         })
 }
 
+/// Lists `namespace` for `verify`: parts that cannot be listed without
+/// following a link become [`Problem::NotADirectory`] instead of an error.
+fn list_skipping(
+    store: &ConvergentStore,
+    namespace: Namespace,
+    report: &mut VerifyReport,
+) -> Result<Vec<ObjectName>, StoreError> {
+    let listing = store
+        .backend
+        .list_skipping(namespace)
+        .map_err(|source| StoreError::List {
+            namespace: namespace.as_str(),
+            source,
+        })?;
+    report.problems.extend(
+        listing
+            .skipped
+            .into_iter()
+            .map(|path| Problem::NotADirectory { namespace, path }),
+    );
+    Ok(listing.objects)
+}
+
 fn delete(store: &ConvergentStore, name: &ObjectName) -> Result<(), StoreError> {
     store
         .backend
@@ -627,8 +663,8 @@ pub(super) fn verify(
     let mine = manifest::key_id(&store.key);
     // Block -> one manifest referencing it.
     let mut referenced: HashMap<BlockId, ManifestId> = HashMap::new();
-    let manifests = list(store, Namespace::Manifests)?;
-    let blocks = list(store, Namespace::Blocks)?;
+    let manifests = list_skipping(store, Namespace::Manifests, &mut report)?;
+    let blocks = list_skipping(store, Namespace::Blocks, &mut report)?;
     let total = (manifests.len() + blocks.len()) as u64;
     let mut done = 0u64;
     for name in manifests {
@@ -724,14 +760,26 @@ pub(super) fn verify(
     // Whatever is left was referenced but never listed.
     for (block, manifest) in referenced {
         let name = ObjectName::block(&block);
-        let present = store
-            .backend
-            .has(&name)
-            .map_err(|source| StoreError::Backend {
-                op: Op::Has,
-                object: name,
-                source,
-            })?;
+        let present = match store.backend.has(&name) {
+            Ok(present) => present,
+            // Behind a symlinked or replaced shard directory (reported
+            // above): neither followed nor read.
+            Err(
+                super::BackendError::Symlink { .. }
+                | super::BackendError::NotAFile { .. }
+                | super::BackendError::NotADirectory { .. },
+            ) => {
+                report.problems.push(Problem::NotAFile { object: name });
+                continue;
+            }
+            Err(source) => {
+                return Err(StoreError::Backend {
+                    op: Op::Has,
+                    object: name,
+                    source,
+                })
+            }
+        };
         if !present {
             report
                 .problems

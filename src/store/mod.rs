@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use backend::{
-    Backend, Durability, FsBackend, MemoryBackend, Namespace, ObjectName, Op, PutOutcome,
+    Backend, Durability, FsBackend, Listing, MemoryBackend, Namespace, ObjectName, Op, PutOutcome,
 };
 #[cfg(feature = "s3")]
 pub use backend::{S3Backend, S3Config};

@@ -24,53 +24,64 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// Outcome of one block of a put: its entry and the bytes newly stored.
 type Sealed = Result<(Entry, Option<u64>), StoreError>;
 
-/// Blocks being stored right now by the workers of one put. A block that
-/// occurs several times in a put is written (and counted as new) by the
-/// first worker that gets it; another worker meeting it meanwhile skips the
-/// write: the put commits only after every worker finished, and fails if
-/// the first write failed.
+/// Blocks this put has written, or is writing right now. A block that
+/// occurs several times in a put is written (and counted as new) once, by
+/// the first worker that gets it; a later occurrence, or another worker
+/// meeting it meanwhile, skips the write: the put commits only after every
+/// worker finished, and fails if that write failed. A block leaves the set
+/// only when its write failed.
+///
+/// This is the only knowledge of earlier writes a put relies on besides the
+/// backend's `put_if_absent`: under the put's write lease no sweep deletes a
+/// block, so a write acknowledged in this put still holds. Nothing is
+/// remembered from one put to the next (a sweep may run in between).
 #[derive(Default)]
-struct InFlight(Mutex<HashSet<BlockId>>);
+struct PutBlocks(Mutex<HashSet<BlockId>>);
 
-impl InFlight {
+impl PutBlocks {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<BlockId>> {
         // Inserts and removes cannot leave the set half-updated.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Removes a block from the in-flight set when its write is over.
-struct InFlightGuard<'a>(&'a InFlight, BlockId);
+/// Removes a block from a put's set unless its write succeeded.
+struct WriteGuard<'a> {
+    set: &'a PutBlocks,
+    id: BlockId,
+    written: bool,
+}
 
-impl Drop for InFlightGuard<'_> {
+impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
-        self.0.lock().remove(&self.1);
+        if !self.written {
+            self.set.lock().remove(&self.id);
+        }
     }
 }
 
 /// Encrypts and stores one block (or records it as zeros). `buf` holds the
-/// plaintext on entry; it is encrypted in place. With `in_flight`, a block
-/// another worker of the same put is storing right now is not written again
-/// and not counted as new.
+/// plaintext on entry; it is encrypted in place. A block this put already
+/// wrote, or another worker of it is writing right now, is not written
+/// again and not counted as new.
 fn seal_and_store(
     store: &ConvergentStore,
     salt: &Salt,
     buf: &mut Vec<u8>,
-    in_flight: Option<&InFlight>,
+    blocks: &PutBlocks,
 ) -> Sealed {
     let len = buf.len() as u32;
     if is_zero(buf) {
         return Ok((Entry::Zero { len }, None));
     }
     let (key, id) = crypto::seal_block_in_place(salt, buf);
-    let _guard = match in_flight {
-        Some(set) => {
-            if !set.lock().insert(id) {
-                return Ok((Entry::Data { id, key, len }, None));
-            }
-            Some(InFlightGuard(set, id))
-        }
-        None => None,
+    if !blocks.lock().insert(id) {
+        return Ok((Entry::Data { id, key, len }, None));
+    }
+    let mut guard = WriteGuard {
+        set: blocks,
+        id,
+        written: false,
     };
     let name = ObjectName::block(&id);
     let outcome =
@@ -82,6 +93,7 @@ fn seal_and_store(
                 object: name,
                 source,
             })?;
+    guard.written = true;
     let new = (outcome == PutOutcome::Stored).then_some(buf.len() as u64);
     Ok((Entry::Data { id, key, len }, new))
 }
@@ -244,6 +256,7 @@ fn ingest_inline(
     let bs = store.config.block_size;
     let mut buf = Vec::with_capacity(bs + TAG_LEN);
     let mut entries = Vec::new();
+    let blocks = PutBlocks::default();
     loop {
         buf.resize(bs, 0);
         let n = read_full(input, &mut buf).map_err(|source| StoreError::Input {
@@ -255,7 +268,7 @@ fn ingest_inline(
         }
         tally.len += n as u64;
         buf.truncate(n);
-        let (entry, new) = seal_and_store(store, salt, &mut buf, None)?;
+        let (entry, new) = seal_and_store(store, salt, &mut buf, &blocks)?;
         tally.add(&entry, new);
         tally.check_manifest(store.config.max_manifest_len)?;
         entries.push(entry);
@@ -292,13 +305,13 @@ fn ingest_parallel(
     let pool_max = threads * (cfg.queue_blocks + 2);
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(threads * cfg.queue_blocks);
     let job_rx = Mutex::new(job_rx);
-    let in_flight = InFlight::default();
+    let blocks = PutBlocks::default();
     std::thread::scope(|s| {
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         for _ in 0..threads {
             let done_tx = done_tx.clone();
             let job_rx = &job_rx;
-            let in_flight = &in_flight;
+            let blocks = &blocks;
             s.spawn(move || loop {
                 let mut job = match job_rx.lock().map(|rx| rx.recv()) {
                     Ok(Ok(job)) => job,
@@ -306,7 +319,7 @@ fn ingest_parallel(
                 };
                 job.buf.truncate(job.len);
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    seal_and_store(store, salt, &mut job.buf, Some(in_flight))
+                    seal_and_store(store, salt, &mut job.buf, blocks)
                 }))
                 .unwrap_or(Err(StoreError::WorkerPanicked));
                 let done = Done {

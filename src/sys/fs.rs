@@ -1,6 +1,7 @@
 //! Files: opening beneath a directory without following links (the `*at`
 //! system calls and `openat2`), memfds, and the sparse-file and read-ahead
-//! calls snapshot images use.
+//! calls snapshot images use, and the one way to open a file from a directory
+//! another process can write ([`open_untrusted`]).
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -198,4 +199,106 @@ pub(crate) fn will_need(file: &File, offset: libc::off_t, len: libc::off_t) {
     unsafe {
         libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED);
     }
+}
+
+/// Flags for reading a file from a directory another process can write:
+/// read-only, no symlink followed as the last component (`O_NOFOLLOW`),
+/// no wait for a writer on a FIFO or for a device (`O_NONBLOCK`), no
+/// controlling terminal acquired (`O_NOCTTY`), closed on exec.
+pub(crate) const UNTRUSTED_READ_FLAGS: libc::c_int =
+    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+
+/// Why a file from a directory another process can write was refused
+/// ([`open_untrusted`], [`check_untrusted`]). Callers map it to their own
+/// typed errors.
+#[derive(Debug)]
+pub(crate) enum UntrustedError {
+    /// Opening failed (a missing file is of kind `NotFound`).
+    Open(io::Error),
+    /// The last component is a symbolic link (never followed).
+    Symlink,
+    /// `fstat` of the open file failed.
+    Stat(io::Error),
+    /// Not a regular file: a FIFO, a device, a socket or a directory.
+    NotAFile,
+    /// Longer than the caller's limit (checked before any byte is read, and
+    /// again while reading, in case the file grew).
+    TooLarge {
+        /// Its length (at least this, when it grew while being read).
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Reading failed.
+    Read(io::Error),
+}
+
+/// A regular file, opened without following a link or blocking, whose
+/// length was within its limit when checked.
+#[derive(Debug)]
+pub(crate) struct UntrustedFile {
+    /// The open file.
+    pub(crate) file: File,
+    /// Its length by `fstat`.
+    pub(crate) len: u64,
+    limit: u64,
+}
+
+impl UntrustedFile {
+    /// Reads the whole file: at most `limit` bytes (the file may have grown
+    /// since `fstat`; then it is [`UntrustedError::TooLarge`]), allocating
+    /// no more than the checked length up front.
+    pub(crate) fn read_all(self) -> Result<Vec<u8>, UntrustedError> {
+        use std::io::Read;
+        // `len <= limit`: the caller agreed to hold that much.
+        let mut buf = Vec::with_capacity(self.len as usize);
+        let limit = self.limit;
+        self.file
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut buf)
+            .map_err(UntrustedError::Read)?;
+        if buf.len() as u64 > limit {
+            return Err(UntrustedError::TooLarge {
+                len: buf.len() as u64,
+                limit,
+            });
+        }
+        Ok(buf)
+    }
+}
+
+/// Opens `path` for reading as a file of a directory another process can
+/// write: with [`UNTRUSTED_READ_FLAGS`], then [`check_untrusted`]. The one
+/// way the library opens trace cache entries and snapshot files (the store's
+/// file-system backend resolves its paths beneath its root with the same
+/// flags, then calls [`check_untrusted`]).
+pub(crate) fn open_untrusted(
+    path: &std::path::Path,
+    limit: u64,
+) -> Result<UntrustedFile, UntrustedError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // `read(true)` supplies O_RDONLY; the rest of the flags here.
+        .custom_flags(UNTRUSTED_READ_FLAGS & !libc::O_ACCMODE)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => UntrustedError::Symlink,
+            _ => UntrustedError::Open(e),
+        })?;
+    check_untrusted(file, limit)
+}
+
+/// Checks a file opened with [`UNTRUSTED_READ_FLAGS`]: a regular file by
+/// `fstat`, at most `limit` bytes long. Reads nothing.
+pub(crate) fn check_untrusted(file: File, limit: u64) -> Result<UntrustedFile, UntrustedError> {
+    let meta = file.metadata().map_err(UntrustedError::Stat)?;
+    if !meta.is_file() {
+        return Err(UntrustedError::NotAFile);
+    }
+    let len = meta.len();
+    if len > limit {
+        return Err(UntrustedError::TooLarge { len, limit });
+    }
+    Ok(UntrustedFile { file, len, limit })
 }

@@ -29,6 +29,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
 
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::sys::fs::{open_untrusted, UntrustedError, UntrustedFile};
+
 use crate::vm::SnapshotId;
 
 const MAGIC: &[u8; 8] = b"SNVTRACE";
@@ -646,23 +650,28 @@ fn decode_entry(bytes: &[u8]) -> Result<(TraceKey, Vec<u8>), &'static str> {
 
 /// Reads and verifies the entry at `path`; a bad file is deleted with a
 /// warning. `None` also for a missing file or one over `max_bytes`.
+///
+/// The directory may be shared with other processes, so the file is opened
+/// without following a link or waiting on a FIFO, must be a regular file,
+/// and is read only up to `max_bytes` ([`open_untrusted`]): a FIFO, a
+/// device or a symlink in place of an entry is dropped, never read.
 fn read_entry(path: &Path, max_bytes: u64) -> Option<(TraceKey, Vec<u8>)> {
-    let bytes = match fs::metadata(path) {
-        Ok(m) if m.len() > max_bytes => {
-            drop_file(path, "it is larger than the cache's bound");
-            return None;
-        }
-        Ok(_) => fs::read(path),
-        Err(e) => Err(e),
-    };
-    let bytes = match bytes {
-        Ok(b) if b.len() as u64 > max_bytes => {
-            drop_file(path, "it is larger than the cache's bound");
-            return None;
-        }
+    let bytes = match open_untrusted(path, max_bytes).and_then(UntrustedFile::read_all) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-        Err(e) => {
+        Err(UntrustedError::Open(e)) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(UntrustedError::TooLarge { .. }) => {
+            drop_file(path, "it is larger than the cache's bound");
+            return None;
+        }
+        Err(UntrustedError::Symlink) => {
+            drop_file(path, "it is a symbolic link");
+            return None;
+        }
+        Err(UntrustedError::NotAFile) => {
+            drop_file(path, "it is not a regular file");
+            return None;
+        }
+        Err(UntrustedError::Open(e) | UntrustedError::Stat(e) | UntrustedError::Read(e)) => {
             log::warn!(target: "snapvm::trace", "reading trace entry {} failed: {e}", path.display());
             return None;
         }
@@ -695,7 +704,13 @@ fn write_entry(
         std::process::id()
     ));
     let write = || -> io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
+        // A new file of our own (never a link or an existing file another
+        // process placed under this name).
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
         f.write_all(&encode_entry(encoded_key, value))?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;

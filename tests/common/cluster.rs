@@ -104,6 +104,19 @@ impl Cluster {
         self.run(&["stop-node", &n.to_string()]).unwrap();
     }
 
+    /// Kills nodes `nodes` at once with SIGKILL (a crash, not a shutdown).
+    pub fn kill_nodes(&self, nodes: &[usize]) {
+        let mut args = vec!["kill-nodes".to_string()];
+        args.extend(nodes.iter().map(|n| n.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&args).unwrap();
+    }
+
+    /// Node `n`'s directory (its `meta/` and `data/` are Garage's).
+    pub fn node_dir(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("cluster/node{n}"))
+    }
+
     /// Starts node `n` again, with its data.
     pub fn start_node(&self, n: usize) {
         self.run(&["start-node", &n.to_string()]).unwrap();
@@ -153,6 +166,7 @@ pub fn config_from(env: &HashMap<String, String>, n: usize, prefix: &str) -> S3C
         access_key_id: var("SNAPVM_S3_ACCESS_KEY_ID"),
         secret_access_key: var("SNAPVM_S3_SECRET_ACCESS_KEY"),
         allow_http: true,
+        retry_timeout: snapvm::store::S3Config::DEFAULT_RETRY_TIMEOUT,
     }
 }
 

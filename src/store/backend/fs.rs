@@ -36,9 +36,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use super::{Backend, Namespace, ObjectName, PutOutcome};
+use super::{Backend, Listing, Namespace, ObjectName, PutOutcome};
 use crate::store::error::BackendError;
-use crate::sys::fs::{file_type_at, mkdirat, openat, openat2_beneath, renameat, unlinkat};
+use crate::sys::fs::{
+    check_untrusted, file_type_at, mkdirat, openat, openat2_beneath, renameat, unlinkat,
+    UntrustedError, UntrustedFile, UNTRUSTED_READ_FLAGS,
+};
 
 /// How hard [`FsBackend`] works to make a write survive power loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,13 +89,13 @@ fn c_name(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// Whether `file` is a regular file holding exactly `bytes`. Reads at most
-/// `bytes.len()` bytes (the length is checked first).
-fn same_contents(file: File, bytes: &[u8]) -> io::Result<bool> {
-    let meta = file.metadata()?;
-    if meta.len() != bytes.len() as u64 {
+/// Whether `file` (a checked regular file) holds exactly `bytes`. Reads at
+/// most `bytes.len()` bytes (the length is checked first).
+fn same_contents(file: UntrustedFile, bytes: &[u8]) -> io::Result<bool> {
+    if file.len != bytes.len() as u64 {
         return Ok(false);
     }
+    let file = file.file;
     let mut chunk = [0u8; 16 * 1024];
     let mut rest = bytes;
     let mut file = file.take(bytes.len() as u64);
@@ -259,6 +262,84 @@ impl FsBackend {
         }
     }
 
+    /// The backend error for a refused object file.
+    fn untrusted_error(&self, name: &ObjectName, e: UntrustedError) -> BackendError {
+        match e {
+            UntrustedError::Open(e) | UntrustedError::Stat(e) | UntrustedError::Read(e) => e.into(),
+            UntrustedError::Symlink => BackendError::Symlink {
+                path: self.path_of(name),
+            },
+            UntrustedError::NotAFile => BackendError::NotAFile {
+                path: self.path_of(name),
+            },
+            UntrustedError::TooLarge { len, limit } => BackendError::TooLarge { len, limit },
+        }
+    }
+
+    /// Lists `namespace`. A namespace or shard directory that is a symlink
+    /// (or, for a shard name, not a directory) fails the listing with
+    /// `skipped` `None`, and is recorded there and left out otherwise.
+    fn list_inner(
+        &self,
+        namespace: Namespace,
+        mut skipped: Option<&mut Vec<PathBuf>>,
+    ) -> Result<Vec<ObjectName>, BackendError> {
+        // Fails if the namespace directory is a symlink.
+        match self.open_beneath(namespace.as_str(), libc::O_RDONLY | libc::O_DIRECTORY) {
+            Ok(_) => {}
+            Err(BackendError::Symlink { path } | BackendError::NotADirectory { path })
+                if skipped.is_some() =>
+            {
+                if let Some(s) = skipped {
+                    s.push(path);
+                }
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        }
+        let ns_dir = self.root.join(namespace.as_str());
+        let mut out = Vec::new();
+        for shard in fs::read_dir(&ns_dir)? {
+            let shard = shard?;
+            let ft = shard.file_type()?;
+            let shard_name = shard.file_name();
+            let is_shard_name = shard_name.to_str().is_some_and(|s| {
+                s.len() == 2 && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+            });
+            if ft.is_symlink() || (is_shard_name && !ft.is_dir()) {
+                match skipped.as_deref_mut() {
+                    Some(s) => {
+                        s.push(shard.path());
+                        continue;
+                    }
+                    None if ft.is_symlink() => {
+                        return Err(BackendError::Symlink { path: shard.path() })
+                    }
+                    None => continue,
+                }
+            }
+            let Some(prefix) = shard_name.to_str().filter(|s| s.len() == 2 && ft.is_dir()) else {
+                continue;
+            };
+            // Entries of any type are listed: reading or deleting one that
+            // is not a regular file is a typed error (Symlink, NotAFile),
+            // which `verify` reports as a problem.
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let file_name = entry.file_name();
+                let Some(hex) = file_name.to_str() else {
+                    continue;
+                };
+                if let Some(name) = ObjectName::parse(namespace, hex) {
+                    if hex.starts_with(prefix) {
+                        out.push(name);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes `bytes` to a new file in `tmp/`; returns its name there.
     fn write_tmp(&self, hex: &str, bytes: &[u8]) -> Result<CString, BackendError> {
         loop {
@@ -296,18 +377,13 @@ impl Backend for FsBackend {
         let dir = self
             .shard_dir(name, true)?
             .ok_or_else(|| BackendError::from(io::Error::from(io::ErrorKind::NotFound)))?;
-        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-        match openat(dir.as_fd(), &file, flags, 0) {
+        match openat(dir.as_fd(), &file, UNTRUSTED_READ_FLAGS, 0) {
             // Trust an existing object only if it holds exactly these bytes
             // (the name is their hash, or random for markers); a truncated or
             // damaged one is replaced below, so putting the data again heals it.
             Ok(fd) => {
-                let f = File::from(fd);
-                if !f.metadata()?.is_file() {
-                    return Err(BackendError::NotAFile {
-                        path: self.path_of(name),
-                    });
-                }
+                let f = check_untrusted(File::from(fd), u64::MAX)
+                    .map_err(|e| self.untrusted_error(name, e))?;
                 if same_contents(f, bytes)? {
                     return Ok(PutOutcome::AlreadyPresent);
                 }
@@ -357,31 +433,15 @@ impl Backend for FsBackend {
     fn get(&self, name: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError> {
         let hex = name.hex();
         let rel = format!("{}/{}/{hex}", name.namespace.as_str(), &hex[..2]);
-        let f = match self.open_beneath(&rel, libc::O_RDONLY | libc::O_NONBLOCK) {
+        let f = match self.open_beneath(&rel, UNTRUSTED_READ_FLAGS) {
             Ok(fd) => File::from(fd),
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let meta = f.metadata()?;
-        if !meta.is_file() {
-            return Err(BackendError::NotAFile {
-                path: self.path_of(name),
-            });
-        }
-        let len = meta.len();
-        if len > limit {
-            return Err(BackendError::TooLarge { len, limit });
-        }
-        // `len <= limit`, and the limit is what the caller agreed to hold.
-        let mut buf = Vec::with_capacity(len as usize);
-        f.take(limit + 1).read_to_end(&mut buf)?;
-        if buf.len() as u64 > limit {
-            return Err(BackendError::TooLarge {
-                len: buf.len() as u64,
-                limit,
-            });
-        }
-        Ok(Some(buf))
+        check_untrusted(f, limit)
+            .and_then(UntrustedFile::read_all)
+            .map(Some)
+            .map_err(|e| self.untrusted_error(name, e))
     }
 
     fn has(&self, name: &ObjectName) -> Result<bool, BackendError> {
@@ -413,37 +473,13 @@ impl Backend for FsBackend {
     }
 
     fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError> {
-        // Fails if the namespace directory is a symlink.
-        self.open_beneath(namespace.as_str(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let ns_dir = self.root.join(namespace.as_str());
-        let mut out = Vec::new();
-        for shard in fs::read_dir(&ns_dir)? {
-            let shard = shard?;
-            let ft = shard.file_type()?;
-            if ft.is_symlink() {
-                return Err(BackendError::Symlink { path: shard.path() });
-            }
-            let shard_name = shard.file_name();
-            let Some(prefix) = shard_name.to_str().filter(|s| s.len() == 2 && ft.is_dir()) else {
-                continue;
-            };
-            // Entries of any type are listed: reading or deleting one that
-            // is not a regular file is a typed error (Symlink, NotAFile),
-            // which `verify` reports as a problem.
-            for entry in fs::read_dir(shard.path())? {
-                let entry = entry?;
-                let file_name = entry.file_name();
-                let Some(hex) = file_name.to_str() else {
-                    continue;
-                };
-                if let Some(name) = ObjectName::parse(namespace, hex) {
-                    if hex.starts_with(prefix) {
-                        out.push(name);
-                    }
-                }
-            }
-        }
-        Ok(out)
+        self.list_inner(namespace, None)
+    }
+
+    fn list_skipping(&self, namespace: Namespace) -> Result<Listing, BackendError> {
+        let mut skipped = Vec::new();
+        let objects = self.list_inner(namespace, Some(&mut skipped))?;
+        Ok(Listing::new(objects, skipped))
     }
 
     fn remove_incomplete(&self, older_than: Duration) -> Result<u64, BackendError> {
@@ -454,12 +490,7 @@ impl Backend for FsBackend {
             let name = CString::new(entry.file_name().as_bytes())
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             // Examine and remove it through the verified tmp descriptor.
-            let modified = match openat(
-                self.tmp_fd.as_fd(),
-                &name,
-                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-                0,
-            ) {
+            let modified = match openat(self.tmp_fd.as_fd(), &name, UNTRUSTED_READ_FLAGS, 0) {
                 Ok(fd) => File::from(fd).metadata()?.modified()?,
                 // Gone meanwhile, or a symlink (removed below, never followed).
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

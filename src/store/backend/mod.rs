@@ -10,6 +10,7 @@ mod memory;
 mod s3;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,8 +159,28 @@ pub enum PutOutcome {
     /// The object was written.
     Stored,
     /// An object of that name already existed (with these bytes, for
-    /// backends that check); nothing was written.
+    /// backends that check); nothing was written (`S3Backend`: it was
+    /// written again, see [`Backend::put_if_absent`]).
     AlreadyPresent,
+}
+
+/// What [`Backend::list_skipping`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Listing {
+    /// Every object listed, in no particular order.
+    pub objects: Vec<ObjectName>,
+    /// Parts of the namespace left out because listing them would follow a
+    /// link (or they are not directories): their paths, never entered.
+    pub skipped: Vec<PathBuf>,
+}
+
+impl Listing {
+    /// A listing of `objects` that left out `skipped` (for backends
+    /// implementing [`Backend::list_skipping`] themselves).
+    pub fn new(objects: Vec<ObjectName>, skipped: Vec<PathBuf>) -> Self {
+        Self { objects, skipped }
+    }
 }
 
 /// Object storage for a [`ConvergentStore`](super::ConvergentStore).
@@ -178,11 +199,19 @@ pub enum PutOutcome {
 pub trait Backend: Send + Sync {
     /// Stores `bytes` under `name` unless an object of that name exists.
     ///
+    /// The store counts a block as stored only when this returns `Ok`, so
+    /// `Ok` must mean that the object is durable and readable by every
+    /// reader of the backend — for a replicated backend, written at its
+    /// write quorum by this call or by one known to have completed. A
+    /// backend that cannot tell an object held by too few replicas from a
+    /// complete one must write it again.
+    ///
     /// [`FsBackend`] and [`MemoryBackend`] compare an existing object with
     /// `bytes` (length first, then contents) and replace it if it differs,
-    /// so putting the same data again heals a truncated or damaged object.
-    /// Backends for which that check is costly (such as `S3Backend`) may
-    /// keep any existing object.
+    /// so putting the same data again heals a truncated or damaged object;
+    /// there an existing object is exact proof. `S3Backend` always writes
+    /// (a HEAD answers "present" when one replica holds the object), and
+    /// reports [`PutOutcome::AlreadyPresent`] when a HEAD found it first.
     fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError>;
 
     /// Reads an object; `Ok(None)` if it does not exist. An object longer
@@ -199,6 +228,22 @@ pub trait Backend: Send + Sync {
     /// Every object in `namespace`, in no particular order. Entries whose
     /// names are not 64 lowercase hex digits are skipped.
     fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError>;
+
+    /// Like [`Backend::list`], but a part of the namespace that cannot be
+    /// listed without following a link is left out and named in
+    /// [`Listing::skipped`] instead of failing the whole listing
+    /// ([`FsBackend`]: a namespace or shard directory that is a symbolic
+    /// link or not a directory). [`ConvergentStore::verify`](super::ConvergentStore::verify)
+    /// uses it to report such a directory and carry on; `gc` uses
+    /// [`Backend::list`], which fails, because objects it cannot see might
+    /// be manifests. The default lists with [`Backend::list`] and skips
+    /// nothing.
+    fn list_skipping(&self, namespace: Namespace) -> Result<Listing, BackendError> {
+        Ok(Listing {
+            objects: self.list(namespace)?,
+            skipped: Vec::new(),
+        })
+    }
 
     /// Makes every object stored so far durable. The default does nothing,
     /// for backends whose `put_if_absent` is durable when it returns.
@@ -233,6 +278,9 @@ macro_rules! forward_backend {
             }
             fn list(&self, namespace: Namespace) -> Result<Vec<ObjectName>, BackendError> {
                 (**self).list(namespace)
+            }
+            fn list_skipping(&self, namespace: Namespace) -> Result<Listing, BackendError> {
+                (**self).list_skipping(namespace)
             }
             fn remove_incomplete(&self, older_than: Duration) -> Result<u64, BackendError> {
                 (**self).remove_incomplete(older_than)

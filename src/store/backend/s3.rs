@@ -6,16 +6,24 @@
 //! store's API stays synchronous. Do not call it from inside another Tokio
 //! runtime's async context (use `spawn_blocking`).
 //!
-//! `put_if_absent` is a HEAD followed by a PUT when the object is missing.
-//! Two writers racing on the same name write identical bytes (names are
-//! content addresses or random), so the race is harmless.
+//! `put_if_absent` always PUTs, and a HEAD before it only says which
+//! outcome to report. A HEAD that finds an object proves less than a write
+//! acknowledged at the server's write quorum: a replicated server (Garage
+//! with `replication_factor = 3`) answers "present" when one node holds the
+//! object, for example one left behind by a put that failed when two nodes
+//! died, and a store that trusted it committed manifests whose blocks other
+//! nodes could not serve. So the object is written whatever the HEAD says;
+//! names are content addresses (or random), so writing an existing name
+//! again stores identical bytes and is harmless, also when two writers race.
+//! Within one put, the store writes each block once (see `stream.rs`).
 
 use std::fmt;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use super::{Backend, Namespace, ObjectName, PutOutcome};
 use crate::store::error::BackendError;
@@ -38,6 +46,19 @@ pub struct S3Config {
     pub secret_access_key: String,
     /// Allow plain `http://` endpoints (loopback tests, private networks).
     pub allow_http: bool,
+    /// How long a failed request (a server error such as Garage's "could
+    /// not reach quorum", a refused connection, a timeout) is retried, with
+    /// exponential backoff, counted from its first attempt, before the
+    /// operation fails with [`BackendError::S3`]. It bounds how long one
+    /// store operation waits on an unreachable or quorum-less server (plus
+    /// the last attempt's own time). [`S3Config::DEFAULT_RETRY_TIMEOUT`] is
+    /// 30 s; `Duration::ZERO` disables retries.
+    pub retry_timeout: Duration,
+}
+
+impl S3Config {
+    /// The usual [`S3Config::retry_timeout`]: 30 seconds.
+    pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 impl fmt::Debug for S3Config {
@@ -49,6 +70,7 @@ impl fmt::Debug for S3Config {
             .field("prefix", &self.prefix)
             .field("access_key_id", &self.access_key_id)
             .field("allow_http", &self.allow_http)
+            .field("retry_timeout", &self.retry_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -79,6 +101,15 @@ impl S3Backend {
             .with_secret_access_key(&config.secret_access_key)
             .with_allow_http(config.allow_http)
             .with_virtual_hosted_style_request(false)
+            .with_retry(RetryConfig {
+                backoff: Default::default(),
+                max_retries: if config.retry_timeout.is_zero() {
+                    0
+                } else {
+                    10
+                },
+                retry_timeout: config.retry_timeout,
+            })
             .build()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -105,14 +136,16 @@ impl Backend for S3Backend {
     fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError> {
         let path = self.path(name);
         self.runtime.block_on(async {
-            match self.client.head(&path).await {
-                Ok(_) => return Ok(PutOutcome::AlreadyPresent),
-                Err(e) if not_found(&e) => {}
+            // Only for the report: a found object may be held by fewer
+            // nodes than the write quorum, so it is written anyway.
+            let outcome = match self.client.head(&path).await {
+                Ok(_) => PutOutcome::AlreadyPresent,
+                Err(e) if not_found(&e) => PutOutcome::Stored,
                 Err(e) => return Err(e.into()),
-            }
+            };
             let payload = PutPayload::from(bytes.to_vec());
             self.client.put(&path, payload).await?;
-            Ok(PutOutcome::Stored)
+            Ok(outcome)
         })
     }
 
