@@ -928,7 +928,7 @@ fn forged_flooding_and_oversized_frames_are_dropped_and_counted() {
     assert_eq!(last.dropped_malformed - flooded.dropped_malformed, 1);
 
     // A batch larger than the limit is a protocol violation.
-    let huge = vec![0u8; snapvm::abi::NET_MAX_TX as usize + 1];
+    let huge = vec![0u8; snapvm::abi::NET_MAX_BATCH as usize + 1];
     let err = vm
         .invoke("raw_exchange", &huge)
         .expect_err("over the limit");

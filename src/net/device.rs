@@ -292,9 +292,9 @@ impl NetDevice {
             tracker: ConnTracker::new(config.tracker).with_link(config.identity.mac, peer_mac),
             to_guest: VecDeque::new(),
             max_queued: config.max_queued,
-            rx_out: Vec::with_capacity(abi::NET_MAX_RX as usize),
+            rx_out: Vec::with_capacity(abi::NET_MAX_BATCH as usize),
             held: None,
-            tx_in: Vec::with_capacity(abi::NET_MAX_TX as usize),
+            tx_in: Vec::with_capacity(abi::NET_MAX_BATCH as usize),
             run: Run::default(),
             // Larger than any frame we accept, so a longer one is seen
             // (and dropped) rather than cut.
