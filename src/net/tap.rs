@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::sys::tap::VNET_HDR_LEN;
 
 /// An open TAP device: whole Ethernet frames in and out, each behind a
-/// `virtio_net_hdr` ([`VnetHdr`]), no packet information header,
+/// `struct virtio_net_hdr`, no packet information header,
 /// non-blocking. No receive offloads are enabled (`TUNSETOFFLOAD` is never
 /// called), so frames read are whole, at most the link's MTU, and carry
 /// their checksums.
