@@ -264,8 +264,9 @@ pub(crate) struct NetDevice {
     pub(crate) rx_out: Vec<u8>,
     /// A frame read from the TAP device that did not fit `rx_out`.
     held: Option<Vec<u8>>,
-    /// The guest's batch, copied out of its memory.
-    pub(crate) tx_in: Vec<u8>,
+    /// The guest's batch, copied out of its memory: the first bytes of a
+    /// buffer of [`abi::NET_MAX_BATCH`] bytes, zeroed once.
+    tx_in: Vec<u8>,
     /// Segments of the batch being merged into one.
     run: Run,
     /// One frame read from the TAP device.
@@ -294,7 +295,7 @@ impl NetDevice {
             max_queued: config.max_queued,
             rx_out: Vec::with_capacity(abi::NET_MAX_BATCH as usize),
             held: None,
-            tx_in: Vec::with_capacity(abi::NET_MAX_BATCH as usize),
+            tx_in: vec![0; abi::NET_MAX_BATCH as usize],
             run: Run::default(),
             // Larger than any frame we accept, so a longer one is seen
             // (and dropped) rather than cut.
@@ -317,14 +318,21 @@ impl NetDevice {
         &self.tracker
     }
 
-    /// Sends every frame of the guest's batch in `tx_in` that passes the
-    /// checks; stops at a malformed record. Each frame is checked (and
-    /// observed by the tracker) on its own, in order; consecutive TCP
-    /// segments of one flow that passed are then written as one large
-    /// segment ([`coalesce`](super::coalesce)).
-    pub(crate) fn transmit_batch(&mut self) {
+    /// Where the guest's batch of `len` bytes is to be copied, `None` if
+    /// `len` is over [`abi::NET_MAX_BATCH`].
+    pub(crate) fn tx_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.tx_in.get_mut(..len)
+    }
+
+    /// Sends every frame of the guest's batch (the first `len` bytes of
+    /// [`Self::tx_buffer`]) that passes the checks; stops at a malformed
+    /// record. Each frame is checked (and observed by the tracker) on its
+    /// own, in order; consecutive TCP segments of one flow that passed are
+    /// then written as one large segment ([`coalesce`](super::coalesce)).
+    pub(crate) fn transmit_batch(&mut self, len: usize) {
         self.stats.exchanges += 1;
-        let batch = std::mem::take(&mut self.tx_in);
+        let whole = std::mem::take(&mut self.tx_in);
+        let batch = &whole[..len.min(whole.len())];
         let mut run = std::mem::take(&mut self.run);
         let mut at = 0;
         while at < batch.len() {
@@ -354,14 +362,14 @@ impl NetDevice {
                 _ => Segment::parse(frame),
             };
             if let Some(seg) = seg {
-                if run.push(&batch, (start, len), seg) {
+                if run.push(batch, (start, len), seg) {
                     continue;
                 }
-                self.write_run(&batch, &mut run);
-                run.push(&batch, (start, len), seg);
+                self.write_run(batch, &mut run);
+                run.push(batch, (start, len), seg);
                 continue;
             }
-            self.write_run(&batch, &mut run);
+            self.write_run(batch, &mut run);
             if self.tap.write_frame(frame).is_ok() {
                 self.stats.tx_frames += 1;
             } else {
@@ -372,10 +380,9 @@ impl NetDevice {
                 }
             }
         }
-        self.write_run(&batch, &mut run);
+        self.write_run(batch, &mut run);
         self.run = run;
-        self.tx_in = batch;
-        self.tx_in.clear();
+        self.tx_in = whole;
     }
 
     /// Writes the frames of `run` (checked, data segments of one flow in

@@ -104,11 +104,15 @@ impl NetExt {
         let Some(dev) = self.dev.as_deref_mut() else {
             return cx.ret(&[abi::NET_NO_DEVICE, 0, 0, 0]);
         };
-        // Both lengths are bounded above: these never grow past the
-        // capacity the device reserved.
-        dev.tx_in.resize(tx_len as usize, 0);
-        cx.read_into(tx_ptr, &mut dev.tx_in)?;
-        dev.transmit_batch();
+        // Bounded above (checked): the device's buffer holds it.
+        let Some(batch) = dev.tx_buffer(tx_len as usize) else {
+            return Err(cx.bad(HypercallFault::TooLong {
+                len: tx_len,
+                limit: abi::NET_MAX_BATCH,
+            }));
+        };
+        cx.read_into(tx_ptr, batch)?;
+        dev.transmit_batch(tx_len as usize);
 
         let cap = rx_cap.min(abi::NET_MAX_BATCH) as usize;
         let until = Instant::now() + Duration::from_micros(wait_us.min(abi::NET_MAX_WAIT_US));
