@@ -138,11 +138,20 @@ impl Tap {
     /// A frame the kernel takes is taken whole.
     pub(crate) fn write_parts(&mut self, hdr: VnetHdr, parts: &[&[u8]]) -> io::Result<()> {
         let hdr = hdr.to_bytes();
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
-        iov.push(IoSlice::new(&hdr));
-        iov.extend(parts.iter().map(|p| IoSlice::new(p)));
         let want = VNET_HDR_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
-        let n = self.file.write_vectored(&iov)?;
+        let n = match parts {
+            // A frame of its own (the common case but for bulk data): no
+            // allocation.
+            [frame] => self
+                .file
+                .write_vectored(&[IoSlice::new(&hdr), IoSlice::new(frame)])?,
+            _ => {
+                let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
+                iov.push(IoSlice::new(&hdr));
+                iov.extend(parts.iter().map(|p| IoSlice::new(p)));
+                self.file.write_vectored(&iov)?
+            }
+        };
         if n != want {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
