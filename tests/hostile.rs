@@ -630,7 +630,7 @@ fn net_exchange_buffers_outside_user_memory_are_refused() {
     }
     cases.push((user, u64::MAX, user, 0x100)); // a length that wraps
     cases.push((user, 0, u64::MAX - 0x10, 0x100)); // an address that wraps
-    cases.push((user, abi::NET_MAX_TX + 1, user, 0x100)); // over the batch limit
+    cases.push((user, abi::NET_MAX_BATCH + 1, user, 0x100)); // over the batch limit
     for (tx, tx_len, rx, rx_cap) in cases {
         let what = format!("tx {tx:#x}+{tx_len:#x}, rx {rx:#x}+{rx_cap:#x}");
         let (mut vm, ready) = serving(|s| {

@@ -115,7 +115,11 @@ pub enum Hypercall {
     /// with status one of the `NET_*` values, the MAC address in the low 48
     /// bits of `mac` (first octet lowest), the IPv4 address in the low 32
     /// bits of `ip` (first octet highest, as `u32::from(Ipv4Addr)`) and its
-    /// prefix length in bits 32..40, the gateway likewise.
+    /// prefix length in bits 32..40, the gateway likewise in the low 32
+    /// bits of `gateway` and, in its bits 32..64, the most bytes of frames
+    /// the host takes and returns in one [`Hypercall::NetExchange`]
+    /// ([`NET_MAX_BATCH`]; 0 from hosts that predate it, which take
+    /// [`NET_MAX_TX`] and return [`NET_MAX_RX`]).
     NetInfo = 20,
     /// Exchange Ethernet frames with the network device:
     /// `args = [tx_ptr, tx_len, rx_ptr, rx_cap, wait_us]`. The host sends
@@ -231,10 +235,17 @@ pub const NET_OK: u64 = 0;
 pub const NET_NO_DEVICE: u64 = 1;
 /// Longest Ethernet frame (header included, no FCS) the device carries.
 pub const NET_MAX_FRAME: u64 = 1514;
-/// Most bytes of frames the host accepts in one [`Hypercall::NetExchange`].
+/// Bytes of frames every host accepts in one [`Hypercall::NetExchange`]
+/// (hosts before [`NET_MAX_BATCH`] accept no more).
 pub const NET_MAX_TX: u64 = 64 * 1024;
-/// Most bytes of frames the host returns in one [`Hypercall::NetExchange`].
+/// Bytes of frames every host returns in one [`Hypercall::NetExchange`]
+/// (hosts before [`NET_MAX_BATCH`] return no more).
 pub const NET_MAX_RX: u64 = 64 * 1024;
+/// Most bytes of frames this host accepts, and returns, in one
+/// [`Hypercall::NetExchange`]; it says so in [`Hypercall::NetInfo`]. A
+/// guest sends larger batches than [`NET_MAX_TX`] only to a host that said
+/// it takes them (more bytes per exit for a bulk transfer).
+pub const NET_MAX_BATCH: u64 = 256 * 1024;
 /// Longest wait of one [`Hypercall::NetExchange`], in microseconds.
 pub const NET_MAX_WAIT_US: u64 = 1_000_000;
 /// The function a guest with networking exports so the host can make its
@@ -424,6 +435,7 @@ const _: () = {
     assert!(Hypercall::NetExchange as u32 == 21);
     assert!(NET_OK == 0 && NET_NO_DEVICE == 1 && NET_MAX_FRAME == 1514);
     assert!(NET_MAX_TX == 65536 && NET_MAX_RX == 65536 && NET_MAX_WAIT_US == 1_000_000);
+    assert!(NET_MAX_BATCH == 262144 && NET_MAX_BATCH >= NET_MAX_TX && NET_MAX_BATCH >= NET_MAX_RX);
     assert!(REQUEST_CALL == 1 && REQUEST_GROW_INPUT == 2);
     assert!(STATUS_OK == 0 && STATUS_OUT_OF_MEMORY == 1 && STATUS_BAD_REQUEST == 2);
     assert!(STATUS_GUEST_ERROR == 3);

@@ -9,7 +9,8 @@ use smoltcp::wire::{
     ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet,
 };
 
-use super::tap::{Readiness, Tap};
+use super::coalesce::{Run, Segment};
+use super::tap::{Readiness, Tap, VnetHdr};
 use super::tracker::{
     self, ConnKey, ConnTracker, Connection, Direction, Observation, TrackerConfig,
 };
@@ -263,8 +264,11 @@ pub(crate) struct NetDevice {
     pub(crate) rx_out: Vec<u8>,
     /// A frame read from the TAP device that did not fit `rx_out`.
     held: Option<Vec<u8>>,
-    /// The guest's batch, copied out of its memory.
-    pub(crate) tx_in: Vec<u8>,
+    /// The guest's batch, copied out of its memory: the first bytes of a
+    /// buffer of [`abi::NET_MAX_BATCH`] bytes, zeroed once.
+    tx_in: Vec<u8>,
+    /// Segments of the batch being merged into one.
+    run: Run,
     /// One frame read from the TAP device.
     read_buf: Vec<u8>,
     arp_rate: RateLimit,
@@ -289,9 +293,10 @@ impl NetDevice {
             tracker: ConnTracker::new(config.tracker).with_link(config.identity.mac, peer_mac),
             to_guest: VecDeque::new(),
             max_queued: config.max_queued,
-            rx_out: Vec::with_capacity(abi::NET_MAX_RX as usize),
+            rx_out: Vec::with_capacity(abi::NET_MAX_BATCH as usize),
             held: None,
-            tx_in: Vec::with_capacity(abi::NET_MAX_TX as usize),
+            tx_in: vec![0; abi::NET_MAX_BATCH as usize],
+            run: Run::default(),
             // Larger than any frame we accept, so a longer one is seen
             // (and dropped) rather than cut.
             read_buf: vec![0; 64 * 1024],
@@ -313,48 +318,111 @@ impl NetDevice {
         &self.tracker
     }
 
-    /// Sends every frame of the guest's batch in `tx_in` that passes the
-    /// checks; stops at a malformed record.
-    pub(crate) fn transmit_batch(&mut self) {
+    /// Where the guest's batch of `len` bytes is to be copied, `None` if
+    /// `len` is over [`abi::NET_MAX_BATCH`].
+    pub(crate) fn tx_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.tx_in.get_mut(..len)
+    }
+
+    /// Sends every frame of the guest's batch (the first `len` bytes of
+    /// [`Self::tx_buffer`]) that passes the checks; stops at a malformed
+    /// record. Each frame is checked (and observed by the tracker) on its
+    /// own, in order; consecutive TCP segments of one flow that passed are
+    /// then written as one large segment ([`coalesce`](super::coalesce)).
+    pub(crate) fn transmit_batch(&mut self, len: usize) {
         self.stats.exchanges += 1;
-        let batch = std::mem::take(&mut self.tx_in);
-        let mut rest = &batch[..];
-        while !rest.is_empty() {
-            let [a, b, tail @ ..] = rest else {
+        let whole = std::mem::take(&mut self.tx_in);
+        let batch = &whole[..len.min(whole.len())];
+        let mut run = std::mem::take(&mut self.run);
+        let mut at = 0;
+        while at < batch.len() {
+            let Some(&[a, b]) = batch.get(at..at + RECORD_HEADER) else {
                 self.stats.dropped_malformed += 1;
                 break;
             };
-            let len = usize::from(u16::from_le_bytes([*a, *b]));
-            if len > tail.len() {
+            let len = usize::from(u16::from_le_bytes([a, b]));
+            let start = at + RECORD_HEADER;
+            if len > batch.len() - start {
                 self.stats.dropped_malformed += 1;
                 break;
             }
-            let (frame, next) = tail.split_at(len);
-            rest = next;
-            match self.check(frame) {
-                Ok(seen) => {
-                    if self.tap.write_frame(frame).is_ok() {
-                        self.stats.tx_frames += 1;
-                    } else {
-                        self.stats.dropped_device += 1;
-                        // The peer never saw this end of the connection.
-                        if let Observation::Closed(key) = seen {
-                            self.tracker.reinstate(&key);
-                        }
-                    }
+            at = start + len;
+            let frame = &batch[start..start + len];
+            let seen = match self.check(frame) {
+                Ok(seen) => seen,
+                Err(refused) => {
+                    self.count_refused(refused);
+                    continue;
                 }
-                Err(Refused::Spoofed) => self.stats.dropped_spoofed += 1,
-                Err(Refused::Malformed) => self.stats.dropped_malformed += 1,
-                Err(Refused::ArpFlood) => self.stats.dropped_arp_flood += 1,
-                Err(Refused::Protocol) => self.stats.dropped_protocol += 1,
-                Err(Refused::Fragment) => self.stats.dropped_fragment += 1,
-                Err(Refused::Destination) => self.stats.dropped_destination += 1,
-                Err(Refused::TableFull) => self.stats.dropped_table_full += 1,
-                Err(Refused::SynRate) => self.stats.dropped_syn_rate += 1,
+            };
+            // Only data segments merge; a segment that ends a connection
+            // is written alone, so a failed write can reinstate it.
+            let seg = match seen {
+                Observation::Closed(_) => None,
+                _ => Segment::parse(frame),
+            };
+            if let Some(seg) = seg {
+                if run.push(batch, (start, len), seg) {
+                    continue;
+                }
+                self.write_run(batch, &mut run);
+                run.push(batch, (start, len), seg);
+                continue;
+            }
+            self.write_run(batch, &mut run);
+            if self.tap.write_frame(frame).is_ok() {
+                self.stats.tx_frames += 1;
+            } else {
+                self.stats.dropped_device += 1;
+                // The peer never saw this end of the connection.
+                if let Observation::Closed(key) = seen {
+                    self.tracker.reinstate(&key);
+                }
             }
         }
-        self.tx_in = batch;
-        self.tx_in.clear();
+        self.write_run(batch, &mut run);
+        self.run = run;
+        self.tx_in = whole;
+    }
+
+    /// Writes the frames of `run` (checked, data segments of one flow in
+    /// sequence) as one, and empties it.
+    fn write_run(&mut self, batch: &[u8], run: &mut Run) {
+        let n = run.members().len() as u64;
+        let written = match run.members() {
+            [] => return,
+            [(at, len)] => self.tap.write_frame(&batch[*at..*at + *len]),
+            members => match run.merged_header(batch) {
+                Some((head, hdr)) => {
+                    let skip = run.hdr_len();
+                    let mut parts: Vec<&[u8]> = Vec::with_capacity(members.len() + 1);
+                    parts.push(&head);
+                    parts.extend(members.iter().map(|&(at, len)| &batch[at + skip..at + len]));
+                    self.tap.write_parts(hdr, &parts)
+                }
+                None => Err(std::io::ErrorKind::InvalidData.into()),
+            },
+        };
+        if written.is_ok() {
+            self.stats.tx_frames += n;
+        } else {
+            self.stats.dropped_device += n;
+        }
+        run.clear();
+    }
+
+    fn count_refused(&mut self, refused: Refused) {
+        let counter = match refused {
+            Refused::Spoofed => &mut self.stats.dropped_spoofed,
+            Refused::Malformed => &mut self.stats.dropped_malformed,
+            Refused::ArpFlood => &mut self.stats.dropped_arp_flood,
+            Refused::Protocol => &mut self.stats.dropped_protocol,
+            Refused::Fragment => &mut self.stats.dropped_fragment,
+            Refused::Destination => &mut self.stats.dropped_destination,
+            Refused::TableFull => &mut self.stats.dropped_table_full,
+            Refused::SynRate => &mut self.stats.dropped_syn_rate,
+        };
+        *counter += 1;
     }
 
     /// Whether a guest frame may leave: its own addresses only, IPv4 and
@@ -491,17 +559,21 @@ impl NetDevice {
         }
         loop {
             let n = match self.tap.read_frame(&mut self.read_buf) {
-                Ok(Some(n)) => n,
+                Ok(Some((hdr, n))) => {
+                    if n > abi::NET_MAX_FRAME as usize
+                        || !finish_checksum(hdr, &mut self.read_buf[..n])
+                    {
+                        self.stats.dropped_device += 1;
+                        continue;
+                    }
+                    n
+                }
                 Ok(None) => return,
                 Err(_) => {
                     self.stats.dropped_device += 1;
                     return;
                 }
             };
-            if n > abi::NET_MAX_FRAME as usize {
-                self.stats.dropped_device += 1;
-                continue;
-            }
             let frame = std::mem::take(&mut self.read_buf);
             if self.for_guest(&frame[..n])
                 && self.tracker.observe(Direction::ToGuest, &frame[..n]) == Observation::TableFull
@@ -626,6 +698,28 @@ impl NetDevice {
         self.stats.terminated += terms.len() as u64;
         terms.len()
     }
+}
+
+/// Makes a frame read from the TAP device whole: completes a checksum the
+/// kernel left to the device (`VIRTIO_NET_HDR_F_NEEDS_CSUM`; receive
+/// offloads are off, so it should not). `false` for a frame that cannot be
+/// made whole: a large segment (never sent without `TUN_F_TSO4`) or a
+/// checksum place outside the frame.
+fn finish_checksum(hdr: VnetHdr, frame: &mut [u8]) -> bool {
+    if hdr.gso_type != VnetHdr::GSO_NONE {
+        return false;
+    }
+    if hdr.flags & VnetHdr::NEEDS_CSUM == 0 {
+        return true;
+    }
+    let start = usize::from(hdr.csum_start);
+    let at = start + usize::from(hdr.csum_offset);
+    if start >= frame.len() || at + 2 > frame.len() {
+        return false;
+    }
+    let sum = !super::coalesce::fold(super::coalesce::sum(&frame[start..]));
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    true
 }
 
 impl Drop for NetDevice {

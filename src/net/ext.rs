@@ -4,8 +4,8 @@
 //!
 //! Every argument is untrusted: both buffers are checked against what the
 //! guest could reach itself, the guest's batch is bounded by
-//! [`abi::NET_MAX_TX`] and copied into one host buffer the device keeps,
-//! what the host writes back is bounded by [`abi::NET_MAX_RX`], and the
+//! [`abi::NET_MAX_BATCH`] and copied into one host buffer the device keeps,
+//! what the host writes back is bounded by [`abi::NET_MAX_BATCH`], and the
 //! wait by [`abi::NET_MAX_WAIT_US`] and the call's deadline.
 
 use std::time::{Duration, Instant};
@@ -87,7 +87,7 @@ impl NetExt {
             abi::NET_OK,
             u64::from_le_bytes(mac),
             u64::from(u32::from(id.ip)) | u64::from(id.prefix_len) << 32,
-            u64::from(u32::from(id.gateway)),
+            u64::from(u32::from(id.gateway)) | abi::NET_MAX_BATCH << 32,
         ])
     }
 
@@ -95,22 +95,26 @@ impl NetExt {
         let [tx_ptr, tx_len, rx_ptr, rx_cap, wait_us] = cx.args::<5>()?;
         cx.check_user(tx_ptr, tx_len)?;
         cx.check_user(rx_ptr, rx_cap)?;
-        if tx_len > abi::NET_MAX_TX {
+        if tx_len > abi::NET_MAX_BATCH {
             return Err(cx.bad(HypercallFault::TooLong {
                 len: tx_len,
-                limit: abi::NET_MAX_TX,
+                limit: abi::NET_MAX_BATCH,
             }));
         }
         let Some(dev) = self.dev.as_deref_mut() else {
             return cx.ret(&[abi::NET_NO_DEVICE, 0, 0, 0]);
         };
-        // Both lengths are bounded above: these never grow past the
-        // capacity the device reserved.
-        dev.tx_in.resize(tx_len as usize, 0);
-        cx.read_into(tx_ptr, &mut dev.tx_in)?;
-        dev.transmit_batch();
+        // Bounded above (checked): the device's buffer holds it.
+        let Some(batch) = dev.tx_buffer(tx_len as usize) else {
+            return Err(cx.bad(HypercallFault::TooLong {
+                len: tx_len,
+                limit: abi::NET_MAX_BATCH,
+            }));
+        };
+        cx.read_into(tx_ptr, batch)?;
+        dev.transmit_batch(tx_len as usize);
 
-        let cap = rx_cap.min(abi::NET_MAX_RX) as usize;
+        let cap = rx_cap.min(abi::NET_MAX_BATCH) as usize;
         let until = Instant::now() + Duration::from_micros(wait_us.min(abi::NET_MAX_WAIT_US));
         dev.rx_out.clear();
         loop {

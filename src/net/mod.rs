@@ -27,6 +27,7 @@
 //! }
 //! ```
 
+mod coalesce;
 mod device;
 pub(crate) mod ext;
 pub(crate) mod tap;

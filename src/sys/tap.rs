@@ -15,8 +15,14 @@ struct IfReq {
 
 const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
 
+/// Bytes of the `struct virtio_net_hdr` before every frame read from or
+/// written to a device opened with `IFF_VNET_HDR` (the kernel's default
+/// size, not changed with `TUNSETVNETHDRSZ`).
+pub(crate) const VNET_HDR_LEN: usize = 10;
+
 /// Opens `/dev/net/tun` (non-blocking) and attaches it to TAP device `name`
-/// (whole Ethernet frames, no packet information header), creating the
+/// (whole Ethernet frames, each after a `struct virtio_net_hdr` of
+/// [`VNET_HDR_LEN`] bytes, no packet information header), creating the
 /// device if it is missing and the process may. `name` has 1 to 15 bytes
 /// and no NUL.
 pub(crate) fn open_tap(name: &str) -> io::Result<File> {
@@ -33,7 +39,7 @@ pub(crate) fn open_tap(name: &str) -> io::Result<File> {
         .open("/dev/net/tun")?;
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());

@@ -55,10 +55,10 @@ use crate::abi::{self, Hypercall};
 
 /// Bytes of each TCP socket's receive buffer.
 const RX_BUFFER: usize = 64 * 1024;
-/// Bytes of each TCP socket's send buffer: twice a batch, so a bulk
-/// sender refills a whole batch per exit while the previous one is still
-/// unacknowledged.
-const TX_BUFFER: usize = 128 * 1024;
+/// Bytes of each TCP socket's send buffer: twice the largest batch, so a
+/// bulk sender refills a whole batch per exit while the previous one is
+/// still unacknowledged.
+const TX_BUFFER: usize = 2 * abi::NET_MAX_BATCH as usize;
 /// How long [`TcpStream::connect`] waits by default, in milliseconds.
 const CONNECT_TIMEOUT_MS: u64 = 10_000;
 
@@ -138,6 +138,9 @@ pub struct Identity {
 
 /// The device: frames to send, encoded for the host, and frames received.
 struct Dev {
+    /// Most bytes of frames per exchange, each way: what the host said it
+    /// takes ([`abi::NET_MAX_TX`] from hosts that did not say).
+    batch: usize,
     tx: Vec<u8>,
     rx: Vec<u8>,
     rx_len: usize,
@@ -167,7 +170,14 @@ impl TxToken for Tx<'_> {
 impl Dev {
     /// Room for one more full frame in the batch.
     fn tx_room(&self) -> bool {
-        self.tx.len() + 2 + abi::NET_MAX_FRAME as usize <= abi::NET_MAX_TX as usize
+        self.tx.len() + 2 + abi::NET_MAX_FRAME as usize <= self.batch
+    }
+
+    /// Takes the batch size a host announced; the receive buffer follows
+    /// it (a restore may move this guest to a host that takes less).
+    fn set_batch(&mut self, announced: u64) {
+        self.batch = announced.clamp(abi::NET_MAX_TX, abi::NET_MAX_BATCH) as usize;
+        self.rx.resize(self.batch, 0);
     }
 
     /// The next received frame, if any (a malformed tail ends the batch).
@@ -282,6 +292,13 @@ fn now(dev: &Dev) -> Instant {
 
 /// Asks the host for this VM's network identity.
 pub fn identity() -> Result<Identity, NetError> {
+    device_info().map(|(identity, _)| identity)
+}
+
+/// Asks the host for this VM's network identity and how many bytes of
+/// frames it takes per exchange (0 from hosts that predate
+/// [`abi::NET_MAX_BATCH`]).
+fn device_info() -> Result<(Identity, u64), NetError> {
     hypercall(Hypercall::NetInfo);
     match ret(0) {
         abi::NET_OK => {}
@@ -300,7 +317,7 @@ pub fn identity() -> Result<Identity, NetError> {
     if identity.mac[0] & 1 != 0 || identity.mac == [0; 6] {
         return Err(NetError::Protocol(ret(1)));
     }
-    Ok(identity)
+    Ok((identity, gw >> 32))
 }
 
 fn build_iface(dev: &mut Dev, identity: &Identity) -> Interface {
@@ -319,15 +336,17 @@ fn build_iface(dev: &mut Dev, identity: &Identity) -> Interface {
 /// to have the stack take in frames it queued, e.g. the resets it sends
 /// before a snapshot). Call it once, from init.
 pub fn init(exports: &mut Exports) -> Result<Identity, NetError> {
-    let identity = identity()?;
+    let (identity, batch) = device_info()?;
     let mut dev = Dev {
-        tx: Vec::with_capacity(abi::NET_MAX_TX as usize),
-        rx: vec![0; abi::NET_MAX_RX as usize],
+        batch: abi::NET_MAX_TX as usize,
+        tx: Vec::with_capacity(abi::NET_MAX_BATCH as usize),
+        rx: Vec::new(),
         rx_len: 0,
         rx_pos: 0,
         now_us: 0,
         exchanges: 0,
     };
+    dev.set_batch(batch);
     dev.exchange(0)?;
     let iface = build_iface(&mut dev, &identity);
     let net = Net {
@@ -418,10 +437,16 @@ impl Net {
     }
 
     fn new_socket(&mut self) -> SocketHandle {
-        let socket = tcp::Socket::new(
+        let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; RX_BUFFER]),
             tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
         );
+        // No Nagle: frames leave only at the next exchange anyway, so small
+        // writes already share an exit, while holding back the tail of a
+        // write until the peer acknowledges what is in flight costs a round
+        // trip, and up to a delayed ACK (40 ms on Linux) when the segment
+        // in flight is short (as at every wrap of the send buffer's ring).
+        socket.set_nagle_enabled(false);
         self.sockets.add(socket)
     }
 
@@ -446,6 +471,10 @@ fn poll_export(_: &[u8]) -> Vec<u8> {
 /// with this copy's identity and a fresh random seed.
 fn after_restore() {
     let Ok(net) = state() else { return };
+    // This host may take smaller batches than the one the snapshot was
+    // taken on.
+    let info = device_info();
+    net.dev.set_batch(info.map_or(0, |(_, batch)| batch));
     let _ = net.dev.exchange(0);
     net.poll();
     // Whatever connection is still open belongs to the VM the snapshot was
@@ -461,7 +490,7 @@ fn after_restore() {
     }
     net.poll();
     net.dev.tx.clear();
-    if let Ok(identity) = identity() {
+    if let Ok((identity, _)) = info {
         net.identity = identity;
     }
     net.next_port = 49152 + (super::random_u64() % 16384) as u16;
