@@ -365,3 +365,61 @@ fn a_put_repeated_over_blocks_only_one_node_holds_is_readable_through_every_node
         assert!(report.is_clean(), "verify through node {n}: {report:?}");
     }
 }
+
+/// A put keeps many block PUTs in flight; when the cluster loses its write
+/// quorum in the middle of one, the put fails with the S3 error of a block
+/// and writes no manifest, and the same put succeeds once the nodes are
+/// back.
+#[test]
+fn a_put_with_many_blocks_in_flight_that_loses_quorum_writes_no_manifest() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    let Some(garage) = garage_or_skip() else {
+        return;
+    };
+    let cluster = Cluster::start(garage).unwrap();
+    let backend = |n| {
+        let mut config = cluster.config(n, "inflight/");
+        config.retry_timeout = Duration::from_secs(3);
+        cluster::ready_backend(&config)
+    };
+    let watch = backend(1);
+    let node1 = store(backend(1), OWNER_A);
+    let data = common::pseudo_random(64 << 20, 23);
+    let result = std::thread::scope(|s| {
+        let put = s.spawn(|| node1.put_bytes(&data, b"in flight"));
+        // Nodes 2 and 3 die once the first blocks arrived.
+        let start = Instant::now();
+        while watch.list(Namespace::Blocks).map_or(0, |l| l.len()) < 8 {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no block arrived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cluster.kill_nodes(&[2, 3]);
+        put.join().unwrap()
+    });
+    match &result {
+        Err(StoreError::Backend {
+            op: snapvm::store::Op::Put,
+            object,
+            source: BackendError::S3(_),
+        }) => assert_eq!(object.namespace, Namespace::Blocks, "{result:?}"),
+        _ => panic!("a put that lost quorum mid-way: {result:?}"),
+    }
+    cluster.start_node(2);
+    cluster.start_node(3);
+    let manifests = eventually("listing manifests", || {
+        watch
+            .list(Namespace::Manifests)
+            .map_err(|source| StoreError::List {
+                namespace: "manifests",
+                source,
+            })
+    });
+    assert!(manifests.is_empty(), "a failed put wrote {manifests:?}");
+    let put = eventually("the put again", || node1.put_bytes(&data, b"in flight"));
+    assert!(node1.get_bytes(&put.manifest).unwrap() == data);
+}

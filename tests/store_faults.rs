@@ -873,3 +873,54 @@ fn sigkill_during_gc_leaves_a_clean_store() {
     assert_eq!(count_files(&root.join("blocks")), 128);
     assert!(store.verify().unwrap().is_clean());
 }
+
+/// A put hands the backend batches of blocks; one block of a batch that
+/// cannot be written (a file in place of its shard directory) fails the
+/// put with that block's typed error and no manifest, on one thread and on
+/// two, and the same put succeeds once the directory is back.
+#[test]
+fn one_failed_block_of_a_batch_fails_the_put_and_writes_no_manifest() {
+    let data = common::pseudo_random(2 << 20, 31);
+    for threads in [1, 2] {
+        let config = StoreConfig {
+            block_size: 64 * 1024,
+            ingest_threads: threads,
+            queue_blocks: 8,
+            ..StoreConfig::default()
+        };
+        // The blocks this put writes (convergent: the same in any store).
+        let memory = MemoryBackend::new();
+        ConvergentStore::new(&config, memory.clone(), ManifestKey::from_bytes(KEY))
+            .unwrap()
+            .put_bytes(&data, b"")
+            .unwrap();
+        let blocks = memory.list(Namespace::Blocks).unwrap();
+        assert_eq!(blocks.len(), 32);
+        let victim = blocks[blocks.len() / 2];
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let backend = FsBackend::open(&root).unwrap();
+        let shard = backend.path_of(&victim).parent().unwrap().to_path_buf();
+        std::fs::write(&shard, b"not a directory").unwrap();
+        let store = ConvergentStore::new(&config, backend, ManifestKey::from_bytes(KEY)).unwrap();
+        match store.put_bytes(&data, b"") {
+            Err(StoreError::Backend {
+                op: snapvm::store::Op::Put,
+                object,
+                source: BackendError::NotADirectory { path },
+            }) => {
+                assert_eq!(object.namespace, Namespace::Blocks);
+                assert_eq!(object.id[0], victim.id[0], "threads {threads}");
+                assert_eq!(path, shard);
+            }
+            other => panic!("threads {threads}: {other:?}"),
+        }
+        let backend = store.backend();
+        assert!(backend.list(Namespace::Manifests).unwrap().is_empty());
+        std::fs::remove_file(&shard).unwrap();
+        let put = store.put_bytes(&data, b"").unwrap();
+        assert!(store.get_bytes(&put.manifest).unwrap() == data);
+        assert!(store.verify().unwrap().is_clean());
+    }
+}

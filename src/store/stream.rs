@@ -60,42 +60,79 @@ impl Drop for WriteGuard<'_> {
     }
 }
 
-/// Encrypts and stores one block (or records it as zeros). `buf` holds the
-/// plaintext on entry; it is encrypted in place. A block this put already
-/// wrote, or another worker of it is writing right now, is not written
-/// again and not counted as new.
+/// Encrypts a batch of blocks in place (each `buf` holds a plaintext on
+/// entry) and stores the new ones with one [`Backend::put_many`], so that a
+/// backend with a long round trip has them all in flight at once. Zero
+/// blocks are recorded, not stored. A block this put already wrote, or
+/// another worker of it is writing right now, is not written again and not
+/// counted as new. Returns one result per block, in order.
+///
+/// [`Backend::put_many`]: super::Backend::put_many
 fn seal_and_store(
     store: &ConvergentStore,
     salt: &Salt,
-    buf: &mut Vec<u8>,
+    bufs: &mut [Vec<u8>],
     blocks: &PutBlocks,
-) -> Sealed {
-    let len = buf.len() as u32;
-    if is_zero(buf) {
-        return Ok((Entry::Zero { len }, None));
+) -> Vec<Sealed> {
+    let mut entries = Vec::with_capacity(bufs.len());
+    let mut writes: Vec<(usize, WriteGuard<'_>)> = Vec::new();
+    for (i, buf) in bufs.iter_mut().enumerate() {
+        let len = buf.len() as u32;
+        if is_zero(buf) {
+            entries.push(Entry::Zero { len });
+            continue;
+        }
+        let (key, id) = crypto::seal_block_in_place(salt, buf);
+        if blocks.lock().insert(id) {
+            let guard = WriteGuard {
+                set: blocks,
+                id,
+                written: false,
+            };
+            writes.push((i, guard));
+        }
+        entries.push(Entry::Data { id, key, len });
     }
-    let (key, id) = crypto::seal_block_in_place(salt, buf);
-    if !blocks.lock().insert(id) {
-        return Ok((Entry::Data { id, key, len }, None));
+    let objects: Vec<(ObjectName, &[u8])> = writes
+        .iter()
+        .map(|(i, guard)| (ObjectName::block(&guard.id), &bufs[*i][..]))
+        .collect();
+    let mut outcomes = if objects.is_empty() {
+        Vec::new()
+    } else {
+        store.backend.put_many(&objects)
     }
-    let mut guard = WriteGuard {
-        set: blocks,
-        id,
-        written: false,
-    };
-    let name = ObjectName::block(&id);
-    let outcome =
-        store
-            .backend
-            .put_if_absent(&name, buf)
-            .map_err(|source| StoreError::Backend {
-                op: Op::Put,
-                object: name,
-                source,
-            })?;
-    guard.written = true;
-    let new = (outcome == PutOutcome::Stored).then_some(buf.len() as u64);
-    Ok((Entry::Data { id, key, len }, new))
+    .into_iter();
+    let mut new = vec![None; bufs.len()];
+    let mut failed: Vec<Option<StoreError>> = (0..bufs.len()).map(|_| None).collect();
+    for (i, mut guard) in writes {
+        let object = ObjectName::block(&guard.id);
+        let outcome = outcomes.next().unwrap_or_else(|| {
+            Err(io::Error::other("the backend's put_many returned too few results").into())
+        });
+        match outcome {
+            Ok(outcome) => {
+                guard.written = true;
+                new[i] = (outcome == PutOutcome::Stored).then_some(bufs[i].len() as u64);
+            }
+            Err(source) => {
+                failed[i] = Some(StoreError::Backend {
+                    op: Op::Put,
+                    object,
+                    source,
+                });
+            }
+        }
+    }
+    entries
+        .into_iter()
+        .zip(new)
+        .zip(failed)
+        .map(|((entry, new), failed)| match failed {
+            Some(e) => Err(e),
+            None => Ok((entry, new)),
+        })
+        .collect()
 }
 
 /// Per-put tallies.
@@ -254,28 +291,39 @@ fn ingest_inline(
     mut tally: Tally,
 ) -> Result<(Vec<Entry>, Tally), StoreError> {
     let bs = store.config.block_size;
-    let mut buf = Vec::with_capacity(bs + TAG_LEN);
+    let batch = store.config.queue_blocks;
+    let mut bufs: Vec<Vec<u8>> = Vec::new();
     let mut entries = Vec::new();
     let blocks = PutBlocks::default();
-    loop {
-        buf.resize(bs, 0);
-        let n = read_full(input, &mut buf).map_err(|source| StoreError::Input {
-            offset: tally.len,
-            source,
-        })?;
-        if n == 0 {
-            break;
+    let mut eof = false;
+    while !eof {
+        // Read up to a batch of blocks, then seal and store them together.
+        let mut filled = 0;
+        while filled < batch && !eof {
+            if bufs.len() == filled {
+                bufs.push(Vec::with_capacity(bs + TAG_LEN));
+            }
+            let buf = &mut bufs[filled];
+            buf.resize(bs, 0);
+            let n = read_full(input, buf).map_err(|source| StoreError::Input {
+                offset: tally.len,
+                source,
+            })?;
+            eof = n < bs;
+            if n == 0 {
+                break;
+            }
+            tally.len += n as u64;
+            buf.truncate(n);
+            filled += 1;
         }
-        tally.len += n as u64;
-        buf.truncate(n);
-        let (entry, new) = seal_and_store(store, salt, &mut buf, &blocks)?;
-        tally.add(&entry, new);
-        tally.check_manifest(store.config.max_manifest_len)?;
-        entries.push(entry);
+        for result in seal_and_store(store, salt, &mut bufs[..filled], &blocks) {
+            let (entry, new) = result?;
+            tally.add(&entry, new);
+            tally.check_manifest(store.config.max_manifest_len)?;
+            entries.push(entry);
+        }
         lease.renew_if_due()?;
-        if n < bs {
-            break;
-        }
     }
     Ok((entries, tally))
 }
@@ -313,22 +361,37 @@ fn ingest_parallel(
             let job_rx = &job_rx;
             let blocks = &blocks;
             s.spawn(move || loop {
-                let mut job = match job_rx.lock().map(|rx| rx.recv()) {
-                    Ok(Ok(job)) => job,
-                    _ => break,
-                };
-                job.buf.truncate(job.len);
-                let result = catch_unwind(AssertUnwindSafe(|| {
-                    seal_and_store(store, salt, &mut job.buf, blocks)
-                }))
-                .unwrap_or(Err(StoreError::WorkerPanicked));
-                let done = Done {
-                    index: job.index,
-                    buf: job.buf,
-                    result,
-                };
-                if done_tx.send(done).is_err() {
+                // Wait for one job, then take the queued ones too, up to a
+                // batch: the backend gets them in one `put_many`.
+                let mut jobs = Vec::with_capacity(cfg.queue_blocks);
+                if let Ok(rx) = job_rx.lock() {
+                    if let Ok(job) = rx.recv() {
+                        jobs.push(job);
+                        jobs.extend(rx.try_iter().take(cfg.queue_blocks - 1));
+                    }
+                }
+                if jobs.is_empty() {
                     break;
+                }
+                let (indices, mut bufs): (Vec<usize>, Vec<Vec<u8>>) = jobs
+                    .into_iter()
+                    .map(|mut job| {
+                        job.buf.truncate(job.len);
+                        (job.index, job.buf)
+                    })
+                    .unzip();
+                let results = catch_unwind(AssertUnwindSafe(|| {
+                    seal_and_store(store, salt, &mut bufs, blocks)
+                }))
+                .unwrap_or_else(|_| {
+                    (0..indices.len())
+                        .map(|_| Err(StoreError::WorkerPanicked))
+                        .collect()
+                });
+                for ((index, buf), result) in indices.into_iter().zip(bufs).zip(results) {
+                    if done_tx.send(Done { index, buf, result }).is_err() {
+                        return;
+                    }
                 }
             });
         }

@@ -72,6 +72,11 @@ pub struct FsBackend {
     /// Whether `openat2` may be tried (cleared when the kernel refuses it).
     openat2: AtomicBool,
     counter: AtomicU64,
+    /// This process's id, for the names of temporary files, read once (a
+    /// `getpid` per object was a tenth of a block put's system calls). A
+    /// forked child that keeps using the backend may pick a name its parent
+    /// holds; `O_EXCL` refuses it and the next is tried.
+    pid: u32,
 }
 
 fn ns_index(ns: Namespace) -> usize {
@@ -168,6 +173,7 @@ impl FsBackend {
             unsynced: (0..4 * 256).map(|_| AtomicBool::new(false)).collect(),
             openat2: AtomicBool::new(true),
             counter: AtomicU64::new(0),
+            pid: std::process::id(),
         };
         for ns in Namespace::ALL {
             backend.open_beneath(ns.as_str(), libc::O_RDONLY | libc::O_DIRECTORY)?;
@@ -344,7 +350,7 @@ impl FsBackend {
     fn write_tmp(&self, hex: &str, bytes: &[u8]) -> Result<CString, BackendError> {
         loop {
             let n = self.counter.fetch_add(1, Ordering::Relaxed);
-            let name = c_name(&format!("{hex}.{}.{n}.tmp", std::process::id()))?;
+            let name = c_name(&format!("{hex}.{}.{n}.tmp", self.pid))?;
             let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
             let mut f = match openat(self.tmp_fd.as_fd(), &name, flags, 0o666) {
                 Ok(fd) => File::from(fd),

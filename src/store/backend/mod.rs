@@ -214,6 +214,21 @@ pub trait Backend: Send + Sync {
     /// reports [`PutOutcome::AlreadyPresent`] when a HEAD found it first.
     fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError>;
 
+    /// Stores several objects, each as [`Backend::put_if_absent`] does,
+    /// and returns one result per object, in the order given. Every object
+    /// is attempted, also after one failed; an `Ok` means the same as
+    /// there. The store hands each ingest thread's blocks over in batches
+    /// of up to [`StoreConfig::queue_blocks`](super::StoreConfig::queue_blocks),
+    /// so a backend with a long round trip can keep them all in flight at
+    /// once (`S3Backend` issues them concurrently). The default puts them
+    /// one after the other.
+    fn put_many(&self, objects: &[(ObjectName, &[u8])]) -> Vec<Result<PutOutcome, BackendError>> {
+        objects
+            .iter()
+            .map(|(name, bytes)| self.put_if_absent(name, bytes))
+            .collect()
+    }
+
     /// Reads an object; `Ok(None)` if it does not exist. An object longer
     /// than `limit` bytes is an error ([`BackendError::TooLarge`]), checked
     /// before its bytes are read.
@@ -266,6 +281,9 @@ macro_rules! forward_backend {
         impl<B: Backend + ?Sized> Backend for $ty {
             fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError> {
                 (**self).put_if_absent(name, bytes)
+            }
+            fn put_many(&self, objects: &[(ObjectName, &[u8])]) -> Vec<Result<PutOutcome, BackendError>> {
+                (**self).put_many(objects)
             }
             fn get(&self, name: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError> {
                 (**self).get(name, limit)

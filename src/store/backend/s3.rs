@@ -126,27 +126,46 @@ impl S3Backend {
     fn path(&self, name: &ObjectName) -> Path {
         Path::from(format!("{}{}/{}", self.prefix, name.namespace, name.hex()))
     }
+
+    /// One put: a HEAD for the report, then the PUT whatever it said.
+    async fn put_one(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError> {
+        let path = self.path(name);
+        // Only for the report: a found object may be held by fewer nodes
+        // than the write quorum, so it is written anyway.
+        let outcome = match self.client.head(&path).await {
+            Ok(_) => PutOutcome::AlreadyPresent,
+            Err(e) if not_found(&e) => PutOutcome::Stored,
+            Err(e) => return Err(e.into()),
+        };
+        let payload = PutPayload::from(bytes.to_vec());
+        self.client.put(&path, payload).await?;
+        Ok(outcome)
+    }
 }
 
 fn not_found(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::NotFound { .. })
 }
 
+/// The most requests one [`Backend::put_many`] call keeps in flight.
+const MAX_PUTS_IN_FLIGHT: usize = 64;
+
 impl Backend for S3Backend {
     fn put_if_absent(&self, name: &ObjectName, bytes: &[u8]) -> Result<PutOutcome, BackendError> {
-        let path = self.path(name);
-        self.runtime.block_on(async {
-            // Only for the report: a found object may be held by fewer
-            // nodes than the write quorum, so it is written anyway.
-            let outcome = match self.client.head(&path).await {
-                Ok(_) => PutOutcome::AlreadyPresent,
-                Err(e) if not_found(&e) => PutOutcome::Stored,
-                Err(e) => return Err(e.into()),
-            };
-            let payload = PutPayload::from(bytes.to_vec());
-            self.client.put(&path, payload).await?;
-            Ok(outcome)
-        })
+        self.runtime.block_on(self.put_one(name, bytes))
+    }
+
+    /// Issues the puts concurrently, up to 64 at a time; each is a HEAD
+    /// and a PUT as in [`Backend::put_if_absent`].
+    fn put_many(&self, objects: &[(ObjectName, &[u8])]) -> Vec<Result<PutOutcome, BackendError>> {
+        let puts = objects
+            .iter()
+            .map(|(name, bytes)| self.put_one(name, bytes));
+        self.runtime.block_on(
+            futures_util::stream::iter(puts)
+                .buffered(MAX_PUTS_IN_FLIGHT)
+                .collect(),
+        )
     }
 
     fn get(&self, name: &ObjectName, limit: u64) -> Result<Option<Vec<u8>>, BackendError> {
