@@ -465,7 +465,8 @@ fn prefetching_a_working_set_never_changes_guest_memory() {
 /// A replica that hangs (here: the first request for every block stalls
 /// far past the fetch deadline) does not fail on-demand VMs: a fetch that
 /// takes longer than the hedge delay is asked for again, and the first
-/// answer wins. Memory is the snapshot's, byte for byte.
+/// answer wins. The guest reads what a VM restored from the snapshot
+/// itself reads.
 #[test]
 fn a_fetch_stuck_on_a_slow_replica_is_hedged() {
     require_kvm!();

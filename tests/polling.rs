@@ -17,9 +17,13 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn setup() -> (VmConfig, Snapshot) {
+    setup_with_timeout(Duration::from_millis(300))
+}
+
+fn setup_with_timeout(timeout: Duration) -> (VmConfig, Snapshot) {
     let config = common::config("testguest")
         .dirty_tracking(true)
-        .timeout(Some(Duration::from_millis(300)));
+        .timeout(Some(timeout));
     let ready = VmInstance::new(&config)
         .expect("testguest boots")
         .snapshot()
@@ -333,13 +337,7 @@ fn resets_after_polled_calls_match_a_never_used_vm() {
     let _serial = serial();
     // This test is about memory, not time: a generous timeout, so that a
     // slow host (nested virtualization under emulation) cannot fail it.
-    let config = common::config("testguest")
-        .dirty_tracking(true)
-        .timeout(Some(Duration::from_secs(10)));
-    let ready = VmInstance::new(&config)
-        .expect("testguest boots")
-        .snapshot()
-        .expect("ready snapshot");
+    let (config, ready) = setup_with_timeout(Duration::from_secs(10));
     let reference = VmInstance::restore(&config, &ready).expect("restore");
     let mut vm = polling_from(&config, ready, Never, Duration::from_millis(50));
     let mut x = 0x9E37_79B9_7F4A_7C15u64;

@@ -15,6 +15,20 @@ use snapvm::store::{
 
 const KEY: [u8; 32] = [0x11; 32];
 
+/// A store of 4 KiB blocks in an `FsBackend` at `root`.
+fn fs_store(root: &Path) -> ConvergentStore {
+    let config = StoreConfig {
+        block_size: 4096,
+        ..StoreConfig::default()
+    };
+    ConvergentStore::new(
+        &config,
+        FsBackend::open(root).unwrap(),
+        ManifestKey::from_bytes(KEY),
+    )
+    .unwrap()
+}
+
 fn mem_store(backend: &MemoryBackend) -> ConvergentStore {
     let config = StoreConfig {
         block_size: 4096,
@@ -155,15 +169,7 @@ fn data_ids(
 fn symlinked_shard_directories_are_never_followed() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
-    let store = ConvergentStore::new(
-        &StoreConfig {
-            block_size: 4096,
-            ..StoreConfig::default()
-        },
-        FsBackend::open(&root).unwrap(),
-        ManifestKey::from_bytes(KEY),
-    )
-    .unwrap();
+    let store = fs_store(&root);
     let data = common::pseudo_random(4096, 8);
     let put = store.put_bytes(&data, b"").unwrap();
     let block = data_ids(&store, &put.manifest)[0];
@@ -277,15 +283,7 @@ fn a_fifo_or_a_link_to_dev_zero_in_place_of_a_block_is_refused_at_once() {
 fn verify_reports_a_symlinked_shard_directory_and_carries_on() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
-    let store = ConvergentStore::new(
-        &StoreConfig {
-            block_size: 4096,
-            ..StoreConfig::default()
-        },
-        FsBackend::open(&root).unwrap(),
-        ManifestKey::from_bytes(KEY),
-    )
-    .unwrap();
+    let store = fs_store(&root);
     let data = common::pseudo_random(16 * 4096, 10);
     let put = store.put_bytes(&data, b"").unwrap();
     let ids = data_ids(&store, &put.manifest);
@@ -354,15 +352,7 @@ fn verify_reports_a_symlinked_shard_directory_and_carries_on() {
 fn verify_reports_a_directory_or_symlink_in_place_of_a_block() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
-    let store = ConvergentStore::new(
-        &StoreConfig {
-            block_size: 4096,
-            ..StoreConfig::default()
-        },
-        FsBackend::open(&root).unwrap(),
-        ManifestKey::from_bytes(KEY),
-    )
-    .unwrap();
+    let store = fs_store(&root);
     let data = common::pseudo_random(3 * 4096, 9);
     let put = store.put_bytes(&data, b"").unwrap();
     let ids = data_ids(&store, &put.manifest);
