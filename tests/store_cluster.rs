@@ -56,6 +56,15 @@ fn garage_or_skip() -> Option<PathBuf> {
     bin
 }
 
+/// A fresh three-node cluster, or `None` in the child process (it only
+/// restores) or without Garage (skipped, see [`garage_or_skip`]).
+fn start_cluster() -> Option<Cluster> {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return None;
+    }
+    Some(Cluster::start(garage_or_skip()?).unwrap())
+}
+
 /// What the child process is asked to restore, and where from.
 struct Restore {
     env_file: PathBuf,
@@ -154,13 +163,9 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, StoreError>) -> T 
 
 #[test]
 fn a_three_node_cluster_with_a_node_down() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let Some(garage) = garage_or_skip() else {
+    let Some(cluster) = start_cluster() else {
         return;
     };
-    let cluster = Cluster::start(garage).unwrap();
     let kvm = snapvm::vm::check_kvm().is_ok();
     if !kvm {
         assert!(
@@ -286,13 +291,9 @@ fn copy_node_state(from: &std::path::Path, to: &std::path::Path) {
 /// through every node.
 #[test]
 fn a_put_repeated_over_blocks_only_one_node_holds_is_readable_through_every_node() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let Some(garage) = garage_or_skip() else {
+    let Some(cluster) = start_cluster() else {
         return;
     };
-    let cluster = Cluster::start(garage).unwrap();
     // Short client retries: a request to a cluster without quorum fails in
     // seconds, not the default half minute.
     let backend = |n| {
@@ -372,13 +373,9 @@ fn a_put_repeated_over_blocks_only_one_node_holds_is_readable_through_every_node
 /// back.
 #[test]
 fn a_put_with_many_blocks_in_flight_that_loses_quorum_writes_no_manifest() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let Some(garage) = garage_or_skip() else {
+    let Some(cluster) = start_cluster() else {
         return;
     };
-    let cluster = Cluster::start(garage).unwrap();
     let backend = |n| {
         let mut config = cluster.config(n, "inflight/");
         config.retry_timeout = Duration::from_secs(3);
